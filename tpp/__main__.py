@@ -1,0 +1,179 @@
+"""python -m tpp: build, show and describe TPP datasets; rebuild the shipped noun list.
+
+    python -m tpp build --out data/tpp            # train.jsonl (158,000), eval.jsonl (3000),
+                                                  # eval_single_token.jsonl (1150), args.json
+    python -m tpp show --n 5                      # a few examples and their tokens
+    python -m tpp stats --file data/tpp/train.jsonl
+    python -m tpp templates                       # the known templates and their names
+    python -m tpp build-nouns                     # regenerate tpp/data/nouns.txt from WordNet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tpp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_source(p, n_default):
+        g = p.add_argument_group("what to generate (ignored with --file)")
+        g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same examples")
+        g.add_argument("--n", type=int, default=n_default, help="number of examples")
+        g.add_argument("--templates", default=None,
+                       help="comma-separated names (see `python -m tpp templates`), 'all', or a file with "
+                            "one template a line; default: the paper's seven")
+        g.add_argument("--nouns", default="shipped",
+                       help="'shipped' (WordNet 3.0 list in the package), 'wordnet' (live nltk corpus, "
+                            "via NLTK_DATA), or a file with one noun a line")
+
+    p = sub.add_parser("build", help="build the master dataset and both eval sets, save them as JSONL")
+    add_source(p, 158_000)
+    g = p.add_argument_group("evaluation sets")
+    g.add_argument("--eval-n", type=int, default=3000, help="size of the random eval set (paper: 3000)")
+    g.add_argument("--single-n", type=int, default=1150,
+                   help="size of the eval set where ' c' is one token (paper: 1150)")
+    g.add_argument("--disjoint-nouns", action="store_true",
+                   help="draw train and eval nouns from disjoint pools (beyond the paper)")
+    g.add_argument("--eval-noun-fraction", type=float, default=0.2,
+                   help="with --disjoint-nouns: the share of nouns reserved for the eval sets")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, required=True, help="folder for the JSONL files and args.json")
+
+    for name, n_default, what in (("show", 5, "print examples and their GPT-2 tokens"),
+                                  ("stats", 158_000, "print token-length, single-token and template statistics")):
+        p = sub.add_parser(name, help=what)
+        add_source(p, n_default)
+        p.add_argument("--file", type=Path, default=None, help="read examples from a JSONL file instead")
+        if name == "show":
+            p.add_argument("--single-token", action="store_true",
+                           help="show the single-token scheme (trailing space moved onto ' c')")
+
+    sub.add_parser("templates", help="list the known templates; * marks the defaults")
+
+    p = sub.add_parser("build-nouns", help="regenerate nouns.txt and WORDNET_LICENSE from nltk's WordNet")
+    p.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where to write them (default: tpp/data)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if the files in --out-dir differ from a fresh build")
+    return parser.parse_args(argv)
+
+
+def _examples(args):
+    from tpp.examples import make_examples
+    from tpp.jsonl import load_examples
+
+    if args.file is not None:
+        return load_examples(args.file)[: args.n] if args.command == "show" else load_examples(args.file)
+    return make_examples(args.n, seed=args.seed, templates=args.templates, nouns=args.nouns)
+
+
+def cmd_build(args) -> None:
+    from tpp.examples import (make_eval_set, make_single_token_eval_set, master_dataset, split_nouns)
+    from tpp.jsonl import jsonl_text, write_atomic
+    from tpp.nouns import load_nouns
+
+    nouns = load_nouns(args.nouns)
+    train_nouns, eval_nouns = (split_nouns(nouns, args.eval_noun_fraction, args.seed)
+                               if args.disjoint_nouns else (nouns, nouns))
+    train = master_dataset(seed=args.seed, n=args.n, templates=args.templates, nouns=train_nouns)
+    evals = make_eval_set(args.eval_n, seed=args.seed, exclude=train, templates=args.templates, nouns=eval_nouns)
+    single = make_single_token_eval_set(args.single_n, seed=args.seed, exclude=train,
+                                        templates=args.templates, nouns=eval_nouns)
+    # Everything is built and serialized before the first write, so a failure leaves no partial dataset.
+    texts = {"train.jsonl": jsonl_text(train), "eval.jsonl": jsonl_text(evals),
+             "eval_single_token.jsonl": jsonl_text(single),
+             "args.json": json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                     indent=2) + "\n"}
+    for name, text in texts.items():
+        write_atomic(args.out / name, text)
+    print(f"wrote {len(train)} train, {len(evals)} eval and {len(single)} single-token eval examples to {args.out}")
+
+
+def cmd_show(args) -> None:
+    from minigpt2.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    for e in _examples(args):
+        prompt = e.prompt[:-1] if args.single_token else e.prompt
+        answer = (" " if args.single_token else "") + e.c
+        print(f"[{e.template}] a={e.a!r} b={e.b!r} c={e.c!r}")
+        print(f"  prompt {prompt!r} -> {answer!r}")
+        print(f"  prompt tokens {[tok.decode([t]) for t in tok.encode_ordinary(prompt)]}")
+        print(f"  c tokens      {[tok.decode([t]) for t in tok.encode_ordinary(answer)]}")
+
+
+def _histogram(counts: Counter, total: int) -> str:
+    return "\n".join(f"    {k:>4}: {v:>7} ({v / total:6.1%})" for k, v in sorted(counts.items()))
+
+
+def cmd_stats(args) -> None:
+    from tpp.encoding import encode_many
+
+    examples = _examples(args)
+    n = len(examples)
+    prompt_len = [len(p) for p in encode_many([e.prompt for e in examples])]
+    c_len = [len(c) for c in encode_many([e.c for e in examples])]
+    c_space_len = [len(c) for c in encode_many([" " + e.c for e in examples])]
+    print(f"examples: {n} ({len({e.prompt for e in examples})} distinct prompts)")
+    print(f"prompt tokens (trailing space included): min {min(prompt_len)}, "
+          f"mean {sum(prompt_len) / n:.2f}, max {max(prompt_len)}")
+    print(_histogram(Counter(prompt_len), n))
+    print(f"longest training row (prompt + c tokens; encode_for_training's T): "
+          f"{max(p + c for p, c in zip(prompt_len, c_len))}")
+    print(f"c is one token on its own: {sum(x == 1 for x in c_len) / n:.1%}; "
+          f"' c' is one token: {sum(x == 1 for x in c_space_len) / n:.1%}")
+    print("c tokens (on its own):")
+    print(_histogram(Counter(c_len), n))
+    print("examples per template:")
+    for name, count in sorted(Counter(e.template for e in examples).items()):
+        print(f"    {name}: {count} ({count / n:.1%})")
+
+
+def cmd_templates(args) -> None:
+    from tpp.templates import DEFAULT_TEMPLATE_NAMES, TEMPLATES
+
+    for name, text in TEMPLATES.items():
+        print(f"{'*' if name in DEFAULT_TEMPLATE_NAMES else ' '} {name}: {text}")
+
+
+def cmd_build_nouns(args) -> int:
+    from tpp.jsonl import write_atomic
+    from tpp.nouns import format_noun_file, wordnet_license_text, wordnet_nouns
+
+    nouns, version = wordnet_nouns()
+    files = {"nouns.txt": format_noun_file(nouns, version), "WORDNET_LICENSE": wordnet_license_text()}
+    if files["WORDNET_LICENSE"] is None:
+        raise SystemExit("the WordNet corpus found by nltk has no LICENSE file; its license must ship beside "
+                         "nouns.txt. Fix: use a complete WordNet corpus (nltk.download('wordnet')).")
+    if args.check:
+        stale = [name for name, text in files.items()
+                 if not (args.out_dir / name).is_file() or (args.out_dir / name).read_text(encoding="utf-8") != text]
+        print(f"{', '.join(stale)} differ from a fresh build" if stale else "up to date")
+        return 1 if stale else 0
+    for name, text in files.items():
+        write_atomic(args.out_dir / name, text)
+    print(f"wrote {len(nouns)} WordNet {version} nouns to {args.out_dir / 'nouns.txt'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    commands = {"build": cmd_build, "show": cmd_show, "stats": cmd_stats, "templates": cmd_templates,
+                "build-nouns": cmd_build_nouns}
+    try:
+        return commands[args.command](args) or 0
+    except (ValueError, LookupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Datasets as JSONL, one Example a line with its GPT-2 token ids, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tpp.encoding import encode_many
+from tpp.examples import Example
+
+
+def example_rows(examples: Sequence[Example], tokenizer=None) -> list[dict]:
+    """One dict per example: its fields plus token ids under both tokenizations.
+
+    prompt_ids: the prompt, trailing space included (its last id is 220, the
+    space; drop it for the single-token scheme). c_ids / b_ids: c / b encoded on
+    their own. c_space_ids / b_space_ids: " c" / " b" (the single-token scheme).
+    """
+    examples = list(examples)
+
+    def enc(texts):
+        return encode_many(texts, tokenizer)
+
+    columns = {
+        "prompt_ids": enc([e.prompt for e in examples]),
+        "c_ids": enc([e.c for e in examples]),
+        "b_ids": enc([e.b for e in examples]),
+        "c_space_ids": enc([" " + e.c for e in examples]),
+        "b_space_ids": enc([" " + e.b for e in examples]),
+    }
+    return [{"template": e.template, "a": e.a, "b": e.b, "c": e.c, "prompt": e.prompt,
+             **{k: v[i] for k, v in columns.items()}} for i, e in enumerate(examples)]
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write text to path via a temporary file in the same folder and a rename,
+    so a reader never sees a half-written file, even if this process dies."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it an ordinary file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def jsonl_text(examples: Sequence[Example], tokenizer=None) -> str:
+    return "".join(json.dumps(row) + "\n" for row in example_rows(examples, tokenizer))
+
+
+def save_examples(path: str | Path, examples: Sequence[Example], tokenizer=None) -> None:
+    """Write examples as JSONL (see example_rows for the fields), atomically."""
+    write_atomic(path, jsonl_text(examples, tokenizer))
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Read the Examples of a JSONL file written by save_examples (token ids are ignored)."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                examples.append(Example(row["template"], row["a"], row["b"], row["c"], row["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno} is not a TPP example row ({e}). "
+                                 "Fix: pass a file written by `python -m tpp build`.") from e
+    return examples

@@ -1,0 +1,110 @@
+"""The paper's metrics, from the logits at the answer position.
+
+Shapes: logits are [..., B, vocab] (final-position logits; a leading variant
+axis V, e.g. one row per ablated circuit, broadcasts), token ids are [B] or
+broadcastable to [..., B]. Every metric returns per-example values [..., B];
+mean_sem reduces the last axis, so a [V, B, vocab] stack gives [V] means.
+Computation is in float32 at least, whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _pick(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """logits[..., b, token[..., b]] -> [..., B]."""
+    token = torch.as_tensor(token, device=logits.device).long()
+    token = torch.broadcast_to(token, logits.shape[:-1])
+    return logits.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def final_position(logits: torch.Tensor, answer_pos: torch.Tensor) -> torch.Tensor:
+    """Logits at each row's answer position: [..., B, T, vocab] -> [..., B, vocab].
+
+    answer_pos: [B] long (EvalBatch.answer_pos), or an EvalBatch.
+    """
+    answer_pos = getattr(answer_pos, "answer_pos", answer_pos)
+    answer_pos = torch.as_tensor(answer_pos, device=logits.device).long()
+    rows = torch.arange(logits.shape[-3], device=logits.device)
+    return logits[..., rows, answer_pos, :]
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per example: [..., B, vocab], [B] -> [..., B]."""
+    return -_pick(torch.log_softmax(_float(logits), dim=-1), target)
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1.0 where the argmax of the logits is the target, else 0.0: [..., B] float.
+
+    On a tie the lowest token id wins (torch.argmax), so a tie counts as
+    correct only when the target is that id.
+    """
+    target = torch.broadcast_to(torch.as_tensor(target, device=logits.device).long(), logits.shape[:-1])
+    return (logits.argmax(dim=-1) == target).float()
+
+
+def logit_diff(logits: torch.Tensor, c_token: torch.Tensor, b_token: torch.Tensor) -> torch.Tensor:
+    """logit[c's first token] - logit[b's first token] per example: [..., B].
+
+    Positive when the model prefers c over b, which the prompt mentions twice.
+    """
+    logits = _float(logits)
+    return _pick(logits, c_token) - _pick(logits, b_token)
+
+
+def kl_div(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per example, P = softmax(logits_p) (the clean run), Q = softmax(logits_q).
+
+    [..., B, vocab] each, broadcast against one another (e.g. clean [B, vocab]
+    against ablated [V, B, vocab]) -> [..., B], in nats. Tokens to which P
+    gives zero probability contribute nothing, even where Q is -inf.
+    """
+    log_p = torch.log_softmax(_float(logits_p), dim=-1)
+    log_q = torch.log_softmax(_float(logits_q), dim=-1)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
+    return terms.sum(dim=-1)
+
+
+def mean_sem(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, standard error of the mean) over the last axis: [..., B] -> ([...], [...]).
+
+    The standard error is the sample standard deviation (Bessel-corrected)
+    over sqrt(B); it is NaN when B = 1, where it is undefined.
+    """
+    values = _float(torch.as_tensor(values))
+    n = values.shape[-1]
+    if n == 0:
+        raise ValueError("mean_sem got an empty last axis. Fix: pass at least one example's values.")
+    mean = values.mean(dim=-1)
+    if n == 1:
+        return mean, torch.full_like(mean, math.nan)
+    return mean, values.std(dim=-1, correction=1) / math.sqrt(n)
+
+
+def summarize(logits: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The paper's three metrics as (mean, sem) over the batch.
+
+    logits: final-position logits [..., B, vocab] (tpp.metrics.final_position
+    turns full [..., B, T, vocab] logits into these); batch: a tpp.EvalBatch.
+    Returns {"loss": cross-entropy on c's first token, "accuracy": fraction
+    whose argmax is c's first token, "logit_diff": logit c minus logit b},
+    each a (mean, sem) pair of tensors of shape [...] (0-dim for a plain batch).
+    """
+    if logits.ndim < 2 or logits.shape[-2] != len(batch):
+        raise ValueError(f"summarize got logits of shape {tuple(logits.shape)} for a batch of {len(batch)}; "
+                         "it needs final-position logits [..., B, vocab]. "
+                         "Fix: pass tpp.metrics.final_position(logits, batch).")
+    return {
+        "loss": mean_sem(cross_entropy(logits, batch.c_token)),
+        "accuracy": mean_sem(accuracy(logits, batch.c_token)),
+        "logit_diff": mean_sem(logit_diff(logits, batch.c_token, batch.b_token)),
+    }
