@@ -34,9 +34,7 @@ def check_masks(model: GPT2, masks: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"masks has shape {tuple(masks.shape)}; for a single variant use masks[None] (shape [1, {cfg.n_layer}, {cfg.n_head}])")
     if masks.ndim != 3 or masks.shape[1:] != (cfg.n_layer, cfg.n_head):
         raise ValueError(f"masks must be [V, n_layer={cfg.n_layer}, n_head={cfg.n_head}], got {tuple(masks.shape)}")
-    if not masks.is_floating_point():
-        masks = masks.to(model.dtype)
-    return masks.to(model.device)
+    return masks.to(device=model.device, dtype=model.dtype)  # float64 masks would promote z past the weights' dtype
 
 
 def last_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -71,8 +69,9 @@ def replacement_values(model: GPT2, mode: str, tokens: torch.Tensor, reference: 
             raise ValueError(f"a per-position mean needs reference sequences of length {tokens.shape[1]}, got "
                              f"{reference.shape[1]}; pad them or use mean_over='all'")
     names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layer)]
-    _, cache = model.run_with_cache(reference.to(model.device), names=names,
-                                    attention_mask=reference_mask if mode == "mean" else attention_mask)
+    if mode == "patch" and reference_mask is None:
+        reference_mask = attention_mask  # corrupted prompts padded as the clean ones
+    _, cache = model.run_with_cache(reference.to(model.device), names=names, attention_mask=reference_mask)
     zs = [cache[n] for n in names]  # each [Br, T, H, d_head]
     if mode == "patch":
         return zs
@@ -121,6 +120,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     masks = check_masks(model, masks)
     tokens = tokens.to(model.device)
     B, T = tokens.shape
+    model.check_attention_mask(attention_mask, tokens)
     positions = last_positions(tokens, attention_mask) if positions is None else model.check_positions(positions, B, T)
     r = replacement_values(model, mode, tokens, reference, attention_mask, reference_mask, mean_over)
     if max_rows is None:

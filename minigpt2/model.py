@@ -47,8 +47,8 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # rows: W_Q, W_K, W_V, head-major
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)  # columns: W_O, head-major
         self.hook_q = HookPoint()  # [B, Tq, H, d_head]
-        self.hook_k = HookPoint()  # [B, Tk, H, d_head]
-        self.hook_v = HookPoint()  # [B, Tk, H, d_head]
+        self.hook_k = HookPoint()  # [B, Tq, H, d_head]: this call's positions, before the KV cache joins them
+        self.hook_v = HookPoint()  # [B, Tq, H, d_head]
         self.hook_attn_scores = HookPoint()  # [B, H, Tq, Tk], masked entries at dtype min
         self.hook_pattern = HookPoint()  # [B, H, Tq, Tk]
         self.hook_z = HookPoint()  # [B, Tq, H, d_head]
@@ -201,6 +201,7 @@ class GPT2(HookedModule):
         """
         start = cache.length if cache is not None else 0
         x = self.embed(tokens, start)  # [B, T, d_model]
+        self.check_attention_mask(attention_mask, tokens)
         if cache is not None and attention_mask is not None:
             attention_mask = cache.extend_mask(attention_mask)
         mask = self.attention_mask(attention_mask, tokens.shape[1], start + tokens.shape[1])
@@ -225,6 +226,12 @@ class GPT2(HookedModule):
             raise ValueError(
                 f"token id {tokens[tuple(bad)].item()} at {tuple(bad)} is outside the vocabulary [0, {self.cfg.vocab_size})"
             )
+
+    @staticmethod
+    def check_attention_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(tokens.shape)}, "
+                             "the shape of tokens (1 = real token, 0 = padding)")
 
     @staticmethod
     def check_positions(positions: torch.Tensor, B: int, T: int) -> torch.Tensor:

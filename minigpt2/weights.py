@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import GPT2Config
@@ -55,6 +55,9 @@ PICKLE_HINT = (
 )
 
 
+RESTORE_HINT = "Restore it (git checkout weights/ for the bundled models) or download it again."
+
+
 def _check_safetensors(path: Path) -> None:
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise ValueError(f"{path} looks like a PyTorch pickle. {PICKLE_HINT}")
@@ -63,10 +66,7 @@ def _check_safetensors(path: Path) -> None:
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise ValueError(f"{path} is a pickle (torch.save), not safetensors. {PICKLE_HINT}")
     if len(head) < 9 or head[8:9] != b"{":
-        raise ValueError(
-            f"{path} is not a safetensors file (truncated or corrupt). Restore it (git checkout weights/ for the "
-            "bundled models) or download it again."
-        )
+        raise ValueError(f"{path} is not a safetensors file (truncated or corrupt). {RESTORE_HINT}")
 
 
 def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
@@ -109,16 +109,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], P
     lm_head = None
     for file in files:
         _check_safetensors(file)
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.removeprefix("transformer.") == "lm_head.weight" or key == "lm_head.weight":
-                    lm_head = f.get_tensor(key)
-                    continue
-                name = hf_to_ours(key)
-                if name is None:
-                    continue
-                t = f.get_tensor(key)
-                ours[name] = t.T.contiguous() if CONV1D.search(name) else t
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.removeprefix("transformer.") == "lm_head.weight" or key == "lm_head.weight":
+                        lm_head = f.get_tensor(key)
+                        continue
+                    name = hf_to_ours(key)
+                    if name is None:
+                        continue
+                    t = f.get_tensor(key)
+                    ours[name] = t.T.contiguous() if CONV1D.search(name) else t
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt: {e}). {RESTORE_HINT}") from e
     if lm_head is not None and "wte.weight" in ours and not (
         lm_head.shape == ours["wte.weight"].shape and torch.equal(lm_head, ours["wte.weight"])
     ):
@@ -178,7 +181,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     """
     sd, config_path = read_state_dict(path)
     cfg = GPT2Config.from_json(config_path) if config_path else infer_config(sd, n_head)
-    model = GPT2(cfg)
+    with torch.device("meta"):  # no random init of weights that the checkpoint overwrites
+        model = GPT2(cfg)
+    model = model.to_empty(device="cpu")
     load_state_dict_strict(model, sd, source=str(path))
     model = model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()

@@ -1,0 +1,149 @@
+"""Shared fixtures for the minigpt2 tests: tiny random GPT-2s and their transformers twins.
+
+Sizes are odd and distinct (after Hugging Face's GPT-2 tests: batch 13, sequence 7,
+vocab 99, width 32, MLP 37; 3 layers of 4 heads, context 23), so that a swapped
+axis fails loudly instead of broadcasting. Every parameter is random, biases and
+layer-norm gains included, so that no term of the forward is zero by accident.
+
+Property tests build their models through the session-scoped factories below
+(hypothesis refuses function-scoped fixtures inside @given).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minigpt2 import GPT2, GPT2Config
+
+TINY = GPT2Config(n_layer=3, n_head=4, d_model=32, d_mlp=37, n_ctx=23, vocab_size=99)
+BATCH, SEQ = 13, 7
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float) -> torch.nn.Module:
+    """Fill every parameter: weights ~ U with standard deviation ``std``, biases smaller,
+    layer-norm gains near 1. Works on minigpt2 and transformers models alike (both name
+    their layer norms ln_*). uniform_ because it is several times faster than normal_,
+    which matters for the GPT-2-small-size oracle."""
+    gen = torch.Generator().manual_seed(seed)
+    half_width = std * 3**0.5
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".ln_" in f".{name}" and name.endswith("weight"):
+                p.uniform_(0.8, 1.2, generator=gen)
+            elif name.endswith("bias"):
+                p.uniform_(-half_width / 2, half_width / 2, generator=gen)
+            else:
+                p.uniform_(-half_width, half_width, generator=gen)
+    return module
+
+
+def make_model(cfg: GPT2Config = TINY, seed: int = 0, std: float = 0.2) -> GPT2:
+    return randomize_(GPT2(cfg), seed, std).eval()
+
+
+def make_tokens(batch: int = BATCH, seq: int = SEQ, vocab: int = TINY.vocab_size, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_config(cfg: GPT2Config):
+    import transformers
+
+    return transformers.GPT2Config(
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.d_model, n_inner=cfg.d_mlp, n_positions=cfg.n_ctx,
+        vocab_size=cfg.vocab_size, layer_norm_epsilon=cfg.layer_norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        # ids 50256 would lie outside a tiny vocabulary
+        bos_token_id=None if cfg.vocab_size <= 50256 else 50256,
+        eos_token_id=None if cfg.vocab_size <= 50256 else 50256,
+        attn_implementation="eager",  # the textbook path, as the oracle
+    )
+
+
+def make_hf_model(cfg: GPT2Config = TINY, seed: int = 0, std: float = 0.2):
+    """A transformers GPT2LMHeadModel with random weights (built on the meta device: no init to waste)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with torch.device("meta"):
+        hf = transformers.GPT2LMHeadModel(hf_config(cfg))
+    hf = hf.to_empty(device="cpu")
+    hf.tie_weights()
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    return randomize_(hf, seed, std).eval()
+
+
+def hub_layout(hf_state_dict: dict[str, torch.Tensor], n_ctx: int) -> dict[str, torch.Tensor]:
+    """The openai-community/gpt2 file's layout: no "transformer." prefix, no lm_head, and the
+    causal-mask buffers attn.bias [1, 1, n_ctx, n_ctx] and attn.masked_bias of the old releases."""
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf_state_dict.items() if k != "lm_head.weight"}
+    layers = {int(k.split(".")[1]) for k in sd if k.startswith("h.")}
+    for i in layers:
+        sd[f"h.{i}.attn.bias"] = torch.ones(n_ctx, n_ctx).tril().view(1, 1, n_ctx, n_ctx)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return sd
+
+
+def edit_safetensors(path: Path, edit) -> None:
+    """Rewrite a safetensors file through ``edit(dict of tensors)`` (in place)."""
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny tensors: with two threads, synchronisation costs more than the arithmetic
+    (a tiny forward took 80 ms instead of 1 ms on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> GPT2Config:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def new_model():
+    """Factory ``new_model(cfg=TINY, seed=0)``: a fresh random model (usable inside @given)."""
+    return make_model
+
+
+@pytest.fixture(scope="session")
+def new_tokens():
+    """Factory ``new_tokens(batch, seq, vocab, seed)``."""
+    return make_tokens
+
+
+@pytest.fixture
+def model() -> GPT2:
+    return make_model()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return make_tokens()
+
+
+@pytest.fixture
+def hf_model():
+    return make_hf_model()
+
+
+@pytest.fixture
+def checkpoint(tmp_path, model) -> Path:
+    """``model`` written by minigpt2's save_pretrained: a directory with model.safetensors and config.json."""
+    path = tmp_path / "checkpoint"
+    model.save_pretrained(path)
+    return path
