@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -213,6 +214,7 @@ def main(argv=None, on_step=None) -> dict:
     init_distributed(d, resolve_device(args.device, d))
     prepare_run_dir(args.out, args.resume, args.overwrite, create=False)  # fail before the slow part
     model, data, evaluate, meta = build(args)
+    meta["command"] = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
     if d.world > 1:  # every rank has checked --out before rank 0 changes it
         dist.barrier()
     if d.main:

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minigpt2 import GPT2, save_pretrained
+from minigpt2.weights import atomic_write as write_atomic  # noqa: F401  (re-exported for the trainer)
 from minigpt2.weights import load_state_dict_strict, read_state_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -46,22 +47,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, rename onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_json(path: Path, obj) -> None:

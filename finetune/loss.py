@@ -37,10 +37,7 @@ def lm_loss(model: GPT2, input_ids: torch.Tensor, labels: torch.Tensor,
         attention_mask = attention_mask[:, :T]
         if _harmless(attention_mask, rows, cols):
             attention_mask = None  # the fused causal path gives the same logits here
-    x = model.embed(input_ids)  # [B, T, d_model]
-    mask = model.attention_mask(attention_mask, T, T)
-    for block in model.blocks:
-        x = block(x, mask)
+    x = model.residual(input_ids, attention_mask)  # [B, T, d_model]
     logits = model.unembed(x[rows, cols][None])[0]  # [N, V]
     return F.cross_entropy(logits.float(), targets[rows, cols], reduction="sum"), int(rows.numel())
 

@@ -188,9 +188,10 @@ class GPT2(HookedModule):
         if attention_mask.shape[-1] != Tk or attention_mask.ndim != 2:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected [B, {Tk}]")
         mask = causal_mask(Tq, Tk, attention_mask.device) & attention_mask.bool()[:, None, None, :]
-        # A padded query whose every key is padding still sees itself, so no row is empty (no NaN).
+        # A query whose every key is padding (left padding) sees itself instead, so no row is empty
+        # (no NaN); any other padded query attends the real tokens before it, as in transformers.
         diagonal = causal_mask(Tq, Tk, mask.device) & ~causal_mask(Tq, Tk, mask.device).tril(Tk - Tq - 1)
-        return mask | diagonal
+        return mask | (diagonal & ~mask.any(dim=-1, keepdim=True))
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
@@ -199,6 +200,11 @@ class GPT2(HookedModule):
         ``attention_mask`` [B, T] (1 = real token) masks padded keys; right padding
         needs none. ``cache`` (a KVCache) makes this call continue its sequences.
         """
+        return self.unembed(self.residual(tokens, attention_mask, cache), positions)
+
+    def residual(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 cache: "KVCache | None" = None) -> torch.Tensor:
+        """tokens [B, T] -> the final residual stream [B, T, d_model], before ln_final and the unembedding."""
         start = cache.length if cache is not None else 0
         x = self.embed(tokens, start)  # [B, T, d_model]
         self.check_attention_mask(attention_mask, tokens)
@@ -209,7 +215,7 @@ class GPT2(HookedModule):
             x = block(x, mask, kv=cache.layer(i) if cache is not None else None)
         if cache is not None:
             cache.length += tokens.shape[1]
-        return self.unembed(x, positions)
+        return x
 
     # Input checks that name the culprit.
     def check_tokens(self, tokens: torch.Tensor, start: int = 0) -> None:

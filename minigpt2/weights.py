@@ -189,7 +189,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     return model.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it onto ``path``."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -216,6 +218,6 @@ def save_pretrained(model: GPT2, path: str | os.PathLike, dtype: torch.dtype | N
     for k, v in model.state_dict().items():
         v = v.detach().to("cpu", dtype=dtype or v.dtype)
         tensors[ours_to_hf(k)] = (v.T if CONV1D.search(k) else v).contiguous()
-    _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config = json.dumps(model.cfg.to_hf_dict(), indent=2) + "\n"
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(config))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(config))
