@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--label-style", choices=["paper", "teacher-forced"], default="paper",
                       help="paper: inputs hold only the prompt, c's tokens are labels after it; "
                            "teacher-forced: c's tokens are also inputs, each predicted from the ones before")
+    task.add_argument("--answer-space", choices=["prompt", "answer"], default="prompt",
+                      help="prompt: the paper's format, the prompt keeps its trailing space and c is encoded on "
+                           "its own; answer: the space moves onto c (' c', the single-token eval set's format)")
     task.add_argument("--master-size", type=int, default=158_000, help="examples in the master dataset")
     task.add_argument("--data-seed", type=int, default=0, help="seed of the master dataset and eval sets")
     task.add_argument("--single-token-eval-size", type=int, default=1150,
@@ -169,11 +172,12 @@ def build(args):
     main_rank = finetune.Dist.from_env().main
     if args.mode == "finetune":
         model = load_base(args.base)
-        data, master = finetune.finetune_data(args.fraction, args.label_style, args.master_size, args.data_seed)
+        data, master = finetune.finetune_data(args.fraction, args.label_style, args.master_size, args.data_seed,
+                                              args.answer_space)
         evaluate = finetune.tpp_evaluator(master, args.eval_size, args.single_token_eval_size,
                                           seed=args.data_seed) if main_rank else None
         meta = {"preset": args.preset, "preset_overrides": args.preset_overrides, "base": args.base,
-                "label_style": args.label_style}
+                "label_style": args.label_style, "answer_space": args.answer_space}
     else:
         cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp,
                          n_ctx=args.n_ctx)

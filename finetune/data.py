@@ -94,18 +94,18 @@ def take_fraction(n: int, fraction: float, what: str = "examples") -> int:
 
 # ---------------------------------------------------------------- finetuning: the TPP task
 def finetune_data(fraction: float, label_style: str = "paper", master_size: int = 158_000,
-                  data_seed: int = 0) -> tuple[TrainData, list]:
+                  data_seed: int = 0, space: str = "prompt") -> tuple[TrainData, list]:
     """The first ``fraction`` of the master dataset, encoded for training; also the master set
     itself (so evaluation sets can exclude every prompt any preset trains on)."""
     import tpp
 
     master = tpp.master_dataset(seed=data_seed, n=master_size)
     examples = master[:take_fraction(len(master), fraction)]
-    enc = tpp.encode_for_training(examples, label_style=label_style, tokenizer=get_tokenizer())
+    enc = tpp.encode_for_training(examples, label_style=label_style, tokenizer=get_tokenizer(), space=space)
     as_long = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.int64)  # noqa: E731
     data = TrainData(as_long(enc["input_ids"]), as_long(enc["labels"]), as_long(enc["attention_mask"]),
                      info={"source": "tpp.master_dataset", "master_size": len(master), "data_seed": data_seed,
-                           "label_style": label_style, "n_examples": len(examples)})
+                           "label_style": label_style, "space": space, "n_examples": len(examples)})
     return data, master
 
 

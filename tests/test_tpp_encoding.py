@@ -119,3 +119,22 @@ def test_select_keeps_rows_together():
 def test_single_token_needs_the_trailing_space():
     with pytest.raises(ValueError, match="no trailing space"):
         encode_eval([Example("t", "x", "y", "z", "x y so")], single_token=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(examples=examples_lists, style=st.sampled_from(["teacher-forced", "paper"]))
+def test_space_on_the_answer_makes_c_the_prompt_tokens(examples, style):
+    """space="answer": the prompt loses its trailing space and the labels are " c"'s tokens."""
+    batch = encode_for_training(examples, label_style=style, space="answer")
+    for i, (e, targets) in enumerate(zip(examples, _hf_targets(batch))):
+        prompt, c = TOK.encode(e.prompt[:-1]), TOK.encode(" " + e.c)
+        p = len(prompt) - 1
+        assert prompt[-1] != SPACE
+        assert batch["input_ids"][i, : p + 1].tolist() == prompt
+        assert targets == [(p + j, c[j]) for j in range(len(c))]
+        assert set(c) <= set(TOK.encode(e.prompt))  # " c" appears in the premises: a copy task
+
+
+def test_unknown_space_is_refused():
+    with pytest.raises(ValueError, match="space='left'.*'prompt'"):
+        encode_for_training(make_examples(2, seed=0), space="left")

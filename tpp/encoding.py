@@ -72,7 +72,7 @@ def _check_nonempty(examples, fn: str) -> list[Example]:
 
 
 def encode_for_training(examples: Sequence[Example], label_style: str = "teacher-forced",
-                        tokenizer=None, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+                        tokenizer=None, pad_to: int | None = None, space: str = "prompt") -> dict[str, torch.Tensor]:
     """Encode examples for finetuning: {"input_ids", "attention_mask", "labels"}, each LongTensor [N, T].
 
     Let p be the index of the last prompt token (the trailing space) and
@@ -94,14 +94,25 @@ def encode_for_training(examples: Sequence[Example], label_style: str = "teacher
     whole master dataset, as the paper did), else the longest row here
     (prompt + c tokens).
 
-    Raises ValueError for an unknown label_style, or when a row needs more than pad_to tokens.
+    space: "prompt" (the paper's finetuning format) keeps the trailing space in
+    the prompt and encodes c on its own; "answer" moves it to the front of c
+    (" c"), the format of the single-token eval set, in which c's tokens are
+    the very tokens the prompt already holds.
+
+    Raises ValueError for an unknown label_style or space, or when a row needs more than pad_to tokens.
     """
     if label_style not in LABEL_STYLES:
         raise ValueError(f"label_style={label_style!r} is unknown. Fix: use one of {LABEL_STYLES}.")
+    if space not in ("prompt", "answer"):
+        raise ValueError(f"space={space!r} is unknown. Fix: use 'prompt' (the paper's) or 'answer'.")
     examples = _check_nonempty(examples, "encode_for_training")
     tokenizer = _tokenizer(tokenizer)
-    prompts = encode_many([e.prompt for e in examples], tokenizer)
-    answers = encode_many([e.c for e in examples], tokenizer)
+    if space == "prompt":
+        prompts = encode_many([e.prompt for e in examples], tokenizer)
+        answers = encode_many([e.c for e in examples], tokenizer)
+    else:
+        prompts = encode_many([e.prompt[:-1] for e in examples], tokenizer)
+        answers = encode_many([" " + e.c for e in examples], tokenizer)
     n_p = np.array([len(p) for p in prompts], dtype=np.int64)
     n_c = np.array([len(c) for c in answers], dtype=np.int64)
     longest = int((n_p + n_c).max())
