@@ -59,6 +59,7 @@ def commit_dir(parent: Path, name: str, fill) -> Path:
     directory that is then renamed; an older ``name`` is replaced only after the new one is complete."""
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the published directory private
     try:
         fill(tmp)
         for f in tmp.iterdir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,11 +34,17 @@ parser.add_argument("--title", required=True, help="the card's heading")
 parser.add_argument("--about", required=True, help="one sentence on what the model is")
 parser.add_argument("--scale", default="", help="how the run was scaled down from the paper's, for the card")
 parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
-parser.add_argument("--master-size", type=int, default=15_800, help="master dataset of the finetuning runs, "
+parser.add_argument("--master-size", type=int, default=158_000, help="master dataset of the finetuning runs, "
                     "excluded from the eval sets (the same sets score every bundled model)")
 parser.add_argument("--data-seed", type=int, default=0, help="seed of the master dataset and eval sets")
 parser.add_argument("--eval-size", type=int, default=3000, help="examples in the first eval set")
 parser.add_argument("--single-token-eval-size", type=int, default=1150, help="examples in the second eval set")
+parser.add_argument("--compare-to", type=Path, default=None,
+                    help="a published base model: the card then claims margins over it on a fixed subset "
+                         "(the first --subset examples of each eval set), which tests/test_bundled.py checks")
+parser.add_argument("--subset", type=int, default=200, help="examples of each eval set in the claimed comparison")
+
+CLAIMED = ("loss", "logit_diff")  # per metric: the finetuned model's edge over the base, signed so higher is better
 
 
 def eval_sets(master_size: int, data_seed: int, eval_size: int, single_size: int) -> dict:
@@ -59,7 +66,26 @@ def metrics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def card(args, meta: dict, results: dict, n_params: int) -> str:
+def reproducing_command(meta: dict) -> str:
+    """The run's command; a resumed run equals an uninterrupted one, so --resume is dropped."""
+    words = shlex.split(meta.get("command", "")) or ["(command not recorded)"]
+    env = "NLTK_DATA=../shared/nltk_data " if meta.get("corpus") == "wordnet" else ""
+    return env + shlex.join(w for w in words if w != "--resume")
+
+
+def subset_margins(model, base, sets: dict, n: int) -> dict:
+    """Half of the finetuned model's observed edge over ``base`` on the first ``n`` examples of each
+    set, per metric in CLAIMED (loss: base minus model; logit difference: model minus base)."""
+    claims = {}
+    for name, batch in sets.items():
+        sub = batch.select(torch.arange(min(n, len(batch))))
+        ours, theirs = tpp_metrics(model, sub), tpp_metrics(base, sub)
+        edge = {"loss": theirs["loss"] - ours["loss"], "logit_diff": ours["logit_diff"] - theirs["logit_diff"]}
+        claims[name] = {k: round(v / 2, 3) for k, v in edge.items() if v > 0}
+    return claims
+
+
+def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = None) -> str:
     cfg = meta["model_config"]
     tc = meta.get("train_config", {})
     data = meta.get("data", {})
@@ -83,7 +109,7 @@ def card(args, meta: dict, results: dict, n_params: int) -> str:
     if args.scale:
         lines.append(f"- scaled from the paper: {args.scale}")
     lines += [f"- git commit: `{meta.get('git_commit')}`", "", "Reproduce:", "", "```",
-              meta.get("command", "(command not recorded)"),
+              reproducing_command(meta),
               f"python -m finetune.publish {args.run} {args.dest} --title {json.dumps(args.title)} "
               f"--about {json.dumps(args.about)}" + (f" --scale {json.dumps(args.scale)}" if args.scale else ""),
               "```", ""]
@@ -95,6 +121,14 @@ def card(args, meta: dict, results: dict, n_params: int) -> str:
               f"stored weights; eval sets built with seed {args.data_seed}, disjoint from the "
               f"{args.master_size:,}-example master set. Mean ± standard error.", "",
               metrics_table(results), ""]
+    if claims:
+        lines += [f"Claimed margins over `{args.compare_to}` on the first {args.subset} examples of each eval set "
+                  "(half of the observed edge; checked by tests/test_bundled.py):", ""]
+        for name, margins in claims.items():
+            text = ", ".join(f"{'cross-entropy lower' if k == 'loss' else 'logit difference higher'} by at least {v}"
+                             for k, v in margins.items()) or "none"
+            lines.append(f"- {name}: {text}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -111,13 +145,20 @@ def main(argv=None) -> None:
     try:
         save_pretrained(load_pretrained(model_dir), tmp, dtype=dtype)
         stored = load_pretrained(tmp)  # score what users will load
+        sets = eval_sets(args.master_size, args.data_seed, args.eval_size, args.single_token_eval_size)
         with torch.no_grad():
-            results = {name: tpp_metrics(stored, batch)
-                       for name, batch in eval_sets(args.master_size, args.data_seed, args.eval_size,
-                                                    args.single_token_eval_size).items()}
-        (tmp / "metadata.json").write_text(json.dumps(meta | {"tpp_metrics": results}, indent=2) + "\n")
+            results = {name: tpp_metrics(stored, batch) for name, batch in sets.items()}
+            claims = (subset_margins(stored, load_pretrained(args.compare_to), sets, args.subset)
+                      if args.compare_to else None)
+        extra = {"tpp_metrics": results, "eval_data": {"master_size": args.master_size, "data_seed": args.data_seed,
+                                                       "eval_size": args.eval_size,
+                                                       "single_token_eval_size": args.single_token_eval_size}}
+        if claims:
+            extra["claims"] = {"compare_to": str(args.compare_to), "subset": args.subset, "margins": claims}
+        (tmp / "metadata.json").write_text(json.dumps(meta | extra, indent=2) + "\n")
         n_params = sum(p.numel() for p in stored.parameters())
-        (tmp / "README.md").write_text(card(args, meta, results, n_params))
+        (tmp / "README.md").write_text(card(args, meta, results, n_params, claims))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the directory private
         if args.dest.exists():
             shutil.rmtree(args.dest)
         os.replace(tmp, args.dest)

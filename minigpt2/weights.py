@@ -189,6 +189,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     return model.eval()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it onto ``path``."""
     path = Path(path)
@@ -198,6 +204,7 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
