@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--corpus", default="wordnet",
                         help="'wordnet' (WordNet 3.0 glosses and examples via nltk; set NLTK_DATA) or a .txt path")
     corpus.add_argument("--block-size", type=int, default=128, help="tokens per packed training block")
+    corpus.add_argument("--repeat-docs", type=int, default=1,
+                        help="write each document this many times in a row: repeats are learnt by copying, "
+                             "which grows induction heads in a small budget")
     arch = pt.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")
     arch.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
     arch.add_argument("--n-head", type=int, default=12, help="attention heads per block")
@@ -185,7 +188,8 @@ def build(args):
             raise ValueError(f"--block-size {args.block_size} exceeds --n-ctx {cfg.n_ctx}: raise --n-ctx")
         model = GPT2(cfg)
         model.init_weights(seed=args.seed)
-        data, held_out = finetune.pretrain_data(args.corpus, args.block_size, args.fraction, args.eval_size)
+        data, held_out = finetune.pretrain_data(args.corpus, args.block_size, args.fraction, args.eval_size,
+                                                   args.repeat_docs)
         evaluate = finetune.heldout_evaluator(held_out) if main_rank else None
         meta = {"preset": None, "corpus": args.corpus, "n_params": sum(p.numel() for p in model.parameters())}
     meta |= {"mode": args.mode, "seed": args.seed, "data_fraction": args.fraction, "data_sha256": data.sha256(),

@@ -125,11 +125,17 @@ def wordnet_documents() -> list[str]:
     return [" ".join([s.definition().strip() + "."] + [x.strip() for x in s.examples()]) for s in synsets]
 
 
-def corpus_tokens(corpus: str) -> np.ndarray:
+def corpus_tokens(corpus: str, repeat: int = 1) -> np.ndarray:
     """A whole corpus as one stream of GPT-2 token ids, documents ended by <|endoftext|>.
 
     corpus: "wordnet", or the path of a UTF-8 text file (read as one document).
+    repeat: each document is written this many times in a row. A repeated document
+    can only be predicted by copying from context, which teaches a small model
+    induction (copying) heads within a CPU budget, as GPT-2 learned them from
+    a far larger corpus.
     """
+    if repeat < 1:
+        raise ValueError(f"--repeat-docs must be at least 1, got {repeat}")
     enc = get_tokenizer()
     if corpus == "wordnet":
         docs = wordnet_documents()
@@ -138,18 +144,19 @@ def corpus_tokens(corpus: str) -> np.ndarray:
         if not path.is_file():
             raise FileNotFoundError(f"--corpus {corpus}: no such file; pass a UTF-8 text file or 'wordnet'")
         docs = [path.read_text(encoding="utf-8")]
+    docs = [" ".join([doc] * repeat) for doc in docs]
     ids = enc.encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1)
     return np.fromiter((t for doc in ids for t in (*doc, EOT_TOKEN)), dtype=np.int64)
 
 
 def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0,
-                  eval_blocks: int = 64) -> tuple[TrainData, torch.Tensor]:
+                  eval_blocks: int = 64, repeat: int = 1) -> tuple[TrainData, torch.Tensor]:
     """Training blocks and held-out blocks [eval_blocks, block_size] (the corpus's last ones).
 
     The stream is cut into consecutive non-overlapping blocks; the tail that does
     not fill a block is dropped. ``fraction`` keeps the first part of the training blocks.
     """
-    stream = corpus_tokens(corpus)
+    stream = corpus_tokens(corpus, repeat)
     n_blocks = len(stream) // block_size
     if n_blocks < eval_blocks + 1:
         raise ValueError(f"corpus {corpus!r} has {len(stream)} tokens, {n_blocks} blocks of {block_size}: too few "
@@ -158,6 +165,6 @@ def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0,
     train, held_out = blocks[:n_blocks - eval_blocks], blocks[n_blocks - eval_blocks:]
     train = train[:take_fraction(len(train), fraction, "blocks")]
     data = TrainData(train.clone(), train.clone(), None,
-                     info={"source": corpus, "corpus_tokens": int(len(stream)), "block_size": block_size,
+                     info={"source": corpus, "repeat_docs": repeat, "corpus_tokens": int(len(stream)), "block_size": block_size,
                            "n_blocks": len(train), "eval_blocks": eval_blocks})
     return data, held_out.clone()

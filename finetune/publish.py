@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -44,7 +45,6 @@ parser.add_argument("--compare-to", type=Path, default=None,
                          "(the first --subset examples of each eval set), which tests/test_bundled.py checks")
 parser.add_argument("--subset", type=int, default=200, help="examples of each eval set in the claimed comparison")
 
-CLAIMED = ("loss", "logit_diff")  # per metric: the finetuned model's edge over the base, signed so higher is better
 
 
 def eval_sets(master_size: int, data_seed: int, eval_size: int, single_size: int) -> dict:
@@ -73,16 +73,21 @@ def reproducing_command(meta: dict) -> str:
     return env + shlex.join(w for w in words if w != "--resume")
 
 
-def subset_margins(model, base, sets: dict, n: int) -> dict:
-    """Half of the finetuned model's observed edge over ``base`` on the first ``n`` examples of each
-    set, per metric in CLAIMED (loss: base minus model; logit difference: model minus base)."""
-    claims = {}
+def subset_edges(model, base, sets: dict, n: int) -> dict:
+    """Per eval set, the model's edge over ``base`` on its first ``n`` examples, signed so that
+    positive is better: {"loss": base minus model, "logit_diff": model minus base}."""
+    edges = {}
     for name, batch in sets.items():
         sub = batch.select(torch.arange(min(n, len(batch))))
         ours, theirs = tpp_metrics(model, sub), tpp_metrics(base, sub)
-        edge = {"loss": theirs["loss"] - ours["loss"], "logit_diff": ours["logit_diff"] - theirs["logit_diff"]}
-        claims[name] = {k: round(v / 2, 3) for k, v in edge.items() if v > 0}
-    return claims
+        edges[name] = {"loss": theirs["loss"] - ours["loss"], "logit_diff": ours["logit_diff"] - theirs["logit_diff"]}
+    return edges
+
+
+def subset_margins(model, base, sets: dict, n: int) -> dict:
+    """The claims of a card: half of each positive edge (see subset_edges), rounded down to 3 decimals."""
+    return {name: {k: math.floor(v / 2 * 1000) / 1000 for k, v in edge.items() if v > 0}
+            for name, edge in subset_edges(model, base, sets, n).items()}
 
 
 def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = None) -> str:

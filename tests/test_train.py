@@ -231,3 +231,17 @@ def test_two_gloo_processes_match_one_process(tmp_path, corpus):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)
     lines = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "train"] == [1, 2, 3]  # rank 0 only
+
+
+def test_repeated_documents_are_written_back_to_back(tmp_path):
+    from finetune.data import corpus_tokens
+    from minigpt2 import get_tokenizer
+
+    text = tmp_path / "doc.txt"
+    text.write_text("a cat is a small animal.")
+    once, twice = corpus_tokens(str(text)), corpus_tokens(str(text), repeat=2)
+    enc = get_tokenizer()
+    assert enc.decode(twice[:-1].tolist()) == "a cat is a small animal. a cat is a small animal."
+    assert twice[-1] == once[-1] == enc.eot_token
+    with pytest.raises(ValueError, match="--repeat-docs"):
+        corpus_tokens(str(text), repeat=0)
