@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'wordnet' (WordNet 3.0 glosses and examples via nltk; set NLTK_DATA) or a .txt path")
     corpus.add_argument("--block-size", type=int, default=128, help="tokens per packed training block")
     corpus.add_argument("--repeat-docs", type=int, default=1,
-                        help="write each document this many times in a row: repeats are learnt by copying, "
-                             "which grows induction heads in a small budget")
+                        help="write each document this many times in a row: a repeat is predictable only by "
+                             "copying from context, a direct training signal for induction heads")
     arch = pt.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")
     arch.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
     arch.add_argument("--n-head", type=int, default=12, help="attention heads per block")

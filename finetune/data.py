@@ -129,10 +129,11 @@ def corpus_tokens(corpus: str, repeat: int = 1) -> np.ndarray:
     """A whole corpus as one stream of GPT-2 token ids, documents ended by <|endoftext|>.
 
     corpus: "wordnet", or the path of a UTF-8 text file (read as one document).
-    repeat: each document is written this many times in a row. A repeated document
-    can only be predicted by copying from context, which teaches a small model
-    induction (copying) heads within a CPU budget, as GPT-2 learned them from
-    a far larger corpus.
+    repeat: each document is written this many times in a row. A repeat is
+    predictable only by copying from context, a direct training signal for
+    induction (copying) heads. (Measured here: 100 steps of 16 x 128 tokens on
+    WordNet with repeat=2 did not yet give a 12 x 12, d_model 96 model in-context
+    copying of random tokens; it takes a larger budget.)
     """
     if repeat < 1:
         raise ValueError(f"--repeat-docs must be at least 1, got {repeat}")
