@@ -1,0 +1,63 @@
+"""The bundled checkpoints in weights/: they load, have the study's 144 heads, and the
+finetuned ones beat the base by the margins their cards claim (on the card's fixed subset)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt2 import load_pretrained
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+BUNDLED = ["base", "featherweight", "lightweight", "welterweight"]
+FINETUNED = BUNDLED[1:]
+
+
+@pytest.fixture(scope="module")
+def eval_sets():
+    from finetune.publish import eval_sets as build
+
+    data = json.loads((WEIGHTS / "featherweight" / "metadata.json").read_text())["eval_data"]
+    return build(data["master_size"], data["data_seed"], data["eval_size"], data["single_token_eval_size"])
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_loads_with_144_heads_and_a_card(name):
+    model = load_pretrained(WEIGHTS / name)
+    assert (model.cfg.n_layer, model.cfg.n_head) == (12, 12)
+    assert model.cfg.vocab_size == 50257
+    card = (WEIGHTS / name / "README.md").read_text()
+    assert "Reproduce:" in card and "python train.py" in card and "## TPP metrics" in card
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(tokens)).all()
+
+
+@pytest.mark.parametrize("name", FINETUNED)
+def test_finetuned_model_beats_the_base_by_its_claimed_margins(name, eval_sets):
+    from finetune.publish import subset_edges
+
+    claims = json.loads((WEIGHTS / name / "metadata.json").read_text())["claims"]
+    assert Path(claims["compare_to"]).name == "base"
+    model, base = load_pretrained(WEIGHTS / name), load_pretrained(WEIGHTS / "base")
+    with torch.no_grad():
+        edges = subset_edges(model, base, eval_sets, claims["subset"])
+    assert set(claims["margins"]) == set(edges)
+    assert any(claims["margins"].values()), f"{name}'s card claims no margin over the base"
+    for set_name, margins in claims["margins"].items():
+        for metric, margin in margins.items():
+            assert margin > 0
+            assert edges[set_name][metric] >= margin, (name, set_name, metric, edges[set_name][metric], margin)
+
+
+def test_a_corrupt_bundled_file_names_itself_and_the_fix(tmp_path):
+    broken = tmp_path / "featherweight"
+    shutil.copytree(WEIGHTS / "featherweight", broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*git checkout weights/"):
+        load_pretrained(broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors.*git checkout weights/"):
+        load_pretrained(broken)
