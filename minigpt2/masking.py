@@ -109,7 +109,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
             clean run on ``reference``, corrupted tokens of the same shape: resample ablation).
         metric: optional ``fn(logits [Vc, B, vocab]) -> [Vc, ...]`` applied chunk by chunk, so
             that the full [V, B, vocab] logits never exist at once.
-        max_rows: rows (variants x examples) per chunk; default keeps a chunk's activations near 256 MB.
+        max_rows: rows (variants x examples) per chunk; by default a chunk's activations stay near 1 GiB.
 
     Returns:
         logits [V, B, vocab] at ``positions``, or the metric's values concatenated over variants.
@@ -124,8 +124,10 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     positions = last_positions(tokens, attention_mask) if positions is None else model.check_positions(positions, B, T)
     r = replacement_values(model, mode, tokens, reference, attention_mask, reference_mask, mean_over)
     if max_rows is None:
-        per_row = T * (3 * cfg.d_model + cfg.d_mlp + cfg.n_head * T) * 4 * 3
-        max_rows = max(B, (256 * 2**20) // per_row)
+        # One block's transient activations for one row; with autograd on, every layer's are kept.
+        per_row = T * (3 * cfg.d_model + 2 * cfg.d_mlp + cfg.n_head * T) * 4
+        per_row *= cfg.n_layer if torch.is_grad_enabled() else 1
+        max_rows = max(B, (2**30) // per_row)
     per_chunk = max(1, max_rows // B)
 
     # The clean residual stream before each layer, shared by every variant: [L + 1] x [B, T, d_model]
