@@ -1,0 +1,151 @@
+"""Head classes from attention patterns (the paper's section 5.4).
+
+For each example and head, a score per class, averaged over the example's real
+query positions 1 .. n-1 (position 0 can attend only to itself, so it tells
+nothing; padding is never a query):
+
+    first      attention to position 0
+    self       attention to the query's own position (the diagonal)
+    previous   attention to the position before (the diagonal at offset -1)
+    induction  attention to the token after an earlier occurrence of the query's
+               token (positions j + 1 with tokens[j] == tokens[q], j + 1 < q),
+               averaged over the queries that have such an occurrence; undefined
+               for an example without a repeated token, which then does not count
+
+An example shows a class when its score exceeds ``score_threshold`` (0.4); a head
+is given the class when at least ``fraction`` (80 %) of the examples where the
+score is defined show it. A head may get several classes, or none.
+
+Target attention (the paper's Figure 2): attention from each example's final
+position to marked key positions (the c tokens), per head, averaged over examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minigpt2 import GPT2
+
+CLASSES = ("first", "self", "previous", "induction")
+
+
+@torch.no_grad()
+def attention_patterns(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, H, T, T]: every head's attention pattern (query x key)."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layer)]
+    _, cache = model.run_with_cache(tokens.to(model.device), names=names,
+                                    attention_mask=None if attention_mask is None else attention_mask.to(model.device))
+    return torch.stack([cache[n] for n in names], dim=1).float()
+
+
+def class_weights(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per class, [B, T(query), T(key)] weights: each defined query's row sums to 1/(its example's query count)."""
+    B, T = tokens.shape
+    real = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+    tokens = tokens.cpu()
+    query = real.clone()
+    query[:, 0] = False  # [B, T]
+    q = torch.arange(T)
+    eye = torch.eye(T, dtype=torch.bool)
+    first = torch.zeros(T, T, dtype=torch.bool)
+    first[:, 0] = True
+    previous = torch.zeros(T, T, dtype=torch.bool)
+    previous[q[1:], q[1:] - 1] = True
+    # induction: key k = j + 1 where tokens[j] == tokens[q], j + 1 < q, j real
+    same = (tokens[:, :, None] == tokens[:, None, :]) & real[:, :, None] & real[:, None, :]  # [B, q, j]
+    earlier = torch.zeros(T, T, dtype=torch.bool)
+    earlier[:, :] = q[None, :] + 1 < q[:, None]  # j + 1 < q
+    induction = torch.zeros(B, T, T, dtype=torch.bool)
+    induction[:, :, 1:] = (same & earlier)[:, :, :-1]  # shift j -> j + 1
+    out = {}
+    for name, w in (("first", first), ("self", eye), ("previous", previous), ("induction", induction)):
+        w = (w.expand(B, T, T) & query[:, :, None]).float()
+        has = w.sum(dim=2) > 0  # [B, q]: the query counts for this class
+        n = has.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
+        out[name] = w / n[:, :, None]
+    return out
+
+
+def class_scores(patterns: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """patterns [B, L, H, T, T] -> per class [B, L, H] scores (NaN where undefined)."""
+    out = {}
+    for name, w in class_weights(tokens, attention_mask).items():
+        score = torch.einsum("blhqk,bqk->blh", patterns, w.to(patterns.device))
+        defined = w.sum(dim=(1, 2)) > 0  # [B]
+        out[name] = torch.where(defined[:, None, None], score, torch.full_like(score, float("nan")))
+    return out
+
+
+@dataclass
+class HeadClasses:
+    """Per class: mean score [L, H], fraction of examples over the threshold [L, H], and the heads assigned."""
+
+    mean: dict[str, torch.Tensor]
+    fraction: dict[str, torch.Tensor]
+    heads: dict[str, list[tuple[int, int]]]
+    score_threshold: float
+    min_fraction: float
+    n_examples: int
+
+    def classes_of(self, layer: int, head: int) -> list[str]:
+        return [c for c, hs in self.heads.items() if (layer, head) in hs]
+
+    def counts(self, among: list[tuple[int, int]] | None = None) -> dict[str, int]:
+        """How many heads (of ``among``, e.g. a circuit's) each class has."""
+        keep = None if among is None else set(map(tuple, among))
+        return {c: sum(1 for h in hs if keep is None or h in keep) for c, hs in self.heads.items()}
+
+    def to_json(self) -> dict:
+        return {"score_threshold": self.score_threshold, "min_fraction": self.min_fraction,
+                "n_examples": self.n_examples, "heads": {c: [list(h) for h in hs] for c, hs in self.heads.items()},
+                "mean": {c: v.tolist() for c, v in self.mean.items()},
+                "fraction": {c: v.tolist() for c, v in self.fraction.items()}}
+
+
+def check_class_args(score_threshold: float, min_fraction: float) -> None:
+    if not 0 <= score_threshold <= 1:
+        raise ValueError(f"score_threshold must be an attention weight in [0, 1], got {score_threshold} (the paper: 0.4)")
+    if not 0 < min_fraction <= 1:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction} (the paper: 0.8 of the examples)")
+
+
+def classify_heads(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   score_threshold: float = 0.4, min_fraction: float = 0.8,
+                   patterns: torch.Tensor | None = None) -> HeadClasses:
+    """Classify every head of ``model`` on the prompts ``tokens`` [B, T] (see the module docstring)."""
+    check_class_args(score_threshold, min_fraction)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"classify_heads needs a non-empty [B, T] batch of prompts, got shape {tuple(tokens.shape)}")
+    if patterns is None:
+        patterns = attention_patterns(model, tokens, attention_mask)
+    scores = class_scores(patterns, tokens, attention_mask)
+    mean, fraction, heads = {}, {}, {}
+    for name, s in scores.items():
+        defined = ~s.isnan()  # [B, L, H]
+        n = defined.sum(dim=0)
+        mean[name] = torch.where(defined, s, torch.zeros_like(s)).sum(dim=0) / n.clamp(min=1)
+        fraction[name] = ((s > score_threshold) & defined).sum(dim=0) / n.clamp(min=1)
+        assigned = (fraction[name] >= min_fraction) & (n > 0)
+        heads[name] = [tuple(x) for x in assigned.nonzero().tolist()]
+    return HeadClasses(mean, fraction, heads, score_threshold, min_fraction, tokens.shape[0])
+
+
+def target_attention(patterns: torch.Tensor, query_positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Attention from each example's query position to its marked keys, summed over the keys.
+
+    patterns [B, L, H, T, T], query_positions [B], key_mask [B, T] bool -> [B, L, H].
+    """
+    B = patterns.shape[0]
+    rows = patterns[torch.arange(B), :, :, query_positions.long()]  # [B, L, H, T(key)]
+    return (rows * key_mask[:, None, None, :].to(rows.dtype)).sum(dim=-1)
+
+
+def attending_heads(mean_attention: torch.Tensor, threshold: float = 0.4) -> list[tuple[int, int]]:
+    """Heads whose mean target attention [L, H] exceeds ``threshold``, strongest first."""
+    flat = mean_attention.flatten()
+    H = mean_attention.shape[1]
+    order = flat.argsort(descending=True).tolist()
+    return [(i // H, i % H) for i in order if flat[i] > threshold]

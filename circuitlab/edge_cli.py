@@ -1,0 +1,227 @@
+"""The `acdc` and `eap` commands of circuits.py: edge-level circuits of a model on TPP prompts.
+
+    python circuits.py acdc --model weights/welterweight --metric kl --threshold 0.7 --ablation zero
+    python circuits.py eap --model weights/welterweight --metric logit_diff --method eap-ig --top-k 200
+
+circuits.py calls :func:`add_subcommands` on its subparsers; each command's handler is
+set as ``edge_command`` and takes the parsed arguments. Data come from tpp: ``--examples``
+prompts to discover the circuit on and as many held-out ones to evaluate it on (the
+paper: 100 examples, 50 for evaluation). For resample ablation every prompt is paired
+with a corrupted one: the same template with other random nouns, at the same token
+length (prompts without such a partner are dropped).
+
+Output (--out): circuit.json (edges, scores, node counts), circuit.png, summary.json
+(metrics of the full model and of the circuit alone, sizes, timings, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .acdc import THRESHOLD_MODES, acdc, check_threshold, kl_metric
+from .compare import circuit_faithfulness
+from .draw import draw_circuit
+from .eap import METHODS, eap
+from .graph import ABLATIONS, Circuit, EdgeRunner, Metric
+
+METRICS = {"kl": False, "logit_diff": True, "accuracy": True, "loss": False}  # name -> higher is better
+
+
+def add_subcommands(subparsers) -> None:
+    """Register "acdc" and "eap" on an argparse subparsers object."""
+    p = subparsers.add_parser("acdc", help="ACDC edge circuit (section 5.2)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, default_out="reports/acdc")
+    g = p.add_argument_group("ACDC")
+    g.add_argument("--threshold", type=float, default=0.05,
+                   help="remove an edge when the metric worsens by less than this (absolute) or this fraction "
+                        "of the current metric (relative)")
+    g.add_argument("--threshold-mode", choices=THRESHOLD_MODES, default="absolute",
+                   help="absolute: ACDC's rule; relative: the paper's variant (section 5.2)")
+    g.add_argument("--naive", action="store_true", help="one forward per edge (the plain schedule; slow)")
+    p.set_defaults(edge_command=run_acdc)
+
+    p = subparsers.add_parser("eap", help="edge attribution patching circuit (EAP / EAP-IG)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, default_out="reports/eap")
+    g = p.add_argument_group("edge attribution")
+    g.add_argument("--method", choices=METHODS, default="eap-ig",
+                   help="eap: one gradient; eap-ig: integrated gradients")
+    g.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k edges of largest |score| (default: 100)")
+    g.add_argument("--threshold", type=float, default=None, help="or keep the edges with |score| >= this")
+    p.set_defaults(edge_command=run_eap)
+
+
+def _common(p: argparse.ArgumentParser, default_out: str) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="weights/welterweight", help="model directory (config.json + model.safetensors)")
+    g.add_argument("--examples", type=int, default=50, help="prompts to find the circuit on; as many more evaluate it")
+    g.add_argument("--seed", type=int, default=0, help="seed of the eval set and of the corrupted nouns")
+    g = p.add_argument_group("metric and ablation")
+    g.add_argument("--metric", choices=list(METRICS), default="kl", help="kl (to the clean model; ACDC's default), "
+                   "logit_diff (c minus b), accuracy, loss (cross-entropy of c)")
+    g.add_argument("--ablation", choices=ABLATIONS, default="resample",
+                   help="what an ablated edge carries: resample (corrupted prompts; ACDC's default), mean, "
+                        "zero (the paper's choice)")
+    g = p.add_argument_group("output and machine")
+    g.add_argument("--out", type=Path, default=Path(default_out), help="output directory, replaced when done")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+# ---------------------------------------------------------------- data
+def corrupted_partners(examples, seed: int = 0, tries: int = 200):
+    """For each example, the same template with three other random nouns and the same token
+    length. Returns (kept examples, their partners); examples without a partner are dropped."""
+    import tpp
+    from tpp.encoding import encode_many
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+    pool = tpp.load_nouns()
+    kept, partners = [], []
+    lengths = [len(t) for t in encode_many([e.prompt for e in examples])]
+    for e, n in zip(examples, lengths):
+        template = tpp.TEMPLATES.get(e.template)
+        if template is None:
+            continue
+        for _ in range(tries):
+            a, b, c = (pool[i] for i in rng.integers(len(pool), size=3))
+            if len({a, b, c, e.a, e.b, e.c}) < 6:
+                continue
+            prompt = template.format(a=a, b=b, c=c) + " "
+            if len(encode_many([prompt])[0]) == n:
+                kept.append(e)
+                partners.append(tpp.Example(e.template, a, b, c, prompt))
+                break
+    return kept, partners
+
+
+def build_data(n: int, seed: int, ablation: str):
+    """(clean EvalBatch, corrupted tokens or None) of n TPP prompts."""
+    import tpp
+
+    examples = tpp.make_eval_set(n, seed)
+    corrupted = None
+    if ablation == "resample":
+        examples, partners = corrupted_partners(examples, seed)
+        if not examples:
+            raise ValueError("no prompt found a corrupted partner of the same token length; use more --examples "
+                             "or --ablation mean/zero")
+        corrupted = tpp.encode_eval(partners).tokens
+    batch = tpp.encode_eval(examples)
+    if corrupted is not None and corrupted.shape != batch.tokens.shape:
+        raise ValueError(f"corrupted prompts padded to {tuple(corrupted.shape)}, clean ones to "
+                         f"{tuple(batch.tokens.shape)}")
+    return batch, corrupted
+
+
+def make_metric(name: str, batch, clean_logits: torch.Tensor) -> tuple[Metric, bool]:
+    """(metric [V, B, vocab] -> [V], higher_is_better) for a metric name, bound to ``batch``."""
+    import tpp
+
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
+    m = tpp.metrics
+    if name == "kl":
+        return kl_metric(clean_logits), False
+    c, b = batch.c_token, batch.b_token
+    fns = {"logit_diff": lambda l: m.logit_diff(l, c.to(l.device), b.to(l.device)).mean(-1),
+           "accuracy": lambda l: m.accuracy(l, c.to(l.device)).mean(-1),
+           "loss": lambda l: m.cross_entropy(l, c.to(l.device)).mean(-1)}
+    return fns[name], METRICS[name]
+
+
+def _runner(model, batch, corrupted, ablation: str) -> EdgeRunner:
+    dev = model.device
+    return EdgeRunner(model, batch.tokens.to(dev), ablation, corrupted=corrupted,
+                      attention_mask=batch.attention_mask.to(dev), positions=batch.answer_pos.to(dev))
+
+
+def _setup(args):
+    from minigpt2 import load_pretrained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.examples < 1:
+        raise ValueError(f"--examples {args.examples}: need at least one prompt")
+    if not (Path(args.model) / "config.json").exists():
+        raise FileNotFoundError(f"no model at {args.model}: pass --model DIR with config.json and model.safetensors "
+                                "(the bundled models are trained by train.py, see weights/README.md)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(args.model, device=device).eval()
+    batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation)
+    half = len(batch) // 2 if len(batch) > 1 else 1
+    find, held = batch.select(slice(0, half)), batch.select(slice(half, len(batch)))
+    cf = None if corrupted is None else corrupted[:half]
+    ch = None if corrupted is None else corrupted[half:]
+    runner = _runner(model, find, cf, args.ablation)
+    metric, higher = make_metric(args.metric, find, runner.clean.logits)
+    evaluate = None
+    if len(held):
+        held_runner = _runner(model, held, ch, args.ablation)
+        evaluate = (held_runner, make_metric(args.metric, held, held_runner.clean.logits)[0])
+    return model, runner, metric, higher, evaluate
+
+
+def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner, metric: Metric) -> int:
+    from .report import atomic_dir, provenance, write_json
+
+    summary["found_on"] = circuit_faithfulness(runner, metric, circuit) | {"examples": runner.tokens.shape[0]}
+    if evaluate is not None:
+        held_runner, held_metric = evaluate
+        summary["held_out"] = (circuit_faithfulness(held_runner, held_metric, circuit)
+                               | {"examples": held_runner.tokens.shape[0]})
+    summary["node_counts"] = circuit.node_counts()
+    with atomic_dir(args.out) as tmp:
+        write_json(tmp / "circuit.json", circuit.to_json())
+        write_json(tmp / "summary.json", summary)
+        write_json(tmp / "provenance.json", provenance(args={k: str(v) for k, v in vars(args).items()
+                                                             if k != "edge_command"}))
+        draw_circuit(circuit, tmp / "circuit.png", title=f"{args.command} on {Path(args.model).name}: "
+                                                          f"{summary['node_counts']['edges']} edges")
+    counts = summary["node_counts"]
+    print(f"{args.command}: {counts['edges']} edges, {counts['nodes']} nodes ({counts['acdc_nodes']} ACDC hook nodes), "
+          f"{counts['heads']} heads, {counts['mlps']} MLPs")
+    for where in ("found_on", "held_out"):
+        if where in summary:
+            s = summary[where]
+            print(f"  {args.metric} on {s['examples']} {where.replace('_', ' ')} prompts: full model {s['full']:.4g}, "
+                  f"circuit {s['value']:.4g}, all ablated {s['empty']:.4g} (normalized {s['normalized']:.3g})")
+    print(f"written to {args.out}/")
+    return 0
+
+
+def run_acdc(args) -> int:
+    try:
+        check_threshold(args.threshold, args.threshold_mode)
+        model, runner, metric, higher, evaluate = _setup(args)
+        res = acdc(runner, metric, args.threshold, threshold_mode=args.threshold_mode, higher_is_better=higher,
+                   batched=not args.naive, progress=sys.stderr.isatty())
+        summary = {"method": "acdc", "metric": args.metric, "threshold": args.threshold,
+                   "threshold_mode": args.threshold_mode, "ablation": args.ablation, **res.summary()}
+        return _finish(args, res.circuit, summary, evaluate, runner, metric)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_eap(args) -> int:
+    try:
+        model, runner, metric, higher, evaluate = _setup(args)
+        top_k = args.top_k if args.top_k is not None or args.threshold is not None else 100
+        t0 = time.perf_counter()
+        circuit = eap(runner, metric, args.method, args.steps, top_k=top_k, threshold=args.threshold)
+        summary = {"method": args.method, "steps": args.steps, "metric": args.metric, "top_k": top_k,
+                   "threshold": args.threshold, "ablation": args.ablation,
+                   "seconds": round(time.perf_counter() - t0, 3)}
+        return _finish(args, circuit, summary, evaluate, runner, metric)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,563 @@
+"""The edge-level computational graph of a GPT-2, and its edge-masked forward.
+
+Nodes follow ACDC (Conmy et al. 2023) and EAP (Syed et al. 2023, Hanna et al. 2024).
+Senders write to the residual stream, receivers read it:
+
+    senders (S = 1 + L (H + 1))           receivers (R = L (3H + 1) + 1)
+    input       token + position embedding
+    a{l}.h{h}   head h of layer l:        a{l}.h{h}<q>, <k>, <v>  its query, key, value input
+                z_h @ W_O[h], without b_O                          (before ln_1)
+    m{l}        MLP l's output            m{l}    MLP l's input (before ln_2)
+                                          logits  the final residual (before ln_final)
+
+There is an edge u -> r from every sender to every receiver that reads the
+residual stream after u wrote to it. An edge mask m [R, S] (entries outside the
+edges are ignored) defines the forward
+
+    in_r = c_r + sum_{u -> r} [ m_ru out_u + (1 - m_ru) abl_u ]
+
+where abl_u is the sender's ablated value: its output on the corrupted prompts
+in a clean run ("resample", ACDC's default), its mean over a reference batch at
+each position ("mean"), or 0 ("zero"). c_r, the attention output biases b_O of
+the layers before r, is a constant of the model that no edge carries and no
+ablation removes (as in ACDC, whose per-head hook_result excludes b_O). With all
+masks 1, in_r is the ordinary residual stream and the forward equals model(tokens).
+
+Dimensions: V variants (masks), B examples, T positions, d = d_model, R and S as
+above. A variant's forward is written as its difference from a base trace
+(by default the clean run), so that a batch of variants shares everything
+upstream of the first receiver where it differs and recomputes only the
+nodes that its changes reach: the same prefix sharing as minigpt2.masking,
+at the level of single heads and edges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from minigpt2.masking import last_positions
+from minigpt2.model import GPT2
+
+ABLATIONS = ("resample", "mean", "zero")
+Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [V, B, vocab] -> [V]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of the forward: the receivers it reads into and the senders it writes."""
+
+    kind: str  # "attn", "mlp" or "logits"
+    layer: int
+    rows: range  # receiver indices
+    n_in: int  # reads senders [0, n_in)
+    outs: range  # sender indices it produces
+
+
+class Graph:
+    """Names and indices of the senders, receivers and edges of a GPT-2 with L layers of H heads."""
+
+    def __init__(self, n_layer: int, n_head: int):
+        self.n_layer, self.n_head = L, H = n_layer, n_head
+        self.n_senders = 1 + L * (H + 1)
+        self.n_receivers = L * (3 * H + 1) + 1
+        self.senders = ["input"]
+        self.receivers: list[str] = []
+        self.stages: list[Stage] = []
+        for l in range(L):
+            s0, r0 = self.head_sender(l, 0), l * (3 * H + 1)
+            self.stages.append(Stage("attn", l, range(r0, r0 + 3 * H), s0, range(s0, s0 + H)))
+            self.stages.append(Stage("mlp", l, range(r0 + 3 * H, r0 + 3 * H + 1), s0 + H, range(s0 + H, s0 + H + 1)))
+            self.senders += [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]
+            self.receivers += [f"a{l}.h{h}<{kind}>" for kind in "qkv" for h in range(H)] + [f"m{l}"]
+        self.stages.append(Stage("logits", L, range(self.n_receivers - 1, self.n_receivers), self.n_senders, range(0)))
+        self.receivers.append("logits")
+        self.n_in = torch.tensor([st.n_in for st in self.stages for _ in st.rows])  # [R]
+        self.valid = torch.arange(self.n_senders)[None, :] < self.n_in[:, None]  # [R, S]
+        self.n_edges = int(self.valid.sum())
+        self.stage_of = [i for i, st in enumerate(self.stages) for _ in st.rows]  # receiver -> stage
+        self._sender_index = {n: i for i, n in enumerate(self.senders)}
+        self._receiver_index = {n: i for i, n in enumerate(self.receivers)}
+
+    @classmethod
+    def from_model(cls, model: GPT2) -> "Graph":
+        return cls(model.cfg.n_layer, model.cfg.n_head)
+
+    def __repr__(self) -> str:
+        return f"Graph(n_layer={self.n_layer}, n_head={self.n_head}: {self.n_senders} senders, " \
+               f"{self.n_receivers} receivers, {self.n_edges} edges)"
+
+    def head_sender(self, layer: int, head: int) -> int:
+        return 1 + layer * (self.n_head + 1) + head
+
+    def mlp_sender(self, layer: int) -> int:
+        return 1 + layer * (self.n_head + 1) + self.n_head
+
+    def sender_index(self, name: str) -> int:
+        if name not in self._sender_index:
+            raise KeyError(f"no sender named {name!r}; senders are 'input', 'a{{l}}.h{{h}}' and 'm{{l}}' "
+                           f"for l < {self.n_layer}, h < {self.n_head}")
+        return self._sender_index[name]
+
+    def receiver_index(self, name: str) -> int:
+        if name not in self._receiver_index:
+            raise KeyError(f"no receiver named {name!r}; receivers are 'a{{l}}.h{{h}}<q|k|v>', 'm{{l}}' and "
+                           f"'logits' for l < {self.n_layer}, h < {self.n_head}")
+        return self._receiver_index[name]
+
+    def owner(self, r: int) -> int | None:
+        """The sender whose computation receiver r feeds (None for logits)."""
+        st = self.stages[self.stage_of[r]]
+        if st.kind == "attn":
+            return st.outs[(r - st.rows[0]) % self.n_head]
+        return st.outs[0] if st.kind == "mlp" else None
+
+    def node(self, name: str) -> str:
+        """The component a sender or receiver name belongs to: 'a3.h1<q>' -> 'a3.h1'."""
+        return name.split("<")[0]
+
+    def ones(self, dtype=torch.float32) -> torch.Tensor:
+        """The full graph: [R, S], 1 on every edge and 0 elsewhere."""
+        return self.valid.to(dtype)
+
+    def edge_list(self, mask: torch.Tensor) -> list[tuple[str, str]]:
+        """(sender, receiver) names of the edges where mask [R, S] is nonzero."""
+        rs = (mask.cpu().bool() & self.valid).nonzero().tolist()
+        return [(self.senders[u], self.receivers[r]) for r, u in rs]
+
+
+@dataclass
+class Circuit:
+    """A set of edges of a Graph, with an optional score per edge.
+
+    edges: [R, S] bool, a subset of graph.valid. scores: [R, S] float, the
+    method's per-edge values (ACDC: the metric's change when the edge was
+    removed; EAP: the attribution), or None.
+    """
+
+    graph: Graph
+    edges: torch.Tensor
+    scores: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.edges = self.edges.detach().cpu().bool() & self.graph.valid
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edges.sum())
+
+    def mask(self, dtype=torch.float32) -> torch.Tensor:
+        """The edge mask [R, S] that runs this circuit (1 = kept, 0 = ablated)."""
+        return self.edges.to(dtype)
+
+    def edge_list(self) -> list[tuple[str, str]]:
+        return self.graph.edge_list(self.edges)
+
+    def nodes(self) -> list[str]:
+        """Components with a kept edge: 'input', 'a{l}.h{h}', 'm{l}', 'logits', in graph order."""
+        g, used = self.graph, set()
+        for r, u in self.edges.nonzero().tolist():
+            used.add(g.senders[u])
+            used.add(g.node(g.receivers[r]))
+        order = {n: i for i, n in enumerate(g.senders + ["logits"])}
+        return sorted(used, key=order.__getitem__)
+
+    def node_counts(self) -> dict[str, int]:
+        """Sizes of the circuit.
+
+        edges; heads and mlps (components with a kept edge); nodes: senders plus
+        receivers with a kept edge; acdc_nodes: ACDC's hook-level count, which adds
+        one hook_q/k/v node per kept head input (the 'Nodes in Circuit' column of
+        the paper's table counts these).
+        """
+        g = self.graph
+        senders = self.edges.any(dim=0)  # [S]
+        receivers = self.edges.any(dim=1)  # [R]
+        nodes = self.nodes()
+        qkv = sum(int(receivers[st.rows[0]:st.rows[-1] + 1].sum()) for st in g.stages if st.kind == "attn")
+        return {
+            "edges": self.n_edges,
+            "heads": sum(1 for n in nodes if n.startswith("a")),
+            "mlps": sum(1 for n in nodes if n.startswith("m")),
+            "nodes": int(senders.sum() + receivers.sum()),
+            "acdc_nodes": int(senders.sum() + receivers.sum()) + qkv,
+        }
+
+    def head_mask(self) -> torch.Tensor:
+        """[L, H] bool: heads that write along a kept edge."""
+        g = self.graph
+        idx = torch.tensor([[g.head_sender(l, h) for h in range(g.n_head)] for l in range(g.n_layer)])
+        return self.edges.any(dim=0)[idx]
+
+    def pruned(self) -> "Circuit":
+        """The circuit without edges that cannot reach the logits (exact under every ablation:
+        such an edge changes nothing downstream)."""
+        g, edges = self.graph, self.edges.clone()
+        for r in reversed(range(g.n_receivers)):  # receivers in reverse topological order
+            u = g.owner(r)
+            if u is not None and not edges[:, u].any():
+                edges[r] = False
+        return Circuit(g, edges, self.scores, dict(self.info))
+
+    def to_json(self) -> dict:
+        scores = None if self.scores is None else {f"{u}->{r}": float(self.scores[self.graph.receiver_index(r),
+                                                                                self.graph.sender_index(u)])
+                                                   for u, r in self.edge_list()}
+        return {"n_layer": self.graph.n_layer, "n_head": self.graph.n_head,
+                "edges": [f"{u}->{r}" for u, r in self.edge_list()], "scores": scores, "node_counts": self.node_counts(), "nodes": self.nodes(),
+                "info": json.loads(json.dumps(self.info, default=float))}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Circuit":
+        g = Graph(d["n_layer"], d["n_head"])
+        edges = torch.zeros(g.n_receivers, g.n_senders, dtype=torch.bool)
+        for e in d["edges"]:
+            u, r = e.split("->")
+            edges[g.receiver_index(r), g.sender_index(u)] = True
+        return cls(g, edges, info=d.get("info", {}))
+
+
+@dataclass
+class Trace:
+    """One variant's forward: its mask, each sender's effect out_u - abl_u, and its logits."""
+
+    mask: torch.Tensor  # [R, S]
+    effect: torch.Tensor  # [S, B, T, d]
+    effect_at: torch.Tensor  # [S, B, d], at the answer positions
+    logits: torch.Tensor  # [B, vocab]
+    inputs: list[torch.Tensor] | None = None  # per stage [R_stage, B, T, d] ([1, B, d] for logits), if kept
+
+
+def head_outputs(model: GPT2, layer: int, xq, xk, xv, heads: list[int], mask: torch.Tensor | None) -> torch.Tensor:
+    """Heads ``heads`` of ``layer``, each on its own query, key and value input.
+
+    xq, xk, xv: [N, T, Hs, d_model] residual-stream inputs (before ln_1) -> [N, T, Hs, d_model],
+    each head's z_h @ W_O[h] (no b_O). ``mask``: [N, 1, T, T] bool or None (causal).
+    """
+    block = model.blocks[layer]
+    attn = block.attn
+    H, dh = attn.n_head, attn.d_head
+    W = attn.c_attn.weight.view(3, H, dh, -1)[:, heads]  # [3, Hs, d_head, d_model]
+    b = attn.c_attn.bias.view(3, H, dh)[:, heads]  # [3, Hs, d_head]
+    q, k, v = (torch.einsum("nthd,hed->nthe", block.ln_1(x), W[i]) + b[i] for i, x in enumerate((xq, xk, xv)))
+    z = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [N, Hs, T, d_head]
+        attn_mask=mask, is_causal=mask is None,
+    ).transpose(1, 2)  # [N, T, Hs, d_head]
+    return torch.einsum("nthe,hed->nthd", z, attn.W_O[heads])
+
+
+def check_ablation(ablation: str) -> str:
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS} "
+                         "(resample: corrupted prompts, ACDC's default; mean: mean over a reference batch; zero)")
+    return ablation
+
+
+@torch.no_grad()
+def sender_outputs(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Every sender's output in a clean run, through the model's own hooks: [S, B, T, d]."""
+    L = model.cfg.n_layer
+    names = ["hook_embed", "hook_pos_embed"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] \
+        + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    _, cache = model.run_with_cache(tokens, names=names, attention_mask=attention_mask)
+    outs = [cache["hook_embed"] + cache["hook_pos_embed"]]
+    for l in range(L):
+        z = cache[f"blocks.{l}.attn.hook_z"]  # [B, T, H, d_head]
+        heads = torch.einsum("bthe,hed->hbtd", z, model.blocks[l].attn.W_O)  # [H, B, T, d]
+        outs += list(heads) + [cache[f"blocks.{l}.hook_mlp_out"]]
+    return torch.stack(outs)
+
+
+def run_with_edge_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, ablation: str = "resample",
+                        metric: Metric | None = None, **data) -> torch.Tensor:
+    """Evaluate edge masks [V, R, S] in one batched call: ``EdgeRunner(model, tokens, ablation,
+    **data).run(masks, metric=metric)`` (``data``: corrupted, reference, attention_mask,
+    reference_mask, positions, max_rows). The edge-level twin of minigpt2's run_with_head_masks."""
+    return EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)
+
+
+class EdgeRunner:
+    """Edge-masked forwards of one batch under one ablation.
+
+    Args:
+        tokens: [B, T] clean prompts; ``attention_mask`` [B, T] if right-padded.
+        ablation: "resample" (needs ``corrupted``: [B, T] prompts paired one-to-one with
+            the clean ones, at equal length; they share the clean attention mask), "mean"
+            (the per-position mean over ``reference`` tokens, default the clean ones,
+            weighted by ``reference_mask``) or "zero".
+        positions: [B] the position whose logits are scored (default: each row's last real token).
+        max_rows: examples x variants per batched chunk (default: a chunk's state near 1 GiB).
+
+    ``runner.run(masks)`` evaluates many masks at once; ``runner.trace(mask)`` runs one.
+    """
+
+    def __init__(self, model: GPT2, tokens: torch.Tensor, ablation: str = "resample",
+                 corrupted: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, max_rows: int | None = None):
+        self.model, self.graph = model, Graph.from_model(model)
+        self.ablation = check_ablation(ablation)
+        dev = model.device
+        self.tokens = tokens.to(dev)
+        model.check_tokens(self.tokens)
+        B, T = self.tokens.shape
+        self.attention_mask = None if attention_mask is None else attention_mask.to(dev)
+        model.check_attention_mask(self.attention_mask, self.tokens)
+        self.positions = (last_positions(self.tokens, self.attention_mask) if positions is None
+                          else model.check_positions(torch.as_tensor(positions).to(dev), B, T))
+        self.attn = model.attention_mask(self.attention_mask, T, T)  # [B, 1, T, T] or None
+        self.ablated = self._ablated(corrupted, reference, reference_mask)  # [S, B | 1, T | 1, d]
+        # floor: a stage's receiver input with all its edges ablated: c_r + sum_{u < n_in} abl_u
+        b_O = torch.stack([blk.attn.c_proj.bias for blk in model.blocks]).detach()  # [L, d]
+        cum = torch.cat([torch.zeros_like(self.ablated[:1]), self.ablated.cumsum(0)])  # [S + 1, ...]
+        self.floor = [cum[st.n_in] + b_O[:st.layer + (st.kind != "attn")].sum(0) for st in self.graph.stages]
+        self.floor_at = [self.at(f) for f in self.floor]
+        d = model.cfg.d_model
+        self.max_rows = max_rows or max(B, 2**30 // (T * d * 4 * (self.graph.n_senders + 3 * model.cfg.n_head + 8)))
+        with torch.no_grad():
+            self.clean = self.trace(self.graph.ones(model.dtype))
+
+    def _ablated(self, corrupted, reference, reference_mask) -> torch.Tensor:
+        model, S = self.model, self.graph.n_senders
+        if self.ablation == "zero":
+            return torch.zeros(S, 1, 1, model.cfg.d_model, device=model.device, dtype=model.dtype)
+        if self.ablation == "resample":
+            if corrupted is None:
+                raise ValueError("ablation='resample' needs corrupted=[B, T] prompts paired with the clean ones; "
+                                 "or use ablation='mean' or 'zero'")
+            corrupted = torch.as_tensor(corrupted).to(model.device)
+            if corrupted.shape != self.tokens.shape:
+                raise ValueError(f"corrupted prompts have shape {tuple(corrupted.shape)} but the clean ones "
+                                 f"{tuple(self.tokens.shape)}: resample ablation pairs them row by row at equal "
+                                 "token length. Fix: pair each clean prompt with a corrupted one of the same "
+                                 "length (filter or regroup by length)")
+            return sender_outputs(model, corrupted, self.attention_mask)
+        ref = self.tokens if reference is None else torch.as_tensor(reference).to(model.device)
+        ref_mask = (self.attention_mask if reference is None else reference_mask)
+        if ref.shape[1] != self.tokens.shape[1]:
+            raise ValueError(f"mean ablation takes a per-position mean, so reference sequences must have the "
+                             f"clean length {self.tokens.shape[1]}, got {ref.shape[1]}. Fix: pad or trim them")
+        outs = sender_outputs(model, ref, ref_mask)  # [S, Br, T, d]
+        w = torch.ones(ref.shape, device=model.device) if ref_mask is None else ref_mask.to(model.device).to(outs.dtype)
+        return ((outs * w[..., None]).sum(1) / w.sum(0).clamp(min=1)[:, None])[:, None]  # [S, 1, T, d]
+
+    def at(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., B | 1, T | 1, d] -> [..., B, d] at the answer positions."""
+        B = self.tokens.shape[0]
+        x = x.expand(*x.shape[:-3], B, *x.shape[-2:])
+        if x.shape[-2] == 1:
+            return x[..., 0, :]
+        return x[..., torch.arange(B, device=x.device), self.positions, :]
+
+    def check_masks(self, masks) -> torch.Tensor:
+        g = self.graph
+        masks = torch.as_tensor(masks)
+        if masks.ndim == 2:
+            raise ValueError(f"masks has shape {tuple(masks.shape)}; for one variant use masks[None] "
+                             f"(shape [1, {g.n_receivers}, {g.n_senders}])")
+        if masks.ndim != 3 or masks.shape[1:] != (g.n_receivers, g.n_senders):
+            raise ValueError(f"edge masks must be [V, R={g.n_receivers}, S={g.n_senders}] (receivers x senders, "
+                             f"see Graph), got {tuple(masks.shape)}")
+        return masks.to(device=self.model.device, dtype=self.model.dtype) * g.valid.to(self.model.device)
+
+    # --- one variant, every node computed ---------------------------------------------------------
+    def trace(self, mask: torch.Tensor, embed: torch.Tensor | None = None, keep_inputs: bool = False) -> Trace:
+        """The forward of one mask [R, S], computing every node (differentiable in mask and embed).
+
+        embed: [B, T, d] replaces the input node's output (EAP-IG interpolates it).
+        keep_inputs: keep each stage's receiver inputs (requiring grad) in ``Trace.inputs``.
+        """
+        model, g = self.model, self.graph
+        mask = self.check_masks(mask[None])[0]
+        B, T = self.tokens.shape
+        x0 = model.embed(self.tokens) if embed is None else embed
+        # out_u - abl_u per sender: stacked anew at each stage for autograd, else written in place
+        effects = [x0 - self.ablated[0]]  # [B, T, d] each
+        buffer = None if torch.is_grad_enabled() else x0.new_empty(g.n_senders, *x0.shape)
+        inputs, logits, filled = [], None, 0
+        for i, st in enumerate(g.stages):
+            if buffer is None:
+                D = torch.stack(effects)  # [n_in, B, T, d]
+            else:
+                buffer[filled:st.n_in] = torch.stack(effects[filled:st.n_in])
+                D, filled = buffer[:st.n_in], st.n_in
+            m = mask[st.rows.start:st.rows.stop, :st.n_in]  # [R_st, n_in]
+            if st.kind == "logits":
+                x = self.floor_at[i] + torch.einsum("ru,ubd->rbd", m, self.at(D))  # [1, B, d]
+            else:
+                x = self.floor[i] + torch.einsum("ru,ubtd->rbtd", m, D)  # [R_st, B, T, d]
+            if keep_inputs:
+                if not x.requires_grad:
+                    x.requires_grad_()
+                inputs.append(x)
+            if st.kind == "attn":
+                H = g.n_head
+                xq, xk, xv = x.view(3, H, B, T, -1).permute(0, 2, 3, 1, 4)  # each [B, T, H, d]
+                out = head_outputs(model, st.layer, xq, xk, xv, list(range(H)), self.attn)  # [B, T, H, d]
+                effects += list(out.permute(2, 0, 1, 3) - self.ablated[st.outs.start:st.outs.stop])
+            elif st.kind == "mlp":
+                blk = model.blocks[st.layer]
+                effects.append(blk.mlp(blk.ln_2(x[0])) - self.ablated[st.outs.start])
+            else:
+                logits = model.unembed(x[0][:, None])[:, 0]  # [B, vocab]
+        D = torch.stack(effects) if buffer is None else buffer
+        return Trace(mask, D, self.at(D), logits, inputs if keep_inputs else None)
+
+    # --- many variants, as differences from a base trace --------------------------------------------
+    def run(self, masks: torch.Tensor, base: Trace | None = None, metric: Metric | None = None) -> torch.Tensor:
+        """Evaluate V edge masks [V, R, S] in batched passes.
+
+        Each variant is computed as its difference from ``base`` (default: the clean
+        run): it joins the batch at the first stage where its mask differs, and only the
+        heads, MLPs and logits that its changes reach are recomputed. Masks that require
+        grad are computed in full (every node), so that gradients reach every entry.
+
+        Returns logits [V, B, vocab] at the answer positions, or ``metric(logits)`` [V, ...]
+        applied chunk by chunk. Equals ``trace(mask)`` for each mask, to float tolerance.
+        """
+        g = self.graph
+        masks = self.check_masks(masks)
+        base = self.clean if base is None else base
+        dmask = masks - base.mask
+        grad = masks.requires_grad
+        n_st = len(g.stages)
+        if grad:
+            join = [0] * masks.shape[0]
+        else:
+            differs = torch.stack([dmask[:, st.rows.start:st.rows.stop].ne(0).flatten(1).any(1) for st in g.stages], 1)
+            join = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], n_st,
+                                                                                          dtype=torch.long)).tolist()
+        order = sorted(range(len(join)), key=join.__getitem__)
+        per_chunk = max(1, self.max_rows // self.tokens.shape[0])
+        outputs: dict[int, torch.Tensor] = {}
+        with torch.set_grad_enabled(grad):
+            for c in range(0, len(order), per_chunk):
+                chunk = order[c:c + per_chunk]
+                logits, _, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
+                values = metric(logits) if metric is not None else logits
+                outputs.update(zip(chunk, values))
+        return torch.stack([outputs[v] for v in range(masks.shape[0])])
+
+    @torch.no_grad()
+    def retrace(self, base: Trace, mask: torch.Tensor) -> Trace:
+        """trace(mask), computed as a difference from ``base`` (only the reached nodes are recomputed)."""
+        mask = self.check_masks(mask[None])
+        dmask = mask - base.mask
+        differs = [bool(dmask[0, st.rows.start:st.rows.stop].ne(0).any()) for st in self.graph.stages]
+        join = differs.index(True) if any(differs) else len(differs)
+        logits, s0, delta = self._propagate(mask, dmask, [join], base, False)
+        effect = base.effect.clone()
+        effect[s0:s0 + delta.shape[1]] += delta[0]
+        return Trace(mask[0], effect, self.at(effect), logits[0])
+
+    def _propagate(self, m, dm, join, base: Trace, grad: bool):
+        """Variants m [n, R, S] (dm = m - base.mask) that equal ``base`` before stage join[i].
+
+        Returns logits [n, B, vocab] and, for senders s0 onwards, their outputs minus
+        base's: (s0, [n, S - s0, B, T, d]).
+        """
+        model, g = self.model, self.graph
+        B, T = self.tokens.shape
+        H, S = g.n_head, g.n_senders
+        n = m.shape[0]
+        rank = sorted(range(n), key=join.__getitem__)  # rows enter the batch in join order
+        m, dm, join = m[rank], dm[rank], [join[i] for i in rank]
+        first = min(join)
+        s0 = g.stages[first].outs.start if first < len(g.stages) - 1 else S
+        # delta[v, u - s0]: how sender u's output differs from base's in variant v. Written in
+        # place without grad; grown by concatenation with grad, so autograd sees no overwrite.
+        shape = (n, S - s0) if not grad else (n, 0)
+        delta = base.effect.new_zeros(*shape, *base.effect.shape[1:])
+        changed = torch.zeros(S, dtype=torch.bool, device=m.device)  # may differ in some variant
+        logits = base.logits.expand(n, *base.logits.shape)
+        active = 0
+        for i in range(first, len(g.stages)):
+            st = g.stages[i]
+            active += sum(1 for j in join if j == i)
+            if not active:
+                continue
+            rows = slice(st.rows.start, st.rows.stop)
+            ma, dma = m[:active, rows, :st.n_in], dm[:active, rows, :st.n_in]  # [n, R_st, n_in]
+            touch = dma.ne(0).any(0).any(-1) | (ma.ne(0) & changed[:st.n_in]).any(0).any(-1)  # [R_st]
+            if grad:
+                touch[:] = True
+            if touch.any():
+                if st.kind == "attn":
+                    heads = touch.view(3, H).any(0).nonzero()[:, 0].tolist()
+                    sel = [kind * H + h for kind in range(3) for h in heads]
+                else:
+                    heads, sel = [], [0]
+                logits, out = self._stage(i, ma[:, sel], dma[:, sel], heads, sel, base, delta[:active], s0, changed,
+                                          logits, grad)
+            if st.kind == "logits":
+                continue
+            us = list(st.outs) if grad else ([st.outs[h] for h in heads] if st.kind == "attn" else list(st.outs))
+            if not touch.any():
+                if grad:
+                    delta = torch.cat([delta, delta.new_zeros(n, len(st.outs), *delta.shape[2:])], 1)
+                continue
+            new = out - self.ablated[us] - base.effect[us]  # [active, k, B, T, d]
+            if grad:
+                new = torch.cat([new, new.new_zeros(n - active, *new.shape[1:])])
+                delta = torch.cat([delta, new], 1)
+            else:
+                delta[:active, [u - s0 for u in us]] = new
+            changed[us] = True
+        inverse = torch.tensor(rank).argsort().to(logits.device)
+        return logits[inverse], s0, delta[inverse]
+
+    def _stage(self, i, ma, dma, heads, sel, base: Trace, delta, s0, changed, logits, grad):
+        """Recompute stage i's ``heads`` (attention) or node for the active variants, from the
+        stage's receiver rows ``sel`` (ma, dma: their masks [n, R', n_in]).
+
+        Returns (logits, outputs [n, k, B, T, d] of the recomputed senders)."""
+        model, st = self.model, self.graph.stages[i]
+        n, R = ma.shape[:2]
+        B, T = self.tokens.shape
+        at = st.kind == "logits"
+        D = base.effect_at if at else base.effect  # [S, B, (T,) d]
+        # base's input, plus the change from this variant's own mask, plus the change of its senders
+        base_rows = base.mask[st.rows.start:st.rows.stop, :st.n_in][sel]  # [R', n_in]
+        x = (self.floor_at[i] if at else self.floor[i]) + _mix(base_rows[None], D[:st.n_in][None])[0]  # [R', B, (T,) d]
+        nz = dma.ne(0)
+        if grad or int(nz.sum()) > 4 * n * R:
+            cols = torch.ones_like(nz[0, 0]) if grad else nz.any(0).any(0)
+            x = x + torch.einsum("nru,u...->nr...", dma[:, :, cols], D[:st.n_in][cols])
+        else:
+            v, r, u = nz.nonzero(as_tuple=True)
+            contrib = dma[v, r, u].view(-1, *[1] * (D.ndim - 1)) * D[u]  # [nnz, B, (T,) d]
+            x = x + D.new_zeros(n * R, *D.shape[1:]).index_add(0, v * R + r, contrib).view(n, R, *D.shape[1:])
+        if changed[:st.n_in].any():
+            lo = int(changed.nonzero()[0])
+            mc = ma[:, :, lo:st.n_in]  # [n, R', C]
+            if grad or mc.ne(0).any():
+                dl = delta[:, lo - s0:st.n_in - s0]  # [n, C, B, T, d]
+                x = x + _mix(mc, self.at(dl) if at else dl, dense=grad)
+        x = x.expand(n, *x.shape[1:]) if x.shape[0] != n else x
+        if at:
+            new = model.unembed(x[:, 0].reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
+            return torch.cat([new, logits[n:]]), None  # variants that never joined keep base's
+        if st.kind == "attn":
+            Hs = len(heads)
+            xq, xk, xv = x.reshape(n, 3, Hs, B, T, -1).permute(1, 0, 3, 4, 2, 5).reshape(3, n * B, T, Hs, -1)
+            mask = None if self.attn is None else self.attn.repeat(n, 1, 1, 1)
+            out = head_outputs(model, st.layer, xq, xk, xv, heads, mask).view(n, B, T, Hs, -1)
+            return logits, out.permute(0, 3, 1, 2, 4)  # [n, Hs, B, T, d]
+        blk = model.blocks[st.layer]
+        return logits, blk.mlp(blk.ln_2(x[:, 0].reshape(n * B, T, -1))).view(n, 1, B, T, -1)
+
+
+def _mix(m: torch.Tensor, D: torch.Tensor, dense: bool = False) -> torch.Tensor:
+    """sum_u m[n, r, u] D[n | 1, u, ...] -> [n, r, ...], over the columns of m that are not all zero
+    (a pruned circuit reads few senders)."""
+    cols = m.ne(0).any(0).any(0)
+    if not dense and int(cols.sum()) < 0.75 * m.shape[-1]:
+        m, D = m[:, :, cols], D[:, cols]
+    out = torch.matmul(m, D.flatten(2))  # [n, r, prod(...)]
+    return out.view(*out.shape[:2], *D.shape[2:])

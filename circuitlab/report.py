@@ -1,0 +1,111 @@
+"""Output directories written atomically, markdown tables, JSON, and the run's provenance."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def fmt(x, digits: int = 4) -> str:
+    """A number for a table: 4 significant digits, NaN as an en dash."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool) or isinstance(x, int) or isinstance(x, str):
+        return str(x)
+    x = float(x)
+    if math.isnan(x):
+        return "–"
+    return f"{x:.{digits}g}" if abs(x) < 1e5 else f"{x:.3e}"
+
+
+def pm(mean, sem) -> str:
+    """mean ± standard error."""
+    return f"{fmt(mean)} ± {fmt(sem, 2)}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def write_json(path: str | Path, obj) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a fresh temporary directory beside ``out``; on success it replaces ``out``,
+    on any error it is deleted, so ``out`` is either the complete new result or untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; choose another path")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "previous")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(argv: list[str] | None = None, **extra) -> dict:
+    """The exact command line, versions, commit and anything else worth keeping (seeds)."""
+    import numpy
+    import torch
+
+    argv = sys.argv if argv is None else argv
+    return {
+        "command": " ".join([Path(sys.executable).name, *map(_quote, argv)]),
+        "argv": list(argv),
+        "cwd": os.getcwd(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__},
+        "git_commit": _git_commit(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    } | extra
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)

@@ -1,0 +1,596 @@
+"""The study: circuitlab's algorithms on the Transitive Property Problem, command by command.
+
+Each command function takes a :class:`Session` (models and eval sets, loaded once)
+and a directory, writes its JSON, PNG and markdown there, and returns a
+:class:`Section` (markdown for the report, a short summary line). circuits.py
+wraps each in an atomically written --out directory; :func:`study` runs them all
+into one report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+import tpp
+from minigpt2 import GPT2, load_pretrained
+
+from . import plots
+from .classify import attending_heads, attention_patterns, classify_heads, target_attention
+from .probe import DEFAULT_PROMPT, continuations
+from .report import atomic_dir, fmt, markdown_table, pm, provenance, write_json
+from .search import DROPS, ORDERS, check_search_args, search
+from .sweep import ABLATIONS, Metric, Prompts, evaluate_masks, sweep
+from .transfer import check_same_shape, circuit_mask, transfer
+
+# The bundled models (weights/README.md) and their labels in the paper's tables.
+BUNDLED = {
+    "base": "GPT-2 base analog",
+    "featherweight": "Featherweight",
+    "lightweight": "Lightweight",
+    "welterweight": "Welterweight",
+}
+DEFAULT_MODELS = [f"weights/{name}" for name in BUNDLED]
+METRICS = {  # name -> (higher is better, table heading)
+    "accuracy": (True, "Frac Correct"),
+    "logit_diff": (True, "Logit Diff"),
+    "loss": (False, "Cross-entropy"),
+    "kl": (False, "KL to clean"),
+}
+TABLE_METRICS = ("loss", "accuracy", "logit_diff")  # the paper's Tables 1 and 2, in its column order
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- models and data
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """"LABEL=PATH" or "PATH" -> (label, path); bundled directories get the paper's names."""
+    if "=" in spec:
+        label, path = spec.split("=", 1)
+        return label, path
+    name = Path(spec.rstrip("/")).name
+    return BUNDLED.get(name, name), spec
+
+
+def load_model(path: str) -> GPT2:
+    p = Path(path)
+    if not p.exists():
+        hint = (" The bundled models are trained by train.py (see weights/README.md); restore them with "
+                "git checkout weights/." if p.parent.name == "weights" else "")
+        raise FileNotFoundError(f"no model at {path}: pass --models with directories holding config.json and "
+                                f"model.safetensors.{hint}")
+    return load_pretrained(p)
+
+
+def make_metric(name: str, batch: tpp.EvalBatch, model: GPT2 | None = None) -> Metric:
+    """A per-example TPP metric bound to ``batch``'s targets; "kl" also to ``model``'s clean logits."""
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
+    higher = METRICS[name][0]
+    m = tpp.metrics
+    if name == "accuracy":
+        return Metric(name, lambda logits, c: m.accuracy(logits, c), higher, {"c": batch.c_token})
+    if name == "logit_diff":
+        return Metric(name, lambda logits, c, b: m.logit_diff(logits, c, b), higher,
+                      {"c": batch.c_token, "b": batch.b_token})
+    if name == "loss":
+        return Metric(name, lambda logits, c: m.cross_entropy(logits, c), higher, {"c": batch.c_token})
+    if model is None:
+        raise ValueError("the kl metric compares with the clean model's logits: pass the model")
+    return Metric(name, lambda logits, clean: m.kl_div(clean, logits), higher, {"clean": clean_logits(model, batch)})
+
+
+@torch.no_grad()
+def clean_logits(model: GPT2, batch: tpp.EvalBatch, rows: int = 256) -> torch.Tensor:
+    """[B, vocab] logits at the answer positions."""
+    out = []
+    for i in range(0, len(batch), rows):
+        b = batch.select(slice(i, i + rows))
+        out.append(model(b.tokens.to(model.device), attention_mask=b.attention_mask.to(model.device),
+                         positions=b.answer_pos.to(model.device)))
+    return torch.cat(out)
+
+
+def to_prompts(batch: tpp.EvalBatch, ablation: str = "zero", seed: int = 0) -> Prompts:
+    if len(batch) == 0:
+        raise ValueError("the eval set is empty; ask for at least one example")
+    return Prompts(batch.tokens, batch.attention_mask, batch.answer_pos, ablation=ablation, seed=seed)
+
+
+def c_key_mask(batch: tpp.EvalBatch) -> torch.Tensor:
+    """[B, T] bool: the tokens of c where the prompt states it ("... {b} are {c} then ...")."""
+    from minigpt2 import get_tokenizer
+
+    enc = get_tokenizer()
+    mask = torch.zeros(batch.tokens.shape, dtype=torch.bool)
+    for i, e in enumerate(batch.examples):
+        template = tpp.TEMPLATES.get(e.template)
+        start = (len(template.split("{c}")[0].format(a=e.a, b=e.b)) if template and "{c}" in template
+                 else e.prompt.find(f" {e.c} ") + 1)
+        end = start + len(e.c)
+        n = int(batch.attention_mask[i].sum())
+        _, offsets = enc.decode_with_offsets(batch.tokens[i, :n].tolist())
+        offsets = offsets + [len(e.prompt)]
+        for t in range(n):
+            if offsets[t] < end and offsets[t + 1] > start:
+                mask[i, t] = True
+    return mask
+
+
+@dataclass
+class Session:
+    """Models and eval sets, loaded once and shared by the commands."""
+
+    model_specs: list[str]
+    seed: int = 0
+    n_eval: int = tpp.examples.EVAL_SIZE
+    n_single: int = tpp.examples.SINGLE_TOKEN_EVAL_SIZE
+    master_size: int | None = None  # None: the largest master_size in the models' metadata.json, else 0
+    data_seed: int | None = None
+    labels: list[str] = field(init=False)
+    paths: dict[str, str] = field(init=False)
+
+    def __post_init__(self):
+        if not self.model_specs:
+            raise ValueError("no models given; pass --models DIR [DIR ...]")
+        specs = [parse_model_spec(s) for s in self.model_specs]
+        self.labels = [label for label, _ in specs]
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"two models share a label in {self.labels}; name them with LABEL=PATH")
+        self.paths = dict(specs)
+        for n, what in ((self.n_eval, "--examples"), (self.n_single, "--single-examples")):
+            if n < 1:
+                raise ValueError(f"{what} must be at least 1, got {n}: an empty eval set measures nothing")
+
+    @cached_property
+    def models(self) -> dict[str, GPT2]:
+        return {label: load_model(self.paths[label]) for label in self.labels}
+
+    def _training_data(self) -> tuple[int, int]:
+        size, seed = 0, 0
+        for path in self.paths.values():
+            meta = Path(path) / "metadata.json"
+            if meta.is_file():
+                data = json.loads(meta.read_text()).get("data", {})
+                size = max(size, int(data.get("master_size", 0) or 0))
+                seed = int(data.get("data_seed", seed) or 0)
+        return (size if self.master_size is None else self.master_size,
+                seed if self.data_seed is None else self.data_seed)
+
+    @cached_property
+    def exclude(self) -> list:
+        """The master dataset the models were finetuned on: no eval prompt is one of its prompts."""
+        size, seed = self._training_data()
+        return tpp.master_dataset(seed=seed, n=size) if size else []
+
+    @cached_property
+    def eval_batch(self) -> tpp.EvalBatch:
+        return tpp.encode_eval(tpp.make_eval_set(n=self.n_eval, seed=self.seed, exclude=self.exclude))
+
+    @cached_property
+    def single_batch(self) -> tpp.EvalBatch:
+        return tpp.encode_eval(tpp.make_single_token_eval_set(n=self.n_single, seed=self.seed, exclude=self.exclude),
+                               single_token=True)
+
+    def sample(self, n: int, what: str) -> tpp.EvalBatch:
+        """n examples of the eval set drawn at random (seeded); the same n always gives the same rows."""
+        if not 1 <= n <= len(self.eval_batch):
+            raise ValueError(f"{what}={n} must be between 1 and the eval set's {len(self.eval_batch)} examples")
+        order = torch.randperm(len(self.eval_batch), generator=torch.Generator().manual_seed(self.seed))
+        return self.eval_batch.select(order[:n])
+
+    def data_info(self) -> dict:
+        size, seed = self._training_data()
+        return {"seed": self.seed, "n_eval": self.n_eval, "n_single": self.n_single,
+                "excluded_master_size": size, "master_data_seed": seed, "models": self.paths}
+
+
+@dataclass
+class Section:
+    title: str
+    markdown: str
+    summary: str
+    data: dict = field(default_factory=dict)
+
+
+def _label_file(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_").lower() or "model"
+
+
+# ---------------------------------------------------------------- 1. baseline
+def baseline(session: Session, out: Path, eval_set_values: dict[str, dict[str, tuple[float, float]]] | None = None
+             ) -> Section:
+    """The paper's Tables 1 and 2: cross-entropy, accuracy, logit difference (± s.e.m.) per model.
+
+    ``eval_set_values`` ({model: {metric: (mean, sem)}} on the first eval set, e.g. the intact
+    models' row of a transfer run) saves evaluating that set again.
+    """
+    sets = {f"Table 1: the {len(session.eval_batch)}-example eval set": session.eval_batch,
+            f"Table 2: the {len(session.single_batch)}-example single-token eval set": session.single_batch}
+    results, md = {}, []
+    for k, (title, batch) in enumerate(sets.items()):
+        rows = []
+        metrics = [make_metric(n, batch) for n in TABLE_METRICS]
+        for label, model in session.models.items():
+            if k == 0 and eval_set_values is not None:
+                mean, sem = (torch.tensor([eval_set_values[label][n][i] for n in TABLE_METRICS]) for i in (0, 1))
+            else:
+                log(f"[baseline] {label} on {len(batch)} examples")
+                values = evaluate_masks(model, to_prompts(batch), torch.ones(1, model.cfg.n_layer, model.cfg.n_head),
+                                        metrics)[0]  # [B, M]
+                mean, sem = tpp.metrics.mean_sem(values.T)
+            results.setdefault(title, {})[label] = {n: {"mean": float(mean[i]), "sem": float(sem[i])}
+                                                    for i, n in enumerate(TABLE_METRICS)}
+            rows.append([label, *(pm(mean[i], sem[i]) for i in range(len(TABLE_METRICS)))])
+        md += [f"**{title}**", "", markdown_table(["Model", *(METRICS[n][1] for n in TABLE_METRICS)], rows), ""]
+    write_json(out / "baseline.json", results)
+    text = "\n".join(md)
+    (out / "baseline.md").write_text(text + "\n")
+    first = next(iter(results.values()))
+    summary = "accuracy " + ", ".join(f"{k} {v['accuracy']['mean']:.3f}" for k, v in first.items())
+    return Section("Baseline (section 5.1, Tables 1 and 2)", text, summary, results)
+
+
+# ---------------------------------------------------------------- 2. sweep
+def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list[str] = ("accuracy", "logit_diff", "loss"),
+               ablation: str = "zero", top: int = 5) -> Section:
+    """Every head ablated alone: its effect on each metric, as heatmaps and a top-k table."""
+    batch = session.sample(n_examples, "--examples")
+    results, rows = {}, []
+    effects: dict[str, dict[str, torch.Tensor]] = {m: {} for m in metrics}
+    for label, model in session.models.items():
+        log(f"[sweep] {label}: {model.cfg.n_layer * model.cfg.n_head} heads on {len(batch)} examples")
+        ms = [make_metric(m, batch, model) for m in metrics]
+        r = sweep(model, to_prompts(batch, ablation, session.seed), ms, progress=True)
+        results[label] = r.to_json()
+        for m in metrics:
+            effects[m][label] = r.effect(m)
+        worst = r.top(metrics[0], top)
+        rows.append([label, fmt(r.clean[metrics[0]]),
+                     ", ".join(f"L{l}H{h} ({e:+.3g})" for l, h, e in worst)])
+    write_json(out / "sweep.json", results)
+    md = [f"Each of the heads ablated alone ({ablation} ablation) on {len(batch)} examples; the effect is "
+          "ablated minus clean (blue: the metric rises, red: it falls).", "",
+          markdown_table(["Model", f"clean {metrics[0]}", f"heads whose ablation hurts {metrics[0]} most"], rows), ""]
+    for m in metrics:
+        png = plots.heatmaps(effects[m], out / f"sweep_{m}.png", title=f"Single-head ablation: change in {m}",
+                             diverging=True, colorbar=f"Δ {m}")
+        md += [f"![sweep {m}]({png.name})", ""]
+    text = "\n".join(md)
+    (out / "sweep.md").write_text(text + "\n")
+    return Section("Single-head ablation sweep", text, f"{len(session.models)} models x "
+                   f"{len(effects[metrics[0]][session.labels[0]].flatten())} heads", results)
+
+
+# ---------------------------------------------------------------- 3. search
+@dataclass
+class SearchOptions:
+    metric: str = "accuracy"
+    threshold: float = 0.03
+    order: str = "layer-up"
+    drop: str | None = None  # None: relative, except absolute for kl (whose baseline starts at 0)
+    ablation: str = "zero"
+    n_examples: int = 100
+    rigorous_examples: int = 0  # 0: off
+    speculate: int | None = None  # None: 1 on a CPU, 8 on a GPU
+
+    def resolved_drop(self) -> str:
+        return self.drop or ("absolute" if self.metric == "kl" else "relative")
+
+    def check(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose one of {list(METRICS)}")
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown order {self.order!r}; choose one of {ORDERS}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation mode {self.ablation!r}; choose one of {ABLATIONS}")
+        if self.drop is not None and self.drop not in DROPS:
+            raise ValueError(f"unknown drop {self.drop!r}; choose one of {DROPS}")
+        check_search_args(self.threshold, self.order, self.resolved_drop())
+        if self.rigorous_examples and self.rigorous_examples <= self.n_examples:
+            raise ValueError(f"--rigorous {self.rigorous_examples} must exceed --examples {self.n_examples}: "
+                             "the re-check is on a larger set")
+
+
+def evaluate_circuit(model: GPT2, mask: torch.Tensor, batch: tpp.EvalBatch, metrics=TABLE_METRICS) -> dict:
+    """The model intact and with the circuit's ablations, on every example of ``batch``."""
+    masks = torch.stack([torch.ones_like(mask), mask])
+    values = evaluate_masks(model, to_prompts(batch), masks, [make_metric(m, batch) for m in metrics])  # [2, B, M]
+    mean, sem = tpp.metrics.mean_sem(values.permute(0, 2, 1))  # [2, M] each
+    return {"n_examples": len(batch)} | {m: {"clean": float(mean[0, i]), "circuit": float(mean[1, i]),
+                                             "circuit_sem": float(sem[1, i])} for i, m in enumerate(metrics)}
+
+
+def find_circuits(session: Session, out: Path, opts: SearchOptions,
+                  evaluate: bool = True) -> tuple[Section, dict[str, dict]]:
+    """The paper's search on each model; circuits written as circuit_<model>.json, each
+    evaluated on the full eval set when ``evaluate``."""
+    opts.check()
+    batch = session.sample(opts.n_examples, "--examples")
+    rig = session.sample(opts.rigorous_examples, "--rigorous") if opts.rigorous_examples else None
+    circuits, rows, masks = {}, [], {}
+    for label, model in session.models.items():
+        log(f"[search] {label}: {opts.metric}, threshold {opts.threshold}, {opts.order}, {opts.ablation} ablation")
+        speculate = opts.speculate or (1 if model.device.type == "cpu" else 8)
+        r = search(model, to_prompts(batch, opts.ablation, session.seed), make_metric(opts.metric, batch, model),
+                   opts.threshold, opts.order, opts.resolved_drop(),
+                   rigorous_prompts=None if rig is None else to_prompts(rig, opts.ablation, session.seed),
+                   rigorous_metric=None if rig is None else make_metric(opts.metric, rig, model),
+                   speculate=speculate, progress=True)
+        c = r.to_json(session.paths[label], model.cfg.to_dict()) | {"label": label, "seed": session.seed}
+        full = []
+        if evaluate:
+            log(f"[search] {label}: the circuit on the {len(session.eval_batch)}-example eval set")
+            c["eval"] = evaluate_circuit(model, r.mask(), session.eval_batch)
+            full = [pm(c["eval"]["accuracy"]["circuit"], c["eval"]["accuracy"]["circuit_sem"]),
+                    fmt(c["eval"]["accuracy"]["clean"])]
+        circuits[label] = c
+        masks[label] = r.mask()
+        write_json(out / f"circuit_{_label_file(label)}.json", c)
+        rows.append([label, len(r.ablated), len(r.kept_heads), fmt(r.clean_value), fmt(r.final_value),
+                     *full, f"{r.seconds:.1f}"])
+    png = plots.circuit_map(masks, out / "circuits.png", title="Circuits: heads kept (dark) and ablated (light)")
+    rig_text = f", each kept ablation re-checked on {opts.rigorous_examples} examples" if rig is not None else ""
+    md = [f"Layer-by-layer search ({opts.order}), metric {opts.metric}, {opts.resolved_drop()} drop < "
+          f"{opts.threshold} against each layer's baseline, {opts.ablation} ablation, {opts.n_examples} "
+          f"examples{rig_text}.", "",
+          markdown_table(["Model", "Heads removed", "Heads kept", f"{opts.metric} clean (search set)",
+                          f"{opts.metric} with circuit (search set)",
+                          *([f"Accuracy with circuit ({len(session.eval_batch)} examples)", "Accuracy intact"]
+                            if evaluate else []), "search seconds"], rows), "",
+          f"![circuits]({png.name})", ""]
+    text = "\n".join(md)
+    (out / "search.md").write_text(text + "\n")
+    summary = ", ".join(f"{k}: {v['n_ablated']} heads removed" for k, v in circuits.items())
+    return Section("Attention-focused circuit search (section 5.3)", text, summary, circuits), circuits
+
+
+# ---------------------------------------------------------------- 4. transfer
+def cross_evaluate(session: Session, out: Path, circuits: dict[str, dict],
+                   metrics: list[str] = ("accuracy", "logit_diff", "loss")) -> Section:
+    """The paper's Table 3: each circuit on each model, on the full eval set."""
+    check_same_shape(session.models)
+    for label, model in session.models.items():
+        for c in circuits.values():
+            circuit_mask(c, model, label)  # refuse a circuit of another shape before any work
+    batch = session.eval_batch
+    log(f"[transfer] {len(circuits)} circuits x {len(session.models)} models on {len(batch)} examples")
+    ms = [make_metric(m, batch) for m in metrics]
+    r = transfer(session.models, circuits, to_prompts(batch), ms, progress=True)
+    rows = []
+    for j, cname in enumerate(r.circuits):
+        for i, mname in enumerate(r.models):
+            rows.append([mname, cname, fmt(circuits[cname].get("threshold")), r.n_ablated[j],
+                         pm(r.values["accuracy"][i, j], r.sem["accuracy"][i, j]),
+                         fmt(r.values["logit_diff"][i, j]), fmt(r.clean["accuracy"][i])])
+    write_json(out / "transfer.json", r.to_json() | {"circuit_files": {k: c.get("source") for k, c in circuits.items()}})
+    text = "\n".join([f"Accuracy on the {len(batch)}-example eval set of each model (rows) with the heads ablated "
+                      "that the search removed on another (Constructed on).", "",
+                      markdown_table(["Model", "Constructed on Model", "Threshold", "Heads Removed", "Accuracy",
+                                      "Logit Diff", "Accuracy intact"], rows), ""])
+    (out / "transfer.md").write_text(text + "\n")
+    best = max(((r.values["accuracy"][i, j].item(), m, c) for i, m in enumerate(r.models)
+                for j, c in enumerate(r.circuits)), default=(0, "", ""))
+    return Section("Circuits across models (section 5.3, Table 3)", text,
+                   f"best: {best[1]} with {best[2]}'s circuit, accuracy {best[0]:.3f}", r.to_json())
+
+
+# ---------------------------------------------------------------- 5. classify
+def classify(session: Session, out: Path, n_examples: int = 100, score_threshold: float = 0.4,
+             min_fraction: float = 0.8, c_threshold: float = 0.4, circuits: dict[str, dict] | None = None) -> Section:
+    """Head classes (first, self, previous, induction) and c-attending heads, per model."""
+    batch = session.sample(n_examples, "--examples")
+    keys = c_key_mask(batch)
+    rows, results, c_maps, class_maps, marks = [], {}, {}, {}, {}
+    letters = {"first": "F", "self": "S", "previous": "P", "induction": "I"}
+    for label, model in session.models.items():
+        log(f"[classify] {label} on {len(batch)} examples")
+        patterns = attention_patterns(model, batch.tokens, batch.attention_mask)
+        hc = classify_heads(model, batch.tokens, batch.attention_mask, score_threshold, min_fraction, patterns)
+        c_att = target_attention(patterns, batch.answer_pos, keys).mean(dim=0)  # [L, H]
+        c_heads = attending_heads(c_att, c_threshold)
+        circuit = circuits.get(label) if circuits else None
+        kept = [tuple(h) for h in circuit["kept_heads"]] if circuit else None
+        every, among = hc.counts(), hc.counts(kept)
+        c_in = [h for h in c_heads if kept is None or h in set(kept)]
+        results[label] = hc.to_json() | {"c_attention": c_att.tolist(), "c_attending_heads": [list(h) for h in c_heads],
+                                         "circuit_kept_heads": None if kept is None else [list(h) for h in kept]}
+
+        def cell(n_in, n_all):
+            return str(n_all) if kept is None else f"{n_in} ({n_all})"
+        rows.append([label, "–" if kept is None else len(kept), *(cell(among[c], every[c]) for c in letters),
+                     cell(len(c_in), len(c_heads))])
+        c_maps[label] = c_att
+        class_maps[label] = torch.stack([hc.fraction[c] for c in letters]).max(dim=0).values
+        marks[label] = {}
+        for c, letter in letters.items():
+            for h in hc.heads[c]:
+                marks[label][h] = marks[label].get(h, "") + letter
+    write_json(out / "classify.json", results)
+    fig2 = plots.heatmaps(c_maps, out / "c_attention.png", title="Mean attention from the final position to c "
+                          "(the paper's Figure 2)", vmin=0, vmax=1, cmap="magma", colorbar="attention to c")
+    class_png = plots.heatmaps(class_maps, out / "head_classes.png", cmap="Greys", vmin=0, vmax=1, marks=marks,
+                               title="Head classes: F first-token, S self, P previous-token, I induction",
+                               colorbar="share of examples (best class)")
+    md = [f"Classes over {len(batch)} examples: mean score > {score_threshold} in at least {min_fraction:.0%} of "
+          f"examples; c-attending: mean attention from the final position to c > {c_threshold}.", "",
+          *(["Counts are heads of the model's circuit (of all heads in brackets).", ""] if circuits else []),
+          markdown_table(["Model", "Circuit heads", "First-token", "Self", "Previous-token", "Induction",
+                          "c-attending"], rows), "",
+          f"![c attention]({fig2.name})", "", f"![head classes]({class_png.name})", ""]
+    text = "\n".join(md)
+    (out / "classify.md").write_text(text + "\n")
+    summary = ", ".join(f"{r[0]}: {r[2]} first-token, {r[6]} c-attending" for r in rows)
+    return Section("Head classes and attention to c (section 5.4, Figure 2)", text, summary, results)
+
+
+# ---------------------------------------------------------------- 6. generate
+def generate(session: Session, out: Path, prompts: list[str] = (DEFAULT_PROMPT,), max_new_tokens: int = 16) -> Section:
+    """The forgetting probe: greedy continuations side by side."""
+    log(f"[generate] {len(prompts)} prompt(s) x {len(session.models)} models")
+    conts = continuations(session.models, list(prompts), max_new_tokens)
+    write_json(out / "generate.json", [c.to_json() for c in conts])
+    md = []
+    for prompt in prompts:
+        rows = [[c.model, (c.continuation.replace("|", "\\|").replace("\n", "⏎") or "(nothing)")
+                 + (" ⟨end of text⟩" if c.stopped else "")] for c in conts if c.prompt == prompt]
+        md += [f"Prompt: *{prompt}*", "", markdown_table(["Model", "Greedy continuation"], rows), ""]
+    text = "\n".join(md)
+    (out / "generate.md").write_text(text + "\n")
+    return Section("Signs of forgetting (section 6.1)", text, f"{len(conts)} continuations",
+                   {"continuations": [c.to_json() for c in conts]})
+
+
+# ---------------------------------------------------------------- edge circuits (circuitlab.acdc, circuitlab.eap)
+@dataclass
+class EdgeOptions:
+    """ACDC (the paper's section 5.2 setting: KL, absolute threshold 0.7, zero ablation, 50 + 50
+    examples) on the models named in ``acdc_models`` (default: the last one), EAP-IG on every model."""
+
+    acdc_models: list[str] | None = None
+    acdc_metric: str = "kl"
+    acdc_threshold: float = 0.7
+    eap_metric: str = "logit_diff"
+    eap_top_k: int = 100
+    n_examples: int = 50
+    ablation: str = "zero"
+
+
+def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) -> list[Section]:
+    """Edge-level circuits by ACDC and EAP-IG (circuitlab.acdc, circuitlab.eap) on the session's models."""
+    from .acdc import acdc
+    from .compare import circuit_faithfulness
+    from .draw import draw_circuit
+    from .eap import eap
+    from .edge_cli import build_data, make_metric as edge_metric
+    from .graph import EdgeRunner
+
+    opts = opts or EdgeOptions()
+    acdc_models = opts.acdc_models if opts.acdc_models is not None else session.labels[-1:]
+    unknown = [m for m in acdc_models if m not in session.models]
+    if unknown:
+        raise ValueError(f"--acdc-models {unknown} are not among the models {session.labels}")
+    batch, _ = build_data(2 * opts.n_examples, session.seed, opts.ablation)
+    n = len(batch) // 2
+    find, held = batch.select(slice(0, n)), batch.select(slice(n, len(batch)))
+
+    def runner(model, b):
+        dev = model.device
+        return EdgeRunner(model, b.tokens.to(dev), opts.ablation, attention_mask=b.attention_mask.to(dev),
+                          positions=b.answer_pos.to(dev))
+
+    rows, results = [], {}
+    jobs = [(label, "ACDC") for label in acdc_models] + [(label, "EAP-IG") for label in session.labels]
+    for label, method in jobs:
+        model = session.models[label]
+        log(f"[edges] {method} on {label}, {n} examples")
+        r, rh = runner(model, find), runner(model, held)
+        name = opts.acdc_metric if method == "ACDC" else opts.eap_metric
+        metric, higher = edge_metric(name, find, r.clean.logits)
+        held_metric, _ = edge_metric(name, held, rh.clean.logits)
+        t = time.perf_counter()
+        if method == "ACDC":
+            circuit = acdc(r, metric, opts.acdc_threshold, threshold_mode="absolute", higher_is_better=higher,
+                           progress=sys.stderr.isatty()).circuit
+            setting = f"{name}, threshold {opts.acdc_threshold}"
+        else:
+            k = min(opts.eap_top_k, r.graph.n_edges)
+            circuit = eap(r, metric, "eap-ig", top_k=k)
+            setting = f"{name}, top {k} of {r.graph.n_edges} edges"
+        seconds = time.perf_counter() - t
+        faith = circuit_faithfulness(rh, held_metric, circuit)
+        counts = circuit.node_counts()
+        stem = f"{method.lower().replace('-', '_')}_{_label_file(label)}"
+        write_json(out / f"{stem}.json", circuit.to_json() | {"model": session.paths[label], "label": label,
+                                                                "method": method, "setting": setting,
+                                                                "held_out": faith, "seconds": seconds})
+        draw_circuit(circuit, out / f"{stem}.png", title=f"{method} on {label}: {counts['edges']} edges")
+        results[f"{method} {label}"] = {"node_counts": counts, "held_out": faith, "seconds": seconds}
+        rows.append([label, method, setting, counts["edges"], counts["acdc_nodes"], counts["heads"],
+                     fmt(faith["full"]), fmt(faith["value"]), f"{seconds:.1f}", f"![{stem}]({stem}.png)"])
+    text = "\n".join([
+        f"Edge-level circuits ({opts.ablation} ablation) found on {n} examples and evaluated on {len(held)} others: "
+        "the metric of the full model and of the circuit alone (every other edge ablated). Nodes counts ACDC's "
+        "hook nodes, as the paper's table does.", "",
+        markdown_table(["Model", "Method", "Setting", "Edges", "Nodes", "Heads", "Full model (held out)",
+                        "Circuit (held out)", "seconds", "Figure"], rows), ""])
+    (out / "edges.md").write_text(text + "\n")
+    summary = ", ".join(f"{k}: {v['node_counts']['edges']} edges" for k, v in results.items())
+    return [Section("Edge circuits: ACDC (section 5.2) and EAP-IG", text, summary, results)]
+
+
+# ---------------------------------------------------------------- 7. study
+@dataclass
+class StudyOptions:
+    search: SearchOptions = field(default_factory=SearchOptions)
+    sweep_examples: int = 100
+    classify_examples: int = 100
+    prompts: tuple[str, ...] = (DEFAULT_PROMPT,)
+    max_new_tokens: int = 16
+    edges: EdgeOptions | None = field(default_factory=EdgeOptions)  # None: no ACDC / EAP
+
+
+def study(session: Session, out: str | Path, opts: StudyOptions, argv: list[str] | None = None) -> list[Section]:
+    """Everything, into one report directory: report.md (tables and figures inline), circuits
+    as JSON, PNGs, the command line, versions and seeds. Written atomically."""
+    opts.search.check()
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        sections, timings = [], {}
+
+        def stage(name, fn, *args, **kw):
+            t = time.perf_counter()
+            result = fn(*args, **kw)
+            timings[name] = round(time.perf_counter() - t, 1)
+            return result
+
+        session.models  # noqa: B018  (load every model first: a missing one fails before any work)
+        sweep_section = stage("sweep", head_sweep, session, tmp, opts.sweep_examples)
+        search_section, circuits = stage("search", find_circuits, session, tmp, opts.search, evaluate=False)
+        transfer_section = stage("transfer", cross_evaluate, session, tmp, circuits)
+        intact = transfer_section.data  # Table 1 is the intact models' row of the transfer run
+        table1 = {m: {n: (intact["clean"][n][i], intact["clean_sem"][n][i]) for n in TABLE_METRICS}
+                  for i, m in enumerate(intact["models"])}
+        sections.append(stage("baseline", baseline, session, tmp, table1))
+        sections += [sweep_section, search_section, transfer_section]
+        sections.append(stage("classify", classify, session, tmp, opts.classify_examples, circuits=circuits))
+        sections.append(stage("generate", generate, session, tmp, opts.prompts, opts.max_new_tokens))
+        if opts.edges is not None:
+            sections += stage("edges", edge_sections, session, tmp, opts.edges)
+        info = provenance(argv, data=session.data_info(), options=_asdict(opts), seconds=timings,
+                          total_seconds=round(time.perf_counter() - t0, 1))
+        write_json(tmp / "provenance.json", info)
+        (tmp / "command.txt").write_text(info["command"] + "\n")
+        (tmp / "report.md").write_text(render_report(sections, info))
+    return sections
+
+
+def _asdict(x):
+    from dataclasses import asdict
+
+    return asdict(x)
+
+
+def render_report(sections: list[Section], info: dict) -> str:
+    lines = ["# Finetuning provides a window into transformer circuits: reproduction report", "",
+             f"Command: `{info['command']}`  ", f"Date: {info['date']}; commit {info.get('git_commit')}; "
+             f"torch {info['versions']['torch']}, numpy {info['versions']['numpy']}, "
+             f"python {info['versions']['python']}; {info['torch_threads']} threads.  ",
+             f"Data: seed {info['data']['seed']}, eval sets of {info['data']['n_eval']} and {info['data']['n_single']} "
+             f"examples, excluding the first {info['data']['excluded_master_size']} examples of the master dataset "
+             f"(seed {info['data']['master_data_seed']}).  ",
+             "Models: " + ", ".join(f"{k} (`{v}`)" for k, v in info["data"]["models"].items()) + ".  ",
+             f"Run time: {info['total_seconds']} s (" + ", ".join(f"{k} {v} s" for k, v in info["seconds"].items()) + ").",
+             "", "## Summary", ""]
+    lines += [f"- **{s.title}**: {s.summary}" for s in sections]
+    for s in sections:
+        lines += ["", f"## {s.title}", "", s.markdown]
+    return "\n".join(lines) + "\n"

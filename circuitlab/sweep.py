@@ -1,0 +1,243 @@
+"""Single-head ablation sweep: every head ablated alone, all in one batched pass.
+
+Also the two small types every circuit algorithm here shares:
+
+* :class:`Metric`: a name, ``fn(logits [V, B, vocab]) -> [V, B]`` (one value per
+  variant and example) and whether higher is better. Metrics know the task
+  (targets, clean logits); the algorithms do not.
+* :class:`Prompts`: a batch of prompts, the position read in each, and how an
+  ablated head is replaced ("zero", "mean" over the batch, or "resample": its
+  output on another prompt of the batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from minigpt2 import GPT2
+from minigpt2.masking import single_head_masks
+
+ABLATIONS = ("zero", "mean", "resample")
+# Prompts are evaluated in blocks of about this many rows of similar length (less padding).
+BLOCK_ROWS = 32
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-example metric: ``metric(logits [V, B, vocab]) -> [V, B]``.
+
+    ``fn(logits, **data)`` gets ``data``, the per-example tensors it needs (targets,
+    clean logits), each [B, ...]; ``metric(logits, rows=r)`` scores logits of the
+    rows ``r`` only, so that large sets can be scored block by block.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    higher_is_better: bool = True
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
+        data = self.data if rows is None else {k: v[rows] for k, v in self.data.items()}
+        return self.fn(logits, **{k: v.to(logits.device) for k, v in data.items()})
+
+    def subset(self, rows) -> "Metric":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Metric(self.name, self.fn, self.higher_is_better, {k: v[rows] for k, v in self.data.items()})
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Prompts [B, T] (right-padded, with ``attention_mask``), read at ``positions`` [B].
+
+    ``ablation`` says what an ablated head's output (its hook_z) becomes:
+      "zero";
+      "mean": its mean at the same position over ``reference`` (default: these prompts);
+      "resample": its output on a paired prompt, row by row: ``reference`` [B, T]
+          (default: the prompts themselves, shuffled within groups of equal length
+          by :func:`resample_partners` with ``seed``).
+    """
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    ablation: str = "zero"
+    seed: int = 0
+    reference: torch.Tensor | None = None
+    reference_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {ABLATIONS}")
+        if self.tokens.ndim != 2 or self.tokens.shape[0] == 0:
+            raise ValueError(f"Prompts needs a non-empty [B, T] batch of token ids, got shape {tuple(self.tokens.shape)}; "
+                             "is the eval set empty?")
+        if self.positions is None:
+            last = (self.attention_mask.long().cumsum(1).argmax(1) if self.attention_mask is not None
+                    else torch.full((len(self),), self.tokens.shape[1] - 1))
+            object.__setattr__(self, "positions", last)
+        if self.reference is None and self.ablation == "mean":
+            object.__setattr__(self, "reference", self.tokens)
+            object.__setattr__(self, "reference_mask", self.attention_mask)
+        if self.reference is None and self.ablation == "resample":
+            object.__setattr__(self, "reference", self.tokens[resample_partners(self.lengths(), self.seed)])
+        if self.ablation == "resample" and self.reference.shape != self.tokens.shape:
+            raise ValueError(f"resample reference has shape {tuple(self.reference.shape)}, prompts have "
+                             f"{tuple(self.tokens.shape)}: each prompt needs one paired prompt of the same padded length")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def lengths(self) -> torch.Tensor:
+        if self.attention_mask is None:
+            return torch.full((len(self),), self.tokens.shape[1])
+        return self.attention_mask.long().sum(1)
+
+    def subset(self, rows, trim: bool = False) -> "Prompts":
+        """Some rows; a mean ablation keeps the whole reference, a resample keeps each row's pair.
+
+        ``trim`` drops the columns after the last read position: causal attention makes
+        them irrelevant, so the result is exactly the same, for less work.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        T = int(self.positions[rows].max()) + 1 if trim and len(rows) else self.tokens.shape[1]
+        reference, reference_mask = self.reference, self.reference_mask
+        if self.ablation == "resample":
+            reference = reference[rows]
+        cut = (lambda t: None if t is None else t[..., :T])
+        return Prompts(self.tokens[rows, :T], cut(None if self.attention_mask is None else self.attention_mask[rows]),
+                       self.positions[rows], self.ablation, self.seed, cut(reference), cut(reference_mask))
+
+    def blocks(self, max_rows: int, min_blocks: int = 1) -> list[tuple[torch.Tensor, "Prompts"]]:
+        """(rows, Prompts) blocks of at most ``max_rows`` rows of similar length, each trimmed:
+        sorting by length means little padding is computed."""
+        order = self.positions.argsort(stable=True)
+        n = max(min_blocks, -(-len(self) // max_rows))
+        return [(rows, self.subset(rows, trim=True)) for rows in order.tensor_split(min(n, len(self)))]
+
+    def masking_kwargs(self) -> dict:
+        """The keyword arguments of minigpt2's run_with_head_masks for this batch and ablation."""
+        kw = dict(positions=self.positions, attention_mask=self.attention_mask)
+        if self.ablation == "zero":
+            return kw | dict(mode="zero")
+        if self.ablation == "mean":
+            return kw | dict(mode="mean", reference=self.reference, reference_mask=self.reference_mask)
+        return kw | dict(mode="patch", reference=self.reference)
+
+
+def resample_partners(lengths: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """For each row, another row to take ablated activations from: a random derangement
+    within each group of equal length; a row alone in its group pairs with any other row."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(lengths)
+    partner = torch.arange(n)
+    if n < 2:
+        return partner
+    alone = []
+    for length in lengths.unique().tolist():
+        rows = (lengths == length).nonzero()[:, 0]
+        if len(rows) < 2:
+            alone += rows.tolist()
+            continue
+        perm = rows[torch.randperm(len(rows), generator=gen)]
+        partner[perm] = perm.roll(1)  # a cycle: nobody is its own partner
+    for row in alone:
+        other = torch.randint(n - 1, (1,), generator=gen).item()
+        partner[row] = other + (other >= row)
+    return partner
+
+
+def rows_per_block(model: GPT2, T: int, budget_bytes: int = 384 * 2**20) -> int:
+    """Rows (variants x prompts) whose activations and logits fit in ``budget_bytes``."""
+    cfg = model.cfg
+    per_row = T * (3 * cfg.d_model + cfg.d_mlp + cfg.n_head * T) * 4 * 3 + 3 * cfg.vocab_size * 4
+    return max(1, budget_bytes // per_row)
+
+
+@torch.no_grad()
+def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: list[Metric],
+                   max_rows: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Every metric on every variant: masks [V, L, H] -> per-example values [V, B, n_metrics].
+
+    Prompts are taken in blocks of at most ``max_rows`` (default: what fits in a few
+    hundred MB, logits included); each block is one batched call of minigpt2's
+    run_with_head_masks, which shares each variant's clean prefix.
+    """
+    max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
+    out = torch.empty(0)
+    blocks = prompts.blocks(max_rows, min_blocks=len(prompts) // BLOCK_ROWS)
+    if progress:
+        from tqdm.auto import tqdm
+        blocks = tqdm(blocks, desc=f"{masks.shape[0]} variants x {len(prompts)} prompts", unit="block")
+    for rows, p in blocks:
+        def all_metrics(logits, rows=rows):  # [Vc, b, vocab] -> [Vc, b, M]
+            return torch.stack([m(logits, rows=rows).to(torch.float64) for m in metrics], dim=-1)
+
+        values = model.run_with_head_masks(p.tokens, masks, metric=all_metrics, max_rows=max_rows,
+                                           **p.masking_kwargs())  # [V, b, M]
+        if not out.numel():
+            out = values.new_empty(values.shape[0], len(prompts), values.shape[2])
+        out[:, rows] = values
+    return out
+
+
+@dataclass
+class SweepResult:
+    """Per metric: the clean mean and the mean with each head ablated alone, [L, H]."""
+
+    metrics: list[str]
+    higher_is_better: dict[str, bool]
+    clean: dict[str, float]
+    ablated: dict[str, torch.Tensor]  # name -> [L, H] mean over prompts
+    sem: dict[str, torch.Tensor]  # name -> [L, H] standard error of that mean
+    n_examples: int
+    ablation: str
+
+    def effect(self, name: str) -> torch.Tensor:
+        """[L, H]: ablated - clean (negative hurts when higher is better)."""
+        return self.ablated[name] - self.clean[name]
+
+    def harm(self, name: str) -> torch.Tensor:
+        """[L, H]: how much ablating each head worsens the metric (positive = worse)."""
+        e = self.effect(name)
+        return -e if self.higher_is_better[name] else e
+
+    def top(self, name: str, k: int = 5) -> list[tuple[int, int, float]]:
+        """The k heads whose ablation hurts ``name`` most: (layer, head, effect)."""
+        harm = self.harm(name)
+        H = harm.shape[1]
+        idx = harm.flatten().argsort(descending=True)[:k].tolist()
+        return [(i // H, i % H, float(self.effect(name).flatten()[i])) for i in idx]
+
+    def to_json(self) -> dict:
+        return {"metrics": self.metrics, "ablation": self.ablation, "n_examples": self.n_examples,
+                "clean": self.clean, "ablated": {k: v.tolist() for k, v in self.ablated.items()},
+                "sem": {k: v.tolist() for k, v in self.sem.items()}}
+
+
+def sweep(model: GPT2, prompts: Prompts, metrics: list[Metric], max_rows: int | None = None,
+          progress: bool = False) -> SweepResult:
+    """Ablate each of the n_layer x n_head heads alone and measure every metric.
+
+    One call of minigpt2's batched head masking evaluates the clean model and
+    all L*H variants, sharing each variant's clean prefix (the layers below its
+    ablated head).
+    """
+    if not metrics:
+        raise ValueError("sweep needs at least one metric")
+    L, H = model.cfg.n_layer, model.cfg.n_head
+    masks = single_head_masks(L, H, dtype=model.dtype)  # [1 + L*H, L, H], clean first
+    with torch.no_grad():
+        values = evaluate_masks(model, prompts, masks, metrics, max_rows, progress)  # [1 + L*H, B, M]
+    mean = values.mean(dim=1)  # [1 + L*H, M]
+    sem = values.std(dim=1) / max(1, values.shape[1]) ** 0.5 if values.shape[1] > 1 else torch.zeros_like(mean)
+    return SweepResult(
+        metrics=[m.name for m in metrics],
+        higher_is_better={m.name: m.higher_is_better for m in metrics},
+        clean={m.name: float(mean[0, i]) for i, m in enumerate(metrics)},
+        ablated={m.name: mean[1:, i].view(L, H).float() for i, m in enumerate(metrics)},
+        sem={m.name: sem[1:, i].view(L, H).float() for i, m in enumerate(metrics)},
+        n_examples=len(prompts), ablation=prompts.ablation,
+    )

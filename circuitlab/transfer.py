@@ -1,0 +1,118 @@
+"""Circuits evaluated across models (the paper's Table 3): each circuit's ablations applied
+to each model, every metric on the same prompts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from minigpt2 import GPT2
+
+from .sweep import Metric, Prompts, evaluate_masks
+
+CIRCUIT_KEYS = ("model", "config", "ablated_heads")
+
+
+def load_circuit(path: str | Path) -> dict:
+    """A circuit JSON file as written by ``circuits.py search`` (checked for the keys used here)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no circuit file at {path}; write one with `circuits.py search --out DIR` "
+                                "(it writes DIR/circuit_<model>.json)")
+    try:
+        circuit = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); regenerate it with `circuits.py search`") from e
+    missing = [k for k in CIRCUIT_KEYS if k not in circuit] if isinstance(circuit, dict) else list(CIRCUIT_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a circuit file: it lacks {missing}; regenerate it with `circuits.py search`")
+    circuit.setdefault("source", str(path))
+    return circuit
+
+
+def circuit_mask(circuit: dict, model: GPT2, model_name: str = "the model") -> torch.Tensor:
+    """[L, H] mask (0 = ablated) of ``circuit`` for ``model``; refuses a circuit of another shape."""
+    L, H = model.cfg.n_layer, model.cfg.n_head
+    cfg = circuit.get("config", {})
+    shape = (cfg.get("n_layer"), cfg.get("n_head"))
+    where = circuit.get("source", circuit.get("model", "the circuit"))
+    if shape != (L, H):
+        raise ValueError(f"circuit {where} was found on a model with {shape[0]} layers x {shape[1]} heads "
+                         f"({circuit.get('model')}), but {model_name} has {L} x {H}: a circuit transfers only "
+                         "between models of the same shape. Search again on a model of this shape.")
+    mask = torch.ones(L, H)
+    for lh in circuit["ablated_heads"]:
+        l, h = lh
+        if not (0 <= l < L and 0 <= h < H):
+            raise ValueError(f"circuit {where} ablates head ({l}, {h}), outside a {L} x {H} model; the file is corrupt")
+        mask[l, h] = 0
+    return mask
+
+
+def check_same_shape(models: dict[str, GPT2]) -> None:
+    shapes = {name: (m.cfg.n_layer, m.cfg.n_head) for name, m in models.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{n}: {l}x{h}" for n, (l, h) in shapes.items())
+        raise ValueError(f"models of different shapes ({listed}): circuits transfer only between models with the "
+                         "same layers x heads; run the comparison on models of one shape")
+
+
+@dataclass
+class TransferResult:
+    """values[metric][i, j]: model i with circuit j's ablations (mean over prompts); clean[metric][i]: model i intact."""
+
+    models: list[str]
+    circuits: list[str]
+    n_ablated: list[int]
+    metrics: list[str]
+    values: dict[str, torch.Tensor]
+    sem: dict[str, torch.Tensor]
+    clean: dict[str, torch.Tensor]
+    clean_sem: dict[str, torch.Tensor]
+    n_examples: int
+
+    def to_json(self) -> dict:
+        return {"models": self.models, "circuits": self.circuits, "n_ablated": self.n_ablated,
+                "metrics": self.metrics, "n_examples": self.n_examples,
+                "values": {k: v.tolist() for k, v in self.values.items()},
+                "sem": {k: v.tolist() for k, v in self.sem.items()},
+                "clean": {k: v.tolist() for k, v in self.clean.items()},
+                "clean_sem": {k: v.tolist() for k, v in self.clean_sem.items()}}
+
+
+def transfer(models: dict[str, GPT2], circuits: dict[str, dict], prompts: Prompts,
+             metrics: list[Metric] | Callable[[GPT2], list[Metric]], max_rows: int | None = None,
+             progress: bool = False) -> TransferResult:
+    """Every circuit on every model, and each model intact, in one batched call per model.
+
+    ``metrics`` may depend on the model (a KL to its clean run): pass ``fn(model) -> metrics``.
+    """
+    if not models or not circuits:
+        raise ValueError("transfer needs at least one model and one circuit")
+    check_same_shape(models)
+    names = list(models)
+    per_model = []
+    for name in names:
+        model = models[name]
+        masks = torch.stack([torch.ones(model.cfg.n_layer, model.cfg.n_head)] +
+                            [circuit_mask(c, model, name) for c in circuits.values()])  # [1 + C, L, H]
+        ms = metrics(model) if callable(metrics) else metrics
+        with torch.no_grad():
+            per_model.append(evaluate_masks(model, prompts, masks, ms, max_rows, progress))  # [1 + C, B, M]
+    metric_names = [m.name for m in (metrics(models[names[0]]) if callable(metrics) else metrics)]
+    stacked = torch.stack(per_model)  # [n_models, 1 + C, B, M]
+    mean = stacked.mean(dim=2)
+    sem = stacked.std(dim=2) / stacked.shape[2] ** 0.5 if stacked.shape[2] > 1 else torch.full_like(mean, float("nan"))
+    return TransferResult(
+        models=names, circuits=list(circuits), n_ablated=[len(c["ablated_heads"]) for c in circuits.values()],
+        metrics=metric_names,
+        values={n: mean[:, 1:, i] for i, n in enumerate(metric_names)},
+        sem={n: sem[:, 1:, i] for i, n in enumerate(metric_names)},
+        clean={n: mean[:, 0, i] for i, n in enumerate(metric_names)},
+        clean_sem={n: sem[:, 0, i] for i, n in enumerate(metric_names)},
+        n_examples=len(prompts),
+    )

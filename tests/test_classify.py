@@ -1,0 +1,143 @@
+"""Head classification recovers heads built to attend to position 0, to themselves, to the
+previous token (hand-set Q/K weights) and to induction targets (a hook on hook_pattern)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitlab.classify import (
+    attending_heads,
+    attention_patterns,
+    class_scores,
+    classify_heads,
+    target_attention,
+)
+from minigpt2 import GPT2, GPT2Config
+
+T_MAX = 10
+CFG = GPT2Config(n_layer=2, n_head=4, d_model=40, d_mlp=37, n_ctx=T_MAX, vocab_size=99)
+
+
+def planted_model() -> GPT2:
+    """Layer 0: head 0 attends to position 0, head 1 to itself, head 2 to the previous
+    position; head 3 and layer 1 keep GPT-2's small random init (near-uniform attention).
+
+    Position p's embedding is a spike 20 * e_p on residual dimension p, so after the
+    first layer norm dimension p marks position p; Q and K read those dimensions.
+    """
+    torch.manual_seed(0)
+    model = GPT2(CFG).eval()
+    d, dh = CFG.d_model, CFG.d_head
+    q0, k0 = 0, d  # row offsets of W_Q and W_K in c_attn
+    with torch.no_grad():
+        model.wpe.weight.zero_()
+        model.wpe.weight[torch.arange(T_MAX), torch.arange(T_MAX)] = 20.0
+        w, b = model.blocks[0].attn.c_attn.weight, model.blocks[0].attn.c_attn.bias
+        for head in range(3):
+            w[q0 + head * dh:q0 + (head + 1) * dh] = 0
+            w[k0 + head * dh:k0 + (head + 1) * dh] = 0
+        b[q0 + 0] = 5.0  # head 0: a constant query ...
+        w[k0 + 0, 0] = 1.0  # ... matching the key of position 0
+        for i in range(dh):  # head 1: query and key both read "my position"
+            w[q0 + dh + i, i] = 1.0
+            w[k0 + dh + i, i] = 1.0
+        for i in range(1, dh):  # head 2: the query at p looks for the key of p - 1
+            w[q0 + 2 * dh + i - 1, i] = 1.0
+            w[k0 + 2 * dh + i - 1, i - 1] = 1.0
+    return model
+
+
+def repeated_tokens(B: int = 23, T: int = 9, period: int = 4, seed: int = 0) -> torch.Tensor:
+    """Random tokens repeating with ``period``: every query after the first period has an
+    earlier occurrence of its token (induction targets)."""
+    first = torch.randint(0, CFG.vocab_size, (B, period), generator=torch.Generator().manual_seed(seed))
+    return first.repeat(1, -(-T // period))[:, :T]
+
+
+def plant_induction(tokens: torch.Tensor, layer: int = 1, head: int = 0):
+    """A hook that makes (layer, head) attend to the token after the latest earlier occurrence
+    of the query's token, where there is one."""
+    def hook(pattern, hp):  # [B, H, T, T]
+        pattern = pattern.clone()
+        B, _, T, _ = pattern.shape
+        for b in range(B):
+            for q in range(T):
+                js = [j for j in range(q - 1) if tokens[b, j] == tokens[b, q]]
+                if js:
+                    pattern[b, head, q] = 0
+                    pattern[b, head, q, js[-1] + 1] = 1
+        return pattern
+    return (f"blocks.{layer}.attn.hook_pattern", hook)
+
+
+def test_classify_recovers_planted_heads():
+    model = planted_model()
+    tokens = repeated_tokens()
+    with model.hooks([plant_induction(tokens)]):
+        hc = classify_heads(model, tokens)
+    assert hc.heads["first"] == [(0, 0)]
+    assert hc.heads["self"] == [(0, 1)]
+    assert hc.heads["previous"] == [(0, 2)]
+    assert hc.heads["induction"] == [(1, 0)]
+    assert hc.mean["first"][0, 0] > 0.95 and hc.mean["self"][0, 1] > 0.95 and hc.mean["previous"][0, 2] > 0.95
+    assert hc.classes_of(0, 3) == []  # the untouched head is near-uniform: no class
+    assert hc.counts([(0, 0), (1, 0)]) == {"first": 1, "self": 0, "previous": 0, "induction": 1}
+
+
+def test_thresholds_decide_assignment():
+    model = planted_model()
+    tokens = repeated_tokens()
+    default = classify_heads(model, tokens)
+    uniformish = float(default.mean["first"][0, 3])
+    assert 0.15 < uniformish < 0.35  # near-uniform attention over 2..9 keys gives position 0 about 0.23
+    assert (0, 3) not in default.heads["first"]
+    loose = classify_heads(model, tokens, score_threshold=uniformish / 2, min_fraction=0.5)
+    assert (0, 3) in loose.heads["first"]
+    share = float(loose.fraction["first"][0, 3])  # of examples above the loose threshold
+    assert (0, 3) in classify_heads(model, tokens, score_threshold=uniformish / 2, min_fraction=share).heads["first"]
+    if share < 1:
+        assert (0, 3) not in classify_heads(model, tokens, score_threshold=uniformish / 2, min_fraction=share + 1e-3).heads["first"]
+
+
+def test_padding_is_never_a_query():
+    """Scores of a right-padded row equal those of the same row alone, unpadded."""
+    model = planted_model()
+    tokens = repeated_tokens(B=6, T=9)
+    lengths = torch.tensor([9, 5, 7, 4, 9, 6])
+    mask = (torch.arange(9)[None] < lengths[:, None]).long()
+    padded = torch.where(mask.bool(), tokens, torch.full_like(tokens, 3))
+    scores = class_scores(attention_patterns(model, padded, mask), padded, mask)
+    for b, n in enumerate(lengths.tolist()):
+        alone = class_scores(attention_patterns(model, tokens[b:b + 1, :n]), tokens[b:b + 1, :n])
+        for name in scores:
+            torch.testing.assert_close(scores[name][b], alone[name][0], equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_induction_undefined_without_repeats():
+    model = planted_model()
+    tokens = torch.arange(9)[None].repeat(3, 1)  # no token repeats
+    hc = classify_heads(model, tokens)
+    assert hc.heads["induction"] == []
+    assert class_scores(attention_patterns(model, tokens), tokens)["induction"].isnan().all()
+
+
+def test_target_attention_from_the_final_position():
+    model = planted_model()
+    tokens = repeated_tokens(B=5)
+    patterns = attention_patterns(model, tokens)
+    keys = torch.zeros(tokens.shape, dtype=torch.bool)
+    keys[:, 0] = True
+    att = target_attention(patterns, torch.full((5,), 8), keys).mean(dim=0)  # [L, H]
+    assert att[0, 0] > 0.95 and att[0, 1] < 0.05
+    assert attending_heads(att, 0.5) == [(0, 0)]
+
+
+def test_bad_thresholds_are_refused():
+    model = planted_model()
+    with pytest.raises(ValueError, match="score_threshold"):
+        classify_heads(model, repeated_tokens(), score_threshold=1.5)
+    with pytest.raises(ValueError, match="min_fraction"):
+        classify_heads(model, repeated_tokens(), min_fraction=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        classify_heads(model, torch.zeros(0, 4, dtype=torch.long))

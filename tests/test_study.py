@@ -1,0 +1,123 @@
+"""circuits.py end to end on tiny models saved like the bundled ones; bad input leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import circuits
+import tpp
+from circuitlab.study import c_key_mask
+from minigpt2 import GPT2, GPT2Config, get_tokenizer
+
+TINY = GPT2Config(n_layer=2, n_head=2, d_model=16, d_mlp=24, n_ctx=64, vocab_size=50257)
+SMALL = ["--examples", "40", "--single-examples", "20", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    paths = []
+    for i, name in enumerate(["alpha", "beta"]):
+        torch.manual_seed(i)
+        model = GPT2(TINY)
+        with torch.no_grad():
+            model.wte.weight.mul_(20)  # a less uniform output, so that ablations move the metrics
+        model.save_pretrained(root / name)
+        paths.append(f"{name.capitalize()}={root / name}")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def study(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports") / "study"
+    rc = circuits.main(["study", "--models", *models, "--out", str(out), *SMALL, "--search-examples", "12",
+                        "--sweep-examples", "12", "--classify-examples", "12", "--max-new-tokens", "4",
+                        "--metric", "logit_diff", "--edge-examples", "6", "--eap-top-k", "12"])
+    assert rc == 0
+    return out
+
+
+def test_study_writes_a_complete_report(study, capsys):
+    report = (study / "report.md").read_text()
+    for heading in ("Table 1: the 40-example eval set", "Table 2: the 20-example single-token eval set",
+                    "| Model | Cross-entropy", "Heads removed", "Constructed on Model", "First-token",
+                    "Greedy continuation", "## Summary", "circuits.py study", "## Edge circuits",
+                    "kl, threshold 0.7", "logit_diff, top 12 of"):
+        assert heading in report, heading
+    for image in ("sweep_accuracy.png", "circuits.png", "c_attention.png", "head_classes.png", "acdc_beta.png"):
+        assert f"]({image})" in report and (study / image).stat().st_size > 1000
+    assert "Alpha" in report and "Beta" in report
+    acdc = json.loads((study / "acdc_beta.json").read_text())  # ACDC on the last model, EAP-IG on each
+    assert acdc["method"] == "ACDC" and "held_out" in acdc and (study / "eap_ig_alpha.json").exists()
+    info = json.loads((study / "provenance.json").read_text())
+    assert info["data"]["seed"] == 1 and "torch" in info["versions"] and "study" in info["argv"]
+    assert not [p for p in study.parent.iterdir() if p.name.startswith(".study")]  # no temporary leftovers
+
+
+def test_study_circuits_follow_the_json_format(study):
+    c = json.loads((study / "circuit_alpha.json").read_text())
+    assert {"model", "config", "metric", "threshold", "ablated_heads", "kept_heads"} <= set(c)
+    assert c["metric"] == "logit_diff" and c["threshold"] == 0.03 and c["config"]["n_head"] == 2
+    heads = sorted(map(tuple, c["ablated_heads"] + c["kept_heads"]))
+    assert heads == [(l, h) for l in range(2) for h in range(2)]
+    table = json.loads((study / "transfer.json").read_text())
+    assert table["models"] == ["Alpha", "Beta"] and table["circuits"] == ["Alpha", "Beta"]
+
+
+def test_transfer_command_on_the_study_circuits(study, models, tmp_path, capsys):
+    out = tmp_path / "transfer"
+    rc = circuits.main(["transfer", "--models", *models, "--circuits", str(study / "circuit_alpha.json"),
+                        "--out", str(out), "--examples", "40", "--seed", "1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Constructed on Model" in printed and (out / "transfer.md").exists()
+
+
+def test_transfer_refuses_a_circuit_of_another_shape(study, models, tmp_path, capsys):
+    other = json.loads((study / "circuit_alpha.json").read_text())
+    other["config"] |= {"n_layer": 12, "n_head": 12}
+    path = tmp_path / "gpt2_circuit.json"
+    path.write_text(json.dumps(other))
+    out = tmp_path / "transfer"
+    rc = circuits.main(["transfer", "--models", *models, "--circuits", str(path), "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "12 layers x 12 heads" in err and "same shape" in err
+    assert not out.exists() and not list(tmp_path.glob(".transfer*"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["search", "--threshold", "1.5"], "out of range for a relative drop"),
+    (["search", "--threshold", "-1", "--drop", "absolute"], ">= 0"),
+    (["baseline", "--examples", "0"], "empty eval set"),
+    (["classify", "--score-threshold", "2"], "score_threshold"),
+])
+def test_bad_input_fails_cleanly_and_keeps_the_old_output(models, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous result")
+    rc = circuits.main([*args, "--models", *models, "--out", str(out), "--seed", "1"])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # untouched
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_unknown_metric_and_missing_model_are_refused(models, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        circuits.main(["search", "--metric", "bleu", "--models", *models])
+    assert "invalid choice: 'bleu'" in capsys.readouterr().err
+    rc = circuits.main(["baseline", "--models", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no model at" in capsys.readouterr().err
+
+
+def test_c_key_mask_marks_the_tokens_of_c():
+    batch = tpp.encode_eval(tpp.make_eval_set(n=25, seed=3))
+    keys = c_key_mask(batch)
+    enc = get_tokenizer()
+    for i, e in enumerate(batch.examples):
+        marked = enc.decode(batch.tokens[i][keys[i]].tolist())
+        assert marked.strip() == e.c, (e.prompt, marked)
