@@ -179,6 +179,8 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
         summary["held_out"] = (circuit_faithfulness(held_runner, held_metric, circuit)
                                | {"examples": held_runner.tokens.shape[0]})
     summary["node_counts"] = circuit.node_counts()
+    # without edges that cannot matter (dead ends; under resample also components that read nothing)
+    summary["pruned_node_counts"] = circuit.pruned(resample=args.ablation == "resample").node_counts()
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "circuit.json", circuit.to_json())
         write_json(tmp / "summary.json", summary)
@@ -188,7 +190,8 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
                                                           f"{summary['node_counts']['edges']} edges")
     counts = summary["node_counts"]
     print(f"{args.command}: {counts['edges']} edges, {counts['nodes']} nodes ({counts['acdc_nodes']} ACDC hook nodes), "
-          f"{counts['heads']} heads, {counts['mlps']} MLPs")
+          f"{counts['heads']} heads, {counts['mlps']} MLPs; {summary['pruned_node_counts']['edges']} edges after "
+          "pruning those that cannot matter")
     for where in ("found_on", "held_out"):
         if where in summary:
             s = summary[where]

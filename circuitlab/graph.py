@@ -194,11 +194,24 @@ class Circuit:
         idx = torch.tensor([[g.head_sender(l, h) for h in range(g.n_head)] for l in range(g.n_layer)])
         return self.edges.any(dim=0)[idx]
 
-    def pruned(self) -> "Circuit":
+    def pruned(self, resample: bool = False) -> "Circuit":
         """The circuit without edges that cannot reach the logits (exact under every ablation:
-        such an edge changes nothing downstream)."""
+        such an edge changes nothing downstream).
+
+        resample=True also drops the edges out of components none of whose inputs is kept:
+        under resample ablation such a component computes its corrupted output, so its
+        edges carry the ablated value anyway (ACDC can leave these behind when it removes a
+        component's inputs after keeping its outputs). Not exact under mean or zero ablation.
+        """
         g, edges = self.graph, self.edges.clone()
-        for r in reversed(range(g.n_receivers)):  # receivers in reverse topological order
+        if resample:
+            inputs: dict[int, list[int]] = {}  # component -> its receivers
+            for r in range(g.n_receivers - 1):
+                inputs.setdefault(g.owner(r), []).append(r)
+            for u, rows in inputs.items():  # topological order: a dropped source can starve the next
+                if not edges[rows].any():
+                    edges[:, u] = False
+        for r in reversed(range(g.n_receivers)):  # reverse topological order
             u = g.owner(r)
             if u is not None and not edges[:, u].any():
                 edges[r] = False

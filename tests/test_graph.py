@@ -204,6 +204,9 @@ def test_circuit_counts_pruning_json_and_drawing(tmp_path):
     assert c.node_counts() == {"edges": 5, "heads": 3, "mlps": 0, "nodes": 3 + 5, "acdc_nodes": 3 + 5 + 4}
     pruned = c.pruned()
     assert pruned.n_edges == 4 and "a1.h0" not in pruned.nodes()
+    edges[g.receiver_index("logits"), g.sender_index("m0")] = True  # m0 reads nothing: under resample, a no-op
+    assert Circuit(g, edges).pruned(resample=True).edge_list() == pruned.edge_list()
+    assert ("m0", "logits") in Circuit(g, edges).pruned().edge_list()
     assert c.head_mask().nonzero().tolist() == [[0, 1], [1, 2]]  # heads that write
     again = Circuit.from_json(c.to_json())
     assert torch.equal(again.edges, c.edges)
