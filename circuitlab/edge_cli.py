@@ -219,6 +219,9 @@ def run_eap(args) -> int:
     try:
         model, runner, metric, higher, evaluate = _setup(args)
         top_k = args.top_k if args.top_k is not None or args.threshold is not None else 100
+        if args.method == "eap" and args.metric == "kl":
+            print("warning: the KL to the clean model has zero gradient at the clean input, so plain EAP scores "
+                  "are noise; use --method eap-ig or a task metric", file=sys.stderr)
         t0 = time.perf_counter()
         circuit = eap(runner, metric, args.method, args.steps, top_k=top_k, threshold=args.threshold)
         summary = {"method": args.method, "steps": args.steps, "metric": args.metric, "top_k": top_k,
