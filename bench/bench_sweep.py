@@ -11,7 +11,8 @@ TransformerLens 4 dropped HookedTransformer, so take the 3.x line):
 Then:
 
     python bench/bench_sweep.py --tl-python /tmp/tl3venv/bin/python            # all 144 heads
-    python bench/bench_sweep.py --tl-python /tmp/tl3venv/bin/python --heads 24  # 2 heads a layer, scaled x6
+    python bench/bench_sweep.py --tl-python /tmp/tl3venv/bin/python --heads 12  # 1 head a layer, scaled x12
+    python bench/bench_sweep.py --tl-python /tmp/tl3venv/bin/python --uniform   # random 24-token prompts
 
 The model is GPT-2 small's shape (12 layers x 12 heads, d_model 768, vocabulary 50257)
 with random weights, written by save_pretrained to a temporary directory; the
@@ -19,8 +20,13 @@ TransformerLens side loads that same checkpoint through transformers' GPT2LMHead
 converts it with transformer_lens' convert_gpt2_weights into a HookedTransformer whose
 config is built by hand (nothing is fetched from the hub) and loads it without weight
 processing (no layer-norm folding or centering), so both compute the same function.
-The metric is the logit difference of two target tokens at the last position, per
-prompt, averaged; the script checks that all three give the same values.
+The prompts are 100 TPP prompts of the first eval set (13 to 41 tokens, 24.7 on average),
+right-padded; each method reads the logits at each prompt's last token. Our batched pass
+groups prompts of similar length, so it computes little padding; TransformerLens and
+the loop run the padded batch as it is. With --uniform they are instead random prompts
+of exactly --seq tokens, where no padding exists. The metric is the TPP logit difference
+(c's first token against b's) per prompt, averaged; the script checks that all three
+give the same values.
 
 With --heads K < 144, K heads spread evenly over the layers are ablated (plus the clean
 run) by every method and the times are scaled by 144 / K; the prefix sharing of the
@@ -49,7 +55,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--tl-python", default=None, help="python of a virtualenv with transformer-lens<4 "
                     "(see above); without it the TransformerLens comparison is skipped")
 parser.add_argument("--prompts", type=int, default=100)
-parser.add_argument("--seq", type=int, default=24, help="tokens per prompt")
+parser.add_argument("--uniform", action="store_true", help="random prompts of exactly --seq tokens instead of TPP's")
+parser.add_argument("--seq", type=int, default=24, help="tokens per prompt with --uniform")
 parser.add_argument("--heads", type=int, default=144, help="heads to ablate (K < 144: an even spread, times scaled)")
 parser.add_argument("--threads", type=int, default=2, help="torch threads (the target machine has 2 cores)")
 parser.add_argument("--skip-loop", action="store_true", help="skip our one-at-a-time loop")
@@ -76,11 +83,11 @@ model = HookedTransformer(cfg)
 model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
                                   center_unembed=False, fold_value_biases=False)
 model.eval()
-tokens, c_tok, b_tok, heads = data["tokens"], data["c"], data["b"], data["heads"]
+tokens, c_tok, b_tok, heads, pos = data["tokens"], data["c"], data["b"], data["heads"], data["positions"]
 rows = torch.arange(len(tokens))
 
-def value(logits):
-    last = logits[:, -1]
+def value(logits):  # right padding: the logits at each prompt's last token do not see the padding
+    last = logits[rows, pos]
     return (last[rows, c_tok] - last[rows, b_tok]).double().mean().item()
 
 values = []
@@ -114,9 +121,19 @@ def main() -> None:
     cfg = GPT2Config()  # GPT-2 small: 12 x 12, d_model 768, vocab 50257
     model = GPT2(cfg).eval()
     model.init_weights(seed=args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    tokens = torch.randint(0, cfg.vocab_size, (args.prompts, args.seq), generator=gen)
-    c, b = torch.randint(0, cfg.vocab_size, (2, args.prompts), generator=gen)
+    if args.uniform:
+        gen = torch.Generator().manual_seed(args.seed)
+        tokens = torch.randint(0, cfg.vocab_size, (args.prompts, args.seq), generator=gen)
+        c, b = torch.randint(0, cfg.vocab_size, (2, args.prompts), generator=gen)
+        positions = torch.full((args.prompts,), args.seq - 1)
+        what = f"{args.prompts} random prompts x {args.seq} tokens"
+    else:
+        import tpp
+
+        batch = tpp.encode_eval(tpp.make_eval_set(n=args.prompts, seed=args.seed))
+        tokens, c, b, positions = batch.tokens, batch.c_token, batch.b_token, batch.answer_pos
+        what = (f"{args.prompts} TPP prompts of {int(positions.min()) + 1}-{tokens.shape[1]} tokens "
+                f"(mean {float(positions.float().mean()) + 1:.1f})")
     heads = spread(cfg.n_layer, cfg.n_head, args.heads)
     scale = cfg.n_layer * cfg.n_head / len(heads)
     masks = single_head_masks(cfg.n_layer, cfg.n_head)[[0] + [1 + l * cfg.n_head + h for l, h in heads]]
@@ -124,8 +141,8 @@ def main() -> None:
     def pick(logits, t):
         return logits.gather(-1, t.expand(logits.shape[:-1])[..., None])[..., 0]
     metric = Metric("logit_diff", lambda logits, c, b: pick(logits, c) - pick(logits, b), True, {"c": c, "b": b})
-    prompts = Prompts(tokens)
-    print(f"GPT-2 small shape (random weights), {args.prompts} prompts x {args.seq} tokens, {len(heads)} heads "
+    prompts = Prompts(tokens, positions=positions)
+    print(f"GPT-2 small shape (random weights), {what}, {len(heads)} heads "
           f"ablated + clean{f' (times scaled x{scale:g} to 144)' if scale != 1 else ''}; torch {torch.__version__}, "
           f"{args.threads} threads")
     results = {}
@@ -141,13 +158,13 @@ def main() -> None:
         report("minigpt2 batched masking (circuitlab.sweep)", ours, time.perf_counter() - w, time.process_time() - cpu)
         if not args.skip_loop:
             w, cpu = time.perf_counter(), time.process_time()
-            loop = run_with_head_masks_loop(model, tokens, masks, metric=metric).double().mean(dim=1)
+            loop = run_with_head_masks_loop(model, tokens, masks, positions=positions, metric=metric).double().mean(dim=1)
             report("minigpt2 one forward per head (hooks)", loop, time.perf_counter() - w, time.process_time() - cpu)
 
     if args.tl_python:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(Path(tmp) / "ckpt")
-            torch.save({"tokens": tokens, "c": c, "b": b, "heads": heads}, Path(tmp) / "data.pt")
+            torch.save({"tokens": tokens, "c": c, "b": b, "heads": heads, "positions": positions}, Path(tmp) / "data.pt")
             proc = subprocess.run([args.tl_python, "-c", TL_SCRIPT, str(Path(tmp) / "ckpt"), str(Path(tmp) / "data.pt"),
                                    str(Path(tmp) / "out.json"), str(args.threads)], capture_output=True, text=True)
             if proc.returncode:
