@@ -7,6 +7,7 @@
     python circuits.py classify                     # head classes, attention to c (Figure 2)
     python circuits.py generate                     # the forgetting probe (section 6.1)
     python circuits.py study --out reports/study    # all of it, one report
+    python circuits.py acdc / eap                   # edge circuits (circuitlab.edge_cli)
 
 Each command writes JSON, PNG and markdown to --out (replaced whole, only once
 complete) and prints its table. Models default to the bundled ones in weights/.

@@ -241,33 +241,37 @@ def baseline(session: Session, out: Path, eval_set_values: dict[str, dict[str, t
 
 # ---------------------------------------------------------------- 2. sweep
 def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list[str] = ("accuracy", "logit_diff", "loss"),
-               ablation: str = "zero", top: int = 5) -> Section:
+               ablation: str = "zero", top: int = 3) -> Section:
     """Every head ablated alone: its effect on each metric, as heatmaps and a top-k table."""
     batch = session.sample(n_examples, "--examples")
     results, rows = {}, []
     effects: dict[str, dict[str, torch.Tensor]] = {m: {} for m in metrics}
+    n_heads = 0
     for label, model in session.models.items():
-        log(f"[sweep] {label}: {model.cfg.n_layer * model.cfg.n_head} heads on {len(batch)} examples")
+        n_heads = model.cfg.n_layer * model.cfg.n_head
+        log(f"[sweep] {label}: {n_heads} heads on {len(batch)} examples")
         ms = [make_metric(m, batch, model) for m in metrics]
         r = sweep(model, to_prompts(batch, ablation, session.seed), ms, progress=True)
         results[label] = r.to_json()
+        cells = []
         for m in metrics:
             effects[m][label] = r.effect(m)
-        worst = r.top(metrics[0], top)
-        rows.append([label, fmt(r.clean[metrics[0]]),
-                     ", ".join(f"L{l}H{h} ({e:+.3g})" for l, h, e in worst)])
+            worst = [(l, h, e) for l, h, e in r.top(m, top) if r.harm(m)[l, h] > 0]
+            cells.append(f"{fmt(r.clean[m])}: " + (", ".join(f"L{l}H{h} ({e:+.3g})" for l, h, e in worst)
+                                                   or "no head's ablation hurts"))
+        rows.append([label, *cells])
     write_json(out / "sweep.json", results)
-    md = [f"Each of the heads ablated alone ({ablation} ablation) on {len(batch)} examples; the effect is "
-          "ablated minus clean (blue: the metric rises, red: it falls).", "",
-          markdown_table(["Model", f"clean {metrics[0]}", f"heads whose ablation hurts {metrics[0]} most"], rows), ""]
+    md = [f"Each of the {n_heads} heads ablated alone ({ablation} ablation) on {len(batch)} examples. Table: the "
+          f"intact model's value, then the {top} heads whose ablation hurts most (the change in brackets). "
+          "Heatmaps: ablated minus intact (blue: the metric rises, red: it falls).", "",
+          markdown_table(["Model", *metrics], rows), ""]
     for m in metrics:
         png = plots.heatmaps(effects[m], out / f"sweep_{m}.png", title=f"Single-head ablation: change in {m}",
                              diverging=True, colorbar=f"Δ {m}")
         md += [f"![sweep {m}]({png.name})", ""]
     text = "\n".join(md)
     (out / "sweep.md").write_text(text + "\n")
-    return Section("Single-head ablation sweep", text, f"{len(session.models)} models x "
-                   f"{len(effects[metrics[0]][session.labels[0]].flatten())} heads", results)
+    return Section("Single-head ablation sweep", text, f"{len(session.models)} models x {n_heads} heads", results)
 
 
 # ---------------------------------------------------------------- 3. search
