@@ -101,8 +101,9 @@ def transfer(models: dict[str, GPT2], circuits: dict[str, dict], prompts: Prompt
         masks = torch.stack([torch.ones(model.cfg.n_layer, model.cfg.n_head)] +
                             [circuit_mask(c, model, name) for c in circuits.values()])  # [1 + C, L, H]
         ms = metrics(model) if callable(metrics) else metrics
+        unique, index = torch.unique(masks, dim=0, return_inverse=True)  # circuits that ablate the same heads run once
         with torch.no_grad():
-            per_model.append(evaluate_masks(model, prompts, masks, ms, max_rows, progress))  # [1 + C, B, M]
+            per_model.append(evaluate_masks(model, prompts, unique, ms, max_rows, progress)[index])  # [1 + C, B, M]
     metric_names = [m.name for m in (metrics(models[names[0]]) if callable(metrics) else metrics)]
     stacked = torch.stack(per_model)  # [n_models, 1 + C, B, M]
     mean = stacked.mean(dim=2)

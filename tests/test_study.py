@@ -121,3 +121,34 @@ def test_c_key_mask_marks_the_tokens_of_c():
     for i, e in enumerate(batch.examples):
         marked = enc.decode(batch.tokens[i][keys[i]].tolist())
         assert marked.strip() == e.c, (e.prompt, marked)
+
+
+def test_transfer_values_equal_direct_evaluation():
+    """Each model with each circuit's heads ablated; duplicate circuits are run once but reported each."""
+    from circuitlab.sweep import Metric, Prompts, evaluate_masks
+    from circuitlab.transfer import transfer
+
+    cfg = GPT2Config(n_layer=2, n_head=2, d_model=16, d_mlp=24, n_ctx=16, vocab_size=97)
+    models = {}
+    for i, name in enumerate(["one", "two"]):
+        torch.manual_seed(i)
+        models[name] = GPT2(cfg).eval()
+    tokens = torch.randint(0, 97, (9, 6), generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(1))
+    metric = Metric("logprob", lambda l, t: l.log_softmax(-1).gather(-1, t.expand(l.shape[:-1])[..., None])[..., 0],
+                    True, {"t": target})
+    shape = {"n_layer": 2, "n_head": 2}
+    circuits = {"a": {"model": "x", "config": shape, "ablated_heads": [[0, 1], [1, 0]]},
+                "b": {"model": "y", "config": shape, "ablated_heads": [[1, 1]]},
+                "a again": {"model": "z", "config": shape, "ablated_heads": [[1, 0], [0, 1]]}}
+    r = transfer(models, circuits, Prompts(tokens), [metric])
+    assert r.values["logprob"].shape == (2, 3) and r.n_ablated == [2, 1, 2]
+    for i, model in enumerate(models.values()):
+        masks = torch.ones(4, 2, 2)
+        masks[1, 0, 1] = masks[1, 1, 0] = 0
+        masks[2, 1, 1] = 0
+        masks[3] = masks[1]
+        direct = evaluate_masks(model, Prompts(tokens), masks, [metric])[..., 0].mean(dim=1)
+        torch.testing.assert_close(r.clean["logprob"][i], direct[0])
+        torch.testing.assert_close(r.values["logprob"][i], direct[1:])
+    assert not torch.allclose(r.values["logprob"][:, 0], r.values["logprob"][:, 1])  # the circuits differ
