@@ -98,6 +98,22 @@ def test_zero_ablation_equals_zeroing_the_heads_rows_of_W_O(new_model, heads, se
     assert (got - clean).abs().max() > 1e-4  # the ablation did something
 
 
+def assert_masked_head_equals_replaced_z(model, tokens, l, h, value, **mask_kwargs):
+    """Masking head (l, h) out gives the logits of writing ``value`` into its z through a hook."""
+    def replace(z, hp):
+        z = z.clone()
+        z[:, :, h] = value
+        return z
+
+    masks = torch.ones(1, L, H)
+    masks[0, l, h] = 0
+    with torch.no_grad():
+        want = model.run_with_hooks(tokens, positions=torch.full((BATCH,), SEQ - 1),
+                                    fwd_hooks=[(f"blocks.{l}.attn.hook_z", replace)])
+        got = model.run_with_head_masks(tokens, masks, **mask_kwargs)[0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("mean_over", ["position", "all"])
 def test_mean_ablation_uses_the_masked_reference_mean(model, tokens, mean_over):
     """Independent of replacement_values: the mean of hook_z over real reference tokens, taken here."""
@@ -108,19 +124,8 @@ def test_mean_ablation_uses_the_masked_reference_mean(model, tokens, mean_over):
     dims = (0,) if mean_over == "position" else (0, 1)
     mean = (z * w).sum(dims) / w.sum(dims).clamp(min=1)
 
-    def replace(z, hp):
-        z = z.clone()
-        z[:, :, h] = mean
-        return z
-
-    masks = torch.ones(1, L, H)
-    masks[0, l, h] = 0
-    with torch.no_grad():
-        want = model.run_with_hooks(tokens, positions=torch.full((BATCH,), SEQ - 1),
-                                    fwd_hooks=[(f"blocks.{l}.attn.hook_z", replace)])
-        got = model.run_with_head_masks(tokens, masks, mode="mean", mean_over=mean_over, reference=reference,
-                                        reference_mask=reference_mask)[0]
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert_masked_head_equals_replaced_z(model, tokens, l, h, mean, mode="mean", mean_over=mean_over,
+                                         reference=reference, reference_mask=reference_mask)
 
 
 def test_patching_takes_each_heads_z_from_its_own_reference_row(model, tokens):
@@ -128,18 +133,8 @@ def test_patching_takes_each_heads_z_from_its_own_reference_row(model, tokens):
     reference = make_tokens(seed=11)
     _, cache = model.run_with_cache(reference, names=[f"blocks.{l}.attn.hook_z"])
 
-    def patch(z, hp):
-        z = z.clone()
-        z[:, :, h] = cache[f"blocks.{l}.attn.hook_z"][:, :, h]
-        return z
-
-    masks = torch.ones(1, L, H)
-    masks[0, l, h] = 0
-    with torch.no_grad():
-        want = model.run_with_hooks(tokens, positions=torch.full((BATCH,), SEQ - 1),
-                                    fwd_hooks=[(f"blocks.{l}.attn.hook_z", patch)])
-        got = model.run_with_head_masks(tokens, masks, mode="patch", reference=reference)[0]
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert_masked_head_equals_replaced_z(model, tokens, l, h, cache[f"blocks.{l}.attn.hook_z"][:, :, h],
+                                         mode="patch", reference=reference)
 
 
 def test_patch_reference_keeps_its_own_padding(model, tokens):
