@@ -34,21 +34,36 @@ parser.add_argument("--threads", type=int, default=None, help="torch threads (de
 args = parser.parse_args()
 
 
-def flops_per_row_layer(cfg: GPT2Config, T: int) -> float:
-    """Multiply-add FLOPs of one block on one sequence of T tokens."""
+def block_flops(cfg: GPT2Config, T: int, queries: int | None = None, qkv: bool = True) -> float:
+    """Multiply-add FLOPs of one block on one sequence of T tokens: keys and values at all T,
+    the query, W_O and the MLP at ``queries`` positions (default all T); without ``qkv``, the
+    block starts from a given z (W_O and the MLP only)."""
     d, m = cfg.d_model, cfg.d_mlp
-    dense = 2 * T * (3 * d * d + d * d + 2 * d * m)
-    attention = 2 * 2 * T * T * d
-    return dense + attention
+    queries = T if queries is None else queries
+    tail = 2 * queries * (d * d + 2 * d * m)  # W_O, MLP
+    if not qkv:
+        return tail
+    return 2 * (2 * T + queries) * d * d + 2 * 2 * queries * T * d + tail
+
+
+def loop_flops(cfg: GPT2Config, V: int, B: int, T: int) -> float:
+    """One full forward per variant, logits at one position per row."""
+    return V * B * (cfg.n_layer * block_flops(cfg, T) + 2 * cfg.d_model * cfg.vocab_size)
 
 
 def batched_flops(cfg: GPT2Config, masks: torch.Tensor, B: int, T: int) -> float:
-    """FLOPs the prefix-shared batched call executes: one clean pass, then each variant from its first ablated layer."""
+    """What run_with_head_masks executes: the clean run once, then each variant from its first
+    ablated layer (W_O and MLP only there), the final layer at the answer position only."""
+    L = cfg.n_layer
     differs = (masks != 1).any(dim=2)
-    first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), torch.tensor(cfg.n_layer))
-    layer_rows = cfg.n_layer + (cfg.n_layer - first).sum().item()
-    unembed = 2 * cfg.d_model * cfg.vocab_size * (1 + masks.shape[0])  # one position per row
-    return B * (layer_rows * flops_per_row_layer(cfg, T) + unembed)
+    first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), torch.tensor(L)).tolist()
+    total = L * block_flops(cfg, T)  # the clean run
+    for l in first:
+        if l < L - 1:
+            total += block_flops(cfg, T, qkv=False) + (L - 2 - l) * block_flops(cfg, T) + block_flops(cfg, T, queries=1)
+        elif l == L - 1:
+            total += block_flops(cfg, 1, qkv=False)
+    return B * (total + 2 * cfg.d_model * cfg.vocab_size * len(first))
 
 
 def matmul_roof(n: int = 1536, repeats: int = 5) -> float:
@@ -88,13 +103,16 @@ def main():
         t_batch, batched = timed(lambda: model.run_with_head_masks(tokens, masks, metric=metric), args.repeats)
         t_loop, looped = timed(lambda: run_with_head_masks_loop(model, tokens, masks, metric=metric), args.repeats)
     roof = matmul_roof()
-    gflops = batched_flops(cfg, masks, args.prompts, args.seq) / t_batch / 1e9
+    work = batched_flops(cfg, masks, args.prompts, args.seq)
+    gflops = work / t_batch / 1e9
     print(f"model {args.preset} ({cfg.n_layer}x{cfg.n_head}, d_model {cfg.d_model}), {args.prompts} prompts x {args.seq} tokens, "
           f"{masks.shape[0]} variants (clean + {masks.shape[0] - 1} single-head zero-ablations), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"batched run_with_head_masks : {t_batch:8.2f} s (median of {args.repeats})")
     print(f"one forward per variant     : {t_loop:8.2f} s (median of {args.repeats})")
     print(f"speed-up                    : {t_loop / t_batch:8.2f} x")
+    print(f"work ratio (FLOPs loop/batch): {loop_flops(cfg, masks.shape[0], args.prompts, args.seq) / work:8.2f} x "
+          "(the speed-up if both ran at the same FLOP rate)")
     print(f"max |batched - loop|        : {(batched - looped).abs().max().item():.2e} (log-prob of the target token)")
     print(f"batched achieved            : {gflops:8.1f} GFLOP/s; matmul roof {roof:.1f} GFLOP/s ({100 * gflops / roof:.0f} %)")
 

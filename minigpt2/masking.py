@@ -9,10 +9,18 @@ head's output before W_O:
 with r = 0 ("zero"), the head's mean z over a reference batch ("mean"), or its z
 on corrupted inputs, row by row ("patch", resample ablation).
 
-Prefix sharing: a variant equals the clean run up to its first ablated layer,
-so the clean residual stream is computed once and each variant joins the batch
-at the layer where it starts to differ. Variants are processed in chunks of
-rows so that memory stays bounded.
+Work shared or skipped, all exact:
+
+- prefix sharing: a variant equals the clean run up to its first ablated layer,
+  so the clean residual stream is computed once and each variant joins the batch
+  at the layer where it starts to differ;
+- at that first layer its q, k, v and z are still the clean run's: only the
+  edited z's projection W_O and the MLP are computed;
+- only the answer positions' logits are wanted, so the final layer computes keys
+  and values at every position but its query, W_O and MLP at those positions only.
+
+Variants are processed in chunks of rows so that memory stays bounded. Parts of
+blocks run outside their hook points, so the call refuses a model with hooks on.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .model import GPT2
 
@@ -121,6 +130,12 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     tokens = tokens.to(model.device)
     B, T = tokens.shape
     model.check_attention_mask(attention_mask, tokens)
+    hooked = [name for name, hp in model.hook_dict.items() if hp.active]
+    if hooked:
+        raise RuntimeError(f"run_with_head_masks computes parts of blocks directly, so hooks would not fire; "
+                           f"active hooks: {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}. Remove them "
+                           "(leave the `with model.hooks(...)` block or call model.reset_hooks()), or use "
+                           "run_with_head_masks_loop, which runs every variant through the hooks")
     positions = last_positions(tokens, attention_mask) if positions is None else model.check_positions(positions, B, T)
     r = replacement_values(model, mode, tokens, reference, attention_mask, reference_mask, mean_over)
     if max_rows is None:
@@ -130,16 +145,47 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
         max_rows = max(B, (2**30) // per_row)
     per_chunk = max(1, max_rows // B)
 
-    # The clean residual stream before each layer, shared by every variant: [L + 1] x [B, T, d_model]
+    # The clean run, shared by every variant: the residual stream before each layer [L + 1] x [B, T, d_model]
+    # and each layer's z [L] x [B, T, H, d_head].
     attn = model.attention_mask(attention_mask, T, T)
-    resid = [model.embed(tokens)]
+    resid, z_clean = [model.embed(tokens)], []
+
+    def keep(z):
+        z_clean.append(z)
+        return z
+
     for block in model.blocks:
-        resid.append(block(resid[-1], attn))
+        resid.append(block(resid[-1], attn, keep))
+    rows = torch.arange(B, device=tokens.device)
+    # The final layer is computed at the answer positions only: keys and values at every position,
+    # one query per row. at_pos: what the final layer needs, gathered at those positions.
+    if attn is None:
+        final_keys = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+    else:
+        final_keys = attn[rows, 0, positions][:, None, None, :]  # [B, 1, 1, T]
+    z_final = z_clean[-1][rows, positions][:, None]  # [B, 1, H, d_head]
+    r_final = None if r is None else (r[-1][rows, positions][:, None] if r[-1].ndim == 4 else
+                                      r[-1][positions][:, None] if r[-1].ndim == 3 else r[-1])
 
     differs = (masks != 1).any(dim=2)  # [V, L]
     first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), torch.full_like(differs[:, 0], cfg.n_layer, dtype=torch.long))
     order = torch.argsort(first, stable=True).tolist()
     first = first.tolist()
+    L = cfg.n_layer
+
+    def edit_for(variants: list[int], l: int, rl):
+        """The z edit of these variants at layer l, or None where none of them ablates a head there."""
+        m = masks[variants, l]  # [n, H]
+        return _z_edit(m, rl, len(variants)) if (m != 1).any() else None
+
+    def edited(variants: list[int], l: int, rl, z):
+        edit = edit_for(variants, l, rl)
+        return z if edit is None else edit(z)
+
+    def finish_block(block, x, z):
+        """A block given its z: x [N, T, d_model] or [N, d_model] -> its resid_post."""
+        x = x + block.attn.c_proj(z.reshape(*x.shape[:-1], -1))
+        return x + block.mlp(block.ln_2(x))
 
     chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
     if progress:
@@ -147,22 +193,43 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
         chunks = tqdm(chunks, desc="head-mask variants", unit="chunk")
     outputs: dict[int, torch.Tensor] = {}
     for chunk in chunks:
-        x = resid[cfg.n_layer].new_empty(0, T, cfg.d_model)
+        x = resid[L].new_empty(0, T, cfg.d_model)  # the variants running, rows variant-major: [n * B, T, d_model]
         active: list[int] = []
-        for l in range(min(first[v] for v in chunk), cfg.n_layer):
-            joining = [v for v in chunk if first[v] == l]
-            if joining:
-                x = torch.cat([x, resid[l].repeat(len(joining), 1, 1)])  # rows variant-major: [n * B, T, d_model]
+        for l in range(min(first[v] for v in chunk), L - 1):
+            block, joining = model.blocks[l], [v for v in chunk if first[v] == l]
+            if active:
+                x = block(x, None if attn is None else attn.repeat(len(active), 1, 1, 1),
+                          edit_for(active, l, None if r is None else r[l]))
+            if joining:  # equal to the clean run up to this layer's z: only W_O and the MLP differ
+                n = len(joining)
+                z = edited(joining, l, None if r is None else r[l], z_clean[l].repeat(n, 1, 1, 1))
+                x = torch.cat([x, finish_block(block, resid[l].repeat(n, 1, 1), z)])
                 active += joining
-            m = masks[active, l]  # [n, H]
-            rl = None if r is None else r[l]
-            edit = _z_edit(m, rl, len(active)) if (m != 1).any() else None
-            x = model.blocks[l](x, None if attn is None else attn.repeat(len(active), 1, 1, 1), edit)
-        late = [v for v in chunk if first[v] == cfg.n_layer]  # variants that ablate nothing
+        # The final layer, at the answer positions: [rows, d_model]
+        block, final = model.blocks[L - 1], []
+        if active:
+            n = len(active)
+            h = block.ln_1(x)
+            w, b = block.attn.c_attn.weight, block.attn.c_attn.bias
+            D, H, dh = cfg.d_model, cfg.n_head, cfg.d_head
+            x_at = x.view(n, B, T, D)[:, rows, positions].reshape(n * B, D)
+            q = F.linear(h.view(n, B, T, D)[:, rows, positions], w[:D], b[:D]).view(n * B, H, 1, dh)
+            k, v = F.linear(h, w[D:], b[D:]).view(n * B, T, 2, H, dh).permute(2, 0, 3, 1, 4)  # [n * B, H, T, dh]
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=final_keys.repeat(n, 1, 1, 1))  # [n * B, H, 1, dh]
+            z = edited(active, L - 1, r_final, z.transpose(1, 2))  # [n * B, 1, H, dh]
+            final.append(finish_block(block, x_at, z))
+        joining = [v for v in chunk if first[v] == L - 1]
+        if joining:
+            n = len(joining)
+            z = edited(joining, L - 1, r_final, z_final.repeat(n, 1, 1, 1))
+            final.append(finish_block(block, resid[L - 1][rows, positions].repeat(n, 1), z))
+            active += joining
+        late = [v for v in chunk if first[v] == L]  # variants that ablate nothing
         if late:
-            x = torch.cat([x, resid[cfg.n_layer].repeat(len(late), 1, 1)])
+            final.append(resid[L][rows, positions].repeat(len(late), 1))
             active += late
-        logits = model.unembed(x, positions.repeat(len(active))).view(len(active), B, -1)  # [n, B, vocab]
+        x = torch.cat(final)  # [n * B, d_model]
+        logits = (model.ln_final(x) @ model.wte.weight.T).view(len(active), B, -1)  # [n, B, vocab]
         values = metric(logits) if metric is not None else logits
         for i, v in enumerate(active):
             outputs[v] = values[i]

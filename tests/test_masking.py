@@ -4,6 +4,7 @@ columns, and replacement values computed here from the cache."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -63,6 +64,21 @@ def test_batched_equals_the_hook_loop(new_model, masks, mode, B, T, seed, padded
         got = run_with_head_masks(model, tokens, masks, max_rows=max_rows, **kwargs)
     assert got.shape == (masks.shape[0], B, TINY.vocab_size)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_one_layer_model_where_the_final_layer_is_also_the_first(new_model, mode):
+    """The final layer is computed at the answer positions only, and a variant's first ablated
+    layer from the clean z: with one layer both shortcuts meet in the same block."""
+    mode, mean_over = mode
+    cfg = dataclasses.replace(TINY, n_layer=1)
+    model, tokens = new_model(cfg, seed=3), make_tokens(5, 6, seed=3)
+    masks = torch.tensor([[[1.0, 0.0, 0.4, 1.0]], [[1.0] * 4], [[0.0] * 4]])
+    kwargs = dict(mode=mode, mean_over=mean_over, attention_mask=right_padding(5, 6, seed=3),
+                  reference=make_tokens(5, 6, seed=4) if mode == "patch" else None)
+    with torch.no_grad():
+        torch.testing.assert_close(run_with_head_masks(model, tokens, masks, max_rows=10, **kwargs),
+                                   run_with_head_masks_loop(model, tokens, masks, **kwargs), atol=ATOL, rtol=0)
 
 
 @PROPERTY
@@ -219,6 +235,15 @@ def test_masks_of_the_wrong_shape(model, tokens):
         model.run_with_head_masks(tokens, torch.ones(2, H, L))
     with pytest.raises(ValueError, match=r"got \(2, 3, 4, 1\)"):
         run_with_head_masks_loop(model, tokens, torch.ones(2, L, H, 1))
+
+
+def test_active_hooks_are_refused_with_the_way_out(model, tokens):
+    """Parts of blocks run outside their hook points, so a hook would silently not fire."""
+    with model.hooks([("blocks.1.hook_resid_post", lambda x, hook: x + 1)]):
+        with pytest.raises(RuntimeError, match=r"hooks would not fire; active hooks: blocks\.1\.hook_resid_post\. "
+                                                r"Remove them .*or use run_with_head_masks_loop"):
+            model.run_with_head_masks(tokens, torch.ones(1, L, H))
+    model.run_with_head_masks(tokens, torch.ones(1, L, H))  # fine once the block is left
 
 
 def test_attention_mask_of_the_wrong_shape(model, tokens):
