@@ -41,6 +41,9 @@ g.add_argument("--master-size", type=int, default=None,
                help="exclude the first N examples of the master dataset from the eval sets "
                     "(default: the largest master_size in the models' metadata.json)")
 g.add_argument("--data-seed", type=int, default=None, help="seed of that master dataset (default: from metadata.json)")
+g.add_argument("--answer-space", choices=["prompt", "answer"], default=None,
+               help="first eval set's format: prompt (the paper's: trailing space, c on its own) or answer (' c'); "
+                    "default: the one the models were finetuned in (metadata.json), else prompt")
 g = common.add_argument_group("output and machine")
 g.add_argument("--out", type=Path, default=None, help="output directory (default: reports/COMMAND); replaced when done")
 g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -111,7 +114,7 @@ edge_cli.add_subcommands(commands)
 # ---------------------------------------------------------------- commands
 def session(args, n_eval: int = 3000, n_single: int = 1150) -> S.Session:
     return S.Session(args.models, seed=args.seed, n_eval=n_eval, n_single=n_single,
-                     master_size=args.master_size, data_seed=args.data_seed)
+                     master_size=args.master_size, data_seed=args.data_seed, answer_space=args.answer_space)
 
 
 def search_options(args) -> S.SearchOptions:

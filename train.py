@@ -178,7 +178,7 @@ def build(args):
         data, master = finetune.finetune_data(args.fraction, args.label_style, args.master_size, args.data_seed,
                                               args.answer_space)
         evaluate = finetune.tpp_evaluator(master, args.eval_size, args.single_token_eval_size,
-                                          seed=args.data_seed) if main_rank else None
+                                          seed=args.data_seed, space=args.answer_space) if main_rank else None
         meta = {"preset": args.preset, "preset_overrides": args.preset_overrides, "base": args.base,
                 "label_style": args.label_style, "answer_space": args.answer_space}
     else:

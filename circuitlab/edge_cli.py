@@ -29,6 +29,7 @@ from .compare import circuit_faithfulness
 from .draw import draw_circuit
 from .eap import METHODS, eap
 from .graph import ABLATIONS, Circuit, EdgeRunner, Metric
+from .study import answer_space_of
 
 METRICS = {"kl": False, "logit_diff": True, "accuracy": True, "loss": False}  # name -> higher is better
 
@@ -64,6 +65,9 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     g.add_argument("--model", default="weights/welterweight", help="model directory (config.json + model.safetensors)")
     g.add_argument("--examples", type=int, default=50, help="prompts to find the circuit on; as many more evaluate it")
     g.add_argument("--seed", type=int, default=0, help="seed of the eval set and of the corrupted nouns")
+    g.add_argument("--answer-space", choices=["prompt", "answer"], default=None,
+                   help="the prompts' format: prompt (the paper's: trailing space) or answer (' c'); "
+                        "default: the one the model was finetuned in (metadata.json), else prompt")
     g = p.add_argument_group("metric and ablation")
     g.add_argument("--metric", choices=list(METRICS), default="kl", help="kl (to the clean model; ACDC's default), "
                    "logit_diff (c minus b), accuracy, loss (cross-entropy of c)")
@@ -103,8 +107,8 @@ def corrupted_partners(examples, seed: int = 0, tries: int = 200):
     return kept, partners
 
 
-def build_data(n: int, seed: int, ablation: str):
-    """(clean EvalBatch, corrupted tokens or None) of n TPP prompts."""
+def build_data(n: int, seed: int, ablation: str, space: str = "prompt"):
+    """(clean EvalBatch, corrupted tokens or None) of n TPP prompts in answer format ``space``."""
     import tpp
 
     examples = tpp.make_eval_set(n, seed)
@@ -114,8 +118,8 @@ def build_data(n: int, seed: int, ablation: str):
         if not examples:
             raise ValueError("no prompt found a corrupted partner of the same token length; use more --examples "
                              "or --ablation mean/zero")
-        corrupted = tpp.encode_eval(partners).tokens
-    batch = tpp.encode_eval(examples)
+        corrupted = tpp.encode_eval(partners, space=space).tokens
+    batch = tpp.encode_eval(examples, space=space)
     if corrupted is not None and corrupted.shape != batch.tokens.shape:
         raise ValueError(f"corrupted prompts padded to {tuple(corrupted.shape)}, clean ones to "
                          f"{tuple(batch.tokens.shape)}")
@@ -156,7 +160,8 @@ def _setup(args):
                                 "(the bundled models are trained by train.py, see weights/README.md)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, device=device).eval()
-    batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation)
+    batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation,
+                                  answer_space_of([args.model], args.answer_space))
     half = len(batch) // 2 if len(batch) > 1 else 1
     find, held = batch.select(slice(0, half)), batch.select(slice(half, len(batch)))
     cf = None if corrupted is None else corrupted[:half]

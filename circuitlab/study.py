@@ -70,6 +70,29 @@ def load_model(path: str) -> GPT2:
     return load_pretrained(p)
 
 
+def answer_space_of(paths, override: str | None = None) -> str:
+    """The first eval set's answer format for these models: ``override``, else the one they were
+    finetuned in (metadata.json: a run's answer_space, or a card's eval_data.answer_space), else the
+    paper's "prompt" (a trailing space, c on its own). Models that disagree need ``override``."""
+    if override is not None:
+        if override not in ("prompt", "answer"):
+            raise ValueError(f"--answer-space {override!r}: choose 'prompt' (the paper's) or 'answer' (' c')")
+        return override
+    found = {}
+    for path in paths:
+        meta = Path(path) / "metadata.json"
+        if meta.is_file():
+            data = json.loads(meta.read_text())
+            space = data.get("answer_space") or data.get("eval_data", {}).get("answer_space")
+            if space:
+                found[str(path)] = space
+    spaces = set(found.values())
+    if len(spaces) > 1:
+        raise ValueError(f"the models were finetuned in different answer formats ({found}); pass --answer-space "
+                         "prompt or answer to score them all in one")
+    return spaces.pop() if spaces else "prompt"
+
+
 def make_metric(name: str, batch: tpp.EvalBatch, model: GPT2 | None = None) -> Metric:
     """A per-example TPP metric bound to ``batch``'s targets; "kl" also to ``model``'s clean logits."""
     if name not in METRICS:
@@ -135,6 +158,7 @@ class Session:
     n_single: int = tpp.examples.SINGLE_TOKEN_EVAL_SIZE
     master_size: int | None = None  # None: the largest master_size in the models' metadata.json, else 0
     data_seed: int | None = None
+    answer_space: str | None = None  # None: the models' finetuning format (answer_space_of)
     labels: list[str] = field(init=False)
     paths: dict[str, str] = field(init=False)
 
@@ -149,6 +173,7 @@ class Session:
         for n, what in ((self.n_eval, "--examples"), (self.n_single, "--single-examples")):
             if n < 1:
                 raise ValueError(f"{what} must be at least 1, got {n}: an empty eval set measures nothing")
+        self.answer_space = answer_space_of(self.paths.values(), self.answer_space)
 
     @cached_property
     def models(self) -> dict[str, GPT2]:
@@ -173,7 +198,8 @@ class Session:
 
     @cached_property
     def eval_batch(self) -> tpp.EvalBatch:
-        return tpp.encode_eval(tpp.make_eval_set(n=self.n_eval, seed=self.seed, exclude=self.exclude))
+        return tpp.encode_eval(tpp.make_eval_set(n=self.n_eval, seed=self.seed, exclude=self.exclude),
+                               space=self.answer_space)
 
     @cached_property
     def single_batch(self) -> tpp.EvalBatch:
@@ -189,7 +215,7 @@ class Session:
 
     def data_info(self) -> dict:
         size, seed = self._training_data()
-        return {"seed": self.seed, "n_eval": self.n_eval, "n_single": self.n_single,
+        return {"seed": self.seed, "n_eval": self.n_eval, "n_single": self.n_single, "answer_space": self.answer_space,
                 "excluded_master_size": size, "master_data_seed": seed, "models": self.paths}
 
 

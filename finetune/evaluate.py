@@ -21,12 +21,13 @@ Evaluator = Callable[[GPT2], dict]
 
 
 def tpp_evaluator(exclude, eval_size: int = 3000, single_token_eval_size: int = 1150, seed: int = 0,
-                  batch_size: int = 64) -> Evaluator:
-    """Both TPP evaluation sets, none of whose prompts is in ``exclude`` (the master set)."""
+                  batch_size: int = 64, space: str = "prompt") -> Evaluator:
+    """Both TPP evaluation sets, none of whose prompts is in ``exclude`` (the master set); the
+    first in the finetuning's answer format ``space`` (the second always has ' c')."""
     import tpp
 
     sets = {
-        "eval": tpp.encode_eval(tpp.make_eval_set(n=eval_size, seed=seed, exclude=exclude)),
+        "eval": tpp.encode_eval(tpp.make_eval_set(n=eval_size, seed=seed, exclude=exclude), space=space),
         "single_token_eval": tpp.encode_eval(
             tpp.make_single_token_eval_set(n=single_token_eval_size, seed=seed, exclude=exclude), single_token=True),
     }

@@ -40,6 +40,10 @@ parser.add_argument("--master-size", type=int, default=158_000, help="master dat
 parser.add_argument("--data-seed", type=int, default=0, help="seed of the master dataset and eval sets")
 parser.add_argument("--eval-size", type=int, default=3000, help="examples in the first eval set")
 parser.add_argument("--single-token-eval-size", type=int, default=1150, help="examples in the second eval set")
+parser.add_argument("--answer-space", choices=["prompt", "answer"], default=None,
+                    help="format of the first eval set: prompt (the paper's: trailing space, c on its own) or answer "
+                         "(' c'); default: the run's finetuning format, else prompt. Pass the finetunes' format "
+                         "when publishing their base, so that every card is scored alike")
 parser.add_argument("--compare-to", type=Path, default=None,
                     help="a published base model: the card then claims margins over it on a fixed subset "
                          "(the first --subset examples of each eval set), which tests/test_bundled.py checks")
@@ -47,12 +51,14 @@ parser.add_argument("--subset", type=int, default=200, help="examples of each ev
 
 
 
-def eval_sets(master_size: int, data_seed: int, eval_size: int, single_size: int) -> dict:
+def eval_sets(master_size: int, data_seed: int, eval_size: int, single_size: int, answer_space: str = "prompt") -> dict:
+    """Both eval sets; the first in ``answer_space``'s format (the second always has ' c')."""
     import tpp
 
     master = tpp.master_dataset(seed=data_seed, n=master_size)
     return {
-        f"TPP eval ({eval_size} examples)": tpp.encode_eval(tpp.make_eval_set(n=eval_size, seed=data_seed, exclude=master)),
+        f"TPP eval ({eval_size} examples)": tpp.encode_eval(tpp.make_eval_set(n=eval_size, seed=data_seed, exclude=master),
+                                                            space=answer_space),
         f"single-token eval ({single_size} examples)": tpp.encode_eval(
             tpp.make_single_token_eval_set(n=single_size, seed=data_seed, exclude=master), single_token=True),
     }
@@ -90,7 +96,8 @@ def subset_margins(model, base, sets: dict, n: int) -> dict:
             for name, edge in subset_edges(model, base, sets, n).items()}
 
 
-def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = None) -> str:
+def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = None,
+         answer_space: str = "prompt") -> str:
     cfg = meta["model_config"]
     tc = meta.get("train_config", {})
     data = meta.get("data", {})
@@ -116,7 +123,10 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
     lines += [f"- git commit: `{meta.get('git_commit')}`", "", "Reproduce:", "", "```",
               reproducing_command(meta),
               f"python -m finetune.publish {args.run} {args.dest} --title {json.dumps(args.title)} "
-              f"--about {json.dumps(args.about)}" + (f" --scale {json.dumps(args.scale)}" if args.scale else ""),
+              f"--about {json.dumps(args.about)}" + (f" --scale {json.dumps(args.scale)}" if args.scale else "")
+              + (f" --answer-space {args.answer_space}" if args.answer_space else "")
+              + (f" --master-size {args.master_size}" if args.master_size != 158_000 else "")
+              + (f" --compare-to {args.compare_to}" if args.compare_to else ""),
               "```", ""]
     if heldout:
         lines += [f"Held-out WordNet text: loss {heldout['loss']:.3f}, perplexity {heldout['perplexity']:.1f}, "
@@ -124,7 +134,9 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
     lines += ["## TPP metrics", "",
               f"Scored on the first token of c at the answer position (as the paper's Tables 1 and 2), on the "
               f"stored weights; eval sets built with seed {args.data_seed}, disjoint from the "
-              f"{args.master_size:,}-example master set. Mean ± standard error.", "",
+              f"{args.master_size:,}-example master set; the first set's answer format: {answer_space!r} "
+              f"({'prompt ends with a space, c on its own' if answer_space == 'prompt' else 'prompt without the trailing space, answer \' c\''}). "
+              "Mean ± standard error.", "",
               metrics_table(results), ""]
     if claims:
         lines += [f"Claimed margins over `{args.compare_to}` on the first {args.subset} examples of each eval set "
@@ -150,19 +162,21 @@ def main(argv=None) -> None:
     try:
         save_pretrained(load_pretrained(model_dir), tmp, dtype=dtype)
         stored = load_pretrained(tmp)  # score what users will load
-        sets = eval_sets(args.master_size, args.data_seed, args.eval_size, args.single_token_eval_size)
+        answer_space = args.answer_space or meta.get("answer_space") or "prompt"
+        sets = eval_sets(args.master_size, args.data_seed, args.eval_size, args.single_token_eval_size, answer_space)
         with torch.no_grad():
             results = {name: tpp_metrics(stored, batch) for name, batch in sets.items()}
             claims = (subset_margins(stored, load_pretrained(args.compare_to), sets, args.subset)
                       if args.compare_to else None)
         extra = {"tpp_metrics": results, "eval_data": {"master_size": args.master_size, "data_seed": args.data_seed,
                                                        "eval_size": args.eval_size,
-                                                       "single_token_eval_size": args.single_token_eval_size}}
+                                                       "single_token_eval_size": args.single_token_eval_size,
+                                                       "answer_space": answer_space}}
         if claims:
             extra["claims"] = {"compare_to": str(args.compare_to), "subset": args.subset, "margins": claims}
         (tmp / "metadata.json").write_text(json.dumps(meta | extra, indent=2) + "\n")
         n_params = sum(p.numel() for p in stored.parameters())
-        (tmp / "README.md").write_text(card(args, meta, results, n_params, claims))
+        (tmp / "README.md").write_text(card(args, meta, results, n_params, claims, answer_space))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the directory private
         if args.dest.exists():
             shutil.rmtree(args.dest)

@@ -20,7 +20,14 @@ def eval_sets():
     from finetune.publish import eval_sets as build
 
     data = json.loads((WEIGHTS / "featherweight" / "metadata.json").read_text())["eval_data"]
-    return build(data["master_size"], data["data_seed"], data["eval_size"], data["single_token_eval_size"])
+    return build(data["master_size"], data["data_seed"], data["eval_size"], data["single_token_eval_size"],
+                 data.get("answer_space", "prompt"))
+
+
+def test_every_card_is_scored_on_the_same_eval_sets():
+    """Cards compare models, so all are scored alike: same master set excluded, sizes and answer format."""
+    data = {name: json.loads((WEIGHTS / name / "metadata.json").read_text())["eval_data"] for name in BUNDLED}
+    assert all(d == data["base"] for d in data.values()), data
 
 
 @pytest.mark.parametrize("name", BUNDLED)

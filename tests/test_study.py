@@ -152,3 +152,31 @@ def test_transfer_values_equal_direct_evaluation():
         torch.testing.assert_close(r.clean["logprob"][i], direct[0])
         torch.testing.assert_close(r.values["logprob"][i], direct[1:])
     assert not torch.allclose(r.values["logprob"][:, 0], r.values["logprob"][:, 1])  # the circuits differ
+
+
+def test_the_eval_set_takes_the_models_answer_format(tmp_path):
+    """Models finetuned with ' c' answers (train.py --answer-space answer) are scored in that format;
+    models without a recorded format in the paper's; disagreeing models need --answer-space."""
+    from circuitlab.study import Session, answer_space_of
+
+    dirs = {}
+    for name, meta in [("ft", {"answer_space": "answer"}), ("card", {"eval_data": {"answer_space": "answer"}}),
+                       ("paper", {"answer_space": "prompt"}), ("bare", None)]:
+        GPT2(TINY).save_pretrained(tmp_path / name)
+        if meta is not None:
+            (tmp_path / name / "metadata.json").write_text(json.dumps(meta))
+        dirs[name] = str(tmp_path / name)
+    assert answer_space_of([dirs["ft"], dirs["card"], dirs["bare"]]) == "answer"
+    assert answer_space_of([dirs["bare"]]) == "prompt"
+    assert answer_space_of([dirs["ft"], dirs["paper"]], override="prompt") == "prompt"
+    with pytest.raises(ValueError, match="different answer formats.*pass --answer-space prompt or answer"):
+        answer_space_of([dirs["ft"], dirs["paper"]])
+    with pytest.raises(ValueError, match="--answer-space 'space': choose 'prompt'"):
+        answer_space_of([dirs["ft"]], override="space")
+
+    space = get_tokenizer().encode(" ")[0]
+    for paths, moved in (([dirs["ft"], dirs["bare"]], True), ([dirs["bare"]], False)):
+        batch = Session(paths, n_eval=8, n_single=4, master_size=0).eval_batch
+        last = batch.tokens[torch.arange(len(batch)), batch.answer_pos]
+        assert (last == space).tolist() == [not moved] * len(batch)  # the paper's prompts end with the space token
+        assert [get_tokenizer().decode([int(t)])[0] == " " for t in batch.c_token] == [moved] * len(batch)

@@ -83,9 +83,11 @@ def test_pad_to_too_small_or_unknown_style_is_refused():
 
 
 @settings(max_examples=25, deadline=None)
-@given(examples=examples_lists, single=st.booleans())
-def test_eval_batch_points_at_the_last_prompt_token(examples, single):
-    batch = encode_eval(examples, single_token=single)
+@given(examples=examples_lists, fmt=st.sampled_from(["prompt", "answer", "single_token"]))
+def test_eval_batch_points_at_the_last_prompt_token(examples, fmt):
+    """space="answer" and single_token=True both move the trailing space onto c."""
+    batch = encode_eval(examples, single_token=True) if fmt == "single_token" else encode_eval(examples, space=fmt)
+    single = fmt != "prompt"
     space = " " if single else ""
     assert len(batch) == len(examples) and batch.tokens.shape == batch.attention_mask.shape
     for i, e in enumerate(examples):
@@ -117,8 +119,11 @@ def test_select_keeps_rows_together():
 
 
 def test_single_token_needs_the_trailing_space():
-    with pytest.raises(ValueError, match="no trailing space"):
-        encode_eval([Example("t", "x", "y", "z", "x y so")], single_token=True)
+    for kwargs in (dict(single_token=True), dict(space="answer")):
+        with pytest.raises(ValueError, match="no trailing space"):
+            encode_eval([Example("t", "x", "y", "z", "x y so")], **kwargs)
+    with pytest.raises(ValueError, match="space='both' is unknown. Fix: use 'prompt'"):
+        encode_eval(make_examples(2, seed=0), space="both")
 
 
 @settings(max_examples=15, deadline=None)

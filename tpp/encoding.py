@@ -171,29 +171,34 @@ class EvalBatch:
                          self.c_token[idx], self.b_token[idx], [self.examples[r] for r in rows])
 
 
-def encode_eval(examples: Sequence[Example], single_token: bool = False, tokenizer=None) -> EvalBatch:
+def encode_eval(examples: Sequence[Example], single_token: bool = False, tokenizer=None,
+                space: str = "prompt") -> EvalBatch:
     """Encode examples for scoring the first token of c at the end of the prompt.
 
-    single_token=False (the paper's first eval set): the prompt keeps its
-        trailing space, whose token is the last one; c and b are encoded on
-        their own, without a space, and their first tokens are the targets.
-    single_token=True (the paper's second eval set): the trailing space moves
-        onto the answer: the prompt is encoded without it and the targets are
-        the first tokens of " c" and " b". For examples from
-        make_single_token_eval_set, " c" is exactly one token.
+    space="prompt" (the paper's first eval set): the prompt keeps its trailing
+        space, whose token is the last one; c and b are encoded on their own,
+        without a space, and their first tokens are the targets.
+    space="answer": the trailing space moves onto the answer: the prompt is
+        encoded without it and the targets are the first tokens of " c" and
+        " b". The format of models finetuned with ``space="answer"``.
+    single_token=True (the paper's second eval set) is space="answer": for
+        examples from make_single_token_eval_set, " c" is exactly one token.
 
     Returns an EvalBatch; rows are right-padded with EOS to the longest prompt.
-    Raises ValueError on no examples, or (single_token) a prompt without its trailing space.
+    Raises ValueError on no examples, an unknown space, or (space "answer") a prompt without its trailing space.
     """
     examples = _check_nonempty(examples, "encode_eval")
-    if single_token:
+    if space not in ("prompt", "answer"):
+        raise ValueError(f"space={space!r} is unknown. Fix: use 'prompt' (the paper's) or 'answer'.")
+    moved = single_token or space == "answer"
+    if moved:
         for i, e in enumerate(examples):
             if not e.prompt.endswith(" "):
                 raise ValueError(f"examples[{i}].prompt {e.prompt!r} has no trailing space to move onto c. "
                                  "Fix: build Examples with tpp.make_examples (prompts end with one space).")
     tokenizer = _tokenizer(tokenizer)
-    space = " " if single_token else ""
-    prompts = encode_many([e.prompt[:-1] if single_token else e.prompt for e in examples], tokenizer)
+    space = " " if moved else ""
+    prompts = encode_many([e.prompt[:-1] if moved else e.prompt for e in examples], tokenizer)
     first_c = [ids[0] for ids in encode_many([space + e.c for e in examples], tokenizer)]
     first_b = [ids[0] for ids in encode_many([space + e.b for e in examples], tokenizer)]
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
