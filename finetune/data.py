@@ -131,9 +131,10 @@ def corpus_tokens(corpus: str, repeat: int = 1) -> np.ndarray:
     corpus: "wordnet", or the path of a UTF-8 text file (read as one document).
     repeat: each document is written this many times in a row. A repeat is
     predictable only by copying from context, a direct training signal for
-    induction (copying) heads. (Measured here: 100 steps of 16 x 128 tokens on
-    WordNet with repeat=2 did not yet give a 12 x 12, d_model 96 model in-context
-    copying of random tokens; it takes a larger budget.)
+    induction (copying) heads. (Measured here: 1,347 steps of 16 x 128 tokens
+    (2.8 M) on WordNet with repeat=2 gave a 12 x 12, d_model 96 model only a
+    slight gain on a document's second copy (6.9 vs 7.3 nats) and no induction
+    heads; they take a larger budget.)
     """
     if repeat < 1:
         raise ValueError(f"--repeat-docs must be at least 1, got {repeat}")

@@ -64,6 +64,10 @@ def eval_sets(master_size: int, data_seed: int, eval_size: int, single_size: int
     }
 
 
+FORMATS = {"prompt": "the paper's: the prompt ends with a space, c follows on its own",
+           "answer": "the prompt without its trailing space, the answer ' c'"}
+
+
 def metrics_table(results: dict) -> str:
     lines = ["| eval set | cross-entropy | accuracy | logit difference |", "|---|---|---|---|"]
     for name, m in results.items():
@@ -135,8 +139,7 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
               f"Scored on the first token of c at the answer position (as the paper's Tables 1 and 2), on the "
               f"stored weights; eval sets built with seed {args.data_seed}, disjoint from the "
               f"{args.master_size:,}-example master set; the first set's answer format: {answer_space!r} "
-              f"({'prompt ends with a space, c on its own' if answer_space == 'prompt' else 'prompt without the trailing space, answer \' c\''}). "
-              "Mean ± standard error.", "",
+              f"({FORMATS[answer_space]}). Mean ± standard error.", "",
               metrics_table(results), ""]
     if claims:
         lines += [f"Claimed margins over `{args.compare_to}` on the first {args.subset} examples of each eval set "
