@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tpp  # noqa: E402
 from circuitlab.search import search, search_reference  # noqa: E402
-from circuitlab.study import make_metric, to_prompts  # noqa: E402
+from circuitlab.study import answer_space_of, make_metric, to_prompts  # noqa: E402
 from minigpt2 import GPT2, GPT2Config, load_pretrained  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +54,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = GPT2(GPT2Config(n_layer=12, n_head=12, d_model=96, d_mlp=384, n_ctx=128)).eval()
         what = "random 12x12, d_model 96 (no bundled model found)"
-    batch = tpp.encode_eval(tpp.make_eval_set(n=args.examples, seed=args.seed))
+    space = answer_space_of([path]) if path else "prompt"  # the model's finetuning format
+    batch = tpp.encode_eval(tpp.make_eval_set(n=args.examples, seed=args.seed), space=space)
     prompts, metric = to_prompts(batch, args.ablation, args.seed), make_metric(args.metric, batch, model)
     drop = args.drop or ("absolute" if args.metric == "kl" else "relative")
     kw = dict(threshold=args.threshold, order=args.order, drop=drop)

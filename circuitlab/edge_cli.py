@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import tpp
+
 from .acdc import THRESHOLD_MODES, acdc, check_threshold, kl_metric
 from .compare import circuit_faithfulness
 from .draw import draw_circuit
 from .eap import METHODS, eap
 from .graph import ABLATIONS, Circuit, EdgeRunner, Metric
-from .study import answer_space_of
+from .study import answer_space_of, finetuning_master
 
 METRICS = {"kl": False, "logit_diff": True, "accuracy": True, "loss": False}  # name -> higher is better
 
@@ -84,7 +86,6 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
 def corrupted_partners(examples, seed: int = 0, tries: int = 200):
     """For each example, the same template with three other random nouns and the same token
     length. Returns (kept examples, their partners); examples without a partner are dropped."""
-    import tpp
     from tpp.encoding import encode_many
 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
@@ -107,11 +108,10 @@ def corrupted_partners(examples, seed: int = 0, tries: int = 200):
     return kept, partners
 
 
-def build_data(n: int, seed: int, ablation: str, space: str = "prompt"):
-    """(clean EvalBatch, corrupted tokens or None) of n TPP prompts in answer format ``space``."""
-    import tpp
-
-    examples = tpp.make_eval_set(n, seed)
+def build_data(n: int, seed: int, ablation: str, space: str = "prompt", exclude=()):
+    """(clean EvalBatch, corrupted tokens or None) of n TPP prompts in answer format ``space``,
+    none of them among the examples in ``exclude`` (the models' finetuning data)."""
+    examples = tpp.make_eval_set(n, seed, exclude=exclude)
     corrupted = None
     if ablation == "resample":
         examples, partners = corrupted_partners(examples, seed)
@@ -128,8 +128,6 @@ def build_data(n: int, seed: int, ablation: str, space: str = "prompt"):
 
 def make_metric(name: str, batch, clean_logits: torch.Tensor) -> tuple[Metric, bool]:
     """(metric [V, B, vocab] -> [V], higher_is_better) for a metric name, bound to ``batch``."""
-    import tpp
-
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
     m = tpp.metrics
@@ -160,8 +158,10 @@ def _setup(args):
                                 "(the bundled models are trained by train.py, see weights/README.md)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, device=device).eval()
+    size, data_seed = finetuning_master([args.model])
     batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation,
-                                  answer_space_of([args.model], args.answer_space))
+                                  answer_space_of([args.model], args.answer_space),
+                                  tpp.master_dataset(seed=data_seed, n=size) if size else ())
     half = len(batch) // 2 if len(batch) > 1 else 1
     find, held = batch.select(slice(0, half)), batch.select(slice(half, len(batch)))
     cf = None if corrupted is None else corrupted[:half]

@@ -70,6 +70,19 @@ def load_model(path: str) -> GPT2:
     return load_pretrained(p)
 
 
+def finetuning_master(paths) -> tuple[int, int]:
+    """(size, seed) of the master dataset these models were finetuned on, from their metadata.json:
+    the largest master_size found (0: none recorded, nothing to exclude) and its data_seed."""
+    size, seed = 0, 0
+    for path in paths:
+        meta = Path(path) / "metadata.json"
+        if meta.is_file():
+            data = json.loads(meta.read_text()).get("data", {})
+            size = max(size, int(data.get("master_size", 0) or 0))
+            seed = int(data.get("data_seed", seed) or 0)
+    return size, seed
+
+
 def answer_space_of(paths, override: str | None = None) -> str:
     """The first eval set's answer format for these models: ``override``, else the one they were
     finetuned in (metadata.json: a run's answer_space, or a card's eval_data.answer_space), else the
@@ -180,13 +193,7 @@ class Session:
         return {label: load_model(self.paths[label]) for label in self.labels}
 
     def _training_data(self) -> tuple[int, int]:
-        size, seed = 0, 0
-        for path in self.paths.values():
-            meta = Path(path) / "metadata.json"
-            if meta.is_file():
-                data = json.loads(meta.read_text()).get("data", {})
-                size = max(size, int(data.get("master_size", 0) or 0))
-                seed = int(data.get("data_seed", seed) or 0)
+        size, seed = finetuning_master(self.paths.values())
         return (size if self.master_size is None else self.master_size,
                 seed if self.data_seed is None else self.data_seed)
 
@@ -508,7 +515,7 @@ def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) 
     unknown = [m for m in acdc_models if m not in session.models]
     if unknown:
         raise ValueError(f"--acdc-models {unknown} are not among the models {session.labels}")
-    batch, _ = build_data(2 * opts.n_examples, session.seed, opts.ablation)
+    batch, _ = build_data(2 * opts.n_examples, session.seed, opts.ablation, session.answer_space, session.exclude)
     n = len(batch) // 2
     find, held = batch.select(slice(0, n)), batch.select(slice(n, len(batch)))
 

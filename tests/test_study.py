@@ -180,3 +180,18 @@ def test_the_eval_set_takes_the_models_answer_format(tmp_path):
         last = batch.tokens[torch.arange(len(batch)), batch.answer_pos]
         assert (last == space).tolist() == [not moved] * len(batch)  # the paper's prompts end with the space token
         assert [get_tokenizer().decode([int(t)])[0] == " " for t in batch.c_token] == [moved] * len(batch)
+
+
+def test_edge_prompts_take_the_format_and_skip_the_training_data():
+    """ACDC/EAP prompts (circuits.py acdc/eap and the study's edge section) are drawn like the eval
+    set: in the models' answer format, none of them a prompt the models were finetuned on."""
+    from circuitlab.edge_cli import build_data
+
+    train = tpp.make_eval_set(20, seed=5)  # stands in for the master dataset
+    batch, corrupted = build_data(20, 5, "resample", "answer", exclude=train)
+    assert not {e.prompt for e in batch.examples} & {e.prompt for e in train}
+    space = get_tokenizer().encode(" ")[0]
+    assert not (batch.tokens[torch.arange(len(batch)), batch.answer_pos] == space).any()
+    assert corrupted.shape == batch.tokens.shape
+    same, _ = build_data(20, 5, "zero")
+    assert {e.prompt for e in same.examples} == {e.prompt for e in train}  # nothing excluded: the same draw
