@@ -27,6 +27,7 @@ from circuitlab.report import atomic_dir, provenance, write_json
 from circuitlab.search import DROPS, ORDERS
 from circuitlab.sweep import ABLATIONS
 from circuitlab.transfer import load_circuit
+from tpp.encoding import SPACES
 
 # ---------------------------------------------------------------- arguments
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +42,7 @@ g.add_argument("--master-size", type=int, default=None,
                help="exclude the first N examples of the master dataset from the eval sets "
                     "(default: the largest master_size in the models' metadata.json)")
 g.add_argument("--data-seed", type=int, default=None, help="seed of that master dataset (default: from metadata.json)")
-g.add_argument("--answer-space", choices=["prompt", "answer"], default=None,
+g.add_argument("--answer-space", choices=SPACES, default=None,
                help="first eval set's format: prompt (the paper's: trailing space, c on its own) or answer (' c'); "
                     "default: the one the models were finetuned in (metadata.json), else prompt")
 g = common.add_argument_group("output and machine")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import tpp
+from tpp.encoding import SPACES
 
 from .acdc import THRESHOLD_MODES, acdc, check_threshold, kl_metric
 from .compare import circuit_faithfulness
@@ -67,7 +68,7 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     g.add_argument("--model", default="weights/welterweight", help="model directory (config.json + model.safetensors)")
     g.add_argument("--examples", type=int, default=50, help="prompts to find the circuit on; as many more evaluate it")
     g.add_argument("--seed", type=int, default=0, help="seed of the eval set and of the corrupted nouns")
-    g.add_argument("--answer-space", choices=["prompt", "answer"], default=None,
+    g.add_argument("--answer-space", choices=SPACES, default=None,
                    help="the prompts' format: prompt (the paper's: trailing space) or answer (' c'); "
                         "default: the one the model was finetuned in (metadata.json), else prompt")
     g = p.add_argument_group("metric and ablation")

@@ -20,6 +20,7 @@ import torch
 
 import tpp
 from minigpt2 import GPT2, load_pretrained
+from tpp.encoding import SPACES
 
 from . import plots
 from .classify import attending_heads, attention_patterns, classify_heads, target_attention
@@ -70,16 +71,20 @@ def load_model(path: str) -> GPT2:
     return load_pretrained(p)
 
 
+def read_metadata(path) -> dict:
+    """A model directory's metadata.json (written by train.py and finetune.publish), or {}."""
+    meta = Path(path) / "metadata.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def finetuning_master(paths) -> tuple[int, int]:
     """(size, seed) of the master dataset these models were finetuned on, from their metadata.json:
     the largest master_size found (0: none recorded, nothing to exclude) and its data_seed."""
     size, seed = 0, 0
     for path in paths:
-        meta = Path(path) / "metadata.json"
-        if meta.is_file():
-            data = json.loads(meta.read_text()).get("data", {})
-            size = max(size, int(data.get("master_size", 0) or 0))
-            seed = int(data.get("data_seed", seed) or 0)
+        data = read_metadata(path).get("data", {})
+        size = max(size, int(data.get("master_size", 0) or 0))
+        seed = int(data.get("data_seed", seed) or 0)
     return size, seed
 
 
@@ -88,17 +93,15 @@ def answer_space_of(paths, override: str | None = None) -> str:
     finetuned in (metadata.json: a run's answer_space, or a card's eval_data.answer_space), else the
     paper's "prompt" (a trailing space, c on its own). Models that disagree need ``override``."""
     if override is not None:
-        if override not in ("prompt", "answer"):
+        if override not in SPACES:
             raise ValueError(f"--answer-space {override!r}: choose 'prompt' (the paper's) or 'answer' (' c')")
         return override
     found = {}
     for path in paths:
-        meta = Path(path) / "metadata.json"
-        if meta.is_file():
-            data = json.loads(meta.read_text())
-            space = data.get("answer_space") or data.get("eval_data", {}).get("answer_space")
-            if space:
-                found[str(path)] = space
+        meta = read_metadata(path)
+        space = meta.get("answer_space") or meta.get("eval_data", {}).get("answer_space")
+        if space:
+            found[str(path)] = space
     spaces = set(found.values())
     if len(spaces) > 1:
         raise ValueError(f"the models were finetuned in different answer formats ({found}); pass --answer-space "

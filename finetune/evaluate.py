@@ -20,17 +20,24 @@ from minigpt2 import GPT2
 Evaluator = Callable[[GPT2], dict]
 
 
-def tpp_evaluator(exclude, eval_size: int = 3000, single_token_eval_size: int = 1150, seed: int = 0,
-                  batch_size: int = 64, space: str = "prompt") -> Evaluator:
-    """Both TPP evaluation sets, none of whose prompts is in ``exclude`` (the master set); the
-    first in the finetuning's answer format ``space`` (the second always has ' c')."""
+def tpp_eval_sets(exclude, eval_size: int = 3000, single_token_eval_size: int = 1150, seed: int = 0,
+                  space: str = "prompt") -> dict:
+    """Both TPP evaluation sets, "eval" and "single_token_eval", none of whose prompts is in
+    ``exclude`` (the master set); the first in the finetuning's answer format ``space`` (the
+    second always has ' c')."""
     import tpp
 
-    sets = {
+    return {
         "eval": tpp.encode_eval(tpp.make_eval_set(n=eval_size, seed=seed, exclude=exclude), space=space),
         "single_token_eval": tpp.encode_eval(
             tpp.make_single_token_eval_set(n=single_token_eval_size, seed=seed, exclude=exclude), single_token=True),
     }
+
+
+def tpp_evaluator(exclude, eval_size: int = 3000, single_token_eval_size: int = 1150, seed: int = 0,
+                  batch_size: int = 64, space: str = "prompt") -> Evaluator:
+    """An evaluator scoring a model on both TPP evaluation sets (see :func:`tpp_eval_sets`)."""
+    sets = tpp_eval_sets(exclude, eval_size, single_token_eval_size, seed, space)
 
     def evaluate(model: GPT2) -> dict:
         return {name: tpp_metrics(model, batch, batch_size) for name, batch in sets.items()}

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from minigpt2 import load_pretrained, save_pretrained
+from tpp.encoding import SPACES
 
-from .evaluate import tpp_metrics
+from .evaluate import tpp_eval_sets, tpp_metrics
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("run", type=Path, help="run directory of train.py (its model/ is published)")
@@ -40,7 +41,7 @@ parser.add_argument("--master-size", type=int, default=158_000, help="master dat
 parser.add_argument("--data-seed", type=int, default=0, help="seed of the master dataset and eval sets")
 parser.add_argument("--eval-size", type=int, default=3000, help="examples in the first eval set")
 parser.add_argument("--single-token-eval-size", type=int, default=1150, help="examples in the second eval set")
-parser.add_argument("--answer-space", choices=["prompt", "answer"], default=None,
+parser.add_argument("--answer-space", choices=SPACES, default=None,
                     help="format of the first eval set: prompt (the paper's: trailing space, c on its own) or answer "
                          "(' c'); default: the run's finetuning format, else prompt. Pass the finetunes' format "
                          "when publishing their base, so that every card is scored alike")
@@ -52,16 +53,13 @@ parser.add_argument("--subset", type=int, default=200, help="examples of each ev
 
 
 def eval_sets(master_size: int, data_seed: int, eval_size: int, single_size: int, answer_space: str = "prompt") -> dict:
-    """Both eval sets; the first in ``answer_space``'s format (the second always has ' c')."""
+    """Both eval sets, as train.py's evaluator builds them, under the card's names."""
     import tpp
 
     master = tpp.master_dataset(seed=data_seed, n=master_size)
-    return {
-        f"TPP eval ({eval_size} examples)": tpp.encode_eval(tpp.make_eval_set(n=eval_size, seed=data_seed, exclude=master),
-                                                            space=answer_space),
-        f"single-token eval ({single_size} examples)": tpp.encode_eval(
-            tpp.make_single_token_eval_set(n=single_size, seed=data_seed, exclude=master), single_token=True),
-    }
+    sets = tpp_eval_sets(master, eval_size, single_size, data_seed, answer_space)
+    return {f"TPP eval ({eval_size} examples)": sets["eval"],
+            f"single-token eval ({single_size} examples)": sets["single_token_eval"]}
 
 
 FORMATS = {"prompt": "the paper's: the prompt ends with a space, c follows on its own",

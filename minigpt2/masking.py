@@ -157,8 +157,9 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     for block in model.blocks:
         resid.append(block(resid[-1], attn, keep))
     rows = torch.arange(B, device=tokens.device)
-    # The final layer is computed at the answer positions only: keys and values at every position,
-    # one query per row. at_pos: what the final layer needs, gathered at those positions.
+    # The final layer is computed at the answer positions only (keys and values at every position,
+    # one query per row): the keys each answer position may attend, and the clean z and the
+    # replacement values there.
     if attn is None:
         final_keys = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
     else:

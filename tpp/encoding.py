@@ -71,6 +71,14 @@ def _check_nonempty(examples, fn: str) -> list[Example]:
     return examples
 
 
+SPACES = ("prompt", "answer")  # where the space before c goes: the paper's trailing space, or ' c'
+
+
+def check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space={space!r} is unknown. Fix: use 'prompt' (the paper's) or 'answer'.")
+
+
 def encode_for_training(examples: Sequence[Example], label_style: str = "teacher-forced",
                         tokenizer=None, pad_to: int | None = None, space: str = "prompt") -> dict[str, torch.Tensor]:
     """Encode examples for finetuning: {"input_ids", "attention_mask", "labels"}, each LongTensor [N, T].
@@ -103,8 +111,7 @@ def encode_for_training(examples: Sequence[Example], label_style: str = "teacher
     """
     if label_style not in LABEL_STYLES:
         raise ValueError(f"label_style={label_style!r} is unknown. Fix: use one of {LABEL_STYLES}.")
-    if space not in ("prompt", "answer"):
-        raise ValueError(f"space={space!r} is unknown. Fix: use 'prompt' (the paper's) or 'answer'.")
+    check_space(space)
     examples = _check_nonempty(examples, "encode_for_training")
     tokenizer = _tokenizer(tokenizer)
     if space == "prompt":
@@ -188,8 +195,7 @@ def encode_eval(examples: Sequence[Example], single_token: bool = False, tokeniz
     Raises ValueError on no examples, an unknown space, or (space "answer") a prompt without its trailing space.
     """
     examples = _check_nonempty(examples, "encode_eval")
-    if space not in ("prompt", "answer"):
-        raise ValueError(f"space={space!r} is unknown. Fix: use 'prompt' (the paper's) or 'answer'.")
+    check_space(space)
     moved = single_token or space == "answer"
     if moved:
         for i, e in enumerate(examples):
@@ -197,10 +203,10 @@ def encode_eval(examples: Sequence[Example], single_token: bool = False, tokeniz
                 raise ValueError(f"examples[{i}].prompt {e.prompt!r} has no trailing space to move onto c. "
                                  "Fix: build Examples with tpp.make_examples (prompts end with one space).")
     tokenizer = _tokenizer(tokenizer)
-    space = " " if moved else ""
+    lead = " " if moved else ""
     prompts = encode_many([e.prompt[:-1] if moved else e.prompt for e in examples], tokenizer)
-    first_c = [ids[0] for ids in encode_many([space + e.c for e in examples], tokenizer)]
-    first_b = [ids[0] for ids in encode_many([space + e.b for e in examples], tokenizer)]
+    first_c = [ids[0] for ids in encode_many([lead + e.c for e in examples], tokenizer)]
+    first_b = [ids[0] for ids in encode_many([lead + e.b for e in examples], tokenizer)]
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     tokens = np.full((len(examples), int(lengths.max())), _pad_id(tokenizer), dtype=np.int64)
     _place(tokens, prompts, np.zeros_like(lengths))
