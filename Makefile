@@ -18,7 +18,7 @@ demo: setup
 	$(BIN)/python circuits.py study --out reports/study
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: setup
 	$(BIN)/python bench/bench_head_masks.py

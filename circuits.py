@@ -11,6 +11,8 @@
 
 Each command writes JSON, PNG and markdown to --out (replaced whole, only once
 complete) and prints its table. Models default to the bundled ones in weights/.
+A bad flag, model directory or circuit file is refused before any work, in one line
+"circuits.py COMMAND: error: ..." (exit status 2) that names it and the fix.
 """
 
 from __future__ import annotations
@@ -21,99 +23,126 @@ import sys
 from pathlib import Path
 
 from circuitlab import edge_cli, study as S
-from circuitlab.classify import check_class_args
+from circuitlab.circuitfile import load_circuits
 from circuitlab.probe import DEFAULT_PROMPT
-from circuitlab.report import atomic_dir, provenance, write_json
+from circuitlab.report import atomic_dir, check_out_dir, provenance, write_json
 from circuitlab.search import DROPS, ORDERS
 from circuitlab.sweep import ABLATIONS
-from circuitlab.transfer import load_circuit
 from tpp.encoding import SPACES
+from tpp.examples import EVAL_SIZE, MAX_EXAMPLES, SINGLE_TOKEN_EVAL_SIZE
+from tpp.flags import Parser, fail, integer, number, text
 
 # ---------------------------------------------------------------- arguments
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Each flag's type refuses an impossible value while the command line is parsed (one line, exit 2);
+# what depends on several flags, the model directories or the circuit files is checked by setup().
+EXAMPLES = integer(1, MAX_EXAMPLES, why="at most tpp.examples.MAX_EXAMPLES, so that the eval set fits in memory")
+DRAW = integer(1, EVAL_SIZE, why=f"a draw from the {EVAL_SIZE}-example eval set")
+SEED = integer(0, why="seeds are non-negative")
+ATTENTION = number(0, 1, why="an attention weight")
+
+parser = Parser(prog="circuits.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
 common = argparse.ArgumentParser(add_help=False)
 g = common.add_argument_group("models and data")
 g.add_argument("--models", nargs="+", default=S.DEFAULT_MODELS, metavar="[LABEL=]DIR",
                help="model directories (config.json + model.safetensors), optionally labelled; default: the bundled four")
-g.add_argument("--seed", type=int, default=0, help="seed of the eval sets and of every random choice")
-g.add_argument("--master-size", type=int, default=None,
+g.add_argument("--seed", type=SEED, default=0, help="seed of the eval sets and of every random choice")
+g.add_argument("--master-size", type=integer(0, MAX_EXAMPLES), default=None,
                help="exclude the first N examples of the master dataset from the eval sets "
                     "(default: the largest master_size in the models' metadata.json)")
-g.add_argument("--data-seed", type=int, default=None, help="seed of that master dataset (default: from metadata.json)")
+g.add_argument("--data-seed", type=SEED, default=None, help="seed of that master dataset (default: from metadata.json)")
 g.add_argument("--answer-space", choices=SPACES, default=None,
                help="first eval set's format: prompt (the paper's: trailing space, c on its own) or answer (' c'); "
                     "default: the one the models were finetuned in (metadata.json), else prompt")
 g = common.add_argument_group("output and machine")
-g.add_argument("--out", type=Path, default=None, help="output directory (default: reports/COMMAND); replaced when done")
-g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+g.add_argument("--out", type=Path, default=None,
+               help="output directory (default: reports/COMMAND); replaced when done, so it must be new, empty "
+                    "or an earlier report")
+g.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def search_args(p: argparse.ArgumentParser, examples_flag: str = "--examples") -> None:
     g = p.add_argument_group("circuit search (section 5.3)")
     g.add_argument("--metric", choices=list(S.METRICS), default="accuracy", help="performance measure of each check")
-    g.add_argument("--threshold", type=float, default=0.03, help="keep an ablation whose drop is below this")
+    g.add_argument("--threshold", type=number(0), default=0.03,
+                   help="keep an ablation whose drop is below this (a relative drop: in [0, 1])")
     g.add_argument("--drop", choices=DROPS, default=None,
                    help="relative: (baseline - value) / |baseline| (default; the paper's reading); absolute: "
                         "baseline - value (default for kl); signs flip for loss and kl")
     g.add_argument("--order", choices=ORDERS, default="layer-up", help="layer-up (the paper) or layer-down (as ACDC)")
     g.add_argument("--ablation", choices=ABLATIONS, default="zero", help="what an ablated head outputs (paper: zero)")
-    g.add_argument(examples_flag, dest="search_examples", type=int, default=100, help="examples per check (paper: 100)")
-    g.add_argument("--rigorous", type=int, default=0, metavar="N",
+    g.add_argument(examples_flag, dest="search_examples", type=EXAMPLES, default=100,
+                   help="examples per check (paper: 100)")
+    g.add_argument("--rigorous", type=integer(0, MAX_EXAMPLES), default=0, metavar="N",
                    help="re-check every kept ablation on N examples (0: off)")
-    g.add_argument("--speculate", type=int, default=None,
+    g.add_argument("--speculate", type=integer(1), default=None,
                    help="heads per speculative batch (default: 1 on a CPU, where batching saves nothing, 8 on a GPU)")
 
 
 p = commands.add_parser("baseline", parents=[common], help="Tables 1 and 2: loss, accuracy, logit difference")
-p.add_argument("--examples", type=int, default=3000, help="examples in the first eval set (paper: 3000)")
-p.add_argument("--single-examples", type=int, default=1150, help="examples in the single-token set (paper: 1150)")
+p.add_argument("--examples", type=EXAMPLES, default=3000, help="examples in the first eval set (paper: 3000)")
+p.add_argument("--single-examples", type=EXAMPLES, default=1150, help="examples in the single-token set (paper: 1150)")
 
 p = commands.add_parser("sweep", parents=[common], help="every head ablated alone; heatmaps of the effects")
-p.add_argument("--examples", type=int, default=100, help="examples drawn from the eval set")
+p.add_argument("--examples", type=DRAW, default=100, help="examples drawn from the eval set")
 p.add_argument("--metrics", nargs="+", choices=list(S.METRICS), default=["accuracy", "logit_diff", "loss"])
 p.add_argument("--ablation", choices=ABLATIONS, default="zero", help="what an ablated head outputs")
 
 p = commands.add_parser("search", parents=[common], help="the paper's greedy layer-by-layer head search")
 search_args(p)
-p.add_argument("--eval-examples", type=int, default=3000, help="the found circuit is evaluated on this many examples")
+p.add_argument("--eval-examples", type=EXAMPLES, default=3000,
+               help="the found circuit is evaluated on this many examples")
 
 p = commands.add_parser("transfer", parents=[common], help="Table 3: each circuit evaluated on each model")
 p.add_argument("--circuits", nargs="+", type=Path, required=True, help="circuit JSON files written by search")
-p.add_argument("--examples", type=int, default=3000, help="eval set size (paper: 3000)")
+p.add_argument("--examples", type=EXAMPLES, default=3000, help="eval set size (paper: 3000)")
 
 p = commands.add_parser("classify", parents=[common], help="head classes and attention to c (Figure 2)")
-p.add_argument("--examples", type=int, default=100, help="examples drawn from the eval set (paper: 100)")
-p.add_argument("--score-threshold", type=float, default=0.4, help="mean attention that shows a class in an example")
-p.add_argument("--min-fraction", type=float, default=0.8, help="fraction of examples needed to assign a class")
-p.add_argument("--c-threshold", type=float, default=0.4, help="mean attention to c that makes a c-attending head")
-p.add_argument("--circuits", nargs="*", type=Path, default=[], help="count classes among these circuits' heads")
+p.add_argument("--examples", type=DRAW, default=100, help="examples drawn from the eval set (paper: 100)")
+p.add_argument("--score-threshold", type=ATTENTION, default=0.4, help="mean attention that shows a class in an example")
+p.add_argument("--min-fraction", type=number(0, 1, lo_open=True, why="a share of the examples"), default=0.8,
+               help="fraction of examples needed to assign a class")
+p.add_argument("--c-threshold", type=ATTENTION, default=0.4, help="mean attention to c that makes a c-attending head")
+p.add_argument("--circuits", nargs="*", type=Path, default=[],
+               help="count classes among these circuits' heads (each labelled with one of --models)")
 
 p = commands.add_parser("generate", parents=[common], help="greedy continuations side by side (section 6.1)")
-p.add_argument("--prompt", action="append", dest="prompts", default=None, help=f"repeatable; default: {DEFAULT_PROMPT!r}")
-p.add_argument("--max-new-tokens", type=int, default=16)
+p.add_argument("--prompt", action="append", dest="prompts", type=text, default=None,
+               help=f"repeatable; default: {DEFAULT_PROMPT!r}")
+p.add_argument("--max-new-tokens", type=integer(1), default=16)
 
 p = commands.add_parser("study", parents=[common], help="everything above into one report directory")
 search_args(p, "--search-examples")
-p.add_argument("--examples", type=int, default=3000, help="first eval set: baseline and transfer (paper: 3000)")
-p.add_argument("--single-examples", type=int, default=1150, help="single-token eval set (paper: 1150)")
-p.add_argument("--sweep-examples", type=int, default=100, help="examples of the single-head sweep")
-p.add_argument("--classify-examples", type=int, default=100, help="examples of the head classification")
-p.add_argument("--max-new-tokens", type=int, default=16, help="length of the forgetting probe's continuations")
+p.add_argument("--examples", type=EXAMPLES, default=3000, help="first eval set: baseline and transfer (paper: 3000)")
+p.add_argument("--single-examples", type=EXAMPLES, default=1150, help="single-token eval set (paper: 1150)")
+p.add_argument("--sweep-examples", type=EXAMPLES, default=100, help="examples of the single-head sweep")
+p.add_argument("--classify-examples", type=EXAMPLES, default=100, help="examples of the head classification")
+p.add_argument("--max-new-tokens", type=integer(1), default=16, help="length of the forgetting probe's continuations")
 g = p.add_argument_group("edge circuits (ACDC, EAP-IG)")
 g.add_argument("--no-edges", action="store_true", help="skip ACDC and EAP-IG")
 g.add_argument("--acdc-models", nargs="*", default=None, metavar="LABEL",
                help="models to run ACDC on (default: the last model; none: no ACDC)")
-g.add_argument("--acdc-threshold", type=float, default=0.7, help="ACDC's absolute KL threshold (the paper: 0.7)")
-g.add_argument("--eap-top-k", type=int, default=100, help="edges kept by EAP-IG")
-g.add_argument("--edge-examples", type=int, default=50, help="examples to find edge circuits on (as many evaluate)")
+g.add_argument("--acdc-threshold", type=number(0), default=0.7, help="ACDC's absolute KL threshold (the paper: 0.7)")
+g.add_argument("--eap-top-k", type=integer(1), default=100, help="edges kept by EAP-IG")
+g.add_argument("--edge-examples", type=integer(1, MAX_EXAMPLES // 2), default=50,
+               help="examples to find edge circuits on (as many evaluate)")
 
 edge_cli.add_subcommands(commands)
 
 
 # ---------------------------------------------------------------- commands
-def session(args, n_eval: int = 3000, n_single: int = 1150) -> S.Session:
+SAME_SHAPE = ("sweep", "search", "transfer", "classify", "study")  # one grid of heads for every model
+
+
+def session(args) -> S.Session:
+    n_eval, n_single = EVAL_SIZE, SINGLE_TOKEN_EVAL_SIZE  # sweep, classify and generate draw from these
+    if args.command in ("baseline", "study"):
+        n_eval, n_single = args.examples, args.single_examples
+    elif args.command == "transfer":
+        n_eval = args.examples
+    elif args.command == "search":
+        n_eval = args.eval_examples
     return S.Session(args.models, seed=args.seed, n_eval=n_eval, n_single=n_single,
                      master_size=args.master_size, data_seed=args.data_seed, answer_space=args.answer_space)
 
@@ -124,41 +153,60 @@ def search_options(args) -> S.SearchOptions:
                            rigorous_examples=args.rigorous, speculate=args.speculate)
 
 
-def run_command(args, argv: list[str]) -> tuple[list[S.Section], Path]:
-    out = args.out or Path("reports") / args.command
-    if args.command == "study":
-        ses = session(args, args.examples, args.single_examples)
-        edges = None if args.no_edges else S.EdgeOptions(
-            acdc_models=args.acdc_models, acdc_threshold=args.acdc_threshold, eap_top_k=args.eap_top_k,
-            n_examples=args.edge_examples)
-        opts = S.StudyOptions(search=search_options(args), sweep_examples=args.sweep_examples,
-                              classify_examples=args.classify_examples, max_new_tokens=args.max_new_tokens,
-                              edges=edges)
-        return S.study(ses, out, opts, argv), out
-    if args.command == "search":
-        ses, opts = session(args, args.eval_examples), search_options(args)
-        opts.check()
-    elif args.command in ("baseline",):
-        ses = session(args, args.examples, args.single_examples)
-    elif args.command == "transfer":
-        ses = session(args, args.examples)
-        circuits = {}
-        for f in args.circuits:
-            c = load_circuit(f)
-            circuits[c.get("label") or f.stem] = c
+def study_options(args) -> S.StudyOptions:
+    edges = None if args.no_edges else S.EdgeOptions(
+        acdc_models=args.acdc_models, acdc_threshold=args.acdc_threshold, eap_top_k=args.eap_top_k,
+        n_examples=args.edge_examples)
+    return S.StudyOptions(search=search_options(args), sweep_examples=args.sweep_examples,
+                          classify_examples=args.classify_examples, max_new_tokens=args.max_new_tokens, edges=edges)
+
+
+def setup(args) -> tuple[S.Session, dict[str, dict]]:
+    """Everything checked before a model is loaded or a dataset built: the model directories (their
+    config.json and metadata.json) and shapes, the circuit files, the flags that bound one another,
+    --out. Returns the session and the circuits; raises ValueError or FileNotFoundError."""
+    ses = session(args)
+    ses.configs  # noqa: B018  (every model directory and its config.json, read now)
+    if args.command in SAME_SHAPE:
+        ses.check_same_shape()
+    circuits = {}
+    if args.command == "transfer":
+        circuits = load_circuits(args.circuits, ses.configs)
     elif args.command == "classify":
-        check_class_args(args.score_threshold, args.min_fraction)
-        ses = session(args)
-        circuits = {(c := load_circuit(f)).get("label") or f.stem: c for f in args.circuits}
-    else:
-        ses = session(args)
+        circuits = load_circuits(args.circuits, ses.configs, own_model=True)
+    if args.command in ("search", "study"):
+        opts = search_options(args)
+        opts.check()
+        flag, eval_flag = ("--examples", "--eval-examples") if args.command == "search" else ("--search-examples",
+                                                                                             "--examples")
+        ses.check_sample(opts.n_examples, flag, eval_flag)
+        if opts.rigorous_examples:
+            ses.check_sample(opts.rigorous_examples, "--rigorous", eval_flag)
+    if args.command == "study":
+        ses.check_sample(args.sweep_examples, "--sweep-examples", "--examples")
+        ses.check_sample(args.classify_examples, "--classify-examples", "--examples")
+        edges = study_options(args).edges
+        if edges is not None:
+            edges.acdc_models_of(ses)
+    check_out_dir(out_dir(args))
+    return ses, circuits
+
+
+def out_dir(args) -> Path:
+    return args.out or Path("reports") / args.command
+
+
+def run_command(args, ses: S.Session, circuits: dict[str, dict], argv: list[str]) -> list[S.Section]:
+    out = out_dir(args)
+    if args.command == "study":
+        return S.study(ses, out, study_options(args), argv)
     with atomic_dir(out) as tmp:
         if args.command == "baseline":
             section = S.baseline(ses, tmp)
         elif args.command == "sweep":
             section = S.head_sweep(ses, tmp, args.examples, args.metrics, args.ablation)
         elif args.command == "search":
-            section, _ = S.find_circuits(ses, tmp, opts)
+            section, _ = S.find_circuits(ses, tmp, search_options(args))
         elif args.command == "transfer":
             section = S.cross_evaluate(ses, tmp, circuits)
         elif args.command == "classify":
@@ -168,25 +216,28 @@ def run_command(args, argv: list[str]) -> tuple[list[S.Section], Path]:
             section = S.generate(ses, tmp, args.prompts or [DEFAULT_PROMPT], args.max_new_tokens)
         write_json(tmp / "provenance.json", provenance(argv, data=ses.data_info(),
                                                        args={k: str(v) for k, v in vars(args).items()}))
-    return [section], out
+    return [section]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0, or 2 with one line ``circuits.py COMMAND: error: ...`` on stderr: a bad flag while
+    parsing (argparse exits), anything else found by setup() before any work, or an error while running."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    # A kill (SIGTERM) unwinds like an error, so no half-built --out directory is left behind.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     if getattr(args, "edge_command", None):
         return args.edge_command(args)
     try:
-        sections, out = run_command(args, ["circuits.py", *argv])
+        ses, circuits = setup(args)
+        # A kill (SIGTERM) unwinds like an error, so no half-built --out directory is left behind.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        sections = run_command(args, ses, circuits, ["circuits.py", *argv])
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"{parser.prog} {args.command}", e)
+    out = out_dir(args)
     if args.command == "study":
         print("\n".join(f"- {s.title}: {s.summary}" for s in sections))
         print(f"\nreport: {out / 'report.md'}")

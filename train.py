@@ -6,7 +6,11 @@
     python train.py finetune --out runs/featherweight --resume        # after a crash or Ctrl-C
 
 Every setting is a flag below; the resolved values go to OUT/args.json. The loop,
-data, checkpoints and evaluation live in the finetune package.
+data, checkpoints and evaluation live in the finetune package. An impossible flag value
+is refused before any work (exit status 2). A NaN or inf stops the run (exit status 3)
+without saving it, printing the command that goes on: a fresh start with a lower --lr, or,
+when a checkpoint predates the divergence, --resume with a lower --lr (after such a stop,
+--resume accepts a changed --lr, --warmup-steps or --grad-clip, and records it in args.json).
 
 Throughput (tokens/s is on the progress bar and in log.jsonl): pretraining the
 12-layer, 12-head, d_model 96 model (6.2 M parameters, 4.8 M of them the tied
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -37,6 +43,27 @@ MODE_DEFAULTS = {
 # Flags that may differ when resuming a run (they do not change what is computed, or only its speed).
 MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "max_steps", "device", "dtype", "micro_batch_size", "progress",
                         "log_every", "eval_every", "save_every", "keep_checkpoints", "out"}
+# ... and these too, after a stop on a NaN/inf (the change is recorded in args.json, changed_on_resume)
+MAY_CHANGE_AFTER_NON_FINITE = {"lr", "warmup_steps", "grad_clip"}
+
+# What each numeric flag allows. Whole numbers: the least value (None also allowed where listed);
+# numbers: an interval, its brackets saying whether each end is allowed.
+WHOLE_AT_LEAST = {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "max_steps": 1, "warmup_steps": 0,
+                  "log_every": 1, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1, "seed": 0, "eval_size": 1,
+                  "master_size": 1, "data_seed": 0, "single_token_eval_size": 1, "block_size": 2, "repeat_docs": 1,
+                  "n_layer": 1, "n_head": 1, "d_model": 1, "d_mlp": 1, "n_ctx": 1}
+OPTIONAL = {"micro_batch_size", "max_steps"}
+NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "min_lr_ratio": "[0, 1]",
+             "fraction": "(0, 1]", "copy_spans": "[0, 1]", "random_repeats": "[0, 1]"}
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``train.py: error: --flag ...`` (exit status 2)."""
+
+    def error(self, message):
+        message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[-1] + ": ", message)
+        self.exit(2, f"train.py: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--keep-checkpoints", type=int, default=1, help="how many checkpoints to keep")
     io.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
 
     ft = modes.add_parser("finetune", parents=[common], help="supervised finetuning on TPP (the paper's section 4)")
@@ -105,11 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     pt = modes.add_parser("pretrain", parents=[common], help="train a small GPT-2 from scratch on text")
     corpus = pt.add_argument_group("corpus")
     corpus.add_argument("--corpus", default="wordnet",
-                        help="'wordnet' (WordNet 3.0 glosses and examples via nltk; set NLTK_DATA) or a .txt path")
+                        help="'wordnet' (WordNet 3.0 glosses and examples via nltk; set NLTK_DATA), 'gcide' (the "
+                             "Collaborative International Dictionary of English: apt-get install dict-gcide), a .txt "
+                             "path, or several joined by '+' (wordnet+gcide)")
     corpus.add_argument("--block-size", type=int, default=128, help="tokens per packed training block")
     corpus.add_argument("--repeat-docs", type=int, default=1,
                         help="write each document this many times in a row: a repeat is predictable only by "
                              "copying from context, a direct training signal for induction heads")
+    corpus.add_argument("--copy-spans", type=float, default=0.0,
+                        help="fraction of training blocks in which a span of the block's text is copied to a "
+                             "later place (induction-head signal)")
+    corpus.add_argument("--random-repeats", type=float, default=0.0,
+                        help="fraction of training blocks replaced by a repeated sequence of random tokens")
+    corpus.add_argument("--init", help="start from this checkpoint's weights (continued pretraining) instead of a "
+                                       "random initialisation; its shape must equal the model flags")
     arch = pt.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")
     arch.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
     arch.add_argument("--n-head", type=int, default=12, help="attention heads per block")
@@ -137,19 +173,158 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+# ---------------------------------------------------------------- checking the flags
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def whole_problem(value, least: int) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+    return None if ok else f"must be a whole number >= {least}"
+
+
+def number_problem(value, interval: str) -> str | None:
+    """None if ``value`` is a finite number in ``interval`` ("(0, 1]", "[0, inf)", ...), else why not."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    bound = f"{'>' if interval[0] == '(' else '>='} {lo:g}" if hi == math.inf else f"in {interval}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return f"must be a finite number {bound}"
+    above = value > lo if interval[0] == "(" else value >= lo
+    below = value < hi if interval[-1] == ")" else value <= hi
+    return None if above and below else f"must be a number {bound}"
+
+
+def out_problem(out: str) -> str | None:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"--out {out} is a file, not a run directory: choose another --out"
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"--out {out}: {existing} is a file, so no directory can be made there: choose another --out"
+    return None
+
+
+def flag_problem(args) -> str | None:
+    """The first impossible value of a single flag, as '--flag value: why'; None if none."""
+    if args.resume and args.overwrite:
+        return "--resume and --overwrite contradict each other: keep one"
+    for dest, least in WHOLE_AT_LEAST.items():
+        value = getattr(args, dest, None)
+        if hasattr(args, dest) and not (value is None and dest in OPTIONAL):
+            if (why := whole_problem(value, least)) is not None:
+                return f"{flag(dest)} {value}: {why}"
+    for dest, interval in NUMBER_IN.items():
+        if hasattr(args, dest) and (why := number_problem(getattr(args, dest), interval)) is not None:
+            return f"{flag(dest)} {getattr(args, dest)}: {why}"
+    if not DEVICE.match(str(args.device)):
+        return f"--device {args.device}: choose auto, cpu, cuda, cuda:N or mps"
+    return out_problem(args.out)
+
+
+def cross_problem(args) -> str | None:
+    """The first problem of several flags together (each alone has passed)."""
+    if args.mode == "pretrain":
+        if args.d_model % args.n_head:
+            return f"--d-model {args.d_model} is not a multiple of --n-head {args.n_head}"
+        if args.block_size > args.n_ctx:
+            return f"--block-size {args.block_size} exceeds --n-ctx {args.n_ctx}: raise --n-ctx"
+        if args.copy_spans + args.random_repeats > 1:
+            return f"--copy-spans {args.copy_spans} + --random-repeats {args.random_repeats} exceed 1"
+    elif round(args.fraction * args.master_size) < 1:
+        return f"--fraction {args.fraction} of --master-size {args.master_size} keeps no example: raise --fraction"
+    return None
+
+
+def validate(parser: argparse.ArgumentParser, args, source: Path | None = None, cross: bool = True) -> None:
+    """Refuse impossible flag values the argparse way (one line, exit status 2), before any work.
+    ``source``: the run's args.json, merged in (its values were not checked yet); ``cross``: also
+    check flags against each other (not before a resumed run's args.json is read)."""
+    why = flag_problem(args)
+    if why is not None and source is not None:
+        why += f" (the value comes from {source}: repair it there)"
+    if why is None and cross:
+        why = cross_problem(args)
+        if why is not None and source is not None:
+            why += f" (with the values of {source})"
+    if why is not None:
+        parser.error(why)
+
+
 def parse(argv=None) -> argparse.Namespace:
-    """Parse and resolve; with --resume, the run's saved args.json supplies every flag not given again."""
+    """Parse, resolve and check; with --resume, the run's saved args.json supplies every flag not given again."""
     parser = build_parser()
     args = resolve(parser.parse_args(argv))
-    saved_path = Path(args.out) / "args.json"
-    if args.resume and saved_path.exists():
-        saved = json.loads(saved_path.read_text())
-        parser.modes[args.mode].set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
-        args = resolve(parser.parse_args(argv))
-        from finetune.checkpoint import check_resume_args
-
-        check_resume_args(saved, vars(args), MAY_CHANGE_ON_RESUME)
+    validate(parser, args, cross=not args.resume)
+    if args.resume:
+        args = merge_saved_args(parser, argv, args)
     return args
+
+
+def merge_saved_args(parser, argv, args) -> argparse.Namespace:
+    """The flags of a run being resumed: its args.json, overridden by ``argv`` where allowed."""
+    from finetune.checkpoint import check_resume_args, read_json_object, read_non_finite_note
+
+    saved_path = Path(args.out) / "args.json"
+    if not saved_path.exists():
+        if (Path(args.out) / "checkpoints").is_dir():
+            raise ValueError(f"{saved_path} is missing, so the run's settings are unknown. Fix: restore it (each "
+                             "checkpoint's metadata.json records the command that started the run), or start the "
+                             "run again with --overwrite")
+        validate(parser, args)
+        return args
+    saved = read_json_object(saved_path, fix="it holds the run's settings: repair it (each checkpoint's "
+                                             "metadata.json records the command that started the run), or start "
+                                             "the run again with --overwrite")
+    parser.modes[args.mode].set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
+    args = resolve(parser.parse_args(argv))
+    validate(parser, args, source=saved_path)
+    may_change = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_AFTER_NON_FINITE if read_non_finite_note(args.out) else set())
+    check_resume_args(saved, vars(args), may_change)
+    return args
+
+
+def record_resume_changes(args) -> None:
+    """After a NaN/inf stop, flags changed on --resume are written to args.json (so a later
+    --resume keeps them), with the step they took effect at under changed_on_resume."""
+    from finetune.checkpoint import latest_checkpoint, read_json_object, write_json
+
+    path = Path(args.out) / "args.json"
+    saved = read_json_object(path, fix="restore it")
+    changed = {k: [saved.get(k), getattr(args, k)] for k in sorted(MAY_CHANGE_AFTER_NON_FINITE)
+               if saved.get(k) != getattr(args, k)}
+    if changed:
+        step = int(latest_checkpoint(args.out).name.removeprefix("step-"))
+        args.changed_on_resume = saved.get("changed_on_resume", []) + [{"step": step, "changed": changed}]
+        write_json(path, {**saved, **{k: new for k, (_, new) in changed.items()},
+                          "changed_on_resume": args.changed_on_resume})
+
+
+# ---------------------------------------------------------------- advice after a NaN/inf stop
+def settings_argv(args, leave_out=("resume", "overwrite")) -> list[str]:
+    """Arguments that reproduce the run's settings: the mode, --out, and every flag whose value
+    differs from the one it would get unset."""
+    parser = build_parser()
+    unset = vars(resolve(parser.parse_args([args.mode, "--out", args.out])))
+    argv = [args.mode, "--out", str(args.out)]
+    for action in parser.modes[args.mode]._actions:
+        dest = action.dest
+        if not action.option_strings or dest in (*leave_out, "help", "out") or getattr(args, dest) == unset[dest]:
+            continue
+        option = action.option_strings[0]
+        argv += [option] if action.nargs == 0 else [option, str(getattr(args, dest))]
+    return argv
+
+
+def advised_commands(args, err) -> str:
+    """The commands that follow a NonFiniteLoss's advice, to run as they are."""
+    lr = f"{min(args.lr / 10, MODE_DEFAULTS[args.mode]['lr']):g}"
+    if err.fix == "resume":
+        commands = [[args.mode, "--out", str(args.out), "--resume", "--lr", lr]]
+    else:
+        commands = [settings_argv(args, leave_out=("resume", "overwrite", "lr")) + ["--overwrite", "--lr", lr]]
+        if err.bfloat16 and err.checkpoint is not None:
+            commands.append([args.mode, "--out", str(args.out), "--resume", "--dtype", "float32"])
+    return "\n".join(f"  {shlex.join(['python', 'train.py', *c])}" for c in commands)
 
 
 def load_base(path: str):
@@ -184,14 +359,18 @@ def build(args):
     else:
         cfg = GPT2Config(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_mlp=args.d_mlp,
                          n_ctx=args.n_ctx)
-        if args.block_size > cfg.n_ctx:
-            raise ValueError(f"--block-size {args.block_size} exceeds --n-ctx {cfg.n_ctx}: raise --n-ctx")
-        model = GPT2(cfg)
-        model.init_weights(seed=args.seed)
+        if args.init:
+            model = load_base(args.init).float()
+            if model.cfg != cfg:
+                raise ValueError(f"--init {args.init} holds a model of shape {model.cfg.to_dict()}, the flags ask for "
+                                 f"{cfg.to_dict()}: pass the model flags that match it")
+        else:
+            model = GPT2(cfg)
+            model.init_weights(seed=args.seed)
         data, held_out = finetune.pretrain_data(args.corpus, args.block_size, args.fraction, args.eval_size,
-                                                   args.repeat_docs)
+                                                args.repeat_docs, args.copy_spans, args.random_repeats, args.seed)
         evaluate = finetune.heldout_evaluator(held_out) if main_rank else None
-        meta = {"preset": None, "corpus": args.corpus, "n_params": sum(p.numel() for p in model.parameters())}
+        meta = {"preset": None, "corpus": args.corpus, "init": args.init, "n_params": sum(p.numel() for p in model.parameters())}
     meta |= {"mode": args.mode, "seed": args.seed, "data_fraction": args.fraction, "data_sha256": data.sha256(),
              "data": data.info, "model_config": model.cfg.to_dict(), "torch": torch.__version__}
     return model, data, evaluate, meta
@@ -209,49 +388,76 @@ def train_config(args):
         progress=args.progress)
 
 
-def main(argv=None, on_step=None) -> dict:
-    """Run train.py with ``argv``; return the final metadata. ``on_step(trainer)``: see finetune.Trainer."""
+def start_run_dir(args, d) -> None:
+    """Rank 0 prepares --out (recovering, clearing or creating it) and writes or updates args.json."""
     import torch.distributed as dist
 
-    from finetune import Dist, Trainer, prepare_run_dir
+    from finetune import prepare_run_dir
     from finetune.checkpoint import write_json
+
+    if d.world > 1:  # every rank has checked --out before rank 0 changes it
+        dist.barrier()
+    if d.main:
+        prepare_run_dir(args.out, args.resume, args.overwrite)
+        if args.resume:
+            record_resume_changes(args)
+        else:
+            write_json(Path(args.out) / "args.json", vars(args))
+    if d.world > 1:
+        dist.barrier()
+
+
+def main(argv=None, on_step=None) -> dict:
+    """Run train.py with ``argv``; return the final metadata. ``on_step(trainer)``: see finetune.Trainer."""
+    args = parse(argv)  # before torch is imported: a bad flag costs milliseconds
+    import torch.distributed as dist
+
+    from finetune import Dist, NonFiniteLoss, Trainer, prepare_run_dir
     from finetune.trainer import init_distributed, resolve_device
 
-    args = parse(argv)
     d = Dist.from_env()
     init_distributed(d, resolve_device(args.device, d))
     prepare_run_dir(args.out, args.resume, args.overwrite, create=False)  # fail before the slow part
     model, data, evaluate, meta = build(args)
     meta["command"] = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
-    if d.world > 1:  # every rank has checked --out before rank 0 changes it
-        dist.barrier()
-    if d.main:
-        prepare_run_dir(args.out, args.resume, args.overwrite)
-        if not args.resume:
-            write_json(Path(args.out) / "args.json", vars(args))
-    if d.world > 1:
-        dist.barrier()
+    start_run_dir(args, d)
+    if getattr(args, "changed_on_resume", None):
+        meta["changed_on_resume"] = args.changed_on_resume
     try:
         return Trainer(model, data, train_config(args), evaluate, meta, on_step=on_step).train()
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{e}. Run:\n{advised_commands(args, e)}", e.fix, e.checkpoint, e.bfloat16) from None
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def cli() -> int:
-    from finetune import NonFiniteLoss
-
-    try:
-        meta = main()
-    except KeyboardInterrupt as e:
-        print(f"\n{e or 'interrupted'}; continue with the same command plus --resume", file=sys.stderr)
-        return 130
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
+def exit_status(e: BaseException) -> int | None:
+    """train.py's exit status for an error it explains in one message (2: flags or files,
+    3: NaN/inf, 130: Ctrl-C); None for one it does not expect (its traceback is shown)."""
+    trainer = sys.modules.get("finetune.trainer")  # imported by then if the error is its NonFiniteLoss
+    if trainer is not None and isinstance(e, trainer.NonFiniteLoss):
         return 3
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    return 2 if isinstance(e, (OSError, ValueError)) else None
+
+
+def cli(argv=None) -> int:
+    """train.py's command line; returns the exit status."""
+    try:
+        meta = main(argv)
+    except SystemExit as e:  # argparse: --help, or a bad flag (already printed)
+        return e.code if isinstance(e.code, int) else 1
+    except BaseException as e:
+        status = exit_status(e)
+        if status is None:
+            raise
+        if status == 130:
+            print(f"\n{e or 'interrupted'}; continue with the same command plus --resume", file=sys.stderr)
+        else:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return status
     print(json.dumps({"steps": meta["steps"], "final_metrics": meta["final_metrics"]}, indent=2))
     return 0
 

@@ -105,11 +105,14 @@ class HeadClasses:
                 "fraction": {c: v.tolist() for c, v in self.fraction.items()}}
 
 
-def check_class_args(score_threshold: float, min_fraction: float) -> None:
+def check_class_args(score_threshold: float, min_fraction: float, c_threshold: float | None = None) -> None:
+    """Refuse thresholds outside their ranges (NaN included): attention weights lie in [0, 1]."""
     if not 0 <= score_threshold <= 1:
         raise ValueError(f"score_threshold must be an attention weight in [0, 1], got {score_threshold} (the paper: 0.4)")
     if not 0 < min_fraction <= 1:
         raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction} (the paper: 0.8 of the examples)")
+    if c_threshold is not None and not 0 <= c_threshold <= 1:
+        raise ValueError(f"c_threshold must be an attention weight in [0, 1], got {c_threshold} (the paper: 0.4)")
 
 
 def classify_heads(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,

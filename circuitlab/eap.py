@@ -66,7 +66,7 @@ def edge_attribution(runner: EdgeRunner, metric: Metric, method: str = "eap", st
     g, model = runner.graph, runner.model
     ones = g.ones(model.dtype).to(model.device)
     with torch.no_grad():
-        clean_embed = model.embed(runner.tokens)
+        clean_embed = model.embed(runner.tokens, attention_mask=runner.attention_mask)
         abl_embed = runner.ablated[0].expand_as(clean_embed)
     grads = None
     for k in range(1, steps + 1):

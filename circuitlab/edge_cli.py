@@ -26,6 +26,8 @@ import torch
 
 import tpp
 from tpp.encoding import SPACES
+from tpp.examples import MAX_EXAMPLES
+from tpp.flags import blame, fail, integer, number
 
 from .acdc import THRESHOLD_MODES, acdc, check_threshold, kl_metric
 from .compare import circuit_faithfulness
@@ -43,7 +45,7 @@ def add_subcommands(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p, default_out="reports/acdc")
     g = p.add_argument_group("ACDC")
-    g.add_argument("--threshold", type=float, default=0.05,
+    g.add_argument("--threshold", type=number(0), default=0.05,
                    help="remove an edge when the metric worsens by less than this (absolute) or this fraction "
                         "of the current metric (relative)")
     g.add_argument("--threshold-mode", choices=THRESHOLD_MODES, default="absolute",
@@ -57,17 +59,18 @@ def add_subcommands(subparsers) -> None:
     g = p.add_argument_group("edge attribution")
     g.add_argument("--method", choices=METHODS, default="eap-ig",
                    help="eap: one gradient; eap-ig: integrated gradients")
-    g.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k edges of largest |score| (default: 100)")
-    g.add_argument("--threshold", type=float, default=None, help="or keep the edges with |score| >= this")
+    g.add_argument("--steps", type=integer(1), default=5, help="EAP-IG interpolation steps")
+    g.add_argument("--top-k", type=integer(1), default=None, help="keep the k edges of largest |score| (default: 100)")
+    g.add_argument("--threshold", type=number(0), default=None, help="or keep the edges with |score| >= this")
     p.set_defaults(edge_command=run_eap)
 
 
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="weights/welterweight", help="model directory (config.json + model.safetensors)")
-    g.add_argument("--examples", type=int, default=50, help="prompts to find the circuit on; as many more evaluate it")
-    g.add_argument("--seed", type=int, default=0, help="seed of the eval set and of the corrupted nouns")
+    g.add_argument("--examples", type=integer(1, MAX_EXAMPLES // 2), default=50,
+                   help="prompts to find the circuit on; as many more evaluate it")
+    g.add_argument("--seed", type=integer(0), default=0, help="seed of the eval set and of the corrupted nouns")
     g.add_argument("--answer-space", choices=SPACES, default=None,
                    help="the prompts' format: prompt (the paper's: trailing space) or answer (' c'); "
                         "default: the one the model was finetuned in (metadata.json), else prompt")
@@ -80,7 +83,7 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     g = p.add_argument_group("output and machine")
     g.add_argument("--out", type=Path, default=Path(default_out), help="output directory, replaced when done")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's choice)")
 
 
 # ---------------------------------------------------------------- data
@@ -147,21 +150,36 @@ def _runner(model, batch, corrupted, ablation: str) -> EdgeRunner:
                       attention_mask=batch.attention_mask.to(dev), positions=batch.answer_pos.to(dev))
 
 
-def _setup(args):
-    from minigpt2 import load_pretrained
+def check_args(args) -> tuple[str, str, int, int]:
+    """What can be checked before the model is loaded: (device, answer space, master size, data seed)."""
+    from .report import check_out_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.examples < 1:
         raise ValueError(f"--examples {args.examples}: need at least one prompt")
     if not (Path(args.model) / "config.json").exists():
         raise FileNotFoundError(f"no model at {args.model}: pass --model DIR with config.json and model.safetensors "
                                 "(the bundled models are trained by train.py, see weights/README.md)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(args.model, device=device).eval()
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device; pass cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; pass cpu")
+    check_out_dir(args.out)
+    space = answer_space_of([args.model], args.answer_space)
     size, data_seed = finetuning_master([args.model])
-    batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation,
-                                  answer_space_of([args.model], args.answer_space),
+    return device, space, size, data_seed
+
+
+def _setup(args):
+    from minigpt2 import load_pretrained
+
+    device, space, size, data_seed = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_pretrained(args.model, device=device).eval()
+    batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation, space,
                                   tpp.master_dataset(seed=data_seed, n=size) if size else ())
     half = len(batch) // 2 if len(batch) > 1 else 1
     find, held = batch.select(slice(0, half)), batch.select(slice(half, len(batch)))
@@ -209,7 +227,8 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
 
 def run_acdc(args) -> int:
     try:
-        check_threshold(args.threshold, args.threshold_mode)
+        with blame("--threshold", args.threshold):
+            check_threshold(args.threshold, args.threshold_mode)
         model, runner, metric, higher, evaluate = _setup(args)
         res = acdc(runner, metric, args.threshold, threshold_mode=args.threshold_mode, higher_is_better=higher,
                    batched=not args.naive, progress=sys.stderr.isatty())
@@ -217,8 +236,7 @@ def run_acdc(args) -> int:
                    "threshold_mode": args.threshold_mode, "ablation": args.ablation, **res.summary()}
         return _finish(args, res.circuit, summary, evaluate, runner, metric)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"circuits.py {args.command}", e)
 
 
 def run_eap(args) -> int:
@@ -235,5 +253,4 @@ def run_eap(args) -> int:
                    "seconds": round(time.perf_counter() - t0, 3)}
         return _finish(args, circuit, summary, evaluate, runner, metric)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"circuits.py {args.command}", e)

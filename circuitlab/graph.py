@@ -6,8 +6,8 @@ Senders write to the residual stream, receivers read it:
     senders (S = 1 + L (H + 1))           receivers (R = L (3H + 1) + 1)
     input       token + position embedding
     a{l}.h{h}   head h of layer l:        a{l}.h{h}<q>, <k>, <v>  its query, key, value input
-                z_h @ W_O[h], without b_O                          (before ln_1)
-    m{l}        MLP l's output            m{l}    MLP l's input (before ln_2)
+                z_h @ W_O[h], without b_O                          (before ln1)
+    m{l}        MLP l's output            m{l}    MLP l's input (before ln2)
                                           logits  the final residual (before ln_final)
 
 There is an edge u -> r from every sender to every receiver that reads the
@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from minigpt2.masking import last_positions
 from minigpt2.model import GPT2
@@ -249,7 +248,7 @@ class Trace:
 def head_outputs(model: GPT2, layer: int, xq, xk, xv, heads: list[int], mask: torch.Tensor | None) -> torch.Tensor:
     """Heads ``heads`` of ``layer``, each on its own query, key and value input.
 
-    xq, xk, xv: [N, T, Hs, d_model] residual-stream inputs (before ln_1) -> [N, T, Hs, d_model],
+    xq, xk, xv: [N, T, Hs, d_model] residual-stream inputs (before ln1) -> [N, T, Hs, d_model],
     each head's z_h @ W_O[h] (no b_O). ``mask``: [N, 1, T, T] bool or None (causal).
     """
     block = model.blocks[layer]
@@ -257,11 +256,8 @@ def head_outputs(model: GPT2, layer: int, xq, xk, xv, heads: list[int], mask: to
     H, dh = attn.n_head, attn.d_head
     W = attn.c_attn.weight.view(3, H, dh, -1)[:, heads]  # [3, Hs, d_head, d_model]
     b = attn.c_attn.bias.view(3, H, dh)[:, heads]  # [3, Hs, d_head]
-    q, k, v = (torch.einsum("nthd,hed->nthe", block.ln_1(x), W[i]) + b[i] for i, x in enumerate((xq, xk, xv)))
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [N, Hs, T, d_head]
-        attn_mask=mask, is_causal=mask is None,
-    ).transpose(1, 2)  # [N, T, Hs, d_head]
+    q, k, v = (torch.einsum("nthd,hed->nthe", block.ln1(x), W[i]) + b[i] for i, x in enumerate((xq, xk, xv)))
+    z = attn.attend(q, k, v, mask)  # [N, T, Hs, d_head]; the model's attention, padding rule included
     return torch.einsum("nthe,hed->nthd", z, attn.W_O[heads])
 
 
@@ -389,7 +385,7 @@ class EdgeRunner:
         model, g = self.model, self.graph
         mask = self.check_masks(mask[None])[0]
         B, T = self.tokens.shape
-        x0 = model.embed(self.tokens) if embed is None else embed
+        x0 = model.embed(self.tokens, attention_mask=self.attention_mask) if embed is None else embed
         # out_u - abl_u per sender: stacked anew at each stage for autograd, else written in place
         effects = [x0 - self.ablated[0]]  # [B, T, d] each
         buffer = None if torch.is_grad_enabled() else x0.new_empty(g.n_senders, *x0.shape)
@@ -416,9 +412,9 @@ class EdgeRunner:
                 effects += list(out.permute(2, 0, 1, 3) - self.ablated[st.outs.start:st.outs.stop])
             elif st.kind == "mlp":
                 blk = model.blocks[st.layer]
-                effects.append(blk.mlp(blk.ln_2(x[0])) - self.ablated[st.outs.start])
+                effects.append(blk.mlp(blk.ln2(x[0])) - self.ablated[st.outs.start])
             else:
-                logits = model.unembed(x[0][:, None])[:, 0]  # [B, vocab]
+                logits = model.to_logits(x[0][:, None])[:, 0]  # [B, vocab]
         D = torch.stack(effects) if buffer is None else buffer
         return Trace(mask, D, self.at(D), logits, inputs if keep_inputs else None)
 
@@ -554,7 +550,7 @@ class EdgeRunner:
                 x = x + _mix(mc, self.at(dl) if at else dl, dense=grad)
         x = x.expand(n, *x.shape[1:]) if x.shape[0] != n else x
         if at:
-            new = model.unembed(x[:, 0].reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
+            new = model.to_logits(x[:, 0].reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
             return torch.cat([new, logits[n:]]), None  # variants that never joined keep base's
         if st.kind == "attn":
             Hs = len(heads)
@@ -563,7 +559,7 @@ class EdgeRunner:
             out = head_outputs(model, st.layer, xq, xk, xv, heads, mask).view(n, B, T, Hs, -1)
             return logits, out.permute(0, 3, 1, 2, 4)  # [n, Hs, B, T, d]
         blk = model.blocks[st.layer]
-        return logits, blk.mlp(blk.ln_2(x[:, 0].reshape(n * B, T, -1))).view(n, 1, B, T, -1)
+        return logits, blk.mlp(blk.ln2(x[:, 0].reshape(n * B, T, -1))).view(n, 1, B, T, -1)
 
 
 def _mix(m: torch.Tensor, D: torch.Tensor, dense: bool = False) -> torch.Tensor:

@@ -53,14 +53,29 @@ def _jsonable(x):
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
 
 
+def check_out_dir(out: str | Path) -> Path:
+    """Refuse an --out that atomic_dir must not replace: a file, or a directory of files that no
+    command wrote (a report directory holds provenance.json), which would be deleted whole."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory. Fix: choose another path")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"--out {out}: {above} is a file, so no directory can be made there. Fix: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / "provenance.json").is_file():
+        raise ValueError(f"--out {out} holds files that circuits.py did not write (it has no provenance.json), "
+                         "and --out is replaced whole. Fix: choose a new or empty directory, or an earlier "
+                         "report directory")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | Path):
     """Yield a fresh temporary directory beside ``out``; on success it replaces ``out``,
-    on any error it is deleted, so ``out`` is either the complete new result or untouched."""
-    out = Path(out)
+    on any error it is deleted, so ``out`` is either the complete new result or untouched.
+    ``out`` must be new, empty or an earlier report directory (:func:`check_out_dir`)."""
+    out = check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory; choose another path")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         yield tmp

@@ -71,7 +71,7 @@ def check_search_args(threshold: float, order: str, drop: str) -> None:
     if drop == "relative" and threshold > 1:
         raise ValueError(f"threshold {threshold} is out of range for a relative drop: it must lie in [0, 1] "
                          "(0.03 keeps an ablation that costs less than 3 % of the layer's baseline); "
-                         "for a drop in the metric's own units use drop='absolute'")
+                         "for a drop in the metric's own units use drop='absolute' (--drop absolute)")
 
 
 def performance_drop(baseline: float, value: float, higher_is_better: bool, drop: str = "relative") -> float:
@@ -237,7 +237,7 @@ class _Block:
         self.r = replacement_values(model, kw["mode"], self.tokens, None if ref is None else ref.to(model.device),
                                     am, None if ref_mask is None else ref_mask.to(model.device))
         self.attn = model.attention_mask(am, T, T)  # [B, 1, T, T] or None
-        self.resid = [model.embed(self.tokens)]  # resid[l]: [B, T, d_model] entering layer l
+        self.resid = [model.embed(self.tokens, attention_mask=am)]  # resid[l]: [B, T, d_model] entering layer l
 
     def layer(self, l: int, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Layer l on n variants' rows (variant-major), head mask m [n, H]."""
@@ -292,7 +292,7 @@ class _Runner:
                 x = b.prefix(start, self.mask).repeat(len(chunk), 1, 1)  # [n * b, T, d_model]
                 for l in range(start, L):
                     x = b.layer(l, x, mv[:, l])
-                logits = self.model.unembed(x, b.positions.repeat(len(chunk))).view(len(chunk), len(b.rows), -1)
+                logits = self.model.to_logits(x, b.positions.repeat(len(chunk))).view(len(chunk), len(b.rows), -1)
                 sums = self.metric(logits, rows=b.rows).to(torch.float64).sum(dim=1).tolist()
                 for i, v in zip(chunk, sums):
                     total[i] += v

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 
 import tpp
-from minigpt2 import GPT2, load_pretrained
+from minigpt2 import GPT2, GPT2Config, load_pretrained
 from tpp.encoding import SPACES
+from tpp.flags import blame
 
 from . import plots
-from .classify import attending_heads, attention_patterns, classify_heads, target_attention
+from .circuitfile import check_circuit, check_own_models, json_kind
+from .classify import attending_heads, attention_patterns, check_class_args, classify_heads, target_attention
 from .probe import DEFAULT_PROMPT, continuations
 from .report import atomic_dir, fmt, markdown_table, pm, provenance, write_json
 from .search import DROPS, ORDERS, check_search_args, search
@@ -61,20 +63,55 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return BUNDLED.get(name, name), spec
 
 
-def load_model(path: str) -> GPT2:
+def check_model_path(path: str) -> Path:
     p = Path(path)
     if not p.exists():
         hint = (" The bundled models are trained by train.py (see weights/README.md); restore them with "
                 "git checkout weights/." if p.parent.name == "weights" else "")
         raise FileNotFoundError(f"no model at {path}: pass --models with directories holding config.json and "
                                 f"model.safetensors.{hint}")
-    return load_pretrained(p)
+    return p
+
+
+def load_model(path: str) -> GPT2:
+    return load_pretrained(check_model_path(path))
+
+
+def model_config(path: str) -> GPT2Config:
+    """A model's config from its config.json, without reading the weights (from them if it has none)."""
+    p = check_model_path(path)
+    config = p / "config.json" if p.is_dir() else p.with_name("config.json")
+    return GPT2Config.from_json(config) if config.is_file() else load_model(path).cfg
 
 
 def read_metadata(path) -> dict:
-    """A model directory's metadata.json (written by train.py and finetune.publish), or {}."""
+    """A model directory's metadata.json (written by train.py and finetune.publish), or {} when it has none.
+
+    The fields read here are checked: data.master_size and data.data_seed (integers >= 0), answer_space
+    and eval_data.answer_space (one of SPACES); a file that is not a JSON object is refused, naming it.
+    """
     meta = Path(path) / "metadata.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    if not meta.is_file():
+        return {}
+    fix = "Fix: restore it from the run that wrote it (train.py, finetune.publish), or delete it"
+    try:
+        d = json.loads(meta.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta} is not valid JSON ({e}). {fix}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{meta} holds a JSON {json_kind(d)}, not an object of run metadata. {fix}")
+    for key in ("data", "eval_data"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f'{meta}: field "{key}" is a JSON {json_kind(d[key])}, not an object. {fix}')
+    for key in ("master_size", "data_seed"):
+        v = (d.get("data") or {}).get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f'{meta}: field "data.{key}" is {json.dumps(v)}, not an integer >= 0. {fix}')
+    for key, v in (("answer_space", d.get("answer_space")), ("eval_data.answer_space",
+                                                             (d.get("eval_data") or {}).get("answer_space"))):
+        if v is not None and v not in SPACES:
+            raise ValueError(f'{meta}: field "{key}" is {json.dumps(v)}, not one of {list(SPACES)}. {fix}')
+    return d
 
 
 def finetuning_master(paths) -> tuple[int, int]:
@@ -82,9 +119,9 @@ def finetuning_master(paths) -> tuple[int, int]:
     the largest master_size found (0: none recorded, nothing to exclude) and its data_seed."""
     size, seed = 0, 0
     for path in paths:
-        data = read_metadata(path).get("data", {})
-        size = max(size, int(data.get("master_size", 0) or 0))
-        seed = int(data.get("data_seed", seed) or 0)
+        data = read_metadata(path).get("data") or {}
+        size = max(size, data.get("master_size") or 0)
+        seed = data.get("data_seed", seed) or 0
     return size, seed
 
 
@@ -99,7 +136,7 @@ def answer_space_of(paths, override: str | None = None) -> str:
     found = {}
     for path in paths:
         meta = read_metadata(path)
-        space = meta.get("answer_space") or meta.get("eval_data", {}).get("answer_space")
+        space = meta.get("answer_space") or (meta.get("eval_data") or {}).get("answer_space")
         if space:
             found[str(path)] = space
     spaces = set(found.values())
@@ -183,20 +220,43 @@ class Session:
             raise ValueError("no models given; pass --models DIR [DIR ...]")
         specs = [parse_model_spec(s) for s in self.model_specs]
         self.labels = [label for label, _ in specs]
+        if any(not label.strip() or not path.strip() for label, path in specs):
+            raise ValueError(f"--models {self.model_specs}: an empty label or directory; pass DIR or LABEL=DIR")
         if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"two models share a label in {self.labels}; name them with LABEL=PATH")
+            raise ValueError(f"--models: two models share a label in {self.labels}; name them with LABEL=PATH")
         self.paths = dict(specs)
         for n, what in ((self.n_eval, "--examples"), (self.n_single, "--single-examples")):
             if n < 1:
                 raise ValueError(f"{what} must be at least 1, got {n}: an empty eval set measures nothing")
+        for v, what in ((self.master_size, "--master-size"), (self.data_seed, "--data-seed"), (self.seed, "--seed")):
+            if v is not None and v < 0:
+                raise ValueError(f"{what} must be >= 0, got {v}")
         self.answer_space = answer_space_of(self.paths.values(), self.answer_space)
+        self._master = finetuning_master(self.paths.values())  # reads (and checks) every metadata.json now
 
     @cached_property
     def models(self) -> dict[str, GPT2]:
         return {label: load_model(self.paths[label]) for label in self.labels}
 
+    @cached_property
+    def configs(self) -> dict[str, GPT2Config]:
+        """Each model's config, read from its config.json without loading the weights."""
+        if "models" in self.__dict__:
+            return {label: m.cfg for label, m in self.models.items()}
+        return {label: model_config(self.paths[label]) for label in self.labels}
+
+    def check_same_shape(self) -> None:
+        """Refuse models of different shapes (layers x heads), naming them, before any is loaded."""
+        check_same_shape({f"{label} ({self.paths[label]})": cfg for label, cfg in self.configs.items()})
+
+    def check_sample(self, n: int, what: str, eval_flag: str | None = None) -> None:
+        """A draw of ``n`` examples (flag ``what``) must fit in the eval set (sized by ``eval_flag``)."""
+        if not 1 <= n <= self.n_eval:
+            raise ValueError(f"{what} {n} must be between 1 and the eval set's {self.n_eval} examples. Fix: ask for "
+                             f"fewer{f', or a larger eval set ({eval_flag})' if eval_flag else ''}")
+
     def _training_data(self) -> tuple[int, int]:
-        size, seed = finetuning_master(self.paths.values())
+        size, seed = self._master
         return (size if self.master_size is None else self.master_size,
                 seed if self.data_seed is None else self.data_seed)
 
@@ -218,8 +278,7 @@ class Session:
 
     def sample(self, n: int, what: str) -> tpp.EvalBatch:
         """n examples of the eval set drawn at random (seeded); the same n always gives the same rows."""
-        if not 1 <= n <= len(self.eval_batch):
-            raise ValueError(f"{what}={n} must be between 1 and the eval set's {len(self.eval_batch)} examples")
+        self.check_sample(n, what)
         order = torch.randperm(len(self.eval_batch), generator=torch.Generator().manual_seed(self.seed))
         return self.eval_batch.select(order[:n])
 
@@ -279,6 +338,7 @@ def baseline(session: Session, out: Path, eval_set_values: dict[str, dict[str, t
 def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list[str] = ("accuracy", "logit_diff", "loss"),
                ablation: str = "zero", top: int = 3) -> Section:
     """Every head ablated alone: its effect on each metric, as heatmaps and a top-k table."""
+    session.check_same_shape()  # the heatmaps share one grid
     batch = session.sample(n_examples, "--examples")
     results, rows = {}, []
     effects: dict[str, dict[str, torch.Tensor]] = {m: {} for m in metrics}
@@ -334,10 +394,16 @@ class SearchOptions:
             raise ValueError(f"unknown ablation mode {self.ablation!r}; choose one of {ABLATIONS}")
         if self.drop is not None and self.drop not in DROPS:
             raise ValueError(f"unknown drop {self.drop!r}; choose one of {DROPS}")
-        check_search_args(self.threshold, self.order, self.resolved_drop())
-        if self.rigorous_examples and self.rigorous_examples <= self.n_examples:
-            raise ValueError(f"--rigorous {self.rigorous_examples} must exceed --examples {self.n_examples}: "
-                             "the re-check is on a larger set")
+        with blame("--threshold", self.threshold):
+            check_search_args(self.threshold, self.order, self.resolved_drop())
+        if self.n_examples < 1:
+            raise ValueError(f"--examples {self.n_examples}: the search needs at least one example per check")
+        if self.rigorous_examples < 0 or (self.rigorous_examples and self.rigorous_examples <= self.n_examples):
+            raise ValueError(f"--rigorous {self.rigorous_examples} must exceed the search's {self.n_examples} "
+                             "examples (--examples; --search-examples in study): the re-check is on a larger set. "
+                             "Fix: pass a larger --rigorous, or 0 for none")
+        if self.speculate is not None and self.speculate < 1:
+            raise ValueError(f"--speculate {self.speculate}: pass at least 1 head per speculative batch")
 
 
 def evaluate_circuit(model: GPT2, mask: torch.Tensor, batch: tpp.EvalBatch, metrics=TABLE_METRICS) -> dict:
@@ -354,6 +420,7 @@ def find_circuits(session: Session, out: Path, opts: SearchOptions,
     """The paper's search on each model; circuits written as circuit_<model>.json, each
     evaluated on the full eval set when ``evaluate``."""
     opts.check()
+    session.check_same_shape()  # the circuit map shares one grid
     batch = session.sample(opts.n_examples, "--examples")
     rig = session.sample(opts.rigorous_examples, "--rigorous") if opts.rigorous_examples else None
     circuits, rows, masks = {}, [], {}
@@ -424,9 +491,44 @@ def cross_evaluate(session: Session, out: Path, circuits: dict[str, dict],
 
 
 # ---------------------------------------------------------------- 5. classify
+# The paper's section 5.4, GPT-2 small's circuit: 29 first-token, 1 identity (self), 4 previous-token and
+# 3 induction heads; 6 of the circuit's heads attend strongly to c.
+PAPER_CLASS_COUNTS = {"first": 29, "self": 1, "previous": 4, "induction": 3, "c-attending": 6}
+
+
+def c_attending_nesting(heads: dict[str, list[tuple[int, int]]]) -> list[dict]:
+    """The paper's claim (section 5.4): each model's c-attending heads are a subset of the next one's
+    (Featherweight's within Lightweight's within Welterweight's). For each consecutive pair of models,
+    in the order given: the fraction of the first's heads found in the second, and their Jaccard overlap."""
+    labels, out = list(heads), []
+    for a, b in zip(labels, labels[1:]):
+        A, B = set(heads[a]), set(heads[b])
+        out.append({"from": a, "to": b, "n_from": len(A), "n_to": len(B), "shared": len(A & B),
+                    "subset_fraction": len(A & B) / len(A) if A else None,
+                    "jaccard": len(A & B) / len(A | B) if A | B else None, "is_subset": A <= B})
+    return out
+
+
+def nesting_markdown(nested: list[dict]) -> list[str]:
+    if not nested:
+        return []
+    fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    rows = [[f"{n['from']} ⊆ {n['to']}", n["n_from"], n["n_to"], n["shared"], fmt(n["subset_fraction"]),
+             fmt(n["jaccard"]), "yes" if n["is_subset"] else "no"] for n in nested]
+    return ["c-attending heads nested across models (the paper: all of Featherweight's are in Lightweight's, "
+            "all of Lightweight's in Welterweight's):", "",
+            markdown_table(["Pair", "Heads (first)", "Heads (second)", "Shared", "Share of first in second",
+                            "Jaccard", "Subset"], rows), ""]
+
+
 def classify(session: Session, out: Path, n_examples: int = 100, score_threshold: float = 0.4,
              min_fraction: float = 0.8, c_threshold: float = 0.4, circuits: dict[str, dict] | None = None) -> Section:
-    """Head classes (first, self, previous, induction) and c-attending heads, per model."""
+    """Head classes (first, self, previous, induction) and c-attending heads, per model; with
+    ``circuits`` ({model label: circuit}), counted among each model's circuit's heads too."""
+    check_class_args(score_threshold, min_fraction, c_threshold)
+    session.check_same_shape()  # the heatmaps share one grid
+    if circuits:
+        check_own_models(circuits, session.configs)
     batch = session.sample(n_examples, "--examples")
     keys = c_key_mask(batch)
     rows, results, c_maps, class_maps, marks = [], {}, {}, {}, {}
@@ -438,7 +540,7 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
         c_att = target_attention(patterns, batch.answer_pos, keys).mean(dim=0)  # [L, H]
         c_heads = attending_heads(c_att, c_threshold)
         circuit = circuits.get(label) if circuits else None
-        kept = [tuple(h) for h in circuit["kept_heads"]] if circuit else None
+        kept = [tuple(h) for h in check_circuit(circuit)["kept_heads"]] if circuit else None
         every, among = hc.counts(), hc.counts(kept)
         c_in = [h for h in c_heads if kept is None or h in set(kept)]
         results[label] = hc.to_json() | {"c_attention": c_att.tolist(), "c_attending_heads": [list(h) for h in c_heads],
@@ -454,7 +556,11 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
         for c, letter in letters.items():
             for h in hc.heads[c]:
                 marks[label][h] = marks[label].get(h, "") + letter
+    rows.append(["paper (GPT-2 small's circuit)", "–", *(str(PAPER_CLASS_COUNTS[c]) for c in letters),
+                 str(PAPER_CLASS_COUNTS["c-attending"])])
+    nested = c_attending_nesting({label: [tuple(h) for h in r["c_attending_heads"]] for label, r in results.items()})
     write_json(out / "classify.json", results)
+    write_json(out / "c_attending_nesting.json", nested)
     fig2 = plots.heatmaps(c_maps, out / "c_attention.png", title="Mean attention from the final position to c "
                           "(the paper's Figure 2)", vmin=0, vmax=1, cmap="magma", colorbar="attention to c")
     class_png = plots.heatmaps(class_maps, out / "head_classes.png", cmap="Greys", vmin=0, vmax=1, marks=marks,
@@ -465,6 +571,7 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
           *(["Counts are heads of the model's circuit (of all heads in brackets).", ""] if circuits else []),
           markdown_table(["Model", "Circuit heads", "First-token", "Self", "Previous-token", "Induction",
                           "c-attending"], rows), "",
+          *nesting_markdown(nested),
           f"![c attention]({fig2.name})", "", f"![head classes]({class_png.name})", ""]
     text = "\n".join(md)
     (out / "classify.md").write_text(text + "\n")
@@ -503,6 +610,15 @@ class EdgeOptions:
     n_examples: int = 50
     ablation: str = "zero"
 
+    def acdc_models_of(self, session: Session) -> list[str]:
+        """The labels ACDC runs on; refuses one that names no model."""
+        chosen = self.acdc_models if self.acdc_models is not None else session.labels[-1:]
+        unknown = [m for m in chosen if m not in session.labels]
+        if unknown:
+            raise ValueError(f"--acdc-models {unknown} are not among the models {session.labels}. Fix: pass labels "
+                             "from --models (LABEL=DIR names one)")
+        return chosen
+
 
 def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) -> list[Section]:
     """Edge-level circuits by ACDC and EAP-IG (circuitlab.acdc, circuitlab.eap) on the session's models."""
@@ -514,10 +630,7 @@ def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) 
     from .graph import EdgeRunner
 
     opts = opts or EdgeOptions()
-    acdc_models = opts.acdc_models if opts.acdc_models is not None else session.labels[-1:]
-    unknown = [m for m in acdc_models if m not in session.models]
-    if unknown:
-        raise ValueError(f"--acdc-models {unknown} are not among the models {session.labels}")
+    acdc_models = opts.acdc_models_of(session)
     batch, _ = build_data(2 * opts.n_examples, session.seed, opts.ablation, session.answer_space, session.exclude)
     n = len(batch) // 2
     find, held = batch.select(slice(0, n)), batch.select(slice(n, len(batch)))

@@ -3,62 +3,35 @@ to each model, every metric on the same prompts."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from minigpt2 import GPT2
 
+from .circuitfile import check_circuit
 from .sweep import Metric, Prompts, evaluate_masks
-
-CIRCUIT_KEYS = ("model", "config", "ablated_heads")
-
-
-def load_circuit(path: str | Path) -> dict:
-    """A circuit JSON file as written by ``circuits.py search`` (checked for the keys used here)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no circuit file at {path}; write one with `circuits.py search --out DIR` "
-                                "(it writes DIR/circuit_<model>.json)")
-    try:
-        circuit = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); regenerate it with `circuits.py search`") from e
-    missing = [k for k in CIRCUIT_KEYS if k not in circuit] if isinstance(circuit, dict) else list(CIRCUIT_KEYS)
-    if missing:
-        raise ValueError(f"{path} is not a circuit file: it lacks {missing}; regenerate it with `circuits.py search`")
-    circuit.setdefault("source", str(path))
-    return circuit
 
 
 def circuit_mask(circuit: dict, model: GPT2, model_name: str = "the model") -> torch.Tensor:
-    """[L, H] mask (0 = ablated) of ``circuit`` for ``model``; refuses a circuit of another shape."""
-    L, H = model.cfg.n_layer, model.cfg.n_head
-    cfg = circuit.get("config", {})
-    shape = (cfg.get("n_layer"), cfg.get("n_head"))
-    where = circuit.get("source", circuit.get("model", "the circuit"))
-    if shape != (L, H):
-        raise ValueError(f"circuit {where} was found on a model with {shape[0]} layers x {shape[1]} heads "
-                         f"({circuit.get('model')}), but {model_name} has {L} x {H}: a circuit transfers only "
-                         "between models of the same shape. Search again on a model of this shape.")
-    mask = torch.ones(L, H)
-    for lh in circuit["ablated_heads"]:
-        l, h = lh
-        if not (0 <= l < L and 0 <= h < H):
-            raise ValueError(f"circuit {where} ablates head ({l}, {h}), outside a {L} x {H} model; the file is corrupt")
+    """[L, H] mask (0 = ablated) of ``circuit`` for ``model``; refuses a malformed circuit or one of another shape."""
+    circuit = check_circuit(circuit, circuit.get("source", circuit.get("model", "(in memory)")), model, model_name)
+    mask = torch.ones(model.cfg.n_layer, model.cfg.n_head)
+    for l, h in circuit["ablated_heads"]:
         mask[l, h] = 0
     return mask
 
 
-def check_same_shape(models: dict[str, GPT2]) -> None:
-    shapes = {name: (m.cfg.n_layer, m.cfg.n_head) for name, m in models.items()}
+def check_same_shape(models: Mapping) -> None:
+    """Refuse models ({name: model or GPT2Config}) of different shapes (layers x heads)."""
+    shapes = {name: (getattr(m, "cfg", m).n_layer, getattr(m, "cfg", m).n_head) for name, m in models.items()}
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{n}: {l}x{h}" for n, (l, h) in shapes.items())
-        raise ValueError(f"models of different shapes ({listed}): circuits transfer only between models with the "
-                         "same layers x heads; run the comparison on models of one shape")
+        raise ValueError(f"models of different shapes ({listed}): they are compared head by head (circuits "
+                         "transfer only between models of the same layers x heads; the heatmaps share one grid). "
+                         "Fix: pass --models of one shape")
 
 
 @dataclass
@@ -109,7 +82,8 @@ def transfer(models: dict[str, GPT2], circuits: dict[str, dict], prompts: Prompt
     mean = stacked.mean(dim=2)
     sem = stacked.std(dim=2) / stacked.shape[2] ** 0.5 if stacked.shape[2] > 1 else torch.full_like(mean, float("nan"))
     return TransferResult(
-        models=names, circuits=list(circuits), n_ablated=[len(c["ablated_heads"]) for c in circuits.values()],
+        models=names, circuits=list(circuits),
+        n_ablated=[len(check_circuit(c)["ablated_heads"]) for c in circuits.values()],
         metrics=metric_names,
         values={n: mean[:, 1:, i] for i, n in enumerate(metric_names)},
         sem={n: sem[:, 1:, i] for i, n in enumerate(metric_names)},

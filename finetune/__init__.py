@@ -7,17 +7,36 @@
 Modules: data (rows and their order), loss (the position-gathered next-token loss),
 trainer (the loop, DDP, resume), checkpoint (atomic run directories without pickle),
 evaluate (TPP and held-out metrics), presets (the paper's three runs).
+
+Everything but the presets is imported on first use, so that train.py can check its
+flags (which need only the presets) without importing torch.
 """
 
-from .checkpoint import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
-from .data import IGNORE, TrainData, batch_order, corpus_tokens, finetune_data, pretrain_data
-from .evaluate import heldout_evaluator, tpp_evaluator
-from .loss import full_lm_loss, lm_loss
-from .presets import PRESETS, Preset
-from .trainer import Dist, NonFiniteLoss, Schedule, TrainConfig, Trainer
+from importlib import import_module
 
-__all__ = [
-    "IGNORE", "PRESETS", "Dist", "NonFiniteLoss", "Preset", "Schedule", "TrainConfig", "TrainData", "Trainer",
-    "batch_order", "corpus_tokens", "finetune_data", "full_lm_loss", "heldout_evaluator", "latest_checkpoint",
-    "lm_loss", "load_checkpoint", "prepare_run_dir", "pretrain_data", "save_checkpoint", "tpp_evaluator",
-]
+from .presets import PRESETS, Preset
+
+_WHERE = {
+    "latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "prepare_run_dir": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "IGNORE": "data", "TrainData": "data", "batch_order": "data", "corpus_tokens": "data", "finetune_data": "data",
+    "pretrain_data": "data",
+    "heldout_evaluator": "evaluate", "tpp_evaluator": "evaluate",
+    "full_lm_loss": "loss", "lm_loss": "loss",
+    "Dist": "trainer", "NonFiniteLoss": "trainer", "Schedule": "trainer", "TrainConfig": "trainer",
+    "Trainer": "trainer",
+}
+
+__all__ = sorted([*_WHERE, "PRESETS", "Preset"])
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'finetune' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

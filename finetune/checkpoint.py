@@ -7,14 +7,22 @@ A run directory holds::
     checkpoints/step-00000120/  model.safetensors + config.json (Hugging Face layout),
                                 optimizer.safetensors, rng.safetensors (tensors),
                                 state.json (step, data position, optimizer groups, RNG scalars),
-                                metadata.json
-    model/                      the final model: model.safetensors, config.json, metadata.json
+                                metadata.json, complete.json (the completeness marker)
+    model/                      the final model: model.safetensors, config.json, metadata.json, complete.json
+    non_finite.json             only after a stop on a NaN/inf: where it happened (see train.py)
 
-A checkpoint is written into a temporary directory, every file fsynced, then the
-directory is renamed to its step-N name: the rename is the commit, so a crash
-leaves either the whole checkpoint or none of it, and the newest step-N
-directory is always complete. Tensors go to safetensors, everything else to
-JSON; nothing is pickled, nothing is read with torch.load.
+Committing a directory (a checkpoint, model/): it is filled in a temporary directory
+``.NAME.tmp-*``, every file fsynced, then ``complete.json`` (each file's size) is written
+last; then an older NAME is renamed aside to ``.NAME.old-PID``, the new one renamed to
+NAME, and the old one deleted. A kill at any instant leaves NAME complete, or (between
+the two renames) a complete ``.NAME.old-*`` and a complete ``.NAME.tmp-*``:
+``recover_run`` (run by --resume, and by every commit) puts the newest complete one
+back under NAME and deletes the rest, so --resume always finds a complete checkpoint
+if one was ever committed. Pruned checkpoints are renamed to ``.NAME.del-PID`` before
+being deleted, so a half-deleted one is never visible.
+
+Tensors go to safetensors, everything else to JSON; nothing is pickled, nothing is
+read with torch.load. Every file is written with ordinary permissions (0666 less the umask).
 """
 
 from __future__ import annotations
@@ -23,24 +31,35 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from minigpt2 import GPT2, save_pretrained
-from minigpt2.weights import atomic_write as write_atomic  # noqa: F401  (re-exported for the trainer)
-from minigpt2.weights import load_state_dict_strict, read_state_dict
+from minigpt2.weights import CheckpointError, atomic_write, load_state_dict_strict, read_safetensors, read_state_dict
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-[^/]+$")  # directories left by a killed commit
+STALE_FILE = re.compile(r"^\..+\.tmp$")  # files left by a killed write_atomic
+MARKER = "complete.json"
+NON_FINITE_NOTE = "non_finite.json"
 FORMAT = 1
 
 
-# ---------------------------------------------------------------- atomic files and directories
+# ---------------------------------------------------------------- atomic files
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -49,36 +68,153 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+write_atomic = atomic_write  # write(tmp) on a temporary file, fsynced, 0644, renamed onto the path
+
+
 def write_json(path: Path, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def commit_dir(parent: Path, name: str, fill) -> Path:
-    """Build directory ``parent/name`` atomically: ``fill(tmp_dir)`` writes into a temporary
-    directory that is then renamed; an older ``name`` is replaced only after the new one is complete."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the published directory private
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object from ``path``; a missing, unreadable or malformed file is a ValueError
+    naming the file and ``fix``."""
     try:
-        fill(tmp)
-        for f in tmp.iterdir():
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing. Fix: {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}). Fix: {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object. Fix: {fix}")
+    return obj
+
+
+# ---------------------------------------------------------------- committed directories
+def seal(d: Path) -> None:
+    """fsync every file of ``d``, then write the completeness marker: the size of each file."""
+    sizes = {}
+    for f in sorted(d.iterdir()):
+        if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        final = parent / name
-        old = None
+            sizes[f.name] = f.stat().st_size
+    write_json(d / MARKER, {"files": sizes})
+    fsync_dir(d)
+
+
+def damaged_files(d: Path) -> list[str] | None:
+    """The files of ``d`` missing or not of the size its marker records; None without a readable marker."""
+    try:
+        sizes = json.loads((d / MARKER).read_text())["files"]
+        return [n for n, size in sizes.items() if not ((d / n).is_file() and (d / n).stat().st_size == size)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def is_complete(d: Path) -> bool:
+    """Whether ``d``'s marker exists and every file it lists is there with its size."""
+    return damaged_files(d) == []
+
+
+def _restorable(kind: str, d: Path) -> bool:
+    """A temporary directory is complete only with its marker; an .old one was a committed
+    directory (complete by construction), so it needs the marker only if it has one
+    (older code wrote none)."""
+    if kind == "tmp":
+        return is_complete(d)
+    return kind == "old" and (is_complete(d) or not (d / MARKER).exists())
+
+
+def leftovers(parent: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Directories left in ``parent`` by killed commits, by the name they were committing."""
+    found: dict[str, list[tuple[str, Path]]] = {}
+    if parent.is_dir():
+        for p in sorted(parent.iterdir()):
+            if p.is_dir() and (m := LEFTOVER.match(p.name)):
+                found.setdefault(m.group("name"), []).append((m.group("kind"), p))
+    return found
+
+
+def recover_dir(parent: Path, name: str, found: list[tuple[str, Path]] | None = None) -> list[str]:
+    """Finish what killed commits of ``parent/name`` left: if ``name`` is missing, the newest
+    complete leftover becomes it (a complete temporary directory first: it is the newer
+    content); every other leftover is deleted. Returns what was done, one line each."""
+    found = leftovers(parent).get(name, []) if found is None else found
+    final, notes = parent / name, []
+    if not final.exists():
+        # the newer content first: a sealed temporary directory, then the copy it was replacing
+        candidates = sorted(found, key=lambda kp: (kp[0] != "tmp", -kp[1].stat().st_mtime))
+        best = next((p for kind, p in candidates if _restorable(kind, p)), None)
+        if best is not None:
+            os.replace(best, final)
+            fsync_dir(parent)
+            notes.append(f"restored {final} from {best.name}, left complete by an interrupted save")
+    for kind, p in found:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            what = {"tmp": "unfinished", "old": "replaced", "del": "half-deleted"}[kind]
+            notes.append(f"removed {p}, the {what} copy left by an interrupted save")
+    return notes
+
+
+def recover_run(out: Path) -> list[str]:
+    """Recover every directory of run ``out`` a killed save left hidden (checkpoints, model/),
+    and delete the temporary files of killed writes. Returns what was done, one line each."""
+    out, notes = Path(out), []
+    for parent in (out / "checkpoints", out):
+        for name, found in leftovers(parent).items():
+            notes += recover_dir(parent, name, found)
+        if parent.is_dir():
+            for f in parent.iterdir():
+                if f.is_file() and STALE_FILE.match(f.name):
+                    f.unlink()
+                    notes.append(f"removed {f}, a file left half-written by an interrupted save")
+    return notes
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final``, an existing ``final`` first renamed aside and deleted
+    last; on an error ``final`` is put back."""
+    old, moved = final.parent / f".{final.name}.old-{os.getpid()}", False
+    try:
         if final.exists():
-            old = parent / f".{name}.old-{os.getpid()}"
             os.replace(final, old)
+            moved = True
         os.replace(tmp, final)
-        fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old)
-        return final
+        fsync_dir(final.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not final.exists():
+            os.replace(old, final)
         raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def commit_dir(parent: Path, name: str, fill) -> Path:
+    """Build directory ``parent/name`` atomically: ``fill(tmp_dir)`` writes into a temporary
+    directory, sealed with the completeness marker, that then replaces ``name`` (see the
+    module docstring for why a kill at any point leaves a complete copy)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(parent, name)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the published directory private
+        fill(tmp)
+        seal(tmp)
+        swap_in(tmp, parent / name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return parent / name
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a committed directory: renamed to a hidden .del name first, so a kill never
+    leaves a half-deleted one visible."""
+    doomed = path.parent / f".{path.name}.del-{os.getpid()}-{secrets.token_hex(4)}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the run directory
@@ -86,18 +222,34 @@ def is_run_dir(out: Path) -> bool:
     return (out / "args.json").exists() or (out / "checkpoints").is_dir()
 
 
+def _recoverable_checkpoint(out: Path) -> bool:
+    return any(_restorable(kind, p) for found in leftovers(out / "checkpoints").values() for kind, p in found)
+
+
+def _prepare_resume(out: Path, create: bool) -> None:
+    """--resume: recover what a killed save left (if ``create``; printed), then require a complete
+    checkpoint (without ``create``, one that recovery will restore also counts)."""
+    if create:
+        for note in recover_run(out):
+            print(f"--resume: {note}", file=sys.stderr, flush=True)
+    if latest_checkpoint(out) is None and not (not create and _recoverable_checkpoint(out)):
+        raise FileNotFoundError(
+            f"--resume: {out} holds no complete checkpoint to resume from"
+            + (f" (the run stopped before its first save completed). Fix: start it again with --overwrite "
+               f"(this deletes {out})" if is_run_dir(out) else ". Fix: drop --resume to start a new run there"))
+
+
 def prepare_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool, create: bool = True) -> Path:
-    """Check ``out`` against --resume / --overwrite; then, if ``create``, clear (--overwrite) and
-    create it. Never deletes anything but a run directory."""
+    """Check ``out`` against --resume / --overwrite; then, if ``create``, recover what a killed
+    save left (--resume; what was done is printed), or clear (--overwrite) and create it.
+    Never deletes anything but a run directory."""
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other: keep one")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a run directory: choose another --out")
     if resume:
-        if latest_checkpoint(out) is None:
-            raise FileNotFoundError(
-                f"--resume: {out} holds no checkpoint to resume from"
-                + (" (the run stopped before its first save); restart it with --overwrite" if is_run_dir(out)
-                   else "; drop --resume to start a new run there"))
+        _prepare_resume(out, create)
         return out
     if out.exists() and any(out.iterdir()):
         if not is_run_dir(out):
@@ -121,6 +273,27 @@ def check_resume_args(saved: dict, now: dict, may_change: set[str]) -> None:
         lines = "\n  ".join(f"--{k.replace('_', '-')}: run has {a!r}, now {b!r}" for k, (a, b) in changed.items())
         raise ValueError(f"--resume with settings that differ from the run being resumed:\n  {lines}\n"
                          "Fix: pass the run's own values (see args.json), or start a new run with another --out")
+
+
+def write_non_finite_note(out: Path, note: dict) -> None:
+    """Record a stop on a NaN/inf (train.py then lets --resume change the learning-rate flags)."""
+    write_json(Path(out) / NON_FINITE_NOTE, note)
+
+
+def read_non_finite_note(out: Path) -> dict | None:
+    path = Path(out) / NON_FINITE_NOTE
+    try:
+        note = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
+
+
+def clear_non_finite_note(out: Path, step: int) -> None:
+    """Drop the note once the run has saved a checkpoint at or past the step that failed."""
+    note = read_non_finite_note(out)
+    if note is not None and isinstance(note.get("step"), int) and step >= note["step"]:
+        (Path(out) / NON_FINITE_NOTE).unlink(missing_ok=True)
 
 
 def git_commit(where: Path | None = None) -> str | None:
@@ -150,7 +323,28 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Raise ValueError unless ``tensors``/``meta`` are this optimizer's kind of state: same
+    parameter groups, every moment tensor shaped like its parameter."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
+            or not isinstance(meta.get("scalars"), dict):
+        raise ValueError("its optimizer entry lacks param_groups or scalars")
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    saved = [len(g.get("params", ())) if isinstance(g, dict) else None for g in meta["param_groups"]]
+    if saved != sizes:
+        raise ValueError(f"its optimizer has parameter groups of sizes {saved}, this model's has {sizes}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, t in tensors.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise ValueError(f"optimizer tensor {key!r} is not AdamW state of this model")
+        if parts[2] in ("exp_avg", "exp_avg_sq") and t.shape != params[int(parts[1])].shape:
+            raise ValueError(f"optimizer tensor {key} has shape {tuple(t.shape)}, its parameter "
+                             f"{tuple(params[int(parts[1])].shape)}")
+
+
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    _check_optimizer_state(optimizer, tensors, meta)
     state: dict[int, dict] = {}
     for key, t in tensors.items():
         _, i, k = key.split(".", 2)
@@ -184,9 +378,21 @@ def rng_from_flat(tensors: dict, meta: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+# ---------------------------------------------------------------- finiteness
+def non_finite_tensors(model: GPT2, optimizer=None) -> list[str]:
+    """Names of the model's parameters and optimizer state tensors holding a NaN or an inf."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p, state in (optimizer.state.items() if optimizer is not None else ()):
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                bad.append(f"optimizer {k} of {names.get(id(p), '?')}")
+    return bad
+
+
 # ---------------------------------------------------------------- checkpoints
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are never named step-N)."""
+    """Committed checkpoints, oldest first (temporary directories are never named step-N)."""
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
@@ -200,38 +406,104 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, model: GPT2, optimizer, state: dict, metadata: dict, keep: int = 1) -> Path:
-    """Write checkpoints/step-N (N = state["step"]) atomically; keep the newest ``keep``."""
+    """Write checkpoints/step-N (N = state["step"]) atomically; keep the newest ``keep``.
+    A model or optimizer state holding a NaN or inf is refused (ValueError): it is never saved."""
+    bad = non_finite_tensors(model, optimizer)
+    if bad:
+        raise ValueError(f"refusing to save step {state['step']}: {len(bad)} tensors are not finite "
+                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     rng_tensors, rng_meta = rng_to_flat()
 
     def fill(tmp: Path):
         save_pretrained(model, tmp)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        write_atomic(tmp / "optimizer.safetensors", lambda f: save_file(opt_tensors, f))
+        write_atomic(tmp / "rng.safetensors", lambda f: save_file(rng_tensors, f))
         write_json(tmp / "state.json", {**state, "format": FORMAT, "optimizer": opt_meta, "rng": rng_meta})
         write_json(tmp / "metadata.json", metadata)
 
     path = commit_dir(Path(out) / "checkpoints", f"step-{state['step']:08d}", fill)
     for old in checkpoint_dirs(out)[:-max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return path
 
 
-def load_checkpoint(path: Path, model: GPT2, optimizer) -> dict:
-    """Restore model, optimizer and RNG from a checkpoint directory; return its state.json."""
-    state = json.loads((path / "state.json").read_text())
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}/state.json has format {state.get('format')!r}, this code reads {FORMAT}: "
+# state.json: key -> the types its value may have
+STATE_KEYS = {"format": (int,), "step": (int,), "tokens_seen": (int,), "last_eval": (dict,), "last_eval_step": (int, type(None)),
+              "optimizer": (dict,), "rng": (dict,)}
+
+
+def _damage_fix(path: Path) -> str:
+    """How to go on when checkpoint ``path`` cannot be read."""
+    out = path.parent.parent
+    others = [p for p in checkpoint_dirs(out) if p != path]
+    if others:
+        return (f"move it out of the way (mv {path} {out}/{path.name}.damaged) and --resume continues from "
+                f"{others[-1].name}")
+    return f"it is the run's only checkpoint: start the run again with --overwrite (this deletes {out})"
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, checked: format, every key the trainer needs, its step."""
+    fix = _damage_fix(path)
+    state = read_json_object(path / "state.json", fix)
+    bad = [k for k, types in STATE_KEYS.items()
+           if k not in state or not isinstance(state[k], types) or isinstance(state[k], bool)]
+    if bad:
+        raise ValueError(f"{path}/state.json lacks (or has a wrong type for) {', '.join(bad)}. Fix: {fix}")
+    if state["format"] != FORMAT:
+        raise ValueError(f"{path}/state.json has format {state['format']!r}, this code reads {FORMAT}: "
                          "resume with the code version that wrote it")
-    sd, _ = read_state_dict(path)
-    load_state_dict_strict(model, sd, source=str(path))
-    optimizer_from_flat(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    rng_from_flat(load_file(str(path / "rng.safetensors")), state["rng"])
+    m = STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise ValueError(f"{path}/state.json says step {state['step']}, its directory step {int(m.group(1))}. "
+                         f"Fix: {fix}")
+    return state
+
+
+def read_tensors(file: Path, fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, recognised by its format (a pickle is named, never unpickled)."""
+    try:
+        return read_safetensors(file)
+    except CheckpointError as e:
+        raise ValueError(f"{e} Fix: {fix}") from None
+
+
+def load_checkpoint(path: Path, model: GPT2, optimizer) -> dict:
+    """Restore model, optimizer and RNG from a checkpoint directory; return its state.json.
+    A damaged or foreign file is a ValueError naming it and the fix."""
+    path, fix = Path(path), _damage_fix(Path(path))
+    if (path / MARKER).exists() and not is_complete(path):
+        damaged = damaged_files(path)
+        what = f"the size of {', '.join(damaged)} differs from" if damaged else "its files cannot be checked against"
+        raise ValueError(f"{path}: {what} what its {MARKER} records (truncated or replaced). Fix: {fix}")
+    state = read_state(path)
+    read_json_object(path / "metadata.json", fix)
+    try:
+        sd, _ = read_state_dict(path)
+        load_state_dict_strict(model, sd, source=str(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{e}\nFix: {fix}") from None
+    opt_tensors = read_tensors(path / "optimizer.safetensors", fix)
+    rng_tensors = read_tensors(path / "rng.safetensors", fix)
+    try:
+        optimizer_from_flat(optimizer, opt_tensors, state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}/optimizer.safetensors does not fit this model: {e}. Fix: {fix}") from None
+    try:
+        rng_from_flat(rng_tensors, state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"{path}/rng.safetensors is not a random-generator state ({e!r}). Fix: {fix}") from None
     return state
 
 
 def save_final(out: Path, model: GPT2, metadata: dict) -> Path:
-    """The finished model, loadable by minigpt2.load_pretrained and transformers: out/model/."""
+    """The finished model, loadable by minigpt2.load_pretrained and transformers: out/model/.
+    Refused (ValueError) if a weight is not finite."""
+    bad = non_finite_tensors(model)
+    if bad:
+        raise ValueError(f"refusing to publish {out}/model: {len(bad)} tensors are not finite")
+
     def fill(tmp: Path):
         save_pretrained(model, tmp)
         write_json(tmp / "metadata.json", metadata)

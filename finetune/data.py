@@ -86,6 +86,8 @@ def shard(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
 def take_fraction(n: int, fraction: float, what: str = "examples") -> int:
     if not 0 < fraction <= 1:
         raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+    if n < 1:
+        raise ValueError(f"there are no {what} to take a fraction of")
     k = round(fraction * n)
     if k < 1:
         raise ValueError(f"--fraction {fraction} of {n} {what} keeps none: raise --fraction")
@@ -110,63 +112,88 @@ def finetune_data(fraction: float, label_style: str = "paper", master_size: int 
 
 
 # ---------------------------------------------------------------- pretraining: packed text
-def wordnet_documents() -> list[str]:
-    """WordNet 3.0's glosses and example sentences, one document per synset, in nltk's order."""
-    try:
-        from nltk.corpus import wordnet as wn
+def corpus_tokens(corpus: str, repeat: int = 1, shuffle_seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """A whole corpus as one stream of GPT-2 token ids, documents ended by <|endoftext|>; and its sources.
 
-        synsets = list(wn.all_synsets())
-    except LookupError as e:
-        raise FileNotFoundError(
-            "WordNet was not found by nltk. Point NLTK_DATA at a folder holding corpora/wordnet "
-            "(here: NLTK_DATA=/work/shared/nltk_data), or run python -m nltk.downloader wordnet; "
-            "or train on a text file with --corpus path/to/file.txt"
-        ) from e
-    return [" ".join([s.definition().strip() + "."] + [x.strip() for x in s.examples()]) for s in synsets]
-
-
-def corpus_tokens(corpus: str, repeat: int = 1) -> np.ndarray:
-    """A whole corpus as one stream of GPT-2 token ids, documents ended by <|endoftext|>.
-
-    corpus: "wordnet", or the path of a UTF-8 text file (read as one document).
-    repeat: each document is written this many times in a row. A repeat is
-    predictable only by copying from context, a direct training signal for
-    induction (copying) heads. (Measured here: 1,347 steps of 16 x 128 tokens
-    (2.8 M) on WordNet with repeat=2 gave a 12 x 12, d_model 96 model only a
-    slight gain on a document's second copy (6.9 vs 7.3 nats) and no induction
-    heads; they take a larger budget.)
+    corpus: a spec of finetune.corpora: "wordnet", "gcide", a UTF-8 .txt path, or several
+    joined by "+" (their documents are then shuffled together with ``shuffle_seed``, so a
+    held-out tail samples every source).
+    repeat: each document is written this many times in a row. (Measured here: 1,347
+    steps of 16 x 128 tokens (2.8 M) on WordNet with repeat=2 gave a 12 x 12, d_model 96
+    model only a slight gain on a document's second copy (6.9 vs 7.3 nats) and no
+    induction heads; repeated spans inside a block, ``pretrain_data(copy_spans=...)``,
+    are the direct signal.)
     """
+    from .corpora import sources
+
     if repeat < 1:
         raise ValueError(f"--repeat-docs must be at least 1, got {repeat}")
-    enc = get_tokenizer()
-    if corpus == "wordnet":
-        docs = wordnet_documents()
-    else:
-        path = Path(corpus)
-        if not path.is_file():
-            raise FileNotFoundError(f"--corpus {corpus}: no such file; pass a UTF-8 text file or 'wordnet'")
-        docs = [path.read_text(encoding="utf-8")]
+    parts = sources(corpus)
+    docs = [doc for _, ds, _ in parts for doc in ds]
+    if len(parts) > 1:
+        docs = [docs[i] for i in np.random.default_rng(shuffle_seed).permutation(len(docs))]
     docs = [" ".join([doc] * repeat) for doc in docs]
-    ids = enc.encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1)
-    return np.fromiter((t for doc in ids for t in (*doc, EOT_TOKEN)), dtype=np.int64)
+    ids = get_tokenizer().encode_ordinary_batch(docs, num_threads=os.cpu_count() or 1)
+    stream = np.fromiter((t for doc in ids for t in (*doc, EOT_TOKEN)), dtype=np.int64)
+    return stream, [info for _, _, info in parts]
 
 
-def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0,
-                  eval_blocks: int = 64, repeat: int = 1) -> tuple[TrainData, torch.Tensor]:
+def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, seed: int,
+                vocab_size: int = EOT_TOKEN) -> dict:
+    """Make some blocks predictable only by copying from context (in place); returns what was done.
+
+    A ``copy_spans`` fraction of the blocks gets one span of its own text (8 to T/3 tokens)
+    copied to a later place in the block; a ``random_repeats`` fraction is replaced by a
+    sequence of uniformly random tokens (8 to T/2 of them, never <|endoftext|>) repeated to
+    fill the block: the setting of the induction score. The standard recipe for induction heads.
+    """
+    for flag, v in (("--copy-spans", copy_spans), ("--random-repeats", random_repeats)):
+        if not 0 <= v <= 1:
+            raise ValueError(f"{flag} must be a fraction in [0, 1], got {v}")
+    if copy_spans + random_repeats > 1:
+        raise ValueError(f"--copy-spans {copy_spans} + --random-repeats {random_repeats} exceed 1")
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+    N, T = blocks.shape
+    kind = rng.random(N)
+    copied = np.nonzero(kind < copy_spans)[0]
+    for i in copied:
+        L = int(rng.integers(8, max(9, T // 3 + 1)))
+        s = int(rng.integers(0, T - 2 * L + 1))
+        d = int(rng.integers(s + L, T - L + 1))
+        blocks[i, d:d + L] = blocks[i, s:s + L]
+    randoms = np.nonzero((kind >= copy_spans) & (kind < copy_spans + random_repeats))[0]
+    for i in randoms:
+        seq = rng.integers(0, vocab_size, int(rng.integers(8, max(9, T // 2 + 1))))
+        blocks[i] = np.resize(seq, T)
+    return {"copy_spans": copy_spans, "random_repeats": random_repeats, "n_copy_span_blocks": len(copied),
+            "n_random_repeat_blocks": len(randoms)}
+
+
+def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_blocks: int = 64, repeat: int = 1,
+                  copy_spans: float = 0.0, random_repeats: float = 0.0, seed: int = 0
+                  ) -> tuple[TrainData, torch.Tensor]:
     """Training blocks and held-out blocks [eval_blocks, block_size] (the corpus's last ones).
 
     The stream is cut into consecutive non-overlapping blocks; the tail that does
-    not fill a block is dropped. ``fraction`` keeps the first part of the training blocks.
+    not fill a block is dropped. ``fraction`` keeps the first part of the training blocks;
+    ``copy_spans`` / ``random_repeats`` (see ``add_repeats``) change training blocks only, so
+    the held-out loss is measured on plain text the model never saw.
     """
-    stream = corpus_tokens(corpus, repeat)
+    if block_size < 1:
+        raise ValueError(f"--block-size must be at least 1, got {block_size}")
+    if eval_blocks < 1:
+        raise ValueError(f"--eval-size must be at least 1 held-out block, got {eval_blocks}")
+    stream, source_info = corpus_tokens(corpus, repeat, shuffle_seed=seed)
     n_blocks = len(stream) // block_size
     if n_blocks < eval_blocks + 1:
         raise ValueError(f"corpus {corpus!r} has {len(stream)} tokens, {n_blocks} blocks of {block_size}: too few "
                          f"for {eval_blocks} held-out blocks plus training. Lower --block-size or --eval-size")
-    blocks = torch.from_numpy(stream[:n_blocks * block_size].reshape(n_blocks, block_size))
+    blocks = stream[:n_blocks * block_size].reshape(n_blocks, block_size)
     train, held_out = blocks[:n_blocks - eval_blocks], blocks[n_blocks - eval_blocks:]
-    train = train[:take_fraction(len(train), fraction, "blocks")]
-    data = TrainData(train.clone(), train.clone(), None,
-                     info={"source": corpus, "repeat_docs": repeat, "corpus_tokens": int(len(stream)), "block_size": block_size,
-                           "n_blocks": len(train), "eval_blocks": eval_blocks})
-    return data, held_out.clone()
+    train = train[:take_fraction(len(train), fraction, "blocks")].copy()
+    info = {"source": corpus, "sources": source_info, "repeat_docs": repeat, "corpus_tokens": int(len(stream)),
+            "block_size": block_size, "n_blocks": len(train), "eval_blocks": eval_blocks}
+    if copy_spans or random_repeats:
+        info["repeats"] = add_repeats(train, copy_spans, random_repeats, seed)
+    train = torch.from_numpy(train)
+    return TrainData(train.clone(), train.clone(), None, info=info), torch.from_numpy(held_out.copy())

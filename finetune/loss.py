@@ -38,7 +38,7 @@ def lm_loss(model: GPT2, input_ids: torch.Tensor, labels: torch.Tensor,
         if _harmless(attention_mask, rows, cols):
             attention_mask = None  # the fused causal path gives the same logits here
     x = model.residual(input_ids, attention_mask)  # [B, T, d_model]
-    logits = model.unembed(x[rows, cols][None])[0]  # [N, V]
+    logits = model.to_logits(x[rows, cols][None])[0]  # [N, V]
     return F.cross_entropy(logits.float(), targets[rows, cols], reduction="sum"), int(rows.numel())
 
 

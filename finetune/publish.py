@@ -27,6 +27,7 @@ import torch
 from minigpt2 import load_pretrained, save_pretrained
 from tpp.encoding import SPACES
 
+from .checkpoint import swap_in, recover_dir
 from .evaluate import tpp_eval_sets, tpp_metrics
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +160,7 @@ def main(argv=None) -> None:
     meta = json.loads(meta_path.read_text())
     dtype = getattr(torch, args.dtype)
     args.dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(args.dest.parent, args.dest.name)  # a copy left aside by an interrupted publish comes back
     tmp = Path(tempfile.mkdtemp(dir=args.dest.parent, prefix=f".{args.dest.name}."))
     try:
         save_pretrained(load_pretrained(model_dir), tmp, dtype=dtype)
@@ -179,9 +181,7 @@ def main(argv=None) -> None:
         n_params = sum(p.numel() for p in stored.parameters())
         (tmp / "README.md").write_text(card(args, meta, results, n_params, claims, answer_space))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the directory private
-        if args.dest.exists():
-            shutil.rmtree(args.dest)
-        os.replace(tmp, args.dest)
+        swap_in(tmp, args.dest)  # the old copy is moved aside, never deleted before the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -63,9 +63,30 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self):
+        problems = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, ok, rule in (
+            ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1, "None or >= 1"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "None or >= 1"),
+            ("lr", 0 < self.lr < math.inf, "finite and > 0"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "finite and >= 0"),
+            ("grad_clip", 0 <= self.grad_clip < math.inf, "finite and >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("log_every", self.log_every >= 1, ">= 1"), ("eval_every", self.eval_every >= 0, ">= 0"),
+            ("save_every", self.save_every >= 0, ">= 0"), ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+        ) if not ok]
+        if problems:
+            raise ValueError(f"TrainConfig: {'; '.join(problems)}")
+
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """Training met a NaN or inf. ``fix``: "resume" (from ``checkpoint``, with a lower learning
+    rate) or "restart" (no checkpoint can help); ``bfloat16``: the run computed in bfloat16."""
+
+    def __init__(self, message: str, fix: str = "restart", checkpoint: Path | None = None, bfloat16: bool = False):
+        super().__init__(message)
+        self.fix, self.checkpoint, self.bfloat16 = fix, checkpoint, bfloat16
 
 
 # ---------------------------------------------------------------- where and how the run computes
@@ -197,7 +218,11 @@ class Trainer:
 
     # -- state
     def _resume(self) -> None:
+        if self.dist.world == 1:  # train.py has done it already; a library caller may not have
+            ckpt.recover_run(self.out)
         path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            raise FileNotFoundError(f"resume: {self.out} holds no complete checkpoint")
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.last_eval, self.last_eval_step = state["last_eval"], state["last_eval_step"]
@@ -216,10 +241,18 @@ class Trainer:
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0); a NaN or inf in the weights or the optimizer
+        state stops training with NonFiniteLoss instead (every rank checks its identical copy)."""
+        bad = ckpt.non_finite_tensors(self.model, self.optimizer)
+        if bad:
+            self._non_finite(f"{len(bad)} tensors ({', '.join(bad[:2])}{', ...' if len(bad) > 2 else ''})",
+                             "not finite", after_update=True)
         if not self.dist.main:
             return None
-        return ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.state(), self.full_metadata(),
+        path = ckpt.save_checkpoint(self.out, self.model, self.optimizer, self.state(), self.full_metadata(),
                                     self.cfg.keep_checkpoints)
+        ckpt.clear_non_finite_note(self.out, self.step)
+        return path
 
     # -- logging
     def log(self, record: dict) -> None:
@@ -286,14 +319,39 @@ class Trainer:
         mask = None if d.attention_mask is None else d.attention_mask[rows].to(self.device)
         return d.input_ids[rows].to(self.device), d.labels[rows].to(self.device), mask
 
-    def _non_finite(self, what: str, value: float):
+    def _non_finite(self, what: str, value, after_update: bool = False):
+        """Stop on a NaN/inf computed from the weights after optimizer step ``self.step``: in the
+        loss or gradient of the next step, or (``after_update``) in the weights themselves.
+        Says which checkpoint is still of use, and records the stop for train.py's --resume."""
         self.optimizer.zero_grad(set_to_none=True)
+        step = self.step if after_update else self.step + 1
+        where = (f"after step {step}" if after_update else f"at step {step}") + \
+            f" (epoch {(step - 1) // self.steps_per_epoch}, batch {(step - 1) % self.steps_per_epoch})"
+        fact = (f"{what} are {value} {where}; training stopped without saving them" if after_update
+                else f"{what} is {value} {where}; training stopped before applying it")
         last = ckpt.latest_checkpoint(self.out)
-        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        raise NonFiniteLoss(f"{what} is {value} at step {self.step + 1} (epoch {self.step // self.steps_per_epoch}, "
-                            f"batch {self.step % self.steps_per_epoch}); training stopped before applying it and "
-                            f"{keep}. Fix: lower --lr, raise --warmup-steps, or use --dtype float32; "
-                            "then --resume (or --overwrite to restart)")
+        fix, advice = self._non_finite_advice(last)
+        if self.dist.main:
+            ckpt.write_non_finite_note(self.out, {"step": step, "what": what, "value": str(value),
+                                                  "checkpoint": last.name if last else None, "fix": fix})
+        raise NonFiniteLoss(f"{fact}; {advice}", fix=fix, checkpoint=last,
+                            bfloat16=self.autocast_dtype == torch.bfloat16)
+
+    def _non_finite_advice(self, last: Path | None) -> tuple[str, str]:
+        """("resume" or "restart", the advice): resuming helps only from a checkpoint older than
+        the weights that diverged, since the failed step recomputes from the checkpoint's weights."""
+        if last is None:
+            return "restart", ("no checkpoint was saved before it. Fix: start over with a lower --lr or more "
+                               "--warmup-steps (--overwrite)")
+        if int(ckpt.STEP_DIR.match(last.name).group(1)) < self.step:
+            return "resume", (f"the last checkpoint, {last}, is from before the updates that diverged. Fix: resume "
+                              "it with a lower --lr or more --warmup-steps (after a stop like this one, --resume "
+                              "accepts a changed --lr, --warmup-steps or --grad-clip)")
+        bf16 = self.autocast_dtype == torch.bfloat16
+        float32 = "; or resume it in float32 (--resume --dtype float32)" if bf16 else ""
+        return "restart", (f"the last checkpoint, {last}, holds the very weights that gave it, so resuming it with "
+                           "any --lr would compute the same value. Fix: start over with a lower --lr or more "
+                           f"--warmup-steps (--overwrite){float32}")
 
     def _tokens(self, rows: np.ndarray) -> int:
         d = self.data

@@ -1,52 +1,219 @@
-"""Greedy and sampled generation with a KV cache."""
+"""Generation with a KV cache, with TransformerLens's keywords.
+
+``model.generate(input, max_new_tokens, ...)`` takes TransformerLens 3.x's arguments
+(``stop_at_eos``, ``eos_token_id``, ``do_sample``, ``top_k``, ``top_p``, ``temperature``,
+``freq_penalty``, ``use_past_kv_cache``, ``prepend_bos``, ``padding_side``, ``return_type``,
+``verbose``) and computes what TransformerLens computes with them: greedy generation gives
+its tokens, and sampling draws as its ``utils.sample_logits`` does (with ``seed=None`` from
+torch's global generator, so ``torch.manual_seed(s)`` before either gives the same draws).
+
+Where minigpt2 differs, it keeps what this repository's callers rely on:
+  * greedy by default: with neither ``do_sample`` nor ``temperature`` given it takes the
+    most likely token (TransformerLens samples at temperature 1 by default); a
+    ``temperature`` > 0 alone, or ``do_sample=True``, samples;
+  * ``verbose=False`` by default (no progress bar);
+  * ``stop_token`` (minigpt2's older keyword: one token id, or None for no stop) still works;
+    ``seed`` samples from a generator of its own; ``attention_mask`` [B, T] (1 = real token)
+    generates from a left-padded tensor batch;
+  * generation stops at the context length instead of failing past it, and ``max_new_tokens=0``
+    returns the prompt;
+  * token ids are taken as they are: TransformerLens also masks trailing <|endoftext|> tokens
+    of a tensor prompt as right padding (then continues from a masked position); here a
+    prompt's last token is always real, and a left-padded batch says so (``attention_mask``,
+    or ``padding_side="left"``).
+A batch of several texts is left-padded, as in TransformerLens, so every row continues its
+own prompt exactly as it would alone.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
 from .model import GPT2, KVCache
-from .tokenizer import EOT_TOKEN
+
+_UNSET = object()
 
 
 @torch.no_grad()
-def generate(model: GPT2, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, stop_token: int | None = EOT_TOKEN, seed: int | None = None) -> torch.Tensor:
-    """Continue ``tokens`` [B, T] (equal lengths) by up to ``max_new_tokens``.
+def generate(model: GPT2, input="", max_new_tokens: int = 10, stop_at_eos: bool = True,
+             eos_token_id: int | list[int] | None = None, do_sample: bool | None = None, top_k: int | None = None,
+             top_p: float | None = None, temperature: float | None = None, freq_penalty: float = 0.0,
+             use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
+             return_type: str = "input", verbose: bool = False, seed: int | None = None,
+             attention_mask: torch.Tensor | None = None, stop_token=_UNSET):
+    """Continue ``input`` by up to ``max_new_tokens`` tokens.
 
-    temperature 0 is greedy; otherwise sample from softmax(logits / temperature),
-    restricted to the ``top_k`` most likely tokens if given. A row stops after
-    emitting ``stop_token``; stopped rows are padded with it. The prompt is
-    encoded once; every new token costs one single-position forward.
+    ``input``: a text, a list of texts (left-padded into one batch), or token ids [B, T] / [T]
+    (a tensor, list or array; with ``attention_mask`` [B, T] when left-padded; with
+    ``padding_side="left"`` and no mask, leading <|endoftext|> tokens are taken as padding,
+    as TransformerLens does).
 
-    Returns [B, T + n] with n <= max_new_tokens.
+    Each step takes the most likely token (greedy) or, when sampling, draws from
+    softmax((logits - freq_penalty * counts) / temperature) restricted to the ``top_k``
+    most likely tokens or else to the smallest set of mass >= ``top_p``; temperature 0 is
+    greedy. A row that emits a stop token (``eos_token_id``, <|endoftext|> by default, when
+    ``stop_at_eos``) is padded with it afterwards; generation ends once every row has stopped.
+
+    Returns, by ``return_type``: "tokens", the ids [B, T + n] (prompt included); "str", the
+    decoded text without special tokens (a string for one row, else a list); "input"
+    (default), "str" for text input and "tokens" otherwise.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    tokens = tokens.to(model.device)
-    max_new_tokens = min(max_new_tokens, model.cfg.n_ctx - tokens.shape[1])
+    _check_args(max_new_tokens, temperature, top_k, top_p, freq_penalty, do_sample, return_type)
+    tokens, mask, from_text = _prompt(model, input, attention_mask, prepend_bos, padding_side)
+    stops, pad = _stop_tokens(model, stop_at_eos, eos_token_id, stop_token)
+    sample = do_sample if do_sample is not None else (temperature is not None and temperature > 0)
+    temperature = 1.0 if temperature is None else float(temperature)
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.cfg.n_layer)
+
+    B, T = tokens.shape
+    n = max(0, min(max_new_tokens, model.cfg.n_ctx - T))
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=model.device)
+    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
+    cache = KVCache(model.cfg.n_layer) if use_past_kv_cache else None
     out = tokens
-    done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=model.device)
-    logits = model(tokens, cache=cache)[:, -1]  # [B, vocab]
-    for _ in range(max_new_tokens):
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1)
+
+    from tqdm.auto import tqdm
+
+    # The padding is settled (``mask``): padding_side="right" keeps the forward from inferring a mask again.
+    for step in tqdm(range(n), disable=not verbose, desc="generate", unit="token"):
+        if step == 0 or cache is None:
+            step_mask = None if mask is None else torch.cat([mask, mask.new_ones(B, step)], dim=1)
+            logits = model(out, attention_mask=step_mask, cache=cache, positions=_last(out), padding_side="right")
+        else:  # the cache holds every earlier position (and their mask)
+            logits = model(out[:, -1:], cache=cache, positions=_last(out[:, -1:]), padding_side="right")
+        if sample:
+            nxt = sample_logits(logits, out, temperature, top_k, top_p, freq_penalty, gen)
         else:
-            logits = logits.float() / temperature
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen)[:, 0]
-        if stop_token is not None:
-            nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-            done |= nxt == stop_token
+            nxt = logits.argmax(dim=-1)
+        if stops:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            finished |= torch.isin(nxt, stop_ids)
         out = torch.cat([out, nxt[:, None]], dim=1)
-        if stop_token is not None and done.all():
+        if stops and finished.all():
             break
-        logits = model(nxt[:, None], cache=cache)[:, -1]
+
+    if return_type == "input":
+        return_type = "str" if from_text else "tokens"
+    if return_type == "str":
+        texts = model.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return texts[0] if len(texts) == 1 else texts
     return out
+
+
+def sample_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, freq_penalty: float = 0.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row [B] from ``logits`` [B, V], as TransformerLens's utils.sample_logits (same order of
+    operations, same draw from the generator); ``tokens`` [B, T], the sequences so far, for ``freq_penalty``."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if freq_penalty > 0:
+        counts = torch.zeros_like(logits).scatter_add_(1, tokens, torch.ones_like(tokens, dtype=logits.dtype))
+        logits = logits - freq_penalty * counts
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    probs = torch.distributions.Categorical(logits=logits.float()).probs
+    return torch.multinomial(probs, 1, True, generator=generator)[:, 0]
+
+
+def _last(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, freq_penalty, do_sample, return_type) -> None:
+    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if temperature is not None and (not _is_number(temperature) or math.isnan(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not _is_number(freq_penalty) or math.isnan(freq_penalty):
+        raise ValueError(f"freq_penalty must be a number, got {freq_penalty!r}")
+    if do_sample not in (None, True, False):
+        raise ValueError(f"do_sample must be True, False or None, got {do_sample!r}")
+    if return_type not in ("input", "str", "tokens"):
+        why = " (minigpt2 generates from text or tokens, not embeddings)" if return_type == "embeds" else ""
+        raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}{why}")
+
+
+def _prompt(model: GPT2, input, attention_mask, prepend_bos, padding_side):
+    """(tokens [B, T], mask [B, T] or None, from_text) of a prompt."""
+    if isinstance(input, (list, tuple)) and len(input) == 0:
+        raise ValueError("the prompt is empty: give a text, a list of texts or token ids")
+    if isinstance(input, str) or (isinstance(input, (list, tuple)) and all(isinstance(t, str) for t in input)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask= goes with token ids; a batch of texts is left-padded and masked here")
+        bos = model._bos(prepend_bos)
+        texts = [input] if isinstance(input, str) else list(input)
+        for i, t in enumerate(texts):
+            if not t and not bos:
+                where = "the prompt" if isinstance(input, str) else f"prompt {i}"
+                raise ValueError(f"{where} is an empty string and prepend_bos=False: it has no tokens to continue")
+        if len(texts) == 1:
+            return model.to_tokens(texts[0], prepend_bos=bos, padding_side=padding_side), None, True
+        # TransformerLens pads a batch of texts on the left whatever padding_side says: every row then ends
+        # with its last real token, where generation continues.
+        tokens = model.to_tokens(texts, prepend_bos=bos, padding_side="left")
+        mask = model.tokenizer.attention_mask(texts, prepend_bos=bos, padding_side="left", max_length=model.cfg.n_ctx)
+        return tokens, (mask.to(tokens.device) if not bool(mask.all()) else None), True
+    tokens = model.as_tokens(input)
+    if tokens.numel() == 0:
+        raise ValueError(f"the prompt is empty: token ids of shape {tuple(tokens.shape)}")
+    if attention_mask is None and model._side(padding_side) == "left":
+        _, attention_mask = model.input_to_tokens(tokens, None, prepend_bos, "left")
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
+        if attention_mask.ndim == 1:
+            attention_mask = attention_mask[None]
+        model.check_attention_mask(attention_mask, tokens)
+        ends_padded = ~attention_mask[:, -1].bool()
+        if ends_padded.any():
+            row = ends_padded.nonzero()[0].item()
+            raise ValueError(f"attention_mask row {row} ends with padding: generation continues each row from its "
+                             "last token, so pad on the left (padding_side='left')")
+        attention_mask = attention_mask.long()
+        if bool(attention_mask.all()):
+            attention_mask = None
+    return tokens, attention_mask, False
+
+
+def _stop_tokens(model: GPT2, stop_at_eos: bool, eos_token_id, stop_token) -> tuple[list[int], int | None]:
+    """(the ids that stop a row, the id that pads a stopped row)."""
+    if stop_token is not _UNSET:
+        if eos_token_id is not None:
+            raise ValueError("give eos_token_id= or stop_token= (its older name), not both")
+        return ([], None) if stop_token is None else ([int(stop_token)], int(stop_token))
+    if not stop_at_eos:
+        return [], None
+    eos = model.tokenizer.eos_token_id
+    if eos_token_id is None:
+        return [eos], eos
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.tolist()
+    if isinstance(eos_token_id, numbers.Integral):
+        return [int(eos_token_id)], int(eos_token_id)
+    ids = [int(i) for i in eos_token_id]
+    if not ids:
+        raise ValueError("eos_token_id is an empty list: give at least one id, or stop_at_eos=False")
+    # TransformerLens pads with the tokenizer's eos when given several; a tiny vocabulary may not have it.
+    return ids, eos if eos < model.cfg.vocab_size else ids[0]
+
+
+__all__ = ["generate", "sample_logits"]

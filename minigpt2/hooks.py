@@ -1,20 +1,53 @@
-"""Hook points: identity modules placed where an activation is made.
+"""Hook points: identity modules placed where an activation is made, with TransformerLens's hook API.
 
-A hook is a function ``fn(tensor, hook) -> tensor | None``; returning a tensor
-replaces the activation, returning None leaves it. Hooks are added for the
-duration of a ``with model.hooks(...)`` block and always removed in ``finally``.
+A forward hook is ``fn(activation, hook) -> tensor | None``: returning a tensor replaces the
+activation (the next hook on the same point sees the replacement), returning None leaves it.
+A backward hook is ``fn(grad, hook) -> tensor | None``: ``grad`` is the gradient with respect to
+the activation (after the forward hooks); a returned tensor replaces the gradient that flows
+on to what made the activation. As in TransformerLens, every backward hook of a point sees the
+same gradient, and the last one that returns a tensor decides; the backward hooks are those on
+the point when the forward ran.
+
+``with model.hooks(fwd_hooks, bwd_hooks):`` adds hooks for the block's duration and removes them
+in ``finally`` (unless ``reset_hooks_end=False``); ``model.add_hook`` adds them until
+``model.reset_hooks()`` (permanent ones until ``reset_hooks(including_permanent=True)``).
+
+A hook point with any hook on it, forward or backward, is *active*: the model reads that to decide
+whether to compute expensive activations (attention patterns, per-head results, per-head inputs),
+so a hook not asked for costs nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-from typing import Callable, Iterable
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterable, Literal, Sequence, Union
 
 import torch
 from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+Direction = Literal["fwd", "bwd"]
+
+# Hooks that run_with_cache() leaves out when no names are given: hooking them makes the model copy
+# its attention input per head and run ln1 per head and per q/k/v ([B, T, H, d_model], four times
+# per layer), which changes the shape of ln1's hook_scale / hook_normalized to [B, T, H, ...]. A
+# TransformerLens model has them only with use_attn_in / use_split_qkv_input, off by default; name
+# them (or pass a filter) to cache them.
+PER_HEAD_INPUT_HOOKS = ("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input")
+
+
+@dataclass
+class LensHandle:
+    """One hook on a hook point (TransformerLens's name for it)."""
+
+    user_hook: HookFn
+    is_permanent: bool = False
+    context_level: int | None = None  # the ``model.hooks()`` block that added it; None: added by hand
 
 
 class HookPoint(nn.Module):
@@ -23,34 +56,153 @@ class HookPoint(nn.Module):
     def __init__(self):
         super().__init__()
         self.name: str = ""
-        self.fns: list[HookFn] = []
+        self.fwd_hooks: list[LensHandle] = []
+        self.bwd_hooks: list[LensHandle] = []
+        self.ctx: dict = {}  # scratch space for hooks (TransformerLens's hook.ctx)
 
     @property
     def active(self) -> bool:
-        return bool(self.fns)
+        """True when any hook, forward or backward, is on this point: the model then makes the activation."""
+        return bool(self.fwd_hooks or self.bwd_hooks)
+
+    @property
+    def fns(self) -> list[HookFn]:
+        """The forward hook functions, in order (read-only: add them with ``add_hook``)."""
+        return [h.user_hook for h in self.fwd_hooks]
+
+    def add_hook(self, hook: HookFn, dir: Direction = "fwd", is_permanent: bool = False,
+                 level: int | None = None, prepend: bool = False) -> None:
+        if not callable(hook):
+            raise TypeError(f"a hook must be callable fn(tensor, hook), got {type(hook).__name__}")
+        handles = self._handles(dir)
+        handle = LensHandle(hook, is_permanent, level)
+        if prepend:
+            handles.insert(0, handle)
+        else:
+            handles.append(handle)
+
+    def add_perma_hook(self, hook: HookFn, dir: Direction = "fwd") -> None:
+        self.add_hook(hook, dir=dir, is_permanent=True)
+
+    def has_hooks(self, dir: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = True,
+                  level: int | None = None) -> bool:
+        handles = self.fwd_hooks + self.bwd_hooks if dir == "both" else self._handles(dir)
+        return any((including_permanent or not h.is_permanent) and (level is None or h.context_level == level)
+                   for h in handles)
+
+    def remove_hooks(self, dir: Literal["fwd", "bwd", "both"] = "fwd", including_permanent: bool = False,
+                     level: int | None = None) -> None:
+        """Remove this point's hooks in ``dir``: all of them with ``including_permanent``, else the
+        non-permanent ones (of context ``level`` only, if given)."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+
+        def keep(h: LensHandle) -> bool:
+            if including_permanent:
+                return False
+            return h.is_permanent or (level is not None and h.context_level != level)
+
+        if dir in ("fwd", "both"):
+            self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
+        if dir in ("bwd", "both"):
+            self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
+
+    def clear_context(self) -> None:
+        self.ctx = {}
+
+    def layer(self) -> int:
+        """The layer index of a hook named ``blocks.{layer}....``."""
+        if not self.name:
+            raise ValueError("this hook point has no name (it is not part of a model)")
+        parts = self.name.split(".")
+        try:
+            return int(parts[1])
+        except (IndexError, ValueError):
+            raise ValueError(f"{self.name} is not inside a layer (blocks.{{layer}}....)") from None
+
+    def _handles(self, dir: str) -> list[LensHandle]:
+        if dir == "fwd":
+            return self.fwd_hooks
+        if dir == "bwd":
+            return self.bwd_hooks
+        raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for fn in self.fns:
-            out = fn(x, self)
-            if out is not None:
-                if out.shape != x.shape:
-                    raise ValueError(f"hook on {self.name} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
-                x = out
+        if self.fwd_hooks:
+            for h in tuple(self.fwd_hooks):  # a hook may add or remove hooks
+                out = h.user_hook(x, self)
+                if out is not None:
+                    self._check(out, x, "returned")
+                    x = out
+        if self.bwd_hooks and torch.is_grad_enabled() and x.requires_grad:
+            # A node of its own, so that the hook sees the gradient with respect to this activation
+            # only (the same tensor may be another point's too: resid_post of one layer is resid_pre
+            # of the next) and what it returns flows on to what made the activation.
+            x = x.view_as(x)
+            x.register_hook(partial(self._backward, tuple(self.bwd_hooks)))
         return x
 
+    def _backward(self, handles: tuple[LensHandle, ...], grad: torch.Tensor):
+        new = None
+        for h in handles:
+            out = h.user_hook(grad, self)
+            if isinstance(out, tuple) and len(out) == 1:
+                out = out[0]
+            if out is not None:
+                self._check(out, grad, "returned a gradient of")
+                new = out
+        return new
+
+    def _check(self, out, x: torch.Tensor, what: str) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"hook on {self.name} returned {type(out).__name__}; return a tensor or None")
+        if out.shape != x.shape:
+            raise ValueError(f"hook on {self.name} {what} shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+
     def extra_repr(self) -> str:
-        return self.name
+        bits = [self.name] if self.name else []
+        if self.fwd_hooks:
+            bits.append(f"{len(self.fwd_hooks)} fwd")
+        if self.bwd_hooks:
+            bits.append(f"{len(self.bwd_hooks)} bwd")
+        return ", ".join(bits)
+
+
+def names_to_filter(names: NamesFilter) -> Callable[[str], bool]:
+    """TransformerLens's names_filter as a function: None (everything), a name, a list of names, or a function."""
+    if names is None:
+        return lambda name: True
+    if isinstance(names, str):
+        return lambda name: name == names
+    if callable(names):
+        return names
+    if isinstance(names, Iterable):
+        wanted = set(names)
+        return lambda name: name in wanted
+    raise TypeError(f"names_filter must be a hook name, a list of names or a function name -> bool, got {names!r}")
 
 
 class HookedModule(nn.Module):
-    """Mixin: names every HookPoint after its module path and manages hooks."""
+    """Mixin: names every HookPoint after its module path and manages hooks (TransformerLens's
+    HookedRootModule API)."""
 
     def setup_hooks(self) -> None:
+        self.mod_dict: dict[str, nn.Module] = {}
         self.hook_dict: dict[str, HookPoint] = {}
         for name, module in self.named_modules():
+            if name == "":
+                continue
+            self.mod_dict[name] = module
             if isinstance(module, HookPoint):
                 module.name = name
                 self.hook_dict[name] = module
+        self.context_level = 0
+        self.is_caching = False
+
+    setup = setup_hooks  # TransformerLens's name
+
+    def hook_points(self):
+        return self.hook_dict.values()
 
     def hook_point(self, name: str) -> HookPoint:
         if name not in self.hook_dict:
@@ -60,50 +212,165 @@ class HookedModule(nn.Module):
         return self.hook_dict[name]
 
     def _resolve(self, name: str | Callable[[str], bool]) -> list[HookPoint]:
+        if isinstance(name, str):
+            return [self.hook_point(name)]
         if callable(name):
             return [hp for n, hp in self.hook_dict.items() if name(n)]
-        return [self.hook_point(name)]
+        raise TypeError(f"a hook's target must be a hook name or a function name -> bool, got {name!r}")
+
+    # ------------------------------------------------------------------ adding and removing hooks
+    def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: Direction = "fwd",
+                 is_permanent: bool = False, level: int | None = None, prepend: bool = False) -> None:
+        """Add ``hook`` to the point ``name`` (or to every point whose name passes the filter) until
+        ``reset_hooks()``."""
+        for hp in self._resolve(name):
+            hp.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def add_perma_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: Direction = "fwd") -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def remove_all_hook_fns(self, direction: Literal["fwd", "bwd", "both"] = "both",
+                            including_permanent: bool = False, level: int | None = None) -> None:
+        for hp in self.hook_dict.values():
+            hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        for hp in self.hook_dict.values():
+            hp.clear_context()
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: Literal["fwd", "bwd", "both"] = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove every hook (but permanent ones, unless ``including_permanent``)."""
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent, level=level)
+        self.is_caching = False
+
+    def list_hooks(self, name_filter: NamesFilter = None, dir: Literal["fwd", "bwd", "both"] = "both",
+                   including_permanent: bool = True) -> dict[str, list[LensHandle]]:
+        """The hooks on each point, by name; points without hooks are left out."""
+        keep = names_to_filter(name_filter)
+        out = {}
+        for name, hp in self.hook_dict.items():
+            if not keep(name):
+                continue
+            handles = (hp.fwd_hooks if dir in ("fwd", "both") else []) + (hp.bwd_hooks if dir in ("bwd", "both") else [])
+            handles = [h for h in handles if including_permanent or not h.is_permanent]
+            if handles:
+                out[name] = handles
+        return out
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = ()):
-        """Add ``(name or name-filter, fn)`` hooks for the block's duration."""
-        added: list[tuple[HookPoint, HookFn]] = []
+    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (),
+              bwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = (),
+              reset_hooks_end: bool = True, clear_contexts: bool = False):
+        """Add ``(name or name-filter, fn)`` hooks for the block's duration; they are removed in
+        ``finally`` (even if adding a later one fails), unless ``reset_hooks_end=False``."""
+        self.context_level = getattr(self, "context_level", 0) + 1
+        level = self.context_level
         try:
             for name, fn in fwd_hooks:
                 for hp in self._resolve(name):
-                    hp.fns.append(fn)
-                    added.append((hp, fn))
+                    hp.add_hook(fn, dir="fwd", level=level)
+            for name, fn in bwd_hooks:
+                for hp in self._resolve(name):
+                    hp.add_hook(fn, dir="bwd", level=level)
             yield self
         finally:
-            for hp, fn in reversed(added):
-                hp.fns.remove(fn)
+            if reset_hooks_end:
+                self.reset_hooks(clear_contexts, including_permanent=False, level=level)
+            self.context_level -= 1
 
-    def reset_hooks(self) -> None:
-        for hp in self.hook_dict.values():
-            hp.fns.clear()
+    def run_with_hooks(self, *args, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **kwargs):
+        """Forward with ``fwd_hooks`` and ``bwd_hooks`` (lists of ``(name or filter, fn)``) on.
 
-    def run_with_hooks(self, *args, fwd_hooks=(), **kwargs):
-        with self.hooks(fwd_hooks):
+        The backward hooks fire when the caller runs ``.backward()`` on the output (they are
+        attached to this forward's graph); ``reset_hooks_end=False`` also leaves every hook on the
+        model afterwards, until ``model.reset_hooks()``.
+        """
+        bwd_hooks = list(bwd_hooks)
+        if bwd_hooks and reset_hooks_end:
+            logging.warning("WARNING: Hooks will be reset at the end of run_with_hooks. This removes the backward "
+                            "hooks before a backward pass can occur.")
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*args, **kwargs)
 
-    def run_with_cache(self, *args, names: Iterable[str] | Callable[[str], bool] | None = None,
-                       detach: bool = True, **kwargs):
-        """Run forward and return ``(logits, cache)``; cache maps hook names to activations.
+    # ------------------------------------------------------------------ caching
+    def get_caching_hooks(self, names_filter: NamesFilter = None, incl_bwd: bool = False, device=None,
+                          remove_batch_dim: bool = False, cache: dict | None = None, pos_slice=None,
+                          detach: bool = True):
+        """``(cache, fwd_hooks, bwd_hooks)``: hooks that save activations (and gradients, as
+        ``<name>_grad``) into ``cache``; nothing is added to the model."""
+        from .utils import Slice
 
-        ``names``: hook names, a filter ``fn(name) -> bool``, or None for every hook
-        (which takes the explicit attention path and computes hook_result).
+        cache = {} if cache is None else cache
+        pos_slice = Slice.unwrap(pos_slice)
+        names = self._cached_names(names_filter)
+
+        def save(x: torch.Tensor, hook: HookPoint, is_backward: bool = False):
+            key = hook.name + ("_grad" if is_backward else "")
+            x = x.detach() if detach or is_backward else x
+            if device is not None:
+                x = x.to(device)
+            if remove_batch_dim:
+                x = x[0]
+            if pos_slice.mode != "identity":
+                # [.., T, H, d] hooks have positions third from last, all others second from last
+                # (the query position for attention scores and patterns)
+                dim = -3 if hook.name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
+                                               + PER_HEAD_INPUT_HOOKS) else -2
+                if x.ndim >= -dim:
+                    x = pos_slice.apply(x, dim=dim)
+            cache[key] = x
+
+        fwd = [(n, partial(save, is_backward=False)) for n in names]
+        bwd = [(n, partial(save, is_backward=True)) for n in names] if incl_bwd else []
+        return cache, fwd, bwd
+
+    def _cached_names(self, names_filter: NamesFilter) -> list[str]:
+        if names_filter is None:
+            return [n for n in self.hook_dict if not n.endswith(PER_HEAD_INPUT_HOOKS)]
+        if isinstance(names_filter, str):
+            return [self.hook_point(names_filter).name]
+        if not callable(names_filter) and isinstance(names_filter, Iterable):
+            return [self.hook_point(n).name for n in names_filter]  # an unknown name raises, with a suggestion
+        keep = names_to_filter(names_filter)
+        return [n for n in self.hook_dict if keep(n)]
+
+    def run_with_cache(self, *args, names_filter: NamesFilter = None, names: NamesFilter = None,
+                       device=None, remove_batch_dim: bool = False, incl_bwd: bool = False,
+                       reset_hooks_end: bool = True, clear_contexts: bool = False, pos_slice=None,
+                       return_cache_object: bool = True, detach: bool = True, **kwargs):
+        """Run forward and return ``(output, cache)``; ``cache`` holds each cached hook's activation.
+
+        ``names_filter`` (or ``names``, the same thing): a hook name, a list of names, a function
+        ``fn(name) -> bool``, or None for every hook but the per-head attention inputs
+        (``PER_HEAD_INPUT_HOOKS``, which a default TransformerLens model has not). Every other keyword
+        goes to the forward (``attention_mask``, ``return_type``, ``stop_at_layer``, ...).
+
+        ``cache`` is an :class:`~minigpt2.cache.ActivationCache` (``return_cache_object=False``: a
+        dict). ``remove_batch_dim`` drops the batch axis of a one-row batch; ``device`` moves what is
+        cached; ``pos_slice`` keeps only those positions. ``incl_bwd``: also runs ``output.backward()``
+        (the output must be a scalar, e.g. ``return_type="loss"``) and caches each hook's gradient as
+        ``"<name>_grad"``. Activations are detached unless ``detach=False``.
         """
-        if names is None:
-            points = list(self.hook_dict.values())
-        elif callable(names):
-            points = self._resolve(names)
-        else:
-            points = [self.hook_point(n) for n in names]
-        cache: dict[str, torch.Tensor] = {}
-
-        def save(x, hook):
-            cache[hook.name] = x.detach() if detach else x
-
-        with self.hooks([(hp.name, save) for hp in points]):
+        if names is not None and names_filter is not None:
+            raise TypeError("give names_filter or names (the same thing), not both")
+        cache_dict, fwd, bwd = self.get_caching_hooks(names_filter if names is None else names, incl_bwd, device,
+                                                      remove_batch_dim=remove_batch_dim, pos_slice=pos_slice,
+                                                      detach=detach)
+        self.is_caching = True
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
             out = self(*args, **kwargs)
-        return out, cache
+            if incl_bwd:
+                if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                    raise ValueError("incl_bwd=True runs output.backward(), which needs a scalar output: "
+                                     "pass return_type='loss'")
+                out.backward()
+        self.is_caching = False
+        if not return_cache_object:
+            return out, cache_dict
+        from .cache import ActivationCache
+
+        return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)

@@ -43,7 +43,24 @@ def check_masks(model: GPT2, masks: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"masks has shape {tuple(masks.shape)}; for a single variant use masks[None] (shape [1, {cfg.n_layer}, {cfg.n_head}])")
     if masks.ndim != 3 or masks.shape[1:] != (cfg.n_layer, cfg.n_head):
         raise ValueError(f"masks must be [V, n_layer={cfg.n_layer}, n_head={cfg.n_head}], got {tuple(masks.shape)}")
+    if masks.shape[0] == 0:
+        raise ValueError("masks holds no variant (shape [0, ...]): pass at least one [n_layer, n_head] mask, "
+                         "e.g. single_head_masks(n_layer, n_head)")
+    if masks.dtype.is_complex:
+        raise TypeError(f"masks must be real numbers (1 keeps a head, 0 ablates it), got {masks.dtype}")
+    if not torch.isfinite(masks.float()).all():
+        raise ValueError("masks holds NaN or infinite values: 1 keeps a head, 0 ablates it, values between interpolate")
     return masks.to(device=model.device, dtype=model.dtype)  # float64 masks would promote z past the weights' dtype
+
+
+def check_batch(model: GPT2, tokens) -> torch.Tensor:
+    """[B, T] token ids on the model's device; a batch, not one sequence."""
+    if isinstance(tokens, torch.Tensor) and tokens.ndim == 1:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}: batched masking takes a batch [B, T]; "
+                         "for one sequence pass tokens[None]")
+    tokens = model.as_tokens(tokens)
+    model.check_tokens(tokens)
+    return tokens
 
 
 def last_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +144,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     """
     cfg = model.cfg
     masks = check_masks(model, masks)
-    tokens = tokens.to(model.device)
+    tokens = check_batch(model, tokens)
     B, T = tokens.shape
     model.check_attention_mask(attention_mask, tokens)
     hooked = [name for name, hp in model.hook_dict.items() if hp.active]
@@ -148,7 +165,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     # The clean run, shared by every variant: the residual stream before each layer [L + 1] x [B, T, d_model]
     # and each layer's z [L] x [B, T, H, d_head].
     attn = model.attention_mask(attention_mask, T, T)
-    resid, z_clean = [model.embed(tokens)], []
+    resid, z_clean = [model.embed(tokens, attention_mask=attention_mask)], []
 
     def keep(z):
         z_clean.append(z)
@@ -186,7 +203,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     def finish_block(block, x, z):
         """A block given its z: x [N, T, d_model] or [N, d_model] -> its resid_post."""
         x = x + block.attn.c_proj(z.reshape(*x.shape[:-1], -1))
-        return x + block.mlp(block.ln_2(x))
+        return x + block.mlp(block.ln2(x))
 
     chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
     if progress:
@@ -210,7 +227,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
         block, final = model.blocks[L - 1], []
         if active:
             n = len(active)
-            h = block.ln_1(x)
+            h = block.ln1(x)
             w, b = block.attn.c_attn.weight, block.attn.c_attn.bias
             D, H, dh = cfg.d_model, cfg.n_head, cfg.d_head
             x_at = x.view(n, B, T, D)[:, rows, positions].reshape(n * B, D)
@@ -243,7 +260,7 @@ def run_with_head_masks_loop(model: GPT2, tokens: torch.Tensor, masks: torch.Ten
                              mean_over: str = "position", metric: Metric | None = None) -> torch.Tensor:
     """The plain reference: one forward per variant, heads edited through hook_z hooks."""
     masks = check_masks(model, masks)
-    tokens = tokens.to(model.device)
+    tokens = check_batch(model, tokens)
     B, T = tokens.shape
     positions = last_positions(tokens, attention_mask) if positions is None else positions
     r = replacement_values(model, mode, tokens, reference, attention_mask, reference_mask, mean_over)

@@ -14,6 +14,7 @@ scaled_dot_product_attention; hook_result is computed only when hooked.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from .config import GPT2Config
 from .hooks import HookedModule, HookPoint
+from .lens import LensMixin
 
 # z [B, T, H, d_head] -> z: how run_with_head_masks and edge interventions edit head outputs.
 ZEdit = Callable[[torch.Tensor], torch.Tensor]
@@ -34,10 +36,15 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d))
-        self.hook_normalized = HookPoint()  # [B, T, d_model], after scale and shift
+        self.hook_scale = HookPoint()  # [..., 1]: sqrt(var + eps)
+        self.hook_normalized = HookPoint()  # [..., d_model]: (x - mean) / scale, before weight and bias
 
     def forward(self, x):
-        return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps))
+        if not (self.hook_scale.active or self.hook_normalized.active):
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x = x - x.mean(dim=-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale) * self.weight + self.bias
 
 
 class Attention(nn.Module):
@@ -49,43 +56,76 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [B, Tq, H, d_head]
         self.hook_k = HookPoint()  # [B, Tq, H, d_head]: this call's positions, before the KV cache joins them
         self.hook_v = HookPoint()  # [B, Tq, H, d_head]
-        self.hook_attn_scores = HookPoint()  # [B, H, Tq, Tk], masked entries at dtype min
-        self.hook_pattern = HookPoint()  # [B, H, Tq, Tk]
+        self.hook_attn_scores = HookPoint()  # [B, H, Tq, Tk], -inf where masked
+        self.hook_pattern = HookPoint()  # [B, H, Tq, Tk]; a row with no finite score is all zeros
         self.hook_z = HookPoint()  # [B, Tq, H, d_head]
-        self.hook_result = HookPoint()  # [B, Tq, H, d_model], each head's write to the residual
+        self.hook_result = HookPoint()  # [B, Tq, H, d_model], each head's write to the residual, without b_O
+
+    # Weights in TransformerLens's layout (views of c_attn / c_proj, so edits write through).
+    def _qkv(self, i: int):
+        D = self.c_attn.in_features
+        W = self.c_attn.weight[i * D:(i + 1) * D]  # [H * d_head, d_model]
+        return W.T.reshape(D, self.n_head, self.d_head).transpose(0, 1), \
+            self.c_attn.bias[i * D:(i + 1) * D].view(self.n_head, self.d_head)
+
+    W_Q = property(lambda self: self._qkv(0)[0])  # [H, d_model, d_head]
+    W_K = property(lambda self: self._qkv(1)[0])
+    W_V = property(lambda self: self._qkv(2)[0])
+    b_Q = property(lambda self: self._qkv(0)[1])  # [H, d_head]
+    b_K = property(lambda self: self._qkv(1)[1])
+    b_V = property(lambda self: self._qkv(2)[1])
+    b_O = property(lambda self: self.c_proj.bias)  # [d_model]
 
     @property
     def W_O(self) -> torch.Tensor:
         # c_proj.weight is [d_model_out, H * d_head] -> [H, d_head, d_model]
         return self.c_proj.weight.T.reshape(self.n_head, self.d_head, -1)
 
+    def project(self, x):
+        """q, k, v [B, T, H, d_head] from x [B, T, d_model], or from per-head inputs (xq, xk, xv) [B, T, H, d_model]."""
+        if isinstance(x, torch.Tensor):
+            B, T, D = x.shape
+            return [t.view(B, T, self.n_head, self.d_head) for t in self.c_attn(x).split(D, dim=-1)]
+        return [torch.einsum("bthm,hmd->bthd", xi, self._qkv(i)[0]) + self._qkv(i)[1] for i, xi in enumerate(x)]
+
     def forward(self, x, mask: torch.Tensor | None, z_edit: ZEdit | None = None, kv=None):
-        B, T, D = x.shape
-        q, k, v = self.c_attn(x).split(D, dim=-1)
-        q = self.hook_q(q.view(B, T, self.n_head, self.d_head))
-        k = self.hook_k(k.view(B, T, self.n_head, self.d_head))
-        v = self.hook_v(v.view(B, T, self.n_head, self.d_head))
+        q, k, v = self.project(x)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        B, T = q.shape[:2]
         if kv is not None:
             k, v = kv.extend(k, v)  # [B, Tk, H, d_head]
-        if self.hook_attn_scores.active or self.hook_pattern.active:
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
-            if mask is None:
-                mask = causal_mask(T, k.shape[1], x.device)
-            scores = self.hook_attn_scores(scores.masked_fill(~mask, torch.finfo(scores.dtype).min))
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
-        else:
-            z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T, d_head]
-                attn_mask=mask, is_causal=mask is None,
-            ).transpose(1, 2)
+        if mask is None and k.shape[1] != T:
+            mask = causal_mask(T, k.shape[1], q.device)
+        z = self.attend(q, k, v, mask)
         z = self.hook_z(z)  # [B, Tq, H, d_head]
         if z_edit is not None:
             z = z_edit(z)
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O))
             return result.sum(dim=2) + self.c_proj.bias
-        return self.c_proj(z.reshape(B, T, D))
+        return self.c_proj(z.reshape(B, T, -1))
+
+    def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """z [B, Tq, H, d_head] from q [B, Tq, H, d_head], k, v [B, Tk, H, d_head]; mask [B or 1, 1, Tq, Tk]
+        (True = may attend) or None (causal). A query that may attend no key gets z = 0, as in TransformerLens."""
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)
+            if mask is None:
+                mask = causal_mask(q.shape[1], k.shape[1], q.device)
+            scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
+            pattern = scores.softmax(dim=-1)
+            pattern = self.hook_pattern(torch.where(pattern.isnan(), torch.zeros_like(pattern), pattern))
+            return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        empty = None if mask is None else ~mask.any(dim=-1, keepdim=True)  # [B, 1, Tq, 1]
+        if empty is not None:
+            mask = mask | empty  # any finite row: its z is zeroed below
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T, d_head]
+            attn_mask=mask, is_causal=mask is None,
+        )
+        if empty is not None:
+            z = z.masked_fill(empty, 0.0)
+        return z.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -96,6 +136,11 @@ class MLP(nn.Module):
         self.hook_pre = HookPoint()  # [B, T, d_mlp]
         self.hook_post = HookPoint()  # [B, T, d_mlp]
 
+    W_in = property(lambda self: self.c_fc.weight.T)  # [d_model, d_mlp]
+    b_in = property(lambda self: self.c_fc.bias)
+    W_out = property(lambda self: self.c_proj.weight.T)  # [d_mlp, d_model]
+    b_out = property(lambda self: self.c_proj.bias)
+
     def forward(self, x):
         pre = self.hook_pre(self.c_fc(x))
         return self.c_proj(self.hook_post(F.gelu(pre, approximate="tanh")))
@@ -104,20 +149,53 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.n_head = cfg.n_head
+        self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.attn = Attention(cfg)
-        self.ln_2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [B, T, d_model]
+        self.hook_attn_in = HookPoint()  # [B, T, H, d_model]: each head's copy of its input
+        self.hook_q_input = HookPoint()  # [B, T, H, d_model]: each head's query input (from hook_attn_in)
+        self.hook_k_input = HookPoint()  # [B, T, H, d_model]
+        self.hook_v_input = HookPoint()  # [B, T, H, d_model]
         self.hook_attn_out = HookPoint()  # [B, T, d_model]
         self.hook_resid_mid = HookPoint()  # [B, T, d_model]
+        self.hook_mlp_in = HookPoint()  # [B, T, d_model]
         self.hook_mlp_out = HookPoint()  # [B, T, d_model]
         self.hook_resid_post = HookPoint()  # [B, T, d_model]
 
+    def attn_input(self, x):
+        """ln1 of the attention's input: shared [B, T, d_model], or per head and per q/k/v when those are hooked."""
+        per_head = (self.hook_attn_in, self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if not any(hp.active for hp in per_head):
+            return self.ln1(x)
+        x = self.hook_attn_in(x[:, :, None].repeat(1, 1, self.n_head, 1))  # [B, T, H, d_model]
+        return tuple(self.ln1(hp(_copy_if_hooked(x, hp))) for hp in per_head[1:])
+
     def forward(self, x, mask=None, z_edit: ZEdit | None = None, kv=None):
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.ln_1(x), mask, z_edit, kv)))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln_2(x))))
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_input(x), mask, z_edit, kv)))
+        mlp_in = self.hook_mlp_in(_copy_if_hooked(x, self.hook_mlp_in))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(mlp_in))))
+
+
+def _copy_if_hooked(x: torch.Tensor, hp: HookPoint) -> torch.Tensor:
+    # A hook may edit its input in place: give it its own copy so the residual stream is untouched.
+    return x.clone() if hp.active else x
+
+
+class Unembed(nn.Module):
+    """The unembedding, tied to the token embedding (GPT-2 has no unembedding bias)."""
+
+    def __init__(self, wte: nn.Embedding):
+        super().__init__()
+        self._wte = [wte]  # a plain list: the weight is registered once, as wte
+        self.hook_in = HookPoint()  # [B, T, d_model], after ln_final
+        self.hook_out = HookPoint()  # [B, T, V]: the logits
+
+    def forward(self, x):
+        return self.hook_out(self.hook_in(x) @ self._wte[0].weight.T)
 
 
 def causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
@@ -126,23 +204,26 @@ def causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
     return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
-class GPT2(HookedModule):
-    """GPT-2 with TransformerLens-style hooks.
+class GPT2(LensMixin, HookedModule):
+    """GPT-2 with TransformerLens's hooks and model API (see minigpt2.lens for the API part).
 
     ``model(tokens)`` gives logits [B, T, V]; ``model(tokens, positions=p)`` with p
     a LongTensor [B] gives logits [B, V] at one position per row, skipping the
-    unembedding everywhere else.
+    unembedding everywhere else. ``tokens`` may also be a string or a list of strings
+    (tokenized as TransformerLens does, <|endoftext|> prepended), a list or an array of ids.
     """
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = dataclasses.replace(cfg)  # this model's own copy: cfg.device follows the model
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.hook_tokens = HookPoint()  # [B, T] token ids
         self.hook_embed = HookPoint()  # [B, T, d_model]
-        self.hook_pos_embed = HookPoint()  # [B, T, d_model]
+        self.hook_pos_embed = HookPoint()  # [B, T, d_model]; zero at padding
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.unembed = Unembed(self.wte)
         self.init_weights()
         self.setup_hooks()
 
@@ -153,11 +234,16 @@ class GPT2(HookedModule):
             with torch.no_grad():
                 if name.endswith("bias"):
                     p.zero_()
-                elif "ln_" in name:
+                elif isinstance(self.get_submodule(name.rsplit(".", 1)[0]), LayerNorm):
                     p.fill_(1.0)
                 else:
                     std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        object.__setattr__(self.cfg, "device", str(self.wte.weight.device))
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -168,61 +254,112 @@ class GPT2(HookedModule):
         return self.wte.weight.dtype
 
     # The forward in three parts, so that batched interventions can run part of it.
-    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        self.check_tokens(tokens, start)
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        return self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(self.wpe(pos).expand(tokens.shape[0], -1, -1))
+    def embed(self, tokens: torch.Tensor, start: int = 0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> the residual stream entering block 0 [B, T, d_model].
 
-    def unembed(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T, d_model] -> logits [B, T, V], or [B, V] at ``positions`` [B]."""
+        Positions count from ``start`` (the KV cache's length) or, with ``attention_mask``
+        [B, start + T], from each row's first real token, as in TransformerLens; padding gets
+        no position embedding.
+        """
+        tokens = self.hook_tokens(tokens)
+        self.check_tokens(tokens, start)
+        if attention_mask is None:
+            pos_embed = self.wpe(torch.arange(start, start + tokens.shape[1], device=tokens.device)).expand(
+                tokens.shape[0], -1, -1)
+        else:
+            real = attention_mask.bool()
+            pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # [B, T]
+            pos_embed = self.wpe(pos) * real[:, start:, None].to(self.dtype)
+        return self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(pos_embed)
+
+    def to_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The final residual stream [B, T, d_model] -> logits [B, T, V], or [B, V] at ``positions`` [B]."""
         if positions is not None:
             positions = self.check_positions(positions, x.shape[0], x.shape[1])
             x = x[torch.arange(x.shape[0], device=x.device), positions][:, None]  # [B, 1, d_model]
-            return (self.ln_final(x) @ self.wte.weight.T)[:, 0]
-        return self.ln_final(x) @ self.wte.weight.T
+            return self.unembed(self.ln_final(x))[:, 0]
+        return self.unembed(self.ln_final(x))
 
     def attention_mask(self, attention_mask: torch.Tensor | None, Tq: int, Tk: int) -> torch.Tensor | None:
-        """[B, Tk] real-token mask -> [B, 1, Tq, Tk] bool, or None (plain causal)."""
+        """[B, Tk] real-token mask -> [B, 1, Tq, Tk] bool (True = may attend), or None (plain causal).
+
+        A query with no real key before it (left padding) attends nothing: its z is 0.
+        """
         if attention_mask is None:
             return None if Tq == Tk else causal_mask(Tq, Tk, self.device)
         if attention_mask.shape[-1] != Tk or attention_mask.ndim != 2:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected [B, {Tk}]")
-        mask = causal_mask(Tq, Tk, attention_mask.device) & attention_mask.bool()[:, None, None, :]
-        # A query whose every key is padding (left padding) sees itself instead, so no row is empty
-        # (no NaN); any other padded query attends the real tokens before it, as in transformers.
-        diagonal = causal_mask(Tq, Tk, mask.device) & ~causal_mask(Tq, Tk, mask.device).tril(Tk - Tq - 1)
-        return mask | (diagonal & ~mask.any(dim=-1, keepdim=True))
+        return causal_mask(Tq, Tk, attention_mask.device) & attention_mask.bool()[:, None, None, :]
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] ([B, V] with positions [B]).
+    def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: "KVCache | None" = None, stop_at_layer: int | None = None,
+                prepend_bos: bool | None = None, padding_side: str | None = None):
+        """tokens [B, T] (or text) -> logits [B, T, V] ([B, V] with positions [B]).
 
-        ``attention_mask`` [B, T] (1 = real token) masks padded keys; right padding
-        needs none. ``cache`` (a KVCache) makes this call continue its sequences.
+        ``attention_mask`` [B, T] (1 = real token) masks padded keys and shifts positions of
+        left-padded rows; right padding needs none. ``cache`` (a KVCache) makes this call continue
+        its sequences. ``return_type``: "logits", "loss" (mean next-token cross-entropy), "both"
+        (logits, loss) or None. ``stop_at_layer`` l returns the residual stream entering block l.
         """
-        return self.unembed(self.residual(tokens, attention_mask, cache), positions)
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        tokens, attention_mask = self.input_to_tokens(input, attention_mask, prepend_bos, padding_side)
+        x = self.residual(tokens, attention_mask, cache, stop_at_layer)
+        if stop_at_layer is not None or return_type is None:
+            return x if stop_at_layer is not None else None
+        if positions is not None and return_type != "logits":
+            raise ValueError("positions= returns logits at one position per row; a loss needs return_type='logits' "
+                             "without positions")
+        logits = self.to_logits(x, positions)
+        if return_type == "logits":
+            return logits
+        loss = self.loss_fn(logits, tokens, attention_mask=attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     def residual(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 cache: "KVCache | None" = None) -> torch.Tensor:
-        """tokens [B, T] -> the final residual stream [B, T, d_model], before ln_final and the unembedding."""
+                 cache: "KVCache | None" = None, stop_at_layer: int | None = None) -> torch.Tensor:
+        """tokens [B, T] -> the final residual stream [B, T, d_model], before ln_final and the unembedding
+        (or the one entering block ``stop_at_layer``)."""
+        tokens = self.as_tokens(tokens)
         start = cache.length if cache is not None else 0
-        x = self.embed(tokens, start)  # [B, T, d_model]
+        if cache is not None:
+            cache.check(self, tokens.shape[0])
         self.check_attention_mask(attention_mask, tokens)
-        if cache is not None and attention_mask is not None:
-            attention_mask = cache.extend_mask(attention_mask)
+        if cache is not None and (attention_mask is not None or cache.mask is not None):
+            attention_mask = cache.extend_mask(attention_mask, tokens.shape[1])
+        x = self.embed(tokens, start, attention_mask)  # [B, T, d_model]
         mask = self.attention_mask(attention_mask, tokens.shape[1], start + tokens.shape[1])
-        for i, block in enumerate(self.blocks):
+        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+        for i, block in enumerate(blocks):
             x = block(x, mask, kv=cache.layer(i) if cache is not None else None)
         if cache is not None:
             cache.length += tokens.shape[1]
         return x
 
     # Input checks that name the culprit.
+    def as_tokens(self, tokens) -> torch.Tensor:
+        """Token ids as a [B, T] integer tensor on the model's device: lists and arrays accepted, [T] made [1, T]."""
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            raise TypeError("text here must first be tokenized: model.to_tokens(text)")
+        if not isinstance(tokens, torch.Tensor):
+            try:
+                tokens = torch.as_tensor(tokens)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"tokens must be integer ids ([B, T] tensor, list or array): {e}") from None
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        return tokens.to(device=self.device, dtype=torch.long)
+
     def check_tokens(self, tokens: torch.Tensor, start: int = 0) -> None:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}; for one sequence use tokens[None]")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: give at least one sequence of at least one token")
         if start + tokens.shape[1] > self.cfg.n_ctx:
             raise ValueError(
                 f"cannot forward a sequence of length {start + tokens.shape[1]}: n_ctx is only {self.cfg.n_ctx}"
@@ -242,6 +379,8 @@ class GPT2(HookedModule):
     @staticmethod
     def check_positions(positions: torch.Tensor, B: int, T: int) -> torch.Tensor:
         positions = torch.as_tensor(positions)
+        if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be integer indices, got {positions.dtype}: pass positions.long()")
         if positions.shape != (B,):
             raise ValueError(f"positions must be one index per row, shape [{B}], got {tuple(positions.shape)}")
         if positions.numel() and (positions.max() >= T or positions.min() < -T):
@@ -258,16 +397,18 @@ class GPT2(HookedModule):
 
         return run_with_head_masks(self, tokens, masks, positions=positions, mode=mode, reference=reference, **kwargs)
 
-    def generate(self, tokens, max_new_tokens: int, **kwargs):
+    def generate(self, input="", max_new_tokens: int = 10, **kwargs):
+        """Continue ``input`` (text, texts or token ids [B, T]); see :func:`minigpt2.generate.generate`."""
         from .generate import generate
 
-        return generate(self, tokens, max_new_tokens, **kwargs)
+        return generate(self, input, max_new_tokens, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "GPT2":
+    def from_pretrained(cls, path, dtype=None, device=None, **kwargs) -> "GPT2":
+        """A checkpoint directory (Hugging Face layout); see :func:`minigpt2.weights.load_pretrained`."""
         from .weights import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, **kwargs)
 
     def save_pretrained(self, path) -> None:
         from .weights import save_pretrained
@@ -284,14 +425,26 @@ class KVCache:
         self.mask: torch.Tensor | None = None  # [B, Tk] real-token mask, when one was given
         self.length = 0
 
+    def check(self, model: GPT2, batch: int) -> None:
+        if len(self.k) != model.cfg.n_layer:
+            raise ValueError(f"this KVCache has {len(self.k)} layers, the model {model.cfg.n_layer}: "
+                             f"make one with KVCache(model.cfg.n_layer)")
+        rows = None if self.k[0] is None else self.k[0].shape[0]
+        if rows is not None and rows != batch:
+            raise ValueError(f"this KVCache holds {rows} sequences, the tokens {batch}: a cache continues the batch "
+                             "it was filled with; make a new KVCache for another batch")
+
     def layer(self, i: int) -> "_LayerCache":
         return _LayerCache(self, i)
 
-    def extend_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+    def extend_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """The real-token mask over every key [B, length + T], given this call's [B, T] (None: all real)."""
+        B = self.k[0].shape[0] if self.k[0] is not None else attention_mask.shape[0]
+        device = self.mask.device if self.mask is not None else attention_mask.device
         if self.mask is None:
-            self.mask = torch.ones(attention_mask.shape[0], self.length, dtype=attention_mask.dtype,
-                                   device=attention_mask.device)
-        self.mask = torch.cat([self.mask, attention_mask], dim=1)
+            self.mask = torch.ones(B, self.length, dtype=torch.long, device=device)
+        new = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
+        self.mask = torch.cat([self.mask, new], dim=1)
         return self.mask
 
     def select(self, rows: torch.Tensor) -> None:

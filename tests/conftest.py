@@ -12,6 +12,7 @@ Property tests build their models through the session-scoped factories below
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,13 @@ BATCH, SEQ = 13, 7
 def randomize_(module: torch.nn.Module, seed: int, std: float) -> torch.nn.Module:
     """Fill every parameter: weights ~ U with standard deviation ``std``, biases smaller,
     layer-norm gains near 1. Works on minigpt2 and transformers models alike (both name
-    their layer norms ln_*). uniform_ because it is several times faster than normal_,
+    their layer norms ln*). uniform_ because it is several times faster than normal_,
     which matters for the GPT-2-small-size oracle."""
     gen = torch.Generator().manual_seed(seed)
     half_width = std * 3**0.5
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if ".ln_" in f".{name}" and name.endswith("weight"):
+            if re.search(r"(^|\.)ln(_|\d)", name) and name.endswith("weight"):  # ln1, ln_final, transformers' ln_1, ln_f
                 p.uniform_(0.8, 1.2, generator=gen)
             elif name.endswith("bias"):
                 p.uniform_(-half_width / 2, half_width / 2, generator=gen)
@@ -147,3 +148,52 @@ def checkpoint(tmp_path, model) -> Path:
     path = tmp_path / "checkpoint"
     model.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------- TransformerLens twins
+@pytest.fixture(scope="session")
+def tl_twin():
+    """Factory ``tl_twin(model, hf_dir=None, **flags)``: TransformerLens's HookedTransformer computing
+    ``model``'s function. The weights reach it as TransformerLens loads GPT-2: a transformers
+    GPT2LMHeadModel (read from ``hf_dir``, or made from ``model``'s tensors in memory) through
+    ``convert_gpt2_weights``, with no weight processing (no layer-norm folding, no centring).
+    ``flags`` are HookedTransformerConfig fields (use_attn_result=True, ...)."""
+    def make(model: GPT2, hf_dir: Path | None = None, **flags):
+        import warnings
+
+        import transformers
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+        from minigpt2.weights import hf_tensors
+
+        transformers.logging.set_verbosity_error()
+        if hf_dir is not None:
+            hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+        else:
+            with torch.device("meta"):
+                hf = transformers.GPT2LMHeadModel(hf_config(model.cfg))
+            hf.load_state_dict(hf_tensors(model), strict=False, assign=True)  # lm_head: tied to wte below
+            hf.tie_weights()
+        c = model.cfg
+        cfg = HookedTransformerConfig(
+            n_layers=c.n_layer, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_head, d_mlp=c.d_mlp,
+            d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_eps,
+            original_architecture="GPT2LMHeadModel", positional_embedding_type="standard",
+            default_prepend_bos=False, init_weights=False, **flags)
+        with warnings.catch_warnings():  # TransformerLens 3.9 deprecates HookedTransformer for its bridge
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tl = HookedTransformer(cfg)  # not on the meta device: its IGNORE (-inf) buffer must be real
+        tl.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False)
+        return tl.eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bundled_base() -> GPT2:
+    """weights/base, the bundled 12 x 12 model (d_model 96), loaded once."""
+    from minigpt2 import load_pretrained
+
+    return load_pretrained(Path(__file__).resolve().parents[1] / "weights" / "base").eval()

@@ -38,7 +38,7 @@ def planted_model() -> GPT2:
 
     with torch.no_grad():
         for name, p in m.named_parameters():
-            p.fill_(1.0 if "ln_" in name and name.endswith("weight") else 0.0)
+            p.fill_(1.0 if name.split(".")[-2].startswith("ln") and name.endswith("weight") else 0.0)
         wte = torch.zeros(99, 24, dtype=torch.double)
         wte[:, list(range(8)) + list(range(16, 24))] = zero_sum(99, 16)
         m.wte.weight.copy_(3 * wte / wte.norm(dim=1, keepdim=True))

@@ -141,3 +141,12 @@ def test_bad_thresholds_are_refused():
         classify_heads(model, repeated_tokens(), min_fraction=0)
     with pytest.raises(ValueError, match="non-empty"):
         classify_heads(model, torch.zeros(0, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("c_threshold", [-1.0, 1.5, float("nan")])
+def test_a_c_threshold_outside_attention_weights_is_refused(c_threshold):
+    from circuitlab.classify import check_class_args
+
+    with pytest.raises(ValueError, match="c_threshold must be an attention weight in \\[0, 1\\]"):
+        check_class_args(0.4, 0.8, c_threshold)
+    check_class_args(0.4, 0.8, 0.0)

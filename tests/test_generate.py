@@ -1,4 +1,4 @@
-"""Generation with a KV cache against recomputing the whole forward at every step."""
+"""Generation with a KV cache against recomputing the whole forward at every step, and against TransformerLens."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import BATCH, SEQ, TINY, make_tokens
+from conftest import BATCH, SEQ, TINY, make_model, make_tokens
 from minigpt2 import KVCache
 
 PROPERTY = settings(max_examples=20, deadline=None)
@@ -133,3 +133,188 @@ def test_selecting_rows_of_a_cache_continues_those_rows(model):
         got = model(tokens[rows, SEQ:], attention_mask=mask[rows, SEQ:], cache=cache)
         want = model(tokens[rows], attention_mask=mask[rows])[:, SEQ:]
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ TransformerLens's generate
+# The oracle: TransformerLens 3.x's HookedTransformer.generate on the same weights (see test_lens_api.py).
+# The tiny model checks token-id generation; the bundled base model (GPT-2's vocabulary) text.
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory):
+    pytest.importorskip("transformer_lens")
+    from test_lens_api import hf_tokenizer
+
+    return hf_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tl_tiny(tl_twin, hf_tok):
+    from test_lens_api import twin
+
+    model = make_model()
+    # GPT-2's tokenizer, though the vocabulary is tiny: TransformerLens's cached generation needs one
+    return model, twin(tl_twin, model, tokenizer=hf_tok)
+
+
+@pytest.fixture(scope="module")
+def tl_base(tl_twin, bundled_base, hf_tok):
+    from test_lens_api import BASE, twin
+
+    return bundled_base, twin(tl_twin, bundled_base, BASE, hf_tok)
+
+
+def tl_generate(tl, input, n, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tl.generate(input, max_new_tokens=n, verbose=False, **kwargs)
+
+
+PROMPTS = ["if all cats are dogs and all dogs are birds then all cats are", "The capital of France",
+           "1, 2, 3, 4,"]
+
+
+@pytest.mark.parametrize("use_past_kv_cache", [True, False])
+def test_greedy_equals_transformer_lens_on_tokens(tl_tiny, use_past_kv_cache):
+    model, tl = tl_tiny
+    tokens = make_tokens(4, SEQ, seed=1)
+    want = tl_generate(tl, tokens, 12, do_sample=False, stop_at_eos=False, use_past_kv_cache=use_past_kv_cache)
+    got = model.generate(tokens, 12, do_sample=False, stop_at_eos=False, use_past_kv_cache=use_past_kv_cache)
+    assert torch.equal(got, want)
+
+
+def test_greedy_on_text_equals_transformer_lens(tl_base):
+    model, tl = tl_base
+    assert model.generate(PROMPTS[0], 6, prepend_bos=False) == tl_generate(tl, PROMPTS[0], 6, do_sample=False,
+                                                                            prepend_bos=False)
+    want = tl_generate(tl, PROMPTS, 6, do_sample=False, return_type="tokens")  # left-padded by TransformerLens
+    assert torch.equal(model.generate(PROMPTS, 6, return_type="tokens"), want)  # greedy is the default here
+    assert model.generate(PROMPTS, 6) == [tl.tokenizer.decode(row, skip_special_tokens=True) for row in want]
+
+
+def test_left_padded_token_batch_equals_transformer_lens(tl_base):
+    """Token ids with padding_side="left": leading <|endoftext|> tokens are padding, as TransformerLens takes them."""
+    model, tl = tl_base
+    tokens = model.to_tokens(PROMPTS, padding_side="left")
+    want = tl_generate(tl, tokens, 6, do_sample=False, padding_side="left")
+    assert torch.equal(model.generate(tokens, 6, padding_side="left"), want)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(top_p=0.8),
+                                    dict(temperature=1.0, freq_penalty=2.0), dict(top_k=3, top_p=0.5)])
+def test_sampling_equals_transformer_lens_under_one_seed(tl_tiny, kwargs):
+    """seed=s draws what TransformerLens draws after torch.manual_seed(s); seed=None uses the global generator."""
+    model, tl = tl_tiny
+    tokens = make_tokens(3, SEQ, seed=2)
+    torch.manual_seed(11)
+    want = tl_generate(tl, tokens, 10, do_sample=True, stop_at_eos=False, **kwargs)
+    assert torch.equal(model.generate(tokens, 10, do_sample=True, stop_at_eos=False, seed=11, **kwargs), want)
+    torch.manual_seed(11)
+    assert torch.equal(model.generate(tokens, 10, do_sample=True, stop_at_eos=False, **kwargs), want)
+
+
+def test_stopping_at_eos_equals_transformer_lens(tl_tiny, tl_base):
+    model, tl = tl_tiny
+    tokens = make_tokens(5, SEQ, seed=3)
+    eos = model.generate(tokens, 8, stop_at_eos=False)[0, SEQ + 2].item()
+    assert torch.equal(model.generate(tokens, 8, eos_token_id=eos), tl_generate(tl, tokens, 8, do_sample=False,
+                                                                               eos_token_id=eos))
+    # several stop ids: stopped rows are padded with <|endoftext|> (needs GPT-2's vocabulary)
+    model, tl = tl_base
+    tokens = model.to_tokens(PROMPTS, padding_side="left")
+    T = tokens.shape[1]
+    free = model.generate(tokens, 8, stop_at_eos=False, padding_side="left")
+    eos = [free[0, T + 2].item(), free[1, T + 3].item()]
+    got = model.generate(tokens, 8, eos_token_id=eos, padding_side="left")
+    assert torch.equal(got, tl_generate(tl, tokens, 8, do_sample=False, eos_token_id=eos, padding_side="left"))
+    assert got[0, T + 3:].eq(50256).all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 8), min_size=2, max_size=4),
+       n=st.integers(1, 8), use_past_kv_cache=st.booleans())
+def test_each_row_of_a_left_padded_batch_continues_its_own_prompt(new_model, seed, lengths, n, use_past_kv_cache):
+    """Greedy generation of a left-padded batch (attention_mask) gives each row what its prompt gives alone."""
+    model = new_model(seed=seed)
+    T = max(lengths)
+    tokens = make_tokens(len(lengths), T, seed=seed)
+    mask = torch.zeros_like(tokens)
+    for i, length in enumerate(lengths):
+        mask[i, T - length:] = 1
+    tokens = tokens.masked_fill(~mask.bool(), 0)
+    batch = model.generate(tokens, n, attention_mask=mask, stop_token=None, use_past_kv_cache=use_past_kv_cache)
+    for i, length in enumerate(lengths):
+        alone = model.generate(tokens[i:i + 1, T - length:], n, stop_token=None)
+        assert torch.equal(batch[i, T:], alone[0, length:])
+
+
+def test_a_batch_of_texts_continues_each_text_as_alone(tl_base):
+    """A list of texts is left-padded (whatever padding_side says, as in TransformerLens): each row is its prompt's."""
+    model, _ = tl_base
+    ids = model.generate(PROMPTS, 6, padding_side="right", return_type="tokens")
+    T = ids.shape[1] - 6
+    for row, p in zip(ids, PROMPTS):
+        alone = model.generate(p, 6, return_type="tokens")[0]
+        assert torch.equal(row[T - (len(alone) - 6):], alone)
+        assert torch.equal(row[:T - (len(alone) - 6)], torch.full_like(row[:T - (len(alone) - 6)], 50256))
+
+
+def test_return_types(tl_base):
+    model, _ = tl_base
+    text = model.generate(PROMPTS[1], 4)
+    assert isinstance(text, str) and text.startswith(PROMPTS[1]) and "<|endoftext|>" not in text
+    ids = model.generate(PROMPTS[1], 4, return_type="tokens")
+    assert ids.shape == (1, model.to_tokens(PROMPTS[1]).shape[1] + 4)
+    assert model.generate(ids[:, :-4], 4, return_type="str") == text
+    assert torch.equal(model.generate(ids[:, :-4], 4), ids)  # tokens in, tokens out
+    assert model.generate([PROMPTS[1]], 4) == text  # one text in a list: a string, as in TransformerLens
+
+
+def test_sampling_switches(model, tokens):
+    greedy = model.generate(tokens, 6, stop_token=None)
+    assert torch.equal(model.generate(tokens, 6, do_sample=False, temperature=2.0, stop_token=None), greedy)
+    assert torch.equal(model.generate(tokens, 6, do_sample=True, temperature=0.0, seed=1, stop_token=None), greedy)
+    assert not torch.equal(model.generate(tokens, 6, temperature=1.0, seed=1, stop_token=None), greedy)
+    sampled = model.generate(tokens, 6, do_sample=True, seed=1, stop_token=None)  # temperature 1 by default
+    assert torch.equal(sampled, model.generate(tokens, 6, temperature=1.0, seed=1, stop_token=None))
+
+
+def test_max_new_tokens_zero_returns_the_prompt(model, tokens):
+    assert torch.equal(model.generate(tokens, 0), tokens)
+
+
+def test_verbose_shows_a_progress_bar(model, tokens, capsys):
+    model.generate(tokens, 3, stop_token=None, verbose=True)
+    assert "generate" in capsys.readouterr().err
+    model.generate(tokens, 3, stop_token=None)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
+    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(top_k=0), "top_k must be >= 1, got 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
+    (dict(return_type="embeds"), "return_type must be 'input', 'str' or 'tokens'"),
+    (dict(input=[]), "the prompt is empty"),
+    (dict(input=torch.zeros(1, 0, dtype=torch.long)), r"the prompt is empty: token ids of shape \(1, 0\)"),
+    (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 1, 1, 0]])), "attention_mask row 0 ends with padding"),
+    (dict(stop_token=3, eos_token_id=4), "not both"),
+])
+def test_bad_generation_input_is_named(model, tokens, kwargs, match):
+    kwargs = {"input": tokens[:1], "max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        model.generate(kwargs.pop("input"), kwargs.pop("max_new_tokens"), **kwargs)
+
+
+def test_an_empty_text_prompt_is_named(tl_base):
+    model, _ = tl_base
+    with pytest.raises(ValueError, match="the prompt is an empty string and prepend_bos=False"):
+        model.generate("", 3, prepend_bos=False)
+    with pytest.raises(ValueError, match="prompt 1 is an empty string"):
+        model.generate(["a", ""], 3, prepend_bos=False)
+    assert isinstance(model.generate("", 3), str)  # "" with the BOS: TransformerLens's default input

@@ -97,7 +97,7 @@ def test_removing_every_edge_into_a_head_ablates_its_input(model, data, ablation
 
     # reference: the head's q, k and v computed by the model's own modules from the ablated residual
     blk, dh = model.blocks[layer], SMALL.d_head
-    x = blk.ln_1(ablated_input(model, data, ablation, layer))
+    x = blk.ln1(ablated_input(model, data, ablation, layer))
     q, k, v = blk.attn.c_attn(x).split(SMALL.d_model, dim=-1)
     hooks = [(f"blocks.{layer}.attn.hook_{n}", lambda t, hp, new=new: torch.cat(
         [t[:, :, :head], new.reshape(new.shape[0], T, -1, dh)[:, :, head:head + 1].expand(t.shape[0], -1, -1, -1),

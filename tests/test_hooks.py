@@ -8,15 +8,25 @@ import pytest
 import torch
 
 from conftest import BATCH, SEQ, TINY, make_tokens
-from minigpt2 import KVCache
+from minigpt2 import GPT2, KVCache
+from minigpt2.hooks import PER_HEAD_INPUT_HOOKS
 
 ATOL = 1e-5
+
+# The layer norms' module names, read off the model (ln_1 / ln_2 now, TransformerLens's ln1 / ln2 after
+# the rename), so that the rename needs no edit here.
+LN1, LN2 = ("ln1", "ln2") if "blocks.0.ln1.hook_scale" in GPT2(TINY).hook_dict else ("ln_1", "ln_2")
 
 # The TransformerLens names minigpt2 advertises, with their documented shapes.
 # (B, Tq, Tk: batch, this call's positions, all key positions.)
 PER_LAYER = {
     "hook_resid_pre": "B Tq D",
-    "ln_1.hook_normalized": "B Tq D",
+    "hook_attn_in": "B Tq H D",
+    "hook_q_input": "B Tq H D",
+    "hook_k_input": "B Tq H D",
+    "hook_v_input": "B Tq H D",
+    f"{LN1}.hook_scale": "B Tq 1",
+    f"{LN1}.hook_normalized": "B Tq D",
     "attn.hook_q": "B Tq H d",
     "attn.hook_k": "B Tq H d",
     "attn.hook_v": "B Tq H d",
@@ -26,20 +36,37 @@ PER_LAYER = {
     "attn.hook_result": "B Tq H D",
     "hook_attn_out": "B Tq D",
     "hook_resid_mid": "B Tq D",
-    "ln_2.hook_normalized": "B Tq D",
+    "hook_mlp_in": "B Tq D",
+    f"{LN2}.hook_scale": "B Tq 1",
+    f"{LN2}.hook_normalized": "B Tq D",
     "mlp.hook_pre": "B Tq M",
     "mlp.hook_post": "B Tq M",
     "hook_mlp_out": "B Tq D",
     "hook_resid_post": "B Tq D",
 }
-DOCUMENTED = {"hook_embed": "B Tq D", "hook_pos_embed": "B Tq D", "ln_final.hook_normalized": "B Tq D"} | {
+# With a per-head input hooked, ln1 runs once per q / k / v input on [B, T, H, d_model], as in
+# TransformerLens with use_split_qkv_input: its hooks fire three times, with a head axis.
+PER_HEAD_LN1 = {f"{LN1}.hook_scale": "B Tq H 1", f"{LN1}.hook_normalized": "B Tq H D"}
+DOCUMENTED = {"hook_tokens": "B Tq", "hook_embed": "B Tq D", "hook_pos_embed": "B Tq D",
+              "ln_final.hook_scale": "B Tq 1", "ln_final.hook_normalized": "B Tq D",
+              "unembed.hook_in": "B Tq D", "unembed.hook_out": "B Tq V"} | {
     f"blocks.{l}.{name}": shape for l in range(TINY.n_layer) for name, shape in PER_LAYER.items()
 }
+PER_HEAD = {n for n in DOCUMENTED if n.endswith(PER_HEAD_INPUT_HOOKS)}
 
 
-def documented_shape(name: str, B: int, Tq: int, Tk: int) -> tuple[int, ...]:
-    sizes = {"B": B, "Tq": Tq, "Tk": Tk, "H": TINY.n_head, "d": TINY.d_head, "D": TINY.d_model, "M": TINY.d_mlp}
-    return tuple(sizes[s] for s in DOCUMENTED[name].split())
+def documented_shape(name: str, B: int, Tq: int, Tk: int, per_head: bool = False) -> tuple[int, ...]:
+    sizes = {"B": B, "Tq": Tq, "Tk": Tk, "H": TINY.n_head, "d": TINY.d_head, "D": TINY.d_model, "M": TINY.d_mlp, "V": TINY.vocab_size, "1": 1}
+    shape = DOCUMENTED[name]
+    if per_head and name.startswith("blocks."):
+        shape = PER_HEAD_LN1.get(name.split(".", 2)[2], shape)
+    return tuple(sizes[s] for s in shape.split())
+
+
+def expected_calls(names, per_head: bool) -> Counter:
+    """How often each hook fires in one forward: ln1's three times when the per-head inputs are on."""
+    ln1 = tuple(f"{LN1}.{h}" for h in ("hook_scale", "hook_normalized"))
+    return Counter({n: 3 if per_head and n.endswith(ln1) and n.startswith("blocks.") else 1 for n in names})
 
 
 def record(calls):
@@ -54,21 +81,42 @@ def test_the_advertised_hooks_are_exactly_the_hook_points(model):
 
 
 def test_every_hook_fires_once_with_its_documented_shape(model, tokens):
+    """Everything but the per-head inputs hooked: each hook fires once, ln1 without a head axis."""
     calls = []
-    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, record(calls))])
-    assert Counter(name for name, _ in calls) == Counter(list(DOCUMENTED))
+    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n not in PER_HEAD, record(calls))])
+    assert Counter(name for name, _ in calls) == expected_calls(set(DOCUMENTED) - PER_HEAD, per_head=False)
     for name, shape in calls:
         assert shape == documented_shape(name, BATCH, SEQ, SEQ), name
 
 
-def test_hook_shapes_when_continuing_from_a_kv_cache(model, tokens):
+def test_with_the_per_head_inputs_hooked_ln1_runs_per_head_and_per_input(model, tokens):
+    calls = []
+    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, record(calls))])
+    assert Counter(name for name, _ in calls) == expected_calls(DOCUMENTED, per_head=True)
+    for name, shape in calls:
+        assert shape == documented_shape(name, BATCH, SEQ, SEQ, per_head=True), name
+
+
+def test_one_per_head_input_hooked_switches_only_its_own_layer(model, tokens):
+    calls = []
+    model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_k_input", lambda x, hp: None),
+                                            (lambda n: f".{LN1}." in n, record(calls))])
+    per_layer = Counter(name.split(".")[1] for name, _ in calls)
+    assert per_layer == {"0": 2, "1": 6, "2": 2}
+    assert {shape for name, shape in calls if name.startswith("blocks.1.")} == {
+        (BATCH, SEQ, TINY.n_head, 1), (BATCH, SEQ, TINY.n_head, TINY.d_model)}
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared-input", "per-head-inputs"])
+def test_hook_shapes_when_continuing_from_a_kv_cache(model, tokens, per_head):
     cache = KVCache(TINY.n_layer)
     model(tokens, cache=cache)
     calls = []
-    model.run_with_hooks(tokens[:, :3], cache=cache, fwd_hooks=[(lambda n: True, record(calls))])
-    assert Counter(name for name, _ in calls) == Counter(list(DOCUMENTED))
+    names = set(DOCUMENTED) if per_head else set(DOCUMENTED) - PER_HEAD
+    model.run_with_hooks(tokens[:, :3], cache=cache, fwd_hooks=[(lambda n: n in names, record(calls))])
+    assert Counter(name for name, _ in calls) == expected_calls(names, per_head)
     for name, shape in calls:
-        assert shape == documented_shape(name, BATCH, 3, SEQ + 3), name
+        assert shape == documented_shape(name, BATCH, 3, SEQ + 3, per_head), name
 
 
 def test_identity_hooks_change_nothing(model, tokens):
@@ -82,9 +130,12 @@ def test_identity_hooks_change_nothing(model, tokens):
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
 def test_a_zeroing_hook_moves_the_logits(model, tokens, name):
+    """Every hook point is on the path to the logits. (A layer norm's scale is a divisor: it is set to 1.)"""
+    edit = torch.ones_like if name.endswith("hook_scale") else torch.zeros_like
     with torch.no_grad():
         plain = model(tokens)
-        zeroed = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hp: torch.zeros_like(x))])
+        zeroed = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda x, hp: edit(x))])
+    assert zeroed.isfinite().all()
     assert (zeroed - plain).abs().max() > 1e-3
 
 
@@ -100,7 +151,7 @@ def test_hooks_on_one_point_apply_in_order(model, tokens):
 
 
 def no_hooks_left(model) -> bool:
-    return not any(hp.fns for hp in model.hook_dict.values())
+    return not any(hp.fwd_hooks or hp.bwd_hooks or hp.active for hp in model.hook_dict.values())
 
 
 def test_hooks_are_removed_after_run_with_hooks(model, tokens):
@@ -184,6 +235,8 @@ def test_positions_give_the_full_logits_gathered(model, tokens):
 def test_run_with_cache_detaches_unless_asked(model, tokens):
     logits, cache = model.run_with_cache(tokens, names=lambda n: n.startswith("blocks.2"))
     assert set(cache) == {n for n in DOCUMENTED if n.startswith("blocks.2")}
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.2"))
+    assert set(cache) == {n for n in DOCUMENTED if n.startswith("blocks.2")}
     assert not cache["blocks.2.hook_resid_post"].requires_grad
     logits, cache = model.run_with_cache(tokens, names=["blocks.2.hook_resid_post"], detach=False)
     cache["blocks.2.hook_resid_post"].sum().backward()  # the graph is kept
@@ -191,7 +244,160 @@ def test_run_with_cache_detaches_unless_asked(model, tokens):
 
 
 def test_reset_hooks_clears_hooks_left_by_hand(model, tokens):
-    model.hook_point("hook_embed").fns.append(lambda x, hp: torch.zeros_like(x))
+    model.hook_point("hook_embed").add_hook(lambda x, hp: torch.zeros_like(x))
+    model.add_hook("blocks.0.hook_resid_mid", lambda g, hp: None, dir="bwd")
     model.reset_hooks()
     assert no_hooks_left(model)
 
+
+
+# ---------------------------------------------------------------------- TransformerLens's hook API
+def test_add_hook_prepend_and_permanent_hooks(model, tokens):
+    order = []
+    model.add_hook("hook_embed", lambda x, hp: order.append("second"))
+    model.add_hook("hook_embed", lambda x, hp: order.append("first"), prepend=True)
+    model.add_hook("hook_embed", lambda x, hp: order.append("permanent"), is_permanent=True)
+    model(tokens)
+    assert order == ["first", "second", "permanent"]
+    model.reset_hooks()
+    assert [h.is_permanent for h in model.hook_point("hook_embed").fwd_hooks] == [True]
+    model.reset_hooks(including_permanent=True)
+    assert no_hooks_left(model)
+
+
+def test_hook_point_remove_hooks_by_direction(model):
+    hp = model.hook_point("blocks.1.hook_resid_mid")
+    hp.add_hook(lambda x, h: None)
+    hp.add_hook(lambda g, h: None, dir="bwd")
+    hp.add_hook(lambda g, h: None, dir="bwd", is_permanent=True)
+    hp.remove_hooks()  # dir="fwd" by default, as TransformerLens
+    assert not hp.fwd_hooks and len(hp.bwd_hooks) == 2
+    hp.remove_hooks("both")
+    assert len(hp.bwd_hooks) == 1 and hp.active  # the permanent one stays
+    hp.remove_hooks("both", including_permanent=True)
+    assert not hp.active
+    with pytest.raises(ValueError, match="dir"):
+        hp.add_hook(lambda x, h: None, dir="sideways")
+
+
+def test_hook_names_and_layers(model):
+    assert model.hook_point("blocks.2.attn.hook_pattern").layer() == 2
+    assert model.hook_point(f"blocks.0.{LN1}.hook_scale").layer() == 0
+    with pytest.raises(ValueError, match="not inside a layer"):
+        model.hook_point("hook_embed").layer()
+    seen = []
+    model.run_with_hooks(make_tokens(2, 3), fwd_hooks=[(lambda n: n.endswith("hook_z"),
+                                                          lambda z, hook: seen.append((hook.name, hook.layer())))])
+    assert seen == [(f"blocks.{l}.attn.hook_z", l) for l in range(TINY.n_layer)]
+
+
+def test_hooks_context_manager_keeps_hooks_with_reset_hooks_end_false(model, tokens):
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hp: None)]):
+        assert model.hook_point("hook_embed").active
+        with model.hooks(fwd_hooks=[("hook_pos_embed", lambda x, hp: None)]):
+            assert model.hook_point("hook_pos_embed").active
+        assert not model.hook_point("hook_pos_embed").active  # the inner block removes only its own
+        assert model.hook_point("hook_embed").active
+    assert no_hooks_left(model)
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hp: None)], reset_hooks_end=False):
+        pass
+    assert model.hook_point("hook_embed").active
+    model.reset_hooks()
+    assert no_hooks_left(model)
+
+
+def test_a_backward_hook_alone_makes_its_activation(model, tokens):
+    hp = model.hook_point("blocks.0.attn.hook_pattern")
+    hp.add_hook(lambda g, hook: None, dir="bwd")
+    assert hp.active  # the model computes the pattern, so that its gradient exists
+    model.reset_hooks()
+    assert not hp.active
+
+
+def test_backward_hooks_see_the_gradient_of_their_activation(model, tokens):
+    """A backward hook gets d(loss)/d(activation): the same as autograd's through a forward hook."""
+    name = "blocks.1.attn.hook_pattern"
+    kept, grads = {}, []
+
+    def keep(x, hook):
+        x.retain_grad()
+        kept["x"] = x
+
+    loss = model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(name, keep)],
+                                bwd_hooks=[(name, lambda g, hook: grads.append(g.clone()))])
+    assert no_hooks_left(model)
+    loss.backward()  # hooks attached to this forward's graph fire although they are off the model
+    assert len(grads) == 1
+    torch.testing.assert_close(grads[0], kept["x"].grad)
+
+
+def test_a_backward_hook_can_replace_the_gradient(model, tokens):
+    def loss_and_grad(bwd_hooks):
+        model.zero_grad()
+        loss = model.run_with_hooks(tokens, return_type="loss", bwd_hooks=bwd_hooks, reset_hooks_end=False)
+        loss.backward()
+        model.reset_hooks()
+        return model.wte.weight.grad.clone(), model.blocks[2].mlp.c_fc.weight.grad.clone()
+
+    wte, fc = loss_and_grad([])
+    wte0, fc0 = loss_and_grad([("blocks.1.hook_resid_post", lambda g, hook: torch.zeros_like(g))])
+    torch.testing.assert_close(fc0, fc)  # downstream of the hook: untouched
+    assert not torch.allclose(wte0, wte)  # upstream: only what bypasses the residual stream at layer 1 is left
+    wte2, _ = loss_and_grad([("blocks.1.hook_resid_post", lambda g, hook: 2 * g)])
+    assert not torch.allclose(wte2, wte)
+
+
+def test_run_with_cache_names_filter_forms(model, tokens):
+    one = "blocks.1.attn.hook_z"
+    assert list(model.run_with_cache(tokens, names_filter=one)[1].keys()) == [one]
+    assert set(model.run_with_cache(tokens, names_filter=[one, "hook_embed"])[1]) == {one, "hook_embed"}
+    assert set(model.run_with_cache(tokens, names=[one])[1]) == {one}
+    assert set(model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))[1]) == {
+        f"blocks.{l}.attn.hook_z" for l in range(TINY.n_layer)}
+    with pytest.raises(TypeError, match="not both"):
+        model.run_with_cache(tokens, names=[one], names_filter=[one])
+    with pytest.raises(KeyError, match="did you mean"):
+        model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_zz")
+
+
+def test_run_with_cache_by_default_caches_all_but_the_per_head_inputs(model, tokens):
+    """A default TransformerLens model has no per-head inputs; caching them would change ln1's shapes."""
+    _, cache = model.run_with_cache(tokens)
+    assert set(cache) == set(DOCUMENTED) - PER_HEAD
+    assert cache[f"blocks.0.{LN1}.hook_scale"].shape == (BATCH, SEQ, 1)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: True)
+    assert set(cache) == set(DOCUMENTED)
+    assert cache[f"blocks.0.{LN1}.hook_scale"].shape == (BATCH, SEQ, TINY.n_head, 1)
+
+
+def test_run_with_cache_options(model, tokens):
+    from minigpt2.cache import ActivationCache
+
+    logits, cache = model.run_with_cache(tokens[:1], names_filter=["blocks.0.attn.hook_z", "hook_embed"],
+                                         remove_batch_dim=True)
+    assert isinstance(cache, ActivationCache) and not cache.has_batch_dim
+    assert cache["blocks.0.attn.hook_z"].shape == (SEQ, TINY.n_head, TINY.d_head)
+    _, plain = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_z", "hook_embed"],
+                                    return_cache_object=False)
+    assert type(plain) is dict
+    _, sliced = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_z", "hook_embed"], pos_slice=-1)
+    torch.testing.assert_close(sliced["blocks.0.attn.hook_z"], plain["blocks.0.attn.hook_z"][:, -1:])
+    torch.testing.assert_close(sliced["hook_embed"], plain["hook_embed"][:, -1:])
+    resid, cache = model.run_with_cache(tokens, stop_at_layer=1)  # the residual stream entering block 1
+    torch.testing.assert_close(resid, cache["blocks.0.hook_resid_post"])
+    assert not any(n.startswith(("blocks.1.", "blocks.2.", "ln_final")) for n in cache)
+    assert no_hooks_left(model)
+
+
+def test_run_with_cache_incl_bwd_caches_gradients(model, tokens):
+    names = ["blocks.2.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    loss, cache = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, return_type="loss")
+    assert set(cache) == set(names) | {n + "_grad" for n in names}
+    x = cache["blocks.2.hook_resid_post"].clone().requires_grad_(True)
+    manual = model.loss_fn(model.to_logits(x), tokens)  # the rest of the forward, from resid_post of the last layer
+    manual.backward()
+    torch.testing.assert_close(cache["blocks.2.hook_resid_post_grad"], x.grad)
+    assert no_hooks_left(model)
+    with pytest.raises(ValueError, match="scalar"):
+        model.run_with_cache(tokens, names_filter=names, incl_bwd=True)
+    assert no_hooks_left(model)

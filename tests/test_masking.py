@@ -271,3 +271,33 @@ def test_mean_reference_of_the_wrong_length(model, tokens):
     model.run_with_head_masks(tokens, torch.ones(1, L, H), mode="mean", reference=tokens[:, :5], mean_over="all")
     with pytest.raises(ValueError, match="mean_over must be 'position' or 'all', got 'batch'"):
         model.run_with_head_masks(tokens, torch.ones(1, L, H), mode="mean", mean_over="batch")
+
+
+def test_bad_batches_and_masks_are_named(model):
+    from minigpt2.masking import run_with_head_masks, single_head_masks
+    masks = single_head_masks(model.cfg.n_layer, model.cfg.n_head)[:3]
+    tokens = make_tokens(2, 5)
+    with pytest.raises(ValueError, match=r"batch \[B, T\].*tokens\[None\]"):
+        run_with_head_masks(model, tokens[0], masks)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        run_with_head_masks(model, tokens[:0], masks)
+    with pytest.raises(ValueError, match="no variant.*single_head_masks"):
+        run_with_head_masks(model, tokens, masks[:0])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        run_with_head_masks(model, tokens, torch.full_like(masks, float("nan")))
+    # lists of ids are accepted, as by the model itself
+    torch.testing.assert_close(run_with_head_masks(model, tokens.tolist(), masks), run_with_head_masks(model, tokens, masks))
+
+
+def test_left_padding_batched_equals_the_loop(model):
+    """Left-padded rows shift positions (TransformerLens's rule) in the batched call as in the hooked forward."""
+    from minigpt2.masking import run_with_head_masks, run_with_head_masks_loop, single_head_masks
+    tokens = make_tokens(3, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    masks = single_head_masks(model.cfg.n_layer, model.cfg.n_head)
+    with torch.no_grad():
+        batched = run_with_head_masks(model, tokens, masks, attention_mask=mask)
+        loop = run_with_head_masks_loop(model, tokens, masks, attention_mask=mask)
+        alone = model(tokens[0, 2:][None])[0, -1]
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched[0, 0], alone, atol=1e-5, rtol=0)

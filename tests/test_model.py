@@ -194,14 +194,19 @@ def test_masked_tokens_do_not_reach_real_positions(new_model, seed, shape, expli
 
 
 def test_left_padded_rows_stay_finite(model):
-    """A padded query with only padding before it still attends to itself: no empty softmax, no NaN."""
+    """A padded query with no real key before it attends nothing (TransformerLens's rule): its pattern row
+    is all zeros and its z is 0, on the fused path too; no empty softmax, no NaN."""
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with torch.no_grad():
         fused = model(make_tokens(2, 5), attention_mask=mask)
         explicit, cache = model.run_with_cache(make_tokens(2, 5), attention_mask=mask)
     assert fused.isfinite().all() and explicit.isfinite().all()
     torch.testing.assert_close(explicit, fused, atol=ATOL, rtol=0)
-    assert cache["blocks.0.attn.hook_pattern"][0, :, 0, 0].eq(1).all()
+    assert cache["blocks.0.attn.hook_pattern"][0, :, :2].eq(0).all()
+    assert cache["blocks.0.attn.hook_z"][0, :2].eq(0).all()
+    with torch.no_grad():
+        _, fused_cache = model.run_with_cache(make_tokens(2, 5), attention_mask=mask, names=["blocks.0.attn.hook_z"])
+    assert fused_cache["blocks.0.attn.hook_z"][0, :2].eq(0).all()
 
 
 def test_layer_shapes_follow_the_config():
@@ -218,7 +223,7 @@ def test_init_weights_is_seeded_and_gpt2_scaled():
     a.init_weights(seed=5)
     b.init_weights(seed=5)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert a.blocks[0].ln_1.weight.eq(1).all() and a.blocks[0].attn.c_attn.bias.eq(0).all()
+    assert a.blocks[0].ln1.weight.eq(1).all() and a.blocks[0].attn.c_attn.bias.eq(0).all()
     ratio = (a.blocks[0].attn.c_attn.weight.std() / a.blocks[0].attn.c_proj.weight.std()).item()
     assert ratio == pytest.approx((2 * TINY.n_layer) ** 0.5, rel=0.2)  # residual projections scaled down
 
@@ -242,10 +247,26 @@ def test_sequence_longer_than_context(model):
 
 
 def test_token_tensor_shape_and_dtype(model):
+    tokens = make_tokens(2, 5)
+    with torch.no_grad():
+        expected = model(tokens)
+        # As TransformerLens: one sequence [T] is a batch of one; lists and numpy arrays are ids too.
+        torch.testing.assert_close(model(tokens[0]), expected[:1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(tokens.tolist()), expected, atol=0, rtol=0)
+        torch.testing.assert_close(model(tokens.numpy()), expected, atol=0, rtol=0)
+        torch.testing.assert_close(model(tokens.int()), expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"tokens must be \[batch, seq\].*tokens\[None\]"):
-        model(make_tokens(1, 5)[0])
+        model(tokens[:, :, None])
     with pytest.raises(TypeError, match="integer ids.*float32"):
-        model(make_tokens(2, 5).float())
+        model(tokens.float())
+    with pytest.raises(TypeError, match="integer ids"):
+        model([[1.5, 2.0]])
+    with pytest.raises(ValueError, match=r"at least one sequence of at least one token"):
+        model(tokens[:0])
+    with pytest.raises(ValueError, match=r"at least one sequence of at least one token"):
+        model(tokens[:, :0])
+    with pytest.raises(TypeError, match=r"positions must be integer indices.*long\(\)"):
+        model(tokens, positions=torch.tensor([1.0, 2.0]))
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (3, 5), (1, 5), (2, 5, 1)])
@@ -269,3 +290,24 @@ def test_config_rejects_impossible_shapes():
     with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
         GPT2Config.preset("gpt3")
     assert GPT2Config.preset("gpt2-xl").d_head == 64
+
+
+def test_a_kv_cache_continues_only_its_own_batch(model):
+    from minigpt2 import KVCache
+    cache = KVCache(model.cfg.n_layer)
+    with torch.no_grad():
+        model(make_tokens(2, 3), cache=cache)
+        with pytest.raises(ValueError, match=r"holds 2 sequences, the tokens 3.*new KVCache"):
+            model(make_tokens(3, 1), cache=cache)
+        with pytest.raises(ValueError, match=rf"has 1 layers, the model {model.cfg.n_layer}.*KVCache\(model.cfg.n_layer\)"):
+            model(make_tokens(2, 1), cache=KVCache(1))
+
+
+def test_left_padding_shifts_positions_as_transformerlens(model):
+    """A left-padded row gives the logits of its prompt alone (positions count from its first real token)."""
+    tokens = make_tokens(2, 6)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        padded = model(tokens, attention_mask=mask)
+        alone = model(tokens[:1, 3:])
+    torch.testing.assert_close(padded[0, 3:], alone[0], atol=ATOL, rtol=0)

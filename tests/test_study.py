@@ -89,29 +89,69 @@ def test_transfer_refuses_a_circuit_of_another_shape(study, models, tmp_path, ca
     assert not out.exists() and not list(tmp_path.glob(".transfer*"))
 
 
+def exit_status(argv) -> int:
+    """circuits.main's status; a bad flag makes argparse exit (2) instead of returning."""
+    try:
+        return circuits.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 @pytest.mark.parametrize("args,message", [
     (["search", "--threshold", "1.5"], "out of range for a relative drop"),
-    (["search", "--threshold", "-1", "--drop", "absolute"], ">= 0"),
-    (["baseline", "--examples", "0"], "empty eval set"),
-    (["classify", "--score-threshold", "2"], "score_threshold"),
+    (["search", "--threshold", "-1", "--drop", "absolute"], "--threshold: -1.0 is out of range"),
+    (["baseline", "--examples", "0"], "--examples: 0 is out of range"),
+    (["classify", "--score-threshold", "2"], "--score-threshold"),
+    (["transfer", "--circuits", "nowhere.json"], "no circuit file at nowhere.json"),
 ])
 def test_bad_input_fails_cleanly_and_keeps_the_old_output(models, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("previous result")
-    rc = circuits.main([*args, "--models", *models, "--out", str(out), "--seed", "1"])
+    (out / "provenance.json").write_text("{}")  # an earlier report
+    rc = exit_status([*args, "--models", *models, "--out", str(out), "--seed", "1"])
     assert rc == 2
-    assert message in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["old.txt"]  # untouched
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in out.iterdir()] == ["provenance.json"]  # untouched
     assert not list(tmp_path.glob(".out*"))
 
 
+def test_an_out_directory_that_is_no_report_is_not_replaced(models, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert exit_status(["generate", "--models", *models, "--out", str(out), "--max-new-tokens", "2"]) == 2
+    assert "no provenance.json" in capsys.readouterr().err and (out / "thesis.tex").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert exit_status(["generate", "--models", *models, "--out", str(empty), "--max-new-tokens", "2"]) == 0
+    assert (empty / "provenance.json").exists()
+
+
+def test_classify_counts_a_models_own_circuit(study, models, tmp_path, capsys):
+    """A circuit is counted for the model of its label; one labelled with no model is refused, not ignored."""
+    out = tmp_path / "classify"
+    rc = circuits.main(["classify", "--models", *models, "--circuits", str(study / "circuit_beta.json"),
+                        "--examples", "8", "--out", str(out), "--seed", "1"])
+    assert rc == 0
+    table = json.loads((out / "classify.json").read_text())
+    assert table["Alpha"]["circuit_kept_heads"] is None and table["Beta"]["circuit_kept_heads"] is not None
+    nesting = json.loads((out / "c_attending_nesting.json").read_text())
+    assert [(n["from"], n["to"]) for n in nesting] == [("Alpha", "Beta")]
+    assert "paper (GPT-2 small's circuit)" in (out / "classify.md").read_text()
+    other = json.loads((study / "circuit_beta.json").read_text()) | {"label": "Gamma"}
+    (tmp_path / "gamma.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert exit_status(["classify", "--models", *models, "--circuits", str(tmp_path / "gamma.json"),
+                        "--out", str(tmp_path / "c2")]) == 2
+    assert "'Gamma' matches none of the models ['Alpha', 'Beta']" in capsys.readouterr().err
+
+
 def test_unknown_metric_and_missing_model_are_refused(models, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        circuits.main(["search", "--metric", "bleu", "--models", *models])
-    assert "invalid choice: 'bleu'" in capsys.readouterr().err
+    assert exit_status(["search", "--metric", "bleu", "--models", *models]) == 2
+    assert "circuits.py search: error: argument --metric: invalid choice: 'bleu'" in capsys.readouterr().err
     rc = circuits.main(["baseline", "--models", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
-    assert rc == 2 and "no model at" in capsys.readouterr().err
+    assert rc == 2 and "circuits.py baseline: error: no model at" in capsys.readouterr().err
 
 
 def test_c_key_mask_marks_the_tokens_of_c():
@@ -195,3 +235,15 @@ def test_edge_prompts_take_the_format_and_skip_the_training_data():
     assert corrupted.shape == batch.tokens.shape
     same, _ = build_data(20, 5, "zero")
     assert {e.prompt for e in same.examples} == {e.prompt for e in train}  # nothing excluded: the same draw
+
+
+def test_c_attending_nesting_counts_subsets_and_overlaps():
+    from circuitlab.study import c_attending_nesting
+    nested = c_attending_nesting({"feather": [(0, 1), (2, 3)], "light": [(0, 1), (2, 3), (4, 5)],
+                                  "welter": [(0, 1), (9, 9)]})
+    assert nested[0] == {"from": "feather", "to": "light", "n_from": 2, "n_to": 3, "shared": 2,
+                         "subset_fraction": 1.0, "jaccard": 2 / 3, "is_subset": True}
+    assert nested[1]["shared"] == 1 and nested[1]["subset_fraction"] == 1 / 3 and not nested[1]["is_subset"]
+    assert nested[1]["jaccard"] == 1 / 4
+    empty = c_attending_nesting({"a": [], "b": []})[0]
+    assert empty["subset_fraction"] is None and empty["jaccard"] is None and empty["is_subset"]

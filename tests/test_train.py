@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -168,11 +169,64 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
             with torch.no_grad():
                 trainer.model.wte.weight[:] = float("nan")
 
-    with pytest.raises(NonFiniteLoss, match="at step 5"):
+    with pytest.raises(NonFiniteLoss, match=r"at step 5.*step-00000004, holds the very weights.*--overwrite"):
         train.main(pretrain_argv(corpus, tmp_path / "run", "--max-steps", "8"), on_step=poison_after_4)
     kept = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resuming_a_damaged_checkpoint_names_the_file_and_the_fix(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    train.main(pretrain_argv(corpus, out, "--max-steps", "2"))
+    torch.save({"state": {}}, out / "checkpoints" / "step-00000002" / "optimizer.safetensors")  # a pickle
+    assert train.cli(pretrain_argv(corpus, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "optimizer.safetensors" in err and "--overwrite" in err
+
+
+def advised(err: str) -> list[list[str]]:
+    """The train.py commands an error message advises, as argv lists for train.main."""
+    commands = [shlex.split(line) for line in err.splitlines() if line.strip().startswith("python train.py")]
+    assert commands and all(c[:2] == ["python", "train.py"] for c in commands), err
+    return [c[2:] for c in commands]
+
+
+def test_a_diverging_lr_stops_and_the_advised_command_runs(tmp_path, corpus, capsys):
+    """--lr 1e30: step 1 saves finite (huge) weights whose loss at step 2 is nan. Resuming that
+    checkpoint would recompute the same nan whatever --lr, so the advice is a fresh start."""
+    out = tmp_path / "run"
+    assert train.cli(pretrain_argv(corpus, out, "--lr", "1e30", "--save-every", "1", "--max-steps", "4")) == 3
+    err = capsys.readouterr().err
+    assert "loss is nan at step 2" in err and "Traceback" not in err
+    [command] = advised(err)
+    assert "--overwrite" in command and command[command.index("--lr") + 1] == "0.0006"
+    assert train.cli(command) == 0
+    assert all(torch.isfinite(t).all() for t in weights(out).values())
+    assert json.loads((out / "args.json").read_text())["max_steps"] == 4  # the run's own settings, kept
+
+
+def test_non_finite_weights_are_never_saved_and_the_advised_resume_runs(tmp_path, corpus):
+    """A NaN reaching the weights through the optimizer state (loss still finite) is caught before
+    the save; the last checkpoint predates it, so the advice is --resume with a lower --lr, which
+    --resume accepts after such a stop (and records)."""
+    def poison_moments_at_3(trainer):
+        if trainer.step == 3:
+            for moments in trainer.optimizer.state.values():
+                moments["exp_avg"].fill_(float("nan"))
+
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="not finite after step 4") as e:
+        train.main(pretrain_argv(corpus, out, "--max-steps", "6"), on_step=poison_moments_at_3)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    [command] = advised(str(e.value))
+    assert command == ["pretrain", "--out", str(out), "--resume", "--lr", "0.0003"]
+    meta = train.main(command)
+    assert meta["steps"] == 6 and meta["changed_on_resume"] == [{"step": 2, "changed": {"lr": [3e-3, 3e-4]}}]
+    assert json.loads((out / "args.json").read_text())["lr"] == 3e-4
+    assert all(torch.isfinite(t).all() for t in weights(out).values())
+    with pytest.raises(ValueError, match="--lr: run has 0.0003, now 0.0001"):  # no NaN stop now: --lr is fixed
+        train.main(["pretrain", "--out", str(out), "--resume", "--lr", "1e-4"])
 
 
 # ---------------------------------------------------------------- bad input
@@ -191,7 +245,7 @@ def test_a_used_output_directory_is_refused(tmp_path, corpus):
     with pytest.raises(FileExistsError, match="not a run directory"):
         train.main(pretrain_argv(corpus, stranger, "--overwrite"))
     assert (stranger / "notes.txt").exists()
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train.main(pretrain_argv(corpus, tmp_path / "empty", "--resume"))
 
 
@@ -239,7 +293,8 @@ def test_repeated_documents_are_written_back_to_back(tmp_path):
 
     text = tmp_path / "doc.txt"
     text.write_text("a cat is a small animal.")
-    once, twice = corpus_tokens(str(text)), corpus_tokens(str(text), repeat=2)
+    (once, sources), (twice, _) = corpus_tokens(str(text)), corpus_tokens(str(text), repeat=2)
+    assert len(sources) == 1
     enc = get_tokenizer()
     assert enc.decode(twice[:-1].tolist()) == "a cat is a small animal. a cat is a small animal."
     assert twice[-1] == once[-1] == enc.eot_token

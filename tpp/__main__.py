@@ -16,18 +16,23 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from tpp.examples import MAX_EXAMPLES
+from tpp.flags import Parser, blame, fail, integer, number
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
+OUTPUTS = ("train.jsonl", "eval.jsonl", "eval_single_token.jsonl", "args.json")  # what build writes
+SEED = integer(0, why="numpy seeds are non-negative")
+COUNT = integer(1, MAX_EXAMPLES, why="at most tpp.examples.MAX_EXAMPLES, so that the examples fit in memory")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tpp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m tpp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_source(p, n_default):
         g = p.add_argument_group("what to generate (ignored with --file)")
-        g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same examples")
-        g.add_argument("--n", type=int, default=n_default, help="number of examples")
+        g.add_argument("--seed", type=SEED, default=0, help="random seed (>= 0); the same seed gives the same examples")
+        g.add_argument("--n", type=COUNT, default=n_default, help=f"number of examples (1 to {MAX_EXAMPLES:,})")
         g.add_argument("--templates", default=None,
                        help="comma-separated names (see `python -m tpp templates`), 'all', or a file with "
                             "one template a line; default: the paper's seven")
@@ -38,15 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser("build", help="build the master dataset and both eval sets, save them as JSONL")
     add_source(p, 158_000)
     g = p.add_argument_group("evaluation sets")
-    g.add_argument("--eval-n", type=int, default=3000, help="size of the random eval set (paper: 3000)")
-    g.add_argument("--single-n", type=int, default=1150,
+    g.add_argument("--eval-n", type=COUNT, default=3000, help="size of the random eval set (paper: 3000)")
+    g.add_argument("--single-n", type=COUNT, default=1150,
                    help="size of the eval set where ' c' is one token (paper: 1150)")
     g.add_argument("--disjoint-nouns", action="store_true",
                    help="draw train and eval nouns from disjoint pools (beyond the paper)")
-    g.add_argument("--eval-noun-fraction", type=float, default=0.2,
+    g.add_argument("--eval-noun-fraction", type=number(0, 1, lo_open=True, why="a share of the nouns"), default=0.2,
                    help="with --disjoint-nouns: the share of nouns reserved for the eval sets")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="folder for the JSONL files and args.json")
+    g.add_argument("--overwrite", action="store_true", help="replace the files of a dataset already in --out")
 
     for name, n_default, what in (("show", 5, "print examples and their GPT-2 tokens"),
                                   ("stats", 158_000, "print token-length, single-token and template statistics")):
@@ -63,7 +69,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=DATA_DIR, help="where to write them (default: tpp/data)")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if the files in --out-dir differ from a fresh build")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_args(args) -> None:
+    """What can be checked before any example is built; raises ValueError naming the flag and the fix."""
+    if args.command in ("build", "show", "stats"):
+        if getattr(args, "file", None) is not None:
+            _check_jsonl(args.file)
+        else:
+            _check_source(args)
+    if args.command == "build":
+        _check_folder(args.out, "--out")
+        there = [name for name in OUTPUTS if (args.out / name).exists()]
+        if there and not args.overwrite:
+            raise ValueError(f"--out {args.out} already holds a dataset ({', '.join(there)}); pass --overwrite "
+                             "to replace it, or another folder")
+    if args.command == "build-nouns":
+        _check_folder(args.out_dir, "--out-dir")
+
+
+def _check_jsonl(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"--file {path} is a folder; pass one of its JSONL files "
+                         f"(e.g. {path / 'train.jsonl'}, written by `python -m tpp build`)")
+    if not path.is_file():
+        raise ValueError(f"--file {path}: no such file; pass a JSONL file written by `python -m tpp build`")
+
+
+def _check_source(args) -> None:
+    from tpp.nouns import SHIPPED, WORDNET, load_nouns
+    from tpp.templates import load_templates
+
+    with blame("--templates"):
+        load_templates(args.templates)
+    if args.nouns not in (SHIPPED, WORDNET):  # the shipped list is known good; 'wordnet' is read when used
+        with blame("--nouns"):
+            load_nouns(args.nouns)
+
+
+def _check_folder(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; pass a folder to write into")
 
 
 def _examples(args):
@@ -71,8 +122,13 @@ def _examples(args):
     from tpp.jsonl import load_examples
 
     if args.file is not None:
-        return load_examples(args.file)[: args.n] if args.command == "show" else load_examples(args.file)
-    return make_examples(args.n, seed=args.seed, templates=args.templates, nouns=args.nouns)
+        with blame("--file"):
+            examples = load_examples(args.file)
+        if not examples:
+            raise ValueError(f"--file {args.file} holds no examples; pass a JSONL file written by `python -m tpp build`")
+        return examples[: args.n] if args.command == "show" else examples
+    with blame("--n", args.n):
+        return make_examples(args.n, seed=args.seed, templates=args.templates, nouns=args.nouns)
 
 
 def cmd_build(args) -> None:
@@ -81,12 +137,17 @@ def cmd_build(args) -> None:
     from tpp.nouns import load_nouns
 
     nouns = load_nouns(args.nouns)
-    train_nouns, eval_nouns = (split_nouns(nouns, args.eval_noun_fraction, args.seed)
-                               if args.disjoint_nouns else (nouns, nouns))
-    train = master_dataset(seed=args.seed, n=args.n, templates=args.templates, nouns=train_nouns)
-    evals = make_eval_set(args.eval_n, seed=args.seed, exclude=train, templates=args.templates, nouns=eval_nouns)
-    single = make_single_token_eval_set(args.single_n, seed=args.seed, exclude=train,
-                                        templates=args.templates, nouns=eval_nouns)
+    train_nouns, eval_nouns = nouns, nouns
+    if args.disjoint_nouns:
+        with blame("--eval-noun-fraction", args.eval_noun_fraction):
+            train_nouns, eval_nouns = split_nouns(nouns, args.eval_noun_fraction, args.seed)
+    with blame("--n", args.n):
+        train = master_dataset(seed=args.seed, n=args.n, templates=args.templates, nouns=train_nouns)
+    with blame("--eval-n", args.eval_n):
+        evals = make_eval_set(args.eval_n, seed=args.seed, exclude=train, templates=args.templates, nouns=eval_nouns)
+    with blame("--single-n", args.single_n):
+        single = make_single_token_eval_set(args.single_n, seed=args.seed, exclude=train,
+                                            templates=args.templates, nouns=eval_nouns)
     # Everything is built and serialized before the first write, so a failure leaves no partial dataset.
     texts = {"train.jsonl": jsonl_text(train), "eval.jsonl": jsonl_text(evals),
              "eval_single_token.jsonl": jsonl_text(single),
@@ -100,8 +161,9 @@ def cmd_build(args) -> None:
 def cmd_show(args) -> None:
     from minigpt2.tokenizer import get_tokenizer
 
+    examples = _examples(args)
     tok = get_tokenizer()
-    for e in _examples(args):
+    for e in examples:
         prompt = e.prompt[:-1] if args.single_token else e.prompt
         answer = (" " if args.single_token else "") + e.c
         print(f"[{e.template}] a={e.a!r} b={e.b!r} c={e.c!r}")
@@ -151,8 +213,8 @@ def cmd_build_nouns(args) -> int:
     nouns, version = wordnet_nouns()
     files = {"nouns.txt": format_noun_file(nouns, version), "WORDNET_LICENSE": wordnet_license_text()}
     if files["WORDNET_LICENSE"] is None:
-        raise SystemExit("the WordNet corpus found by nltk has no LICENSE file; its license must ship beside "
-                         "nouns.txt. Fix: use a complete WordNet corpus (nltk.download('wordnet')).")
+        raise LookupError("the WordNet corpus found by nltk has no LICENSE file; its license must ship beside "
+                          "nouns.txt. Fix: use a complete WordNet corpus (nltk.download('wordnet')).")
     if args.check:
         stale = [name for name, text in files.items()
                  if not (args.out_dir / name).is_file() or (args.out_dir / name).read_text(encoding="utf-8") != text]
@@ -165,14 +227,17 @@ def cmd_build_nouns(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Exit status: 0, 1 (build-nouns --check found stale files) or 2 with one line ``prog: error: ...``
+    (a bad flag makes argparse exit 2 the same way)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     commands = {"build": cmd_build, "show": cmd_show, "stats": cmd_stats, "templates": cmd_templates,
                 "build-nouns": cmd_build_nouns}
     try:
+        check_args(args)
         return commands[args.command](args) or 0
-    except (ValueError, LookupError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, LookupError, OSError) as e:
+        return fail(f"{parser.prog} {args.command}", e)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ from tpp.templates import load_templates
 MASTER_SIZE = 158_000  # the paper's master dataset
 EVAL_SIZE = 3000  # the paper's first evaluation set
 SINGLE_TOKEN_EVAL_SIZE = 1150  # the paper's second evaluation set
+# The most examples one set of the command lines (python -m tpp, circuits.py) may ask for: about 6x the
+# master dataset. A million Examples take about half a GB, their JSONL with token ids a few GB; the
+# templates and nouns allow far more (some 10^14), so without a cap a typo would exhaust memory.
+# The library functions have no cap.
+MAX_EXAMPLES = 1_000_000
 
 # One random stream per purpose (the spawn_key of the SeedSequence).
 _STREAM_EXAMPLES, _STREAM_EVAL, _STREAM_SINGLE, _STREAM_SPLIT, _STREAM_NOUN_SPLIT = range(5)

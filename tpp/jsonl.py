@@ -64,15 +64,27 @@ def save_examples(path: str | Path, examples: Sequence[Example], tokenizer=None)
 
 def load_examples(path: str | Path) -> list[Example]:
     """Read the Examples of a JSONL file written by save_examples (token ids are ignored)."""
+    path = Path(path)
+    fix = "Fix: pass a file written by `python -m tpp build`."
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a JSONL file. {fix} (e.g. {path / 'train.jsonl'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}. {fix}")
     examples = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
                 row = json.loads(line)
-                examples.append(Example(row["template"], row["a"], row["b"], row["c"], row["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno} is not a TPP example row ({e}). "
-                                 "Fix: pass a file written by `python -m tpp build`.") from e
+                fields = [row["template"], row["a"], row["b"], row["c"], row["prompt"]]
+                if not all(isinstance(x, str) for x in fields):
+                    raise TypeError("template, a, b, c and prompt must be strings")
+                examples.append(Example(*fields))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}). {fix}") from e
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            what = f": it lacks the field {e}" if isinstance(e, KeyError) else f" ({e})"
+            raise ValueError(f"{path}:{lineno} is not a TPP example row{what}. {fix}") from e
     return examples

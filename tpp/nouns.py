@@ -158,4 +158,9 @@ def load_nouns(source: str | Path = SHIPPED) -> list[str]:
     if not path.is_file():
         raise ValueError(f"noun source {source!r} is neither 'shipped', 'wordnet' nor an existing file. "
                          "Fix: pass one of those.")
-    return _read_noun_file(path.read_text(encoding="utf-8"), source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"noun file {source!r} is not UTF-8 text ({e.reason} at byte {e.start}). "
+                         "Fix: save it as UTF-8, one noun a line.") from None
+    return _read_noun_file(text, source)

@@ -70,8 +70,13 @@ def check_template(name: str, text: str) -> None:
 
 def _read_template_file(path: Path) -> dict[str, str]:
     """One template a line; blank lines and '#' comments skipped; names are 'file:line'."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"template file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}). "
+                         "Fix: save it as UTF-8, one template a line.") from None
     templates = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(lines, start=1):
         line = line.strip()
         if line and not line.startswith("#"):
             templates[f"{path.name}:{lineno}"] = line
@@ -124,6 +129,8 @@ def load_templates(spec: str | Iterable[str] | Mapping[str, str] | None = None) 
             templates = dict(TEMPLATES)
         elif os.path.isfile(spec_str):
             templates = _read_template_file(Path(spec_str))
+        elif os.path.isdir(spec_str):
+            raise ValueError(f"template file {spec_str!r} is a folder. Fix: pass a file with one template a line.")
         elif os.sep in spec_str or spec_str.endswith(".txt"):
             raise ValueError(f"template file {spec_str!r} does not exist. Fix: check the path, "
                              "or pass template names from tpp.TEMPLATES.")

@@ -1,0 +1,592 @@
+"""Activation patching with TransformerLens's API, many patches per forward.
+
+The functions of ``transformer_lens.patching`` (3.x) with the same names, arguments, output
+shapes and index orders::
+
+    from minigpt2.patching import get_act_patch_resid_pre, get_act_patch_attn_head_out_by_pos
+    _, clean_cache = model.run_with_cache(clean_tokens)
+    out = get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric)   # [n_layers, pos]
+
+As in TransformerLens, each patch runs the model on ``corrupted_tokens`` with one activation
+edited by ``patch_setter(corrupted_activation, index, clean_activation)`` (the activation
+``get_act_name(activation_name, layer=index[0])``, ``index`` a list such as [layer, pos, head]),
+and ``patching_metric(logits [B, T, V])`` reduces the patched run to a number (``.item()``).
+The output is a float32 tensor with one dimension per index axis (or one value per row of
+``index_df``), in the order of ``itertools.product`` over the axes.
+
+The difference is how the patched runs are computed: not one forward per patch but many patches
+per forward, each patch a group of B rows (variants x examples), with exactly the same values:
+
+- a patch at layer l leaves the residual stream entering block l equal to the corrupted run's, so
+  that run is computed once and each patch starts at its own block (prefix sharing over layers);
+- a patch that leaves positions < s of the activation unchanged (a ``pos`` index, or a clean
+  activation equal to the corrupted one there, as at the common prefix of two prompts) changes
+  nothing at positions < s anywhere downstream (attention is causal): those positions' keys,
+  values and logits are the corrupted run's, and only positions s.. are recomputed. The position s
+  is found by comparing the patched activation with the corrupted one, so any patch setter works;
+  a patch that changes nothing gets the corrupted run's metric;
+- patches are grouped by s and run in chunks of rows bounded by a memory budget (``max_rows``),
+  and the unembedding runs in blocks of the vocabulary, which is faster on CPUs.
+
+The patched activation is the setter applied to the corrupted run's activation (upstream of the
+patch nothing changed, so that is what TransformerLens's hook receives), computed before the
+batched forward and put in place by a hook on that row group's rows. Every hook point of the
+patched block fires as in a plain forward (but on positions s.. only), so the model must carry
+no hooks of its own while patching.
+
+The metric keeps TransformerLens's contract: it is called once per patch, on a fresh tensor of
+that patch's logits [B, T, V] (every position; those before s copied from the corrupted run), and
+must return a scalar; a patch that changes nothing gets the value of one call on the corrupted
+run's logits. Two opt-in keywords make it cheaper, both accepted by every function here:
+
+- ``batched_metric=True``: the metric is instead called on many patches' logits at once,
+  [n, B, T, V], and must return [n] (one value per patch);
+- ``logit_positions=[p, ...]``: the metric reads only these positions (e.g. ``[-1]``): logits are
+  computed there only, the last block computes queries, W_O and the MLP there only, and every other
+  position of the tensor the metric gets is NaN (that tensor is reused between calls: a metric must
+  not keep it). For a metric that reads only these positions the values are the same.
+
+The accepted ``clean_cache`` is anything indexable by hook name: minigpt2's ``run_with_cache``
+cache (a dict or an ActivationCache), a plain dict name -> tensor, or TransformerLens's cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from functools import partial
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .model import GPT2
+from .utils import get_act_name
+
+Logits = torch.Tensor
+AxisNames = str  # "layer", "pos", "head_index", "head", "src_pos", "dest_pos"
+PatchSetter = Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor]
+
+__all__ = [
+    "get_act_name", "make_df_from_ranges", "generic_activation_patch",
+    "layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "layer_head_vector_patch_setter",
+    "layer_head_pattern_patch_setter", "layer_head_pos_pattern_patch_setter",
+    "layer_head_dest_src_pos_pattern_patch_setter",
+    "get_act_patch_resid_pre", "get_act_patch_resid_mid", "get_act_patch_attn_out", "get_act_patch_mlp_out",
+    "get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_q_by_pos", "get_act_patch_attn_head_k_by_pos",
+    "get_act_patch_attn_head_v_by_pos", "get_act_patch_attn_head_pattern_by_pos",
+    "get_act_patch_attn_head_pattern_dest_src_pos", "get_act_patch_attn_head_out_all_pos",
+    "get_act_patch_attn_head_q_all_pos", "get_act_patch_attn_head_k_all_pos", "get_act_patch_attn_head_v_all_pos",
+    "get_act_patch_attn_head_pattern_all_pos", "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_attn_head_by_pos_every", "get_act_patch_block_every",
+]
+
+MEMORY_BUDGET = 2**30  # bytes of activations per chunk (default of max_rows)
+LOGIT_BUDGET = 2**28  # bytes of logits computed at once
+PATCH_BUDGET = 2**28  # bytes of patched activations kept between planning and running (the rest are recomputed)
+VOCAB_BLOCK = 2048  # columns of the unembedding per matmul
+
+
+# ----------------------------------------------------------------------------- names and indices
+def _model_name(model: GPT2, name: str) -> str:
+    """A TransformerLens hook name, checked: this model's hooks have TransformerLens's names."""
+    model.hook_point(name)  # raises KeyError, with close matches
+    return name
+
+
+def make_df_from_ranges(column_max_ranges: Sequence[int], column_names: Sequence[str]):
+    """A pandas DataFrame of every combination of ``range(m)`` per column (the last column varying fastest),
+    as ``transformer_lens.patching.make_df_from_ranges``. Needs pandas (only for ``index_df``)."""
+    try:
+        import pandas as pd
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("index data frames need pandas: pip install pandas") from e
+    return pd.DataFrame(list(itertools.product(*[range(m) for m in column_max_ranges])), columns=list(column_names))
+
+
+def _axis_ranges(model: GPT2, corrupted_tokens: torch.Tensor, activation_name: str) -> dict[str, int]:
+    n_heads = model.cfg.n_head
+    if activation_name in ("k", "v") and getattr(model.cfg, "n_key_value_heads", None):
+        n_heads = model.cfg.n_key_value_heads  # GPT-2 has none: as TransformerLens, for configs that do
+    T = corrupted_tokens.shape[-1]
+    return {"layer": model.cfg.n_layer, "pos": T, "head_index": n_heads, "head": n_heads, "src_pos": T, "dest_pos": T}
+
+
+def _clean_activation(clean_cache, name: str, tl_name: str) -> torch.Tensor:
+    for key in dict.fromkeys((name, tl_name)):
+        try:
+            return clean_cache[key]
+        except KeyError:
+            pass
+    raise KeyError(f"clean_cache has no activation {name!r}: make it with model.run_with_cache(clean_tokens) "
+                   f"(every hook), or with names=[..., {name!r}]")
+
+
+def _pos_axis(name: str) -> int:
+    """The axis of an activation that is the (query) position: 2 for [B, H, dest, src] patterns, else 1."""
+    return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+
+
+# ----------------------------------------------------------------------------- patch setters (TransformerLens's)
+def layer_pos_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos]; activation [batch, pos, ...]: position pos taken from the clean run."""
+    assert len(index) == 2
+    layer, pos = index
+    corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
+    return corrupted_activation
+
+
+def layer_pos_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, pos, head_index]; activation [batch, pos, head_index, ...] (q, k, v, z, result)."""
+    assert len(index) == 3
+    layer, pos, head_index = index
+    corrupted_activation[:, pos, head_index] = clean_activation[:, pos, head_index]
+    return corrupted_activation
+
+
+def layer_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index]; activation [batch, pos, head_index, ...]: the head at every position."""
+    assert len(index) == 2
+    layer, head_index = index
+    corrupted_activation[:, :, head_index] = clean_activation[:, :, head_index]
+    return corrupted_activation
+
+
+def layer_head_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index]; activation [batch, head_index, dest_pos, src_pos] (scores, patterns)."""
+    assert len(index) == 2
+    layer, head_index = index
+    corrupted_activation[:, head_index, :, :] = clean_activation[:, head_index, :, :]
+    return corrupted_activation
+
+
+def layer_head_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index, dest_pos]; activation [batch, head_index, dest_pos, src_pos]."""
+    assert len(index) == 3
+    layer, head_index, dest_pos = index
+    corrupted_activation[:, head_index, dest_pos, :] = clean_activation[:, head_index, dest_pos, :]
+    return corrupted_activation
+
+
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """index = [layer, head_index, dest_pos, src_pos]; activation [batch, head_index, dest_pos, src_pos]."""
+    assert len(index) == 4
+    layer, head_index, dest_pos, src_pos = index
+    corrupted_activation[:, head_index, dest_pos, src_pos] = clean_activation[:, head_index, dest_pos, src_pos]
+    return corrupted_activation
+
+
+# ----------------------------------------------------------------------------- the batched engine
+class _Prefix:
+    """Stands in for a KV cache: the corrupted run's keys and values at positions < s, before this call's."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, copies: int):
+        self.k, self.v = k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1)  # [N, s, H, d_head]
+
+    def extend(self, k, v):
+        return torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+
+
+class _Whole:
+    """Stands in for a KV cache: every position's keys and values, computed beforehand (the block's own, for the
+    positions it runs at, are the same values)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def extend(self, k, v):
+        return self.k, self.v
+
+
+def _replace_rows(start: int, stop: int, value: torch.Tensor):
+    """A hook that puts ``value`` in rows start:stop of the activation."""
+    def hook(act, hook):
+        if start == 0 and stop == act.shape[0]:
+            return value.to(act.dtype)
+        return torch.cat([act[:start], value.to(act.dtype), act[stop:]])
+    return hook
+
+
+def _unembed_blocks(model: GPT2, x: torch.Tensor):
+    """ln_final and the tied unembedding of x [..., d_model], in blocks of the vocabulary: yields (start,
+    logits[..., start:start + k]). On CPUs one [rows, V] matmul runs at about half the speed: its output
+    does not stay in cache."""
+    h = model.ln_final(x)
+    W = model.wte.weight  # [V, d_model]
+    step = VOCAB_BLOCK if x.device.type == "cpu" else W.shape[0]
+    for i in range(0, W.shape[0], step):
+        yield i, h @ W[i:i + step].T
+
+
+def _unembed(model: GPT2, x: torch.Tensor) -> torch.Tensor:
+    """x [..., d_model] -> logits [..., V], as model.to_logits (when the unembedding is tied to wte)."""
+    out = x.new_empty(*x.shape[:-1], model.wte.weight.shape[0])
+    for i, block in _unembed_blocks(model, x):
+        out[..., i:i + block.shape[-1]] = block
+    return out
+
+
+def _scalar(value) -> float:
+    return value.item() if isinstance(value, torch.Tensor) else float(value)
+
+
+class _Patch:
+    __slots__ = ("i", "index", "name", "layer", "start")
+
+    def __init__(self, i, index, name, layer):
+        self.i, self.index, self.name, self.layer, self.start = i, index, name, layer, None
+
+
+@torch.no_grad()
+def _run_patches(model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric, patch_setter: PatchSetter,
+                 patches: list[_Patch], tl_names: dict[str, str], batched_metric: bool,
+                 logit_positions, max_rows: int | None, progress: bool) -> list[float]:
+    cfg, L = model.cfg, model.cfg.n_layer
+    B, T = tokens.shape
+    names = sorted({p.name for p in patches})
+    wanted = ([f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_{kv}" for l in range(L)
+              for kv in "kv"] + [f"blocks.{L - 1}.hook_resid_post"] + names)
+    corrupted_logits, cache = model.run_with_cache(tokens, names=list(dict.fromkeys(wanted)))
+    clean = {n: _clean_activation(clean_cache, n, tl_names[n]).to(model.device) for n in names}
+
+    if logit_positions is not None:
+        given = torch.as_tensor(logit_positions).reshape(-1).tolist()
+        if not given or any(not -T <= int(p) < T for p in given):
+            raise ValueError(f"logit_positions must be positions of the {T}-token prompts (negative ones count from "
+                             f"the end), got {logit_positions!r}")
+        lp = sorted({int(p) % T for p in given})
+
+    # The fast unembedding must agree with the model's own (guards against a model without tied weights).
+    fast = True
+    probe = cache[f"blocks.{L - 1}.hook_resid_post"][:1, -1:]
+    if not torch.allclose(_unembed(model, probe), corrupted_logits[:1, -1:], rtol=1e-4, atol=1e-4):
+        fast = False
+
+    def unembed(x):
+        return _unembed(model, x) if fast else model.to_logits(x)
+
+    # The patched activations; where each first differs from the corrupted one (None: it does not).
+    stored: dict[int, torch.Tensor] = {}
+    stored_bytes = 0
+
+    def patched(p: _Patch) -> torch.Tensor:
+        if p.i in stored:
+            return stored[p.i]
+        act = cache[p.name]
+        out = patch_setter(act.clone(), p.index, clean[p.name])
+        if out is None:
+            raise TypeError("patch_setter returned None: return the patched activation (in TransformerLens an edit "
+                            "in place without a return is lost whenever activations require grad, its default)")
+        if not isinstance(out, torch.Tensor) or out.shape != act.shape:
+            raise ValueError(f"patch_setter returned {type(out).__name__} of shape "
+                             f"{tuple(getattr(out, 'shape', ()))} for {p.name} at index {p.index}; expected the "
+                             f"activation's shape {tuple(act.shape)}")
+        return out
+
+    for p in patches:
+        act, out = cache[p.name], patched(p)
+        axis = _pos_axis(p.name)
+        differs = (out != act).movedim(axis, 0).reshape(act.shape[axis], -1).any(dim=1)
+        first = int(differs.float().argmax()) if bool(differs.any()) else None
+        if first is not None and logit_positions is not None and first > lp[-1]:
+            first = None  # changes only positions the metric does not read
+        p.start = first
+        if first is not None and stored_bytes + out.numel() * out.element_size() <= PATCH_BUDGET:
+            stored[p.i] = out
+            stored_bytes += out.numel() * out.element_size()
+
+    results: list[float | None] = [None] * len(patches)
+    V = corrupted_logits.shape[-1]
+    nan_buffer: list[torch.Tensor] = []
+
+    def nan_buffer_for(n: int) -> torch.Tensor:
+        """[n, B, T, V] of NaN but at the logit positions (which every use overwrites): reused between calls."""
+        if not nan_buffer or nan_buffer[0].shape[0] < n:
+            nan_buffer[:] = [corrupted_logits.new_full((n, B, T, V), float("nan"))]
+        return nan_buffer[0][:n]
+
+    def metric_inputs(x: torch.Tensor, s: int, narrowed: bool = False):
+        """The logits of n patches from their residual stream x [n, B, T - s, d_model] at positions s.. (``narrowed``:
+        [n, B, k, d_model] at the k logit positions >= s): one [n, B, T, V] tensor with batched_metric or logit_positions, else n fresh
+        [B, T, V] tensors (one each: a big fresh tensor costs a page fault per 4 KiB, ones of a patch's size are
+        recycled by the allocator)."""
+        n = x.shape[0]
+        if logit_positions is not None:
+            buf = nan_buffer_for(n)
+            before, after = [q for q in lp if q < s], [q for q in lp if q >= s]
+            if before:
+                buf[:, :, before] = corrupted_logits[:, before]
+            if after:
+                buf[:, :, after] = unembed(x if narrowed else x[:, :, [q - s for q in after]])
+            return buf
+        outs = [corrupted_logits.new_empty(n, B, T, V)] if batched_metric else \
+            [corrupted_logits.new_empty(B, T, V) for _ in range(n)]
+        for out in outs:
+            if s:
+                out[..., :s, :] = corrupted_logits[:, :s]
+        for i, block in (_unembed_blocks(model, x) if fast else [(0, model.to_logits(x))]):  # [n, B, T - s, k]
+            cols = slice(i, i + block.shape[-1])
+            if batched_metric:
+                outs[0][:, :, s:, cols] = block
+            else:
+                for out, b in zip(outs, block):
+                    out[:, s:, cols] = b
+        return outs[0] if batched_metric else outs
+
+    def evaluate(logits: torch.Tensor, group: list[_Patch]):
+        if batched_metric:
+            values = torch.as_tensor(patching_metric(logits)).reshape(-1)
+            if values.numel() != len(group):
+                raise ValueError(f"with batched_metric=True the metric must return one value per patch: "
+                                 f"got {values.numel()} values for logits {tuple(logits.shape)}")
+            for p, v in zip(group, values.tolist()):
+                results[p.i] = float(v)
+        else:
+            for j, p in enumerate(group):
+                results[p.i] = _scalar(patching_metric(logits[j]))
+
+    # Patches that change nothing: the corrupted run's metric.
+    idle = [p for p in patches if p.start is None]
+    if idle:
+        if logit_positions is None:
+            logits = corrupted_logits[None]
+        else:
+            logits = nan_buffer_for(1)
+            logits[:, :, lp] = corrupted_logits[:, lp]
+        value = (_scalar(torch.as_tensor(patching_metric(logits)).reshape(-1)[0]) if batched_metric
+                 else _scalar(patching_metric(logits[0])))
+        for p in idle:
+            results[p.i] = value
+
+    # Chunks: patches of one start position, at most max_rows rows (default: MEMORY_BUDGET of activations).
+    live = sorted((p for p in patches if p.start is not None), key=lambda p: (p.start, p.layer, p.name, p.i))
+    act_per_token = max((cache[n].numel() // (B * T) for n in names), default=0)
+    per_token = 4 * (6 * cfg.d_model + 2 * cfg.d_mlp + 3 * cfg.n_head * T + act_per_token)
+    chunks: list[list[_Patch]] = []
+    for s, group in itertools.groupby(live, key=lambda p: p.start):
+        group = list(group)
+        rows = max_rows if max_rows is not None else MEMORY_BUDGET // (per_token * (T - s))
+        n = max(1, rows // B)
+        chunks += [group[i:i + n] for i in range(0, len(group), n)]
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc="activation patching", unit="chunk")
+
+    def block_rows(l: int, x: torch.Tensor, s: int, hooks) -> torch.Tensor:
+        """Block l on rows x [N, T - s, d_model] (positions s..; the corrupted keys and values before s)."""
+        kv = None if s == 0 else _Prefix(cache[f"blocks.{l}.attn.hook_k"][:, :s],
+                                         cache[f"blocks.{l}.attn.hook_v"][:, :s], x.shape[0] // B)
+        with model.hooks(hooks):
+            return model.blocks[l](x, None, kv=kv)
+
+    def last_block_at(x: torch.Tensor, s: int, sel: list[int]) -> torch.Tensor:
+        """The last block on rows x [N, T - s, d_model] that it does not patch, at positions s + sel only: keys
+        and values at every position, queries, W_O and the MLP at those: [N, len(sel), d_model]."""
+        block = model.blocks[L - 1]
+        _, k, v = block.attn.project(block.attn_input(x))
+        if s:
+            prefix = _Prefix(cache[f"blocks.{L - 1}.attn.hook_k"][:, :s], cache[f"blocks.{L - 1}.attn.hook_v"][:, :s],
+                             x.shape[0] // B)
+            k, v = prefix.extend(k, v)
+        queries = torch.tensor([s + j for j in sel], device=x.device)
+        mask = (torch.arange(T, device=x.device)[None, :] <= queries[:, None])[None, None]  # [1, 1, len(sel), T]
+        return block(x[:, sel], mask, kv=_Whole(k, v))
+
+    def joiners(joining: list[_Patch], l: int, s: int, offset: int):
+        """The rows of patches that start at block l (the corrupted resid_pre, repeated) and the hooks that put their
+        patched activations in place, for rows counted from ``offset``."""
+        rows = cache[f"blocks.{l}.hook_resid_pre"][:, s:].repeat(len(joining), 1, 1)
+        hooks = []
+        for name, members in itertools.groupby(joining, key=lambda p: p.name):
+            value = torch.cat([patched(p).narrow(_pos_axis(name), s, T - s) for p in members])
+            hooks.append((name, _replace_rows(offset, offset + value.shape[0], value)))
+            offset += value.shape[0]
+        return rows, hooks
+
+    per_logit_row = 4 * V * T  # bytes of logits per example row (the NaN buffer is full-length too)
+    for chunk in chunks:
+        s = chunk[0].start
+        sel = None if logit_positions is None else [q - s for q in lp if q >= s]
+        x, narrowed = None, False
+        for l in range(chunk[0].layer, L):
+            joining = [p for p in chunk if p.layer == l]
+            # With logit positions, the last block runs at those positions only, for the rows patched before it.
+            shortcut = l == L - 1 and sel is not None and len(sel) < T - s and x is not None
+            offset = 0 if shortcut or x is None else x.shape[0]
+            rows, hooks = joiners(joining, l, s, offset) if joining else (None, [])
+            if shortcut:
+                parts = [last_block_at(x, s, sel)]
+                if rows is not None:
+                    parts.append(block_rows(l, rows, s, hooks)[:, sel])
+                x, narrowed = torch.cat(parts), True
+            else:
+                if rows is not None:
+                    x = rows if x is None else torch.cat([x, rows])
+                x = block_rows(l, x, s, hooks)
+        # Row order of x: patches sorted by (layer, name, i), as `chunk` is.
+        x = x.view(len(chunk), B, x.shape[1], cfg.d_model)
+        step = max(1, LOGIT_BUDGET // (B * per_logit_row))
+        for i in range(0, len(chunk), step):
+            logits = metric_inputs(x[i:i + step], s, narrowed)
+            evaluate(logits, chunk[i:i + step])
+            del logits
+    return results
+
+
+def generic_activation_patch(
+    model: GPT2,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Mapping[str, torch.Tensor],
+    patching_metric: Callable[[torch.Tensor], torch.Tensor],
+    patch_setter: PatchSetter,
+    activation_name: str,
+    index_axis_names: Sequence[AxisNames] | None = None,
+    index_df=None,
+    return_index_df: bool = False,
+    *,
+    batched_metric: bool = False,
+    logit_positions: Sequence[int] | int | None = None,
+    max_rows: int | None = None,
+    progress: bool = False,
+):
+    """Patch one activation at a time from the clean run into the corrupted run, and measure each.
+
+    TransformerLens's ``generic_activation_patch``, batched (see the module docstring). For every index
+    (a row of ``index_df``, or every combination of ``index_axis_names`` over their ranges: layer ->
+    n_layer, pos / src_pos / dest_pos -> the sequence length, head / head_index -> n_head), the
+    activation ``get_act_name(activation_name, layer=index[0])`` of a forward on ``corrupted_tokens``
+    becomes ``patch_setter(corrupted_activation, index, clean_activation)``, and the patch's value is
+    ``patching_metric(logits [B, T, V])``.
+
+    Args:
+        model: the model (it must carry no hooks).
+        corrupted_tokens: [B, T] token ids of the corrupted run.
+        clean_cache: the clean run's activations by hook name ([B, ...], the same B).
+        patching_metric: logits [B, T, V] -> a scalar (``batched_metric``: [n, B, T, V] -> [n]).
+        patch_setter: ``(corrupted_activation, index, clean_activation) -> patched activation`` (it may
+            edit its first argument in place, a copy, and return it).
+        activation_name: the activation's short name ("resid_pre", "z", "pattern", ...).
+        index_axis_names: the axes to iterate over fully (the first is the layer); or
+        index_df: a pandas DataFrame of indices, one patch per row (the output is then flat).
+        return_index_df: also return the DataFrame of indices (needs pandas).
+        batched_metric: call the metric on many patches' logits at once (see the module docstring).
+        logit_positions: the only positions the metric reads; the others are NaN in its input.
+        max_rows: rows (patches x B) per chunk of the batched forward; default: about 1 GiB of activations.
+        progress: a tqdm bar over chunks.
+
+    Returns:
+        float32 [*ranges of index_axis_names] (or [len(index_df)]), and the index DataFrame if asked.
+    """
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give index_axis_names (axes to iterate over, e.g. ('layer', 'pos')) or index_df")
+        ranges_by_axis = _axis_ranges(model, torch.as_tensor(corrupted_tokens), activation_name)
+        unknown = [a for a in index_axis_names if a not in ranges_by_axis]
+        if unknown:
+            raise ValueError(f"unknown index axis names {unknown}; choose from {sorted(ranges_by_axis)}")
+        shape = [ranges_by_axis[a] for a in index_axis_names]
+        indices = [list(t) for t in itertools.product(*[range(m) for m in shape])]
+        if return_index_df:
+            index_df = make_df_from_ranges(shape, index_axis_names)
+    else:
+        if index_axis_names is not None:
+            raise ValueError("give index_axis_names or index_df, not both")
+        indices = [row[1].to_list() for row in index_df.iterrows()]
+        shape = [len(index_df)]
+    hooked = [name for name, hp in model.hook_dict.items() if hp.active]
+    if hooked:
+        raise RuntimeError(f"activation patching runs blocks on part of the batch and positions, so the model's "
+                           f"own hooks would see partial activations; active hooks: {', '.join(hooked[:3])}"
+                           f"{' ...' if len(hooked) > 3 else ''}. Remove them (model.reset_hooks()) first")
+    tokens = model.as_tokens(corrupted_tokens)
+    model.check_tokens(tokens)
+
+    patches, tl_names = [], {}
+    for i, index in enumerate(indices):
+        tl_name = get_act_name(activation_name, layer=index[0])
+        name = _model_name(model, tl_name)
+        tl_names[name] = tl_name
+        m = re.match(r"blocks\.(\d+)\.", name)
+        if m is None or not 0 <= int(m.group(1)) < model.cfg.n_layer:
+            raise ValueError(f"{name!r} is not an activation inside a block: patching works on blocks.<layer>.* "
+                             "hooks (as in TransformerLens, the first index is the layer)")
+        patches.append(_Patch(i, index, name, int(m.group(1))))
+
+    values = _run_patches(model, tokens, clean_cache, patching_metric, patch_setter, patches, tl_names,
+                          batched_metric, logit_positions, max_rows, progress) if patches else []
+    out = torch.tensor(values, dtype=torch.get_default_dtype()).reshape(shape).to(model.device)
+    return (out, index_df) if return_index_df else out
+
+
+# ----------------------------------------------------------------------------- the named functions
+def _named(patch_setter, activation_name, index_axis_names, doc):
+    fn = partial(generic_activation_patch, patch_setter=patch_setter, activation_name=activation_name,
+                 index_axis_names=index_axis_names)
+    fn.__doc__ = (f"{doc}\n\n    ``fn(model, corrupted_tokens, clean_cache, patching_metric, **options)``; "
+                  "see generic_activation_patch for the options.\n    ")
+    return fn
+
+
+get_act_patch_resid_pre = _named(layer_pos_patch_setter, "resid_pre", ("layer", "pos"),
+                                 "The residual stream entering each block, by position: [n_layers, pos].")
+get_act_patch_resid_mid = _named(layer_pos_patch_setter, "resid_mid", ("layer", "pos"),
+                                 "The residual stream between attention and MLP, by position: [n_layers, pos].")
+get_act_patch_attn_out = _named(layer_pos_patch_setter, "attn_out", ("layer", "pos"),
+                                "Each attention layer's output, by position: [n_layers, pos].")
+get_act_patch_mlp_out = _named(layer_pos_patch_setter, "mlp_out", ("layer", "pos"),
+                               "Each MLP layer's output, by position: [n_layers, pos].")
+get_act_patch_attn_head_out_by_pos = _named(layer_pos_head_vector_patch_setter, "z", ("layer", "pos", "head"),
+                                            "Each head's output z, by position: [n_layers, pos, n_heads].")
+get_act_patch_attn_head_q_by_pos = _named(layer_pos_head_vector_patch_setter, "q", ("layer", "pos", "head"),
+                                          "Each head's queries, by position: [n_layers, pos, n_heads].")
+get_act_patch_attn_head_k_by_pos = _named(layer_pos_head_vector_patch_setter, "k", ("layer", "pos", "head"),
+                                          "Each head's keys, by position: [n_layers, pos, n_heads].")
+get_act_patch_attn_head_v_by_pos = _named(layer_pos_head_vector_patch_setter, "v", ("layer", "pos", "head"),
+                                          "Each head's values, by position: [n_layers, pos, n_heads].")
+get_act_patch_attn_head_pattern_by_pos = _named(
+    layer_head_pos_pattern_patch_setter, "pattern", ("layer", "head_index", "dest_pos"),
+    "Each head's attention pattern, by destination position: [n_layers, n_heads, dest_pos].")
+get_act_patch_attn_head_pattern_dest_src_pos = _named(
+    layer_head_dest_src_pos_pattern_patch_setter, "pattern", ("layer", "head_index", "dest_pos", "src_pos"),
+    "Each entry of each head's attention pattern: [n_layers, n_heads, dest_pos, src_pos].")
+get_act_patch_attn_head_out_all_pos = _named(layer_head_vector_patch_setter, "z", ("layer", "head"),
+                                             "Each head's output z at every position: [n_layers, n_heads].")
+get_act_patch_attn_head_q_all_pos = _named(layer_head_vector_patch_setter, "q", ("layer", "head"),
+                                           "Each head's queries at every position: [n_layers, n_heads].")
+get_act_patch_attn_head_k_all_pos = _named(layer_head_vector_patch_setter, "k", ("layer", "head"),
+                                           "Each head's keys at every position: [n_layers, n_heads].")
+get_act_patch_attn_head_v_all_pos = _named(layer_head_vector_patch_setter, "v", ("layer", "head"),
+                                           "Each head's values at every position: [n_layers, n_heads].")
+get_act_patch_attn_head_pattern_all_pos = _named(layer_head_pattern_patch_setter, "pattern", ("layer", "head_index"),
+                                                 "Each head's whole attention pattern: [n_layers, n_heads].")
+
+
+def _pad_heads(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, like.size(-1) - x.size(-1)))
+
+
+def get_act_patch_attn_head_all_pos_every(model, corrupted_tokens, clean_cache, metric, **options) -> torch.Tensor:
+    """Every head at every position, for output, query, key, value and pattern: [5, n_layers, n_heads]."""
+    out = get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    q = get_act_patch_attn_head_q_all_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    k = get_act_patch_attn_head_k_all_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    v = get_act_patch_attn_head_v_all_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    pattern = get_act_patch_attn_head_pattern_all_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    return torch.stack([out, q, _pad_heads(k, q), _pad_heads(v, q), pattern], dim=0)
+
+
+def get_act_patch_attn_head_by_pos_every(model, corrupted_tokens, clean_cache, metric, **options) -> torch.Tensor:
+    """Every head by position, for output, query, key, value and pattern (by destination): [5, n_layers, pos, n_heads]."""
+    out = get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    q = get_act_patch_attn_head_q_by_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    k = get_act_patch_attn_head_k_by_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    v = get_act_patch_attn_head_v_by_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    pattern = get_act_patch_attn_head_pattern_by_pos(model, corrupted_tokens, clean_cache, metric, **options)
+    return torch.stack([out, q, _pad_heads(k, q), _pad_heads(v, q), pattern.permute(0, 2, 1)], dim=0)
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **options) -> torch.Tensor:
+    """The residual stream entering each block, each attention layer's and each MLP's output, by position:
+    [3, n_layers, pos]."""
+    return torch.stack([get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **options),
+                        get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **options),
+                        get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **options)], dim=0)

@@ -1,0 +1,84 @@
+"""Pretraining corpora: GCIDE entries cleaned to plain English, corpus specs, repeated spans."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from finetune import corpora
+from finetune.data import add_repeats
+
+ENTRY = '''Dichotomize \\Di*chot"o*mize\\, v. t. [imp. & p. p.
+   {Dichotomized}; p. pr. & vb. n. {Dichotomizing}.] [See
+   {Dichotomous}.]
+   1. To cut into two parts; to part into two divisions. [R.]
+      [1913 Webster]
+
+            The apostolical benediction dichotomizes all good
+            things into grace and peace.          --Bp. Hall.
+      [1913 Webster]'''
+
+
+def test_a_gcide_entry_loses_its_markup_and_keeps_its_words():
+    text = corpora.clean_gcide_entry(ENTRY)
+    assert text == ("Dichotomize, v. t. 1. To cut into two parts; to part into two divisions. The apostolical "
+                    "benediction dichotomizes all good things into grace and peace.")
+    assert corpora.clean_gcide_entry('Levator (le*va"tor), n. A muscle.') == "Levator, n. A muscle."
+    assert corpora.clean_gcide_entry('Dichotomous \\Di*chot"o*mous\\, a. -- {Di*chot"o*mous*ly}, adv.') == \
+        "Dichotomous, a. -- Dichotomously, adv."
+
+
+def test_gcide_documents_from_a_dictd_file(tmp_path):
+    """The dictd file: the licence notes before the first entry are dropped, short entries too."""
+    path = tmp_path / "gcide.dict.dz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("00-database-info\n   GNU GPL notes, not an entry\n\nA \\A\\ The first letter of the English "
+                "and of many other alphabets.\n   [1913 Webster]\n\n" + ENTRY + "\n\nAb \\Ab\\, n. Short.\n")
+    docs = corpora.gcide_documents(path)
+    assert docs == ["A The first letter of the English and of many other alphabets.",
+                    corpora.clean_gcide_entry(ENTRY)]
+    with pytest.raises(FileNotFoundError, match="apt-get install dict-gcide"):
+        corpora.gcide_documents(tmp_path / "missing.dict.dz")
+
+
+def test_corpus_specs_are_checked(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("one document")
+    [(name, docs, info)] = corpora.sources(str(text))
+    assert docs == ["one document"] and info["sha256"] == corpora.sha256_file(text) and info["documents"] == 1
+    for bad in ("", "wordnet+", "+gcide"):
+        with pytest.raises(ValueError, match="joined by '\\+'"):
+            corpora.sources(bad)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        corpora.sources(str(tmp_path / "nowhere.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        corpora.sources(str(tmp_path / "latin1.txt"))
+
+
+def test_repeats_copy_spans_forward_and_tile_random_sequences():
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 1000, (400, 128))
+    original = blocks.copy()
+    info = add_repeats(blocks, copy_spans=0.3, random_repeats=0.2, seed=3)
+    changed = np.nonzero((blocks != original).any(axis=1))[0]
+    assert info["n_copy_span_blocks"] + info["n_random_repeat_blocks"] >= len(changed) > 0
+    assert 60 < info["n_copy_span_blocks"] < 180 and 40 < info["n_random_repeat_blocks"] < 120
+    for i in changed:
+        row = blocks[i]
+        if (row < 1000).all() and (row == original[i]).mean() > 0.5:  # a copied span: an earlier span recurs
+            diff = np.nonzero(row != original[i])[0]
+            d, L = diff[0], diff[-1] - diff[0] + 1
+            assert any((row[s:s + L] == row[d:d + L]).all() for s in range(0, d - L + 1))
+        else:  # a random sequence repeated to fill the block: periodic
+            period = next(p for p in range(8, 65) if (row[p:] == row[:-p]).all())
+            assert period <= 64
+    again = original.copy()
+    add_repeats(again, copy_spans=0.3, random_repeats=0.2, seed=3)
+    assert (again == blocks).all()  # seeded: the same data every time
+    with pytest.raises(ValueError, match="--copy-spans"):
+        add_repeats(original.copy(), copy_spans=1.5, random_repeats=0, seed=0)
+    with pytest.raises(ValueError, match="exceed 1"):
+        add_repeats(original.copy(), copy_spans=0.6, random_repeats=0.6, seed=0)

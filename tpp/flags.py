@@ -1,0 +1,87 @@
+"""Command-line plumbing shared by `python -m tpp` and circuits.py: every bad input is named.
+
+* :class:`Parser`: argparse whose errors are one line, ``prog: error: message``, exit status 2
+  (no usage block, no traceback); its sub-parsers are the same class.
+* argument types (``type=integer(1, 3000)``, ``type=number(0, 1)``, ``type=text``) that refuse an
+  impossible value while the command line is parsed, before any work, with the range it must lie in;
+  argparse puts the flag in front ("argument --examples: ...").
+* :func:`blame`: a library ValueError re-raised with the flag that caused it in front.
+* :func:`fail`: the one line a command prints for an error found after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message`` on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(prog: str, error: BaseException) -> int:
+    """Print ``prog: error: <error>`` (one line) to stderr; return the exit status 2."""
+    print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
+def _bounds(lo, hi, kind: str) -> str:
+    if lo is not None and hi is not None:
+        return f"{kind} from {lo:,} to {hi:,}" if kind == "an integer" else f"{kind} in [{lo}, {hi}]"
+    return f"{kind} >= {lo:,}" if lo is not None else f"{kind} <= {hi:,}"
+
+
+def integer(lo: int | None = None, hi: int | None = None, why: str = ""):
+    """An argparse type: an integer in [lo, hi] (either end open when None); ``why`` explains the range."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer; pass {_bounds(lo, hi, 'an integer')}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v:,} is out of range; pass {_bounds(lo, hi, 'an integer')}"
+                                             + (f" ({why})" if why else ""))
+        return v
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, why: str = ""):
+    """An argparse type: a finite float in [lo, hi] ((lo, hi] with ``lo_open``)."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+            where = (f"in {'(' if lo_open else '['}{lo}, {hi}]" if lo is not None and hi is not None
+                     else f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"<= {hi}")
+            raise argparse.ArgumentTypeError(f"{v} is out of range; pass a number {where}" + (f" ({why})" if why else ""))
+        return v
+
+    parse.__name__ = "number"
+    return parse
+
+
+def text(s: str) -> str:
+    """An argparse type: a string that is not empty or blank."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("an empty value; pass some text")
+    return s
+
+
+@contextlib.contextmanager
+def blame(flag: str, value=None):
+    """Re-raise a ValueError of the library as ``flag value: message``, so the message names the flag."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{flag}{'' if value is None else f' {value}'}: {e}") from e
