@@ -7,9 +7,14 @@ Dimensions used in shape comments:
     d_model, d_mlp  residual and MLP widths
     V  vocabulary size (50257 for GPT-2)
 
-Hook names follow TransformerLens (blocks.3.attn.hook_pattern, ...). With no hook
-on hook_attn_scores or hook_pattern, attention takes torch's fused
-scaled_dot_product_attention; hook_result is computed only when hooked.
+Hook names, shapes and meanings are TransformerLens's (blocks.3.attn.hook_pattern,
+blocks.0.ln1.hook_normalized, ...). What is expensive is computed only when hooked: with
+no hook on hook_attn_scores or hook_pattern, attention takes torch's fused
+scaled_dot_product_attention; hook_result, the layer norms' scale, and the per-head
+inputs (hook_attn_in, hook_q_input, ...) exist only when someone hooks them. Padding
+follows TransformerLens too: with an attention_mask, positions count from each row's
+first real token and a query with no real key attends nothing (z = 0).
+The TransformerLens model API (to_tokens, W_Q, loss_fn, ...) lives in lens.py.
 """
 
 from __future__ import annotations
