@@ -11,6 +11,8 @@
 
 Each command writes JSON, PNG and markdown to --out (replaced whole, only once
 complete) and prints its table. Models default to the bundled ones in weights/.
+Every command takes --device (cpu, cuda, cuda:N; default cuda if available, else cpu);
+sweep, search, study, acdc and eap also take --dtype fp32|bf16 (bf16 matmuls, fp32 metrics).
 A bad flag, model directory or circuit file is refused before any work, in one line
 "circuits.py COMMAND: error: ..." (exit status 2) that names it and the fix.
 """
@@ -30,7 +32,7 @@ from circuitlab.search import DROPS, ORDERS
 from circuitlab.sweep import ABLATIONS
 from tpp.encoding import SPACES
 from tpp.examples import EVAL_SIZE, MAX_EXAMPLES, SINGLE_TOKEN_EVAL_SIZE
-from tpp.flags import Parser, fail, integer, number, text
+from tpp.flags import Parser, blame, default_device, device, fail, integer, number, text
 
 # ---------------------------------------------------------------- arguments
 # Each flag's type refuses an impossible value while the command line is parsed (one line, exit 2);
@@ -60,6 +62,14 @@ g.add_argument("--out", type=Path, default=None,
                help="output directory (default: reports/COMMAND); replaced when done, so it must be new, empty "
                     "or an earlier report")
 g.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's choice)")
+g.add_argument("--device", type=device, default=None,
+               help="where the models run: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+
+
+def dtype_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dtype", choices=S.DTYPES, default="fp32",
+                   help=f"arithmetic of {what}: fp32, or bf16 (bf16 matmuls with fp32 accumulation; residual stream "
+                        "and metrics in fp32)")
 
 
 def search_args(p: argparse.ArgumentParser, examples_flag: str = "--examples") -> None:
@@ -88,11 +98,13 @@ p = commands.add_parser("sweep", parents=[common], help="every head ablated alon
 p.add_argument("--examples", type=DRAW, default=100, help="examples drawn from the eval set")
 p.add_argument("--metrics", nargs="+", choices=list(S.METRICS), default=["accuracy", "logit_diff", "loss"])
 p.add_argument("--ablation", choices=ABLATIONS, default="zero", help="what an ablated head outputs")
+dtype_arg(p, "the ablated forwards")
 
 p = commands.add_parser("search", parents=[common], help="the paper's greedy layer-by-layer head search")
 search_args(p)
 p.add_argument("--eval-examples", type=EXAMPLES, default=3000,
                help="the found circuit is evaluated on this many examples")
+dtype_arg(p, "the search and the circuit's evaluation")
 
 p = commands.add_parser("transfer", parents=[common], help="Table 3: each circuit evaluated on each model")
 p.add_argument("--circuits", nargs="+", type=Path, required=True, help="circuit JSON files written by search")
@@ -127,6 +139,12 @@ g.add_argument("--acdc-threshold", type=number(0), default=0.7, help="ACDC's abs
 g.add_argument("--eap-top-k", type=integer(1), default=100, help="edges kept by EAP-IG")
 g.add_argument("--edge-examples", type=integer(1, MAX_EXAMPLES // 2), default=50,
                help="examples to find edge circuits on (as many evaluate)")
+g.add_argument("--mib-methods", nargs="*", default=list(S.EdgeOptions.mib_methods), metavar="METHOD",
+               help="edge methods compared by MIB's CPR / CMD on every model (none: skip the comparison); "
+                    f"of {', '.join(S.EdgeOptions.mib_methods)}")
+g.add_argument("--mib-examples", type=integer(2, MAX_EXAMPLES // 2), default=S.EdgeOptions.mib_examples,
+               help="prompts the methods score edges on (as many held out measure them)")
+dtype_arg(p, "the sweep, the search, ACDC and EAP-IG (the baseline and transfer tables stay fp32)")
 
 edge_cli.add_subcommands(commands)
 
@@ -144,21 +162,24 @@ def session(args) -> S.Session:
     elif args.command == "search":
         n_eval = args.eval_examples
     return S.Session(args.models, seed=args.seed, n_eval=n_eval, n_single=n_single,
-                     master_size=args.master_size, data_seed=args.data_seed, answer_space=args.answer_space)
+                     master_size=args.master_size, data_seed=args.data_seed, answer_space=args.answer_space,
+                     device=default_device(args.device))
 
 
 def search_options(args) -> S.SearchOptions:
     return S.SearchOptions(metric=args.metric, threshold=args.threshold, order=args.order, drop=args.drop,
                            ablation=args.ablation, n_examples=args.search_examples,
-                           rigorous_examples=args.rigorous, speculate=args.speculate)
+                           rigorous_examples=args.rigorous, speculate=args.speculate, dtype=args.dtype)
 
 
 def study_options(args) -> S.StudyOptions:
     edges = None if args.no_edges else S.EdgeOptions(
         acdc_models=args.acdc_models, acdc_threshold=args.acdc_threshold, eap_top_k=args.eap_top_k,
-        n_examples=args.edge_examples)
+        n_examples=args.edge_examples, dtype=args.dtype, mib_methods=tuple(args.mib_methods),
+        mib_examples=args.mib_examples)
     return S.StudyOptions(search=search_options(args), sweep_examples=args.sweep_examples,
-                          classify_examples=args.classify_examples, max_new_tokens=args.max_new_tokens, edges=edges)
+                          classify_examples=args.classify_examples, max_new_tokens=args.max_new_tokens, edges=edges,
+                          sweep_dtype=args.dtype)
 
 
 def setup(args) -> tuple[S.Session, dict[str, dict]]:
@@ -188,6 +209,10 @@ def setup(args) -> tuple[S.Session, dict[str, dict]]:
         edges = study_options(args).edges
         if edges is not None:
             edges.acdc_models_of(ses)
+            if edges.mib_methods:
+                from circuitlab.methods import check_methods
+                with blame("--mib-methods", " ".join(edges.mib_methods)):
+                    check_methods(edges.mib_methods)
     check_out_dir(out_dir(args))
     return ses, circuits
 
@@ -204,7 +229,7 @@ def run_command(args, ses: S.Session, circuits: dict[str, dict], argv: list[str]
         if args.command == "baseline":
             section = S.baseline(ses, tmp)
         elif args.command == "sweep":
-            section = S.head_sweep(ses, tmp, args.examples, args.metrics, args.ablation)
+            section = S.head_sweep(ses, tmp, args.examples, args.metrics, args.ablation, dtype=args.dtype)
         elif args.command == "search":
             section, _ = S.find_circuits(ses, tmp, search_options(args))
         elif args.command == "transfer":

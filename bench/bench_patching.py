@@ -60,6 +60,7 @@ parser.add_argument("--skip-loop", action="store_true", help="skip our one-forwa
 parser.add_argument("--threads", type=int, default=1)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+parser.add_argument("--device", default="cpu", help="torch device of both models and the prompts (cpu, cuda, cuda:N)")
 
 FUNCTIONS = {  # name -> (setter, activation, axes)
     "resid_pre": (mp.layer_pos_patch_setter, "resid_pre", ("layer", "pos")),
@@ -68,7 +69,7 @@ FUNCTIONS = {  # name -> (setter, activation, axes)
 }
 
 
-def tl_twin(model: GPT2):
+def tl_twin(model: GPT2, device: str = "cpu"):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
     from transformers import GPT2LMHeadModel
@@ -81,7 +82,7 @@ def tl_twin(model: GPT2):
         n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
         d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
         eps=c.layer_norm_epsilon, default_prepend_bos=False, original_architecture="GPT2LMHeadModel",
-        positional_embedding_type="standard")
+        positional_embedding_type="standard", device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tl = HookedTransformer(cfg)
@@ -91,8 +92,13 @@ def tl_twin(model: GPT2):
 
 
 def timed(fn):
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # --device cuda: time the kernels too
+    if cuda:
+        torch.cuda.synchronize()
     w, c = time.perf_counter(), time.process_time()
     out = fn()
+    if cuda:
+        torch.cuda.synchronize()
     return out, time.perf_counter() - w, time.process_time() - c
 
 
@@ -121,7 +127,8 @@ def main() -> None:
     cfg = GPT2Config()
     model = GPT2(cfg).eval()
     model.init_weights(seed=args.seed)
-    tl = tl_twin(model)
+    tl = tl_twin(model, args.device)
+    model.to(args.device)
     gen = torch.Generator().manual_seed(args.seed)
     B, T = args.prompts, args.seq
     clean = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
@@ -130,7 +137,8 @@ def main() -> None:
         start = T // 2 if args.from_pos is None else args.from_pos
         corrupted[:, :start] = clean[:, :start]
     answers = torch.randint(0, cfg.vocab_size, (2, B), generator=gen)
-    rows = torch.arange(B)
+    clean, corrupted, answers = clean.to(args.device), corrupted.to(args.device), answers.to(args.device)
+    rows = torch.arange(B, device=args.device)
 
     def metric(logits):  # [B, T, V] -> scalar
         return (logits[rows, -1, answers[0]] - logits[rows, -1, answers[1]]).mean()
@@ -144,7 +152,7 @@ def main() -> None:
     print(f"GPT-2 small shape (random weights), {what}; torch {torch.__version__}, {args.threads} thread(s), "
           f"TransformerLens {version('transformer-lens')}")
     L, H = cfg.n_layer, cfg.n_head
-    figures = {"setting": what, "threads": args.threads, "torch": torch.__version__,
+    figures = {"setting": what, "threads": args.threads, "device": args.device, "torch": torch.__version__,
                "transformer_lens": version("transformer-lens"), "functions": {}}
     for fname in args.functions.split(","):
         setter, act, axes = FUNCTIONS[fname]

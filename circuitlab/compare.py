@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from minigpt2.engine import batch_metric
 from minigpt2.masking import run_with_head_masks, single_head_masks
 from minigpt2.model import GPT2
 
@@ -109,6 +110,7 @@ def faithfulness_curve(runner: EdgeRunner, metric: Metric, scores: torch.Tensor,
     normalized = (M(circuit) - M(nothing)) / (M(full) - M(nothing)): 1 is as good as the full
     model, 0 as bad as ablating every edge.
     """
+    metric = batch_metric(metric)
     g = runner.graph
     sizes = [int(k) for k in sizes]
     dtype = runner.model.dtype
@@ -123,7 +125,13 @@ def faithfulness_curve(runner: EdgeRunner, metric: Metric, scores: torch.Tensor,
 
 
 def circuit_faithfulness(runner: EdgeRunner, metric: Metric, circuit: Circuit) -> dict:
-    """The metric of one circuit alone, with the full model's and the empty circuit's."""
+    """The metric of one circuit alone, with the full model's and the empty circuit's.
+
+    metric: a :class:`minigpt2.engine.Metric` (scored by its batch mean) or a callable logits
+    [V, B, vocab] -> [V]. The circuit runs as it is (not pruned); for MIB's faithfulness of a
+    method's scores, which prunes, see :func:`circuitlab.faithfulness.mib_faithfulness`.
+    """
+    metric = batch_metric(metric)
     g = runner.graph
     masks = torch.stack([circuit.mask(runner.model.dtype), g.ones(runner.model.dtype),
                          torch.zeros(g.n_receivers, g.n_senders, dtype=runner.model.dtype)])

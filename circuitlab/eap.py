@@ -1,4 +1,5 @@
-"""Edge attribution patching: EAP (Syed et al. 2023) and EAP-IG (Hanna et al. 2024).
+"""Edge attribution patching: EAP (Syed et al. 2023), EAP-IG on inputs and on activations, and
+clean-corrupted (Hanna et al. 2024; the methods of hannamw/EAP-IG that MIB compares).
 
 EAP scores every edge u -> r of circuitlab.graph by the first-order change of the
 metric when the edge is ablated:
@@ -6,15 +7,79 @@ metric when the edge is ablated:
     score(u -> r) = (abl_u - out_u) . dM/d in_r        (summed over examples, positions, d_model)
 
 from one clean forward and backward (the ablated values come from the runner's one
-corrupted forward). EAP-IG replaces the gradient by its average over ``steps``
-points on the straight line from the ablated input embedding to the clean one
-(inputs x_k = abl_input + k/steps (x - abl_input), k = 1..steps), as in Hanna et
-al.'s EAP-IG-inputs. A positive score means ablating the edge raises the metric.
+corrupted forward). A positive score means ablating the edge raises the metric M (the
+batch mean of a :class:`minigpt2.engine.Metric`, or a callable logits [V, B, vocab] -> [V]).
+
+EAP-IG (Hanna et al.'s EAP-IG-inputs) replaces the gradient by its average over ``steps``
+points on the straight line from the ablated input embedding to the clean one,
+x(alpha) = abl_input + alpha (x - abl_input), with alpha = k / steps for k in the ``rule``'s range:
+
+    rule="mib" (EAP-IG's  k = 0 .. steps - 1: the corrupted end in, the clean end out. The rule of
+    default, rule=None)   hannamw/EAP-IG's ``get_scores_eap_ig`` (src/eap/attribute.py,
+                          ``for step in range(0, steps)``) since commit 13c0033 (February 2025),
+                          and of the EAP-IG commit that MIB (hannamw/MIB-circuit-track) pins, 7af394a.
+    rule="hanna2024"      k = 1 .. steps: the clean end in, the corrupted end out; the rule of that
+                          code before February 2025 (Hanna et al. 2024's release), and still of its
+                          node-level EAP-IG (src/eap/attribute_node.py) and of its EAP-IG-activations
+                          (below, whose default it is). steps=1 is plain EAP.
+
+Both are Riemann sums of the same integral and agree as steps grows (held against the
+reference, the old rule's scores rank like its current ones with Spearman 0.91 at steps = 5
+and 0.99 at steps = 20).
+
+Where these numbers differ from the reference's (hannamw/EAP-IG, which MIB uses):
+
+- scale: the reference divides its scores by the number of examples (``scores /= total_items``,
+  on the gradient of a batch-mean metric), so its scores are those here divided by B when its
+  dataloader holds the B examples in one batch (divided by its batch size b in general).
+  ``scale="reference"`` divides by B; the default ``scale="metric"`` keeps the first-order
+  change of the metric (comparable with finite differences, ACDC's effects and the exact head
+  sweep). Rankings, and so circuits and MIB's faithfulness, are the same either way. The
+  reference's MIB runs also attribute a loss (``loss=True``: minus the logit difference), which
+  flips the sign: see circuitlab.faithfulness and circuitlab.mib for the conversion.
+- the input node: here it is the token plus the position embedding; the reference's is the
+  token embedding alone (``hook_embed``), and position embeddings are never ablated there.
+  Under resample ablation (the reference's "patching") the two agree exactly, since clean and
+  corrupted prompts share positions; under mean ablation per position (the reference's
+  "mean-positional") too, when every row has the same positions; under zero ablation they
+  differ (here the position embedding is zeroed as well), in the input node's scores only. The
+  reference supports EAP-IG-inputs under patching only.
+- evaluation: the reference prunes a circuit (drops nodes with no incoming or no outgoing edge,
+  then their edges, to a fixed point) before it measures it; under mean or zero ablation that
+  changes the value. circuitlab.faithfulness does the same, by name.
+
+EAP-IG on activations (``method="eap-ig-activations"``; hannamw/EAP-IG's "EAP-IG-activations",
+``get_scores_ig_activations`` in src/eap/attribute.py, unchanged from the commit MIB pins, 7af394a,
+to the current one) interpolates at the components' outputs instead of at the input embedding.
+The reference takes, in turn, each of the 1 + 2L "layer nodes" n of its loop (the input node, all
+heads of layer l together, MLP l) and, for each alpha, runs the clean prompts with n's output
+replaced by the constant abl_n + alpha (out_n - abl_n) (a forward hook that returns a tensor
+detached from the model: no gradient flows into n or through it); every edge's score then takes
+the gradient at every receiver in every one of these runs, averaged over all (1 + 2L) x steps runs:
+
+    score(u -> r) = mean over (n, alpha) of (abl_u - out_u) . dM/d in_r |_(n interpolated, held constant)
+
+Here a run is the edge graph with n's out-edges at mask alpha, the same forward (n's inputs are
+clean, so its output is out_n); the gradient that would flow back through n is taken out again
+by one vector-Jacobian product through n's outputs, so the receivers upstream of n (n's own
+inputs get exactly 0) see the gradient of the reference's frozen-n run. The reference's rule here
+is k = 1..steps (``for step in range(1, steps+1)``, the "hanna2024" rule, and this method's default);
+cost: (1 + 2L) x steps forwards and twice as many backwards. Where these differ from the reference:
+under mean ablation (and its "optimal" one) the reference interpolates from 0, not from the mean
+(its ``activations_corrupted`` is never filled then) while it still multiplies by mean - clean; here
+the path starts at the ablated value under every ablation. Under zero ablation the input node
+differs as above (here token + position); with no position embedding the two agree exactly.
+
+Clean-corrupted (``method="clean-corrupted"``; ``get_scores_clean_corrupted``, same file) averages
+the gradient at the two ends of EAP-IG's path only: the clean input and the ablated one (under
+resample ablation the corrupted run, the reference's only intervention for it; under mean or zero
+ablation, here, the ablated input embedding that EAP-IG starts from): two forwards and backwards,
+(EAP + EAP-IG with steps=1, rule "mib") / 2.
 
 Head attribution does the same for the n_layer x n_head head masks of
 minigpt2.masking: score(l, h) = (r_h - z_h) . dM/dz_h, the first-order change of the
 metric when head h's z is replaced by r_h (zero, mean or corrupted z), from one
-forward and one backward of the plain model (steps of each for EAP-IG).
+forward and one backward of the plain model (steps of each for EAP-IG, with the same rules).
 
 Circuits come from the scores by top-k or by threshold on |score|.
 
@@ -27,75 +92,214 @@ from __future__ import annotations
 
 import torch
 
+from minigpt2.engine import BatchMetric, Metric, batch_metric
 from minigpt2.masking import last_positions, replacement_values
 from minigpt2.model import GPT2
 
-from .graph import Circuit, EdgeRunner, Graph, Metric, check_ablation
+from .graph import Circuit, EdgeRunner, Graph, check_ablation
 
-METHODS = ("eap", "eap-ig")
+METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted")
+IG_METHODS = ("eap-ig", "eap-ig-activations")  # the methods that take steps and a rule
+IG_RULES = ("mib", "hanna2024")  # alpha = k / steps for k = 0..steps-1, or k = 1..steps
+# rule=None: the reference's rule for the method (hannamw/EAP-IG, src/eap/attribute.py: get_scores_eap_ig
+# loops range(0, steps), get_scores_ig_activations range(1, steps + 1))
+DEFAULT_RULES = {"eap-ig": "mib", "eap-ig-activations": "hanna2024"}
+SCALES = ("metric", "reference")
 _HEAD_MODES = {"resample": "patch", "mean": "mean", "zero": "zero"}
 
 
 def check_method(method: str, steps: int) -> int:
+    """The number of gradient points per run of the method (steps for the EAP-IG methods)."""
     if method not in METHODS:
-        raise ValueError(f"unknown attribution method {method!r}; choose 'eap' (one gradient at the clean input) "
-                         "or 'eap-ig' (gradients averaged along the path from the ablated input)")
+        raise ValueError(f"unknown attribution method {method!r}; choose 'eap' (one gradient at the clean input), "
+                         "'eap-ig' (gradients averaged along the path from the ablated input), 'eap-ig-activations' "
+                         "(interpolating each layer's outputs in turn) or 'clean-corrupted' (the gradients at the "
+                         "clean and the ablated input, averaged)")
     if method == "eap":
         return 1
+    if method == "clean-corrupted":
+        return 2
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps={steps!r}: EAP-IG needs a positive integer number of interpolation steps (e.g. 5)")
     return steps
 
 
-def _scalar(metric: Metric, logits: torch.Tensor) -> torch.Tensor:
+def ig_alphas(steps: int, rule: str = "mib") -> list[float]:
+    """The interpolation points alpha (0: the ablated input, 1: the clean one) of EAP-IG.
+
+    "mib": k / steps for k = 0..steps-1 (hannamw/EAP-IG since February 2025, as MIB runs it);
+    "hanna2024": k / steps for k = 1..steps (its earlier rule).
+    """
+    if rule not in IG_RULES:
+        raise ValueError(f"unknown EAP-IG rule {rule!r}; choose 'mib' (alpha = k/steps, k = 0..steps-1, "
+                         "hannamw/EAP-IG's and MIB's rule since February 2025) or 'hanna2024' (k = 1..steps)")
+    first = 0 if rule == "mib" else 1
+    return [k / steps for k in range(first, first + steps)]
+
+
+def resolve_rule(method: str, rule: str | None) -> str:
+    """The interpolation rule a method runs with: ``rule``, or for None the reference's for the method
+    ("mib", k = 0..steps-1, for eap-ig; "hanna2024", k = 1..steps, for eap-ig-activations)."""
+    rule = DEFAULT_RULES.get(method, "mib") if rule is None else rule
+    ig_alphas(1, rule)  # checks the rule's name for every method
+    return rule
+
+
+def _alphas(method: str, steps: int, rule: str | None) -> list[float | None]:
+    """None: the clean input (plain EAP); clean-corrupted: the clean and the ablated end."""
+    steps = check_method(method, steps)
+    alphas = ig_alphas(steps, resolve_rule(method, rule))
+    if method == "eap":
+        return [None]
+    return [None, 0.0] if method == "clean-corrupted" else alphas
+
+
+def _check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose 'metric' (the first-order change of the metric) or "
+                         "'reference' (divided by the number of examples, as hannamw/EAP-IG)")
+    return scale
+
+
+def _scalar(metric, logits: torch.Tensor) -> torch.Tensor:
     value = metric(logits[None])
     if value.shape != (1,):
         raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got shape "
                          f"{tuple(value.shape)} for V=1. Fix: average over examples, "
-                         "e.g. lambda l: per_example(l).mean(-1)")
+                         "e.g. lambda l: per_example(l).mean(-1), or pass a minigpt2.engine.Metric")
     return value[0]
 
 
-def edge_attribution(runner: EdgeRunner, metric: Metric, method: str = "eap", steps: int = 5) -> torch.Tensor:
+def edge_attribution(runner: EdgeRunner, metric: Metric | BatchMetric, method: str = "eap", steps: int = 5,
+                     rule: str | None = None, scale: str = "metric") -> torch.Tensor:
     """Scores [R, S] for every edge of ``runner.graph`` (0 where there is no edge).
 
-    method "eap": one forward and backward of the edge graph at the clean input.
-    "eap-ig": ``steps`` of them along the path from the ablated input embedding.
+    metric: a :class:`minigpt2.engine.Metric` (its batch mean is attributed) or a callable
+    logits [V, B, vocab] -> [V]. method "eap": one forward and backward of the edge graph at the
+    clean input. "eap-ig": ``steps`` of them along the path from the ablated input embedding, at
+    the points of ``rule`` ("mib": k = 0..steps-1, this method's default; or "hanna2024": k = 1..steps;
+    see the module's docstring). "eap-ig-activations": (1 + 2 n_layer) x ``steps`` of them, each
+    layer node's outputs interpolated in turn (default rule "hanna2024", the reference's).
+    "clean-corrupted": two, at the clean and the ablated input. rule=None: the method's reference
+    rule (:func:`resolve_rule`). scale "metric" (default): the first-order change of the metric
+    (averaged over the method's gradient points); "reference": divided by the number of examples,
+    as hannamw/EAP-IG reports its scores. Every method's score is the metric's change when the
+    edge is ablated (EAP's sign: negative for a needed edge of a higher-is-better metric).
     """
-    steps = check_method(method, steps)
+    alphas = _alphas(method, steps, rule)
+    scale = _check_scale(scale)
+    metric = batch_metric(metric)
     g, model = runner.graph, runner.model
-    ones = g.ones(model.dtype).to(model.device)
-    with torch.no_grad():
-        clean_embed = model.embed(runner.tokens, attention_mask=runner.attention_mask)
-        abl_embed = runner.ablated[0].expand_as(clean_embed)
-    grads = None
-    for k in range(1, steps + 1):
-        embed = None if method == "eap" else abl_embed + k / steps * (clean_embed - abl_embed)
-        with torch.enable_grad():
-            tr = runner.trace(ones, embed=embed, keep_inputs=True)
-            step = torch.autograd.grad(_scalar(metric, tr.logits), tr.inputs)
-        grads = step if grads is None else [a + b for a, b in zip(grads, step)]
+    if method == "eap-ig-activations":
+        grads = _activation_gradients(runner, metric, alphas)
+    else:
+        grads = _input_gradients(runner, metric, alphas)
     scores = torch.zeros(g.n_receivers, g.n_senders, dtype=model.dtype, device=model.device)
     D = runner.clean.effect  # out_u - abl_u  [S, B, T, d]
     for st, grad in zip(g.stages, grads):
         eff = runner.clean.effect_at if st.kind == "logits" else D
         # (abl_u - out_u) . mean gradient of in_r
-        scores[st.rows.start:st.rows.stop, :st.n_in] = -torch.einsum("r...,u...->ru", grad / steps, eff[:st.n_in])
+        scores[st.rows.start:st.rows.stop, :st.n_in] = -torch.einsum("r...,u...->ru", grad, eff[:st.n_in])
+    if scale == "reference":
+        scores = scores / runner.tokens.shape[0]
     return scores.detach()
 
 
-def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric, method: str = "eap", steps: int = 5,
-                     ablation: str = "resample", corrupted: torch.Tensor | None = None,
+def _input_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float | None]) -> list[torch.Tensor]:
+    """The mean over ``alphas`` of dM/d in_r per stage, with the input embedding at abl + alpha (x - abl)
+    (None: the clean input)."""
+    model = runner.model
+    ones = runner.graph.ones(model.dtype).to(model.device)
+    with torch.no_grad():
+        clean_embed = model.embed(runner.tokens, attention_mask=runner.attention_mask)
+        abl_embed = runner.ablated[0].expand_as(clean_embed)
+    grads = None
+    for alpha in alphas:
+        embed = None if alpha is None else abl_embed + alpha * (clean_embed - abl_embed)
+        with torch.enable_grad():
+            tr = runner.trace(ones, embed=embed, keep_inputs=True)
+            step = torch.autograd.grad(_scalar(metric, tr.logits), tr.inputs)
+        grads = step if grads is None else [a + b for a, b in zip(grads, step)]
+    return [grad / len(alphas) for grad in grads]
+
+
+def layer_nodes(graph: Graph) -> list[range]:
+    """The sender groups that EAP-IG-activations interpolates in turn, in the reference's order: the
+    input, then per layer all its heads together and its MLP (hannamw/EAP-IG's ``nodeslist`` of
+    graph.nodes['input'], 'a{l}.h0' (out_hook attn.hook_result, every head) and 'm{l}')."""
+    return [range(0, 1)] + [st.outs for st in graph.stages if st.kind != "logits"]
+
+
+def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float]) -> list[torch.Tensor]:
+    """EAP-IG-activations' mean over layer nodes n and ``alphas`` of dM/d in_r per stage, with n's
+    outputs held at abl_n + alpha (out_n - abl_n) and no gradient through n (see the module's docstring).
+
+    A run is the clean edge graph with n's out-edges at mask alpha: the forward of the reference's
+    run, since n's own inputs are clean. Autograd's gradient at a receiver upstream of n includes the
+    path through n's outputs; that part, the vector-Jacobian product of n's effects with c_u = dM/dD_u
+    = sum_r m_ru dM/d in_r (in_r is linear in D_u = out_u - abl_u with weight m_ru), is subtracted;
+    n's own stage reads only into n, so its gradient is 0.
+    """
+    g, model = runner.graph, runner.model
+    ones = g.ones(model.dtype).to(model.device)
+    B = runner.tokens.shape[0]
+    rows = torch.arange(B, device=model.device)
+    grads, runs = None, 0
+    for group in layer_nodes(g):
+        cols = list(group)
+        own = next((i for i, st in enumerate(g.stages) if st.outs == group), None)  # the stage computing n
+        upstream = [i for i, st in enumerate(g.stages) if st.n_in <= group.start and i != own]
+        for alpha in alphas:
+            mask = ones.clone()
+            mask[:, cols] = mask[:, cols] * alpha
+            with torch.enable_grad():
+                tr = runner.trace(mask, keep_inputs=True)
+                step = list(torch.autograd.grad(_scalar(metric, tr.logits), tr.inputs,
+                                                retain_graph=bool(upstream)))
+                if own is not None:
+                    step[own] = torch.zeros_like(step[own])
+                if upstream:
+                    c = torch.zeros_like(tr.effect[cols])  # [n, B, T, d]: dM/dD_u for u in the node
+                    for st, grad in zip(g.stages, step):
+                        if st.n_in <= group.start:
+                            continue
+                        w = mask[st.rows.start:st.rows.stop, cols]  # [R_st, n]
+                        if st.kind == "logits":
+                            c[:, rows, runner.positions] += torch.einsum("rn,rbd->nbd", w, grad)
+                        else:
+                            c += torch.einsum("rn,rbtd->nbtd", w, grad)
+                    via = torch.autograd.grad(tr.effect[cols], [tr.inputs[i] for i in upstream], grad_outputs=c,
+                                              allow_unused=True)
+                    for i, v in zip(upstream, via):
+                        if v is not None:
+                            step[i] = step[i] - v
+            step = [s.detach() for s in step]
+            grads = step if grads is None else [a + b for a, b in zip(grads, step)]
+            runs += 1
+    return [grad / runs for grad in grads]
+
+
+def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMetric, method: str = "eap",
+                     steps: int = 5, ablation: str = "resample", corrupted: torch.Tensor | None = None,
                      reference: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                     reference_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                     reference_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                     rule: str | None = None) -> torch.Tensor:
     """Scores [n_layer, n_head]: the first-order change of the metric when each head is ablated
     (its z replaced, as ``run_with_head_masks`` does), all from one forward and backward per step.
 
-    Arguments as for :class:`circuitlab.graph.EdgeRunner`; compare with the exact sweep
-    ``circuitlab.compare.exact_head_effects``.
+    Arguments as for :class:`circuitlab.graph.EdgeRunner`; ``rule`` as for :func:`edge_attribution`
+    (its default for eap-ig, "mib", keeps a head's score the sum of its out-edges' scores; hannamw/EAP-IG's
+    node-level EAP-IG, src/eap/attribute_node.py, uses "hanna2024"). Compare with the exact sweep
+    ``circuitlab.compare.exact_head_effects``. Methods "eap", "eap-ig" and "clean-corrupted"
+    (EAP-IG-activations is edge-level only).
     """
-    steps = check_method(method, steps)
-    check_ablation(ablation)
+    if method == "eap-ig-activations":
+        raise ValueError("method 'eap-ig-activations' interpolates the edge graph's layer nodes and is "
+                         "available for edges only (edge_attribution); heads take 'eap', 'eap-ig' or "
+                         "'clean-corrupted'")
+    alphas = _alphas(method, steps, rule)
+    metric = batch_metric(metric)
+    ablation = check_ablation(ablation)
     tokens = tokens.to(model.device)
     B, T = tokens.shape
     positions = last_positions(tokens, attention_mask) if positions is None else positions
@@ -112,13 +316,12 @@ def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric, method: 
                                         attention_mask=attention_mask)
         tok_abl, pos_abl = _ablated_embeddings(model, ablation, tokens, ref, attention_mask, reference_mask, cache)
     grads = [torch.zeros_like(cache[n]) for n in z_names]
-    for k in range(1, steps + 1):
-        alpha = k / steps
+    for alpha in alphas:
         probes = [torch.zeros_like(g, requires_grad=True) for g in grads]  # dM/dprobe = dM/dz
         hooks = [(n, lambda z, hp, p=p: z + p) for n, p in zip(z_names, probes)]
-        if method == "eap-ig":
-            hooks += [("hook_embed", lambda x, hp: tok_abl + alpha * (x - tok_abl)),
-                      ("hook_pos_embed", lambda x, hp: pos_abl + alpha * (x - pos_abl))]
+        if alpha is not None:
+            hooks += [("hook_embed", lambda x, hp, a=alpha: tok_abl + a * (x - tok_abl)),
+                      ("hook_pos_embed", lambda x, hp, a=alpha: pos_abl + a * (x - pos_abl))]
         with torch.enable_grad():
             logits = model.run_with_hooks(tokens, attention_mask=attention_mask, positions=positions, fwd_hooks=hooks)
             step = torch.autograd.grad(_scalar(metric, logits), probes)
@@ -127,7 +330,7 @@ def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric, method: 
     for l, n in enumerate(z_names):
         z = cache[n]  # [B, T, H, d_head]
         rl = torch.zeros_like(z) if r is None else r[l].expand_as(z)
-        scores.append(torch.einsum("bthe,bthe->h", rl - z, grads[l] / steps))
+        scores.append(torch.einsum("bthe,bthe->h", rl - z, grads[l] / len(alphas)))
     return torch.stack(scores).detach()
 
 
@@ -162,15 +365,21 @@ def threshold_circuit(graph: Graph, scores: torch.Tensor, threshold: float, info
     return Circuit(graph, edges, scores.detach().cpu(), dict(info or {}, threshold=threshold))
 
 
-def eap(runner: EdgeRunner, metric: Metric, method: str = "eap", steps: int = 5, top_k: int | None = None,
-        threshold: float | None = None) -> Circuit:
-    """Score every edge and keep the top k (or those with |score| >= threshold); the circuit's
-    ``scores`` hold all edge scores."""
+def eap(runner: EdgeRunner, metric: Metric | BatchMetric, method: str = "eap", steps: int = 5,
+        top_k: int | None = None, threshold: float | None = None, rule: str | None = None,
+        scale: str = "metric") -> Circuit:
+    """Score every edge (:func:`edge_attribution`, with its ``rule`` and ``scale``) and keep the top
+    k (or those with |score| >= threshold); the circuit's ``scores`` hold all edge scores, and its
+    ``info`` the method, steps (gradient points per run: 1 for eap, 2 for clean-corrupted), rule
+    (the EAP-IG methods', as resolved), scale and ablation."""
     if (top_k is None) == (threshold is None):
         raise ValueError("pass exactly one of top_k (keep the k highest |scores|) or threshold (keep |score| >= it)")
-    scores = edge_attribution(runner, metric, method, steps)
-    info = {"method": method, "steps": steps if method == "eap-ig" else 1, "ablation": runner.ablation}
+    scores = edge_attribution(runner, metric, method, steps, rule=rule, scale=scale)
+    info = {"method": method, "steps": check_method(method, steps), "ablation": runner.ablation, "scale": scale}
+    if method in IG_METHODS:
+        info["rule"] = resolve_rule(method, rule)
+    if isinstance(metric, Metric):  # the direction of the scores, for circuitlab.faithfulness and .mib
+        info.update(metric=metric.name, higher_is_better=metric.higher_is_better)
     if top_k is not None:
         return top_k_circuit(runner.graph, scores, top_k, info)
     return threshold_circuit(runner.graph, scores, threshold, info)
-

@@ -8,10 +8,14 @@ set as ``edge_command`` and takes the parsed arguments. Data come from tpp: ``--
 prompts to discover the circuit on and as many held-out ones to evaluate it on (the
 paper: 100 examples, 50 for evaluation). For resample ablation every prompt is paired
 with a corrupted one: the same template with other random nouns, at the same token
-length (prompts without such a partner are dropped).
+length (prompts without such a partner are dropped). Prompts, metrics and the edge runner
+are circuitlab.task's. ``--device`` (cpu, cuda, cuda:N) and ``--dtype`` (fp32, bf16: the
+runner's matmuls) are checked while the command line is parsed.
 
-Output (--out): circuit.json (edges, scores, node counts), circuit.png, summary.json
-(metrics of the full model and of the circuit alone, sizes, timings, arguments).
+Output (--out): circuit.json (edges, scores, node counts), mib_graph.json (the same circuit in
+the graph format of hannamw/EAP-IG and MIB), circuit.png, summary.json (metrics of the full model
+and of the circuit alone, MIB's CPR / CMD and faithfulness curve of the scores, sizes, timings,
+arguments).
 """
 
 from __future__ import annotations
@@ -21,22 +25,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import tpp
 from tpp.encoding import SPACES
 from tpp.examples import MAX_EXAMPLES
-from tpp.flags import blame, fail, integer, number
+from tpp.flags import blame, default_device, device as device_type, fail, integer, number
 
-from .acdc import THRESHOLD_MODES, acdc, check_threshold, kl_metric
+from .acdc import THRESHOLD_MODES, acdc, check_threshold
 from .compare import circuit_faithfulness
 from .draw import draw_circuit
-from .eap import METHODS, eap
-from .graph import ABLATIONS, Circuit, EdgeRunner, Metric
-from .study import answer_space_of, finetuning_master
-
-METRICS = {"kl": False, "logit_diff": True, "accuracy": True, "loss": False}  # name -> higher is better
+from .eap import IG_RULES, METHODS, eap
+from .faithfulness import mib_faithfulness
+from .mib import write_mib_json
+from .graph import ABLATIONS, Circuit, EdgeRunner
+from .task import (DTYPES, METRICS, answer_space_of, build_data, corrupted_partners,  # noqa: F401 (re-exported)
+                   edge_runner, finetuning_master, make_metric, torch_dtype)
 
 
 def add_subcommands(subparsers) -> None:
@@ -58,8 +60,14 @@ def add_subcommands(subparsers) -> None:
     _common(p, default_out="reports/eap")
     g = p.add_argument_group("edge attribution")
     g.add_argument("--method", choices=METHODS, default="eap-ig",
-                   help="eap: one gradient; eap-ig: integrated gradients")
+                   help="eap: one gradient; eap-ig: integrated gradients from the input embedding; "
+                        "eap-ig-activations: integrated gradients at each sender's activation; clean-corrupted: "
+                        "the gradient at the two ends only")
     g.add_argument("--steps", type=integer(1), default=5, help="EAP-IG interpolation steps")
+    g.add_argument("--ig-rule", choices=IG_RULES, default=None,
+                   help="EAP-IG's points: mib (alpha = k/m, k = 0..m-1: hannamw/EAP-IG since Feb 2025, the code "
+                        "MIB pins) or hanna2024 (k = 1..m, the older rule); default: the reference's rule for the "
+                        "method (mib for eap-ig, hanna2024 for eap-ig-activations)")
     g.add_argument("--top-k", type=integer(1), default=None, help="keep the k edges of largest |score| (default: 100)")
     g.add_argument("--threshold", type=number(0), default=None, help="or keep the edges with |score| >= this")
     p.set_defaults(edge_command=run_eap)
@@ -82,72 +90,11 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                         "zero (the paper's choice)")
     g = p.add_argument_group("output and machine")
     g.add_argument("--out", type=Path, default=Path(default_out), help="output directory, replaced when done")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--device", type=device_type, default=None,
+                   help="torch device: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="the edge runner's arithmetic: fp32, or bf16 (bf16 matmuls, fp32 residual stream and metric)")
     g.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's choice)")
-
-
-# ---------------------------------------------------------------- data
-def corrupted_partners(examples, seed: int = 0, tries: int = 200):
-    """For each example, the same template with three other random nouns and the same token
-    length. Returns (kept examples, their partners); examples without a partner are dropped."""
-    from tpp.encoding import encode_many
-
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
-    pool = tpp.load_nouns()
-    kept, partners = [], []
-    lengths = [len(t) for t in encode_many([e.prompt for e in examples])]
-    for e, n in zip(examples, lengths):
-        template = tpp.TEMPLATES.get(e.template)
-        if template is None:
-            continue
-        for _ in range(tries):
-            a, b, c = (pool[i] for i in rng.integers(len(pool), size=3))
-            if len({a, b, c, e.a, e.b, e.c}) < 6:
-                continue
-            prompt = template.format(a=a, b=b, c=c) + " "
-            if len(encode_many([prompt])[0]) == n:
-                kept.append(e)
-                partners.append(tpp.Example(e.template, a, b, c, prompt))
-                break
-    return kept, partners
-
-
-def build_data(n: int, seed: int, ablation: str, space: str = "prompt", exclude=()):
-    """(clean EvalBatch, corrupted tokens or None) of n TPP prompts in answer format ``space``,
-    none of them among the examples in ``exclude`` (the models' finetuning data)."""
-    examples = tpp.make_eval_set(n, seed, exclude=exclude)
-    corrupted = None
-    if ablation == "resample":
-        examples, partners = corrupted_partners(examples, seed)
-        if not examples:
-            raise ValueError("no prompt found a corrupted partner of the same token length; use more --examples "
-                             "or --ablation mean/zero")
-        corrupted = tpp.encode_eval(partners, space=space).tokens
-    batch = tpp.encode_eval(examples, space=space)
-    if corrupted is not None and corrupted.shape != batch.tokens.shape:
-        raise ValueError(f"corrupted prompts padded to {tuple(corrupted.shape)}, clean ones to "
-                         f"{tuple(batch.tokens.shape)}")
-    return batch, corrupted
-
-
-def make_metric(name: str, batch, clean_logits: torch.Tensor) -> tuple[Metric, bool]:
-    """(metric [V, B, vocab] -> [V], higher_is_better) for a metric name, bound to ``batch``."""
-    if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
-    m = tpp.metrics
-    if name == "kl":
-        return kl_metric(clean_logits), False
-    c, b = batch.c_token, batch.b_token
-    fns = {"logit_diff": lambda l: m.logit_diff(l, c.to(l.device), b.to(l.device)).mean(-1),
-           "accuracy": lambda l: m.accuracy(l, c.to(l.device)).mean(-1),
-           "loss": lambda l: m.cross_entropy(l, c.to(l.device)).mean(-1)}
-    return fns[name], METRICS[name]
-
-
-def _runner(model, batch, corrupted, ablation: str) -> EdgeRunner:
-    dev = model.device
-    return EdgeRunner(model, batch.tokens.to(dev), ablation, corrupted=corrupted,
-                      attention_mask=batch.attention_mask.to(dev), positions=batch.answer_pos.to(dev))
 
 
 def check_args(args) -> tuple[str, str, int, int]:
@@ -159,13 +106,7 @@ def check_args(args) -> tuple[str, str, int, int]:
     if not (Path(args.model) / "config.json").exists():
         raise FileNotFoundError(f"no model at {args.model}: pass --model DIR with config.json and model.safetensors "
                                 "(the bundled models are trained by train.py, see weights/README.md)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device; pass cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA device; pass cpu")
+    device = default_device(args.device)  # --device itself was checked while parsing (tpp.flags.device)
     check_out_dir(args.out)
     space = answer_space_of([args.model], args.answer_space)
     size, data_seed = finetuning_master([args.model])
@@ -175,9 +116,12 @@ def check_args(args) -> tuple[str, str, int, int]:
 def _setup(args):
     from minigpt2 import load_pretrained
 
+    import torch
+
     device, space, size, data_seed = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dtype = torch_dtype(args.dtype)
     model = load_pretrained(args.model, device=device).eval()
     batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation, space,
                                   tpp.master_dataset(seed=data_seed, n=size) if size else ())
@@ -185,28 +129,34 @@ def _setup(args):
     find, held = batch.select(slice(0, half)), batch.select(slice(half, len(batch)))
     cf = None if corrupted is None else corrupted[:half]
     ch = None if corrupted is None else corrupted[half:]
-    runner = _runner(model, find, cf, args.ablation)
-    metric, higher = make_metric(args.metric, find, runner.clean.logits)
+    runner = edge_runner(model, find, cf, args.ablation, dtype)
+    metric = make_metric(args.metric, find, clean_logits=runner.clean.logits)
     evaluate = None
     if len(held):
-        held_runner = _runner(model, held, ch, args.ablation)
-        evaluate = (held_runner, make_metric(args.metric, held, held_runner.clean.logits)[0])
-    return model, runner, metric, higher, evaluate
+        held_runner = edge_runner(model, held, ch, args.ablation, dtype)
+        evaluate = (held_runner, make_metric(args.metric, held, clean_logits=held_runner.clean.logits))
+    return model, runner, metric, evaluate
 
 
-def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner, metric: Metric) -> int:
+def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner, metric) -> int:
     from .report import atomic_dir, provenance, write_json
 
-    summary["found_on"] = circuit_faithfulness(runner, metric, circuit) | {"examples": runner.tokens.shape[0]}
+    summary["dtype"] = args.dtype
+    summary["found_on"] = circuit_faithfulness(runner, metric.mean, circuit) | {"examples": runner.tokens.shape[0]}
     if evaluate is not None:
         held_runner, held_metric = evaluate
-        summary["held_out"] = (circuit_faithfulness(held_runner, held_metric, circuit)
+        summary["held_out"] = (circuit_faithfulness(held_runner, held_metric.mean, circuit)
                                | {"examples": held_runner.tokens.shape[0]})
+    # MIB's faithfulness of the method's edge scores (CPR, CMD, the curve) on the held-out prompts
+    mib_runner, mib_metric = evaluate if evaluate is not None else (runner, metric)
+    if circuit.scores is not None:
+        summary["mib"] = mib_faithfulness(mib_runner, mib_metric, circuit, name=args.command).to_json()
     summary["node_counts"] = circuit.node_counts()
     # without edges that cannot matter (dead ends; under resample also components that read nothing)
     summary["pruned_node_counts"] = circuit.pruned(resample=args.ablation == "resample").node_counts()
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "circuit.json", circuit.to_json())
+        write_mib_json(circuit, tmp / "mib_graph.json", d_model=runner.model.cfg.d_model)
         write_json(tmp / "summary.json", summary)
         write_json(tmp / "provenance.json", provenance(args={k: str(v) for k, v in vars(args).items()
                                                              if k != "edge_command"}))
@@ -221,6 +171,10 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
             s = summary[where]
             print(f"  {args.metric} on {s['examples']} {where.replace('_', ' ')} prompts: full model {s['full']:.4g}, "
                   f"circuit {s['value']:.4g}, all ablated {s['empty']:.4g} (normalized {s['normalized']:.3g})")
+    if "mib" in summary:
+        m = summary["mib"]
+        print(f"  MIB faithfulness of the scores ({args.metric}): CPR {m['cpr']:.3f} (higher is better), "
+              f"CMD {m['cmd']:.3f} (lower is better)")
     print(f"written to {args.out}/")
     return 0
 
@@ -229,9 +183,9 @@ def run_acdc(args) -> int:
     try:
         with blame("--threshold", args.threshold):
             check_threshold(args.threshold, args.threshold_mode)
-        model, runner, metric, higher, evaluate = _setup(args)
-        res = acdc(runner, metric, args.threshold, threshold_mode=args.threshold_mode, higher_is_better=higher,
-                   batched=not args.naive, progress=sys.stderr.isatty())
+        model, runner, metric, evaluate = _setup(args)
+        res = acdc(runner, metric, args.threshold, threshold_mode=args.threshold_mode,
+                   higher_is_better=metric.higher_is_better, batched=not args.naive, progress=sys.stderr.isatty())
         summary = {"method": "acdc", "metric": args.metric, "threshold": args.threshold,
                    "threshold_mode": args.threshold_mode, "ablation": args.ablation, **res.summary()}
         return _finish(args, res.circuit, summary, evaluate, runner, metric)
@@ -241,14 +195,16 @@ def run_acdc(args) -> int:
 
 def run_eap(args) -> int:
     try:
-        model, runner, metric, higher, evaluate = _setup(args)
+        model, runner, metric, evaluate = _setup(args)
         top_k = args.top_k if args.top_k is not None or args.threshold is not None else 100
         if args.method == "eap" and args.metric == "kl":
             print("warning: the KL to the clean model has zero gradient at the clean input, so plain EAP scores "
                   "are noise; use --method eap-ig or a task metric", file=sys.stderr)
         t0 = time.perf_counter()
-        circuit = eap(runner, metric, args.method, args.steps, top_k=top_k, threshold=args.threshold)
-        summary = {"method": args.method, "steps": args.steps, "metric": args.metric, "top_k": top_k,
+        circuit = eap(runner, metric, args.method, args.steps, top_k=top_k, threshold=args.threshold,
+                      rule=args.ig_rule)
+        summary = {"method": args.method, "steps": args.steps, "ig_rule": circuit.info.get("rule"), "metric": args.metric,
+                   "top_k": top_k,
                    "threshold": args.threshold, "ablation": args.ablation,
                    "seconds": round(time.perf_counter() - t0, 3)}
         return _finish(args, circuit, summary, evaluate, runner, metric)

@@ -29,21 +29,38 @@ above. A variant's forward is written as its difference from a base trace
 upstream of the first receiver where it differs and recomputes only the
 nodes that its changes reach: the same prefix sharing as minigpt2.masking,
 at the level of single heads and edges.
+
+ACDC's graph (``Graph(L, H, head_inputs=True)``, circuitlab.acdc's default) adds, for every
+head input a{l}.h{h}<q|k|v>, the edge ACDC has from hook_{q,k,v}_input[h] to hook_{q,k,v}[h]
+(TLACDCCorrespondence.setup_from_model, a DIRECT_COMPUTATION edge): the head's whole query,
+key or value input. It is one extra column of the mask, ``graph.gate`` (= S), valid on the
+head-input receivers only, so masks are [V, R, S + 1]; its entry g_r scales the whole input:
+
+    in_r = c_r + sum_{u -> r} abl_u + g_r sum_{u -> r} m_ru (out_u - abl_u)
+
+so that g_r = 1 is the input above and g_r = 0 its fully ablated value, the floor. That is
+exactly ACDC's: removing the edge makes hook_q[h] take its value in the corrupted run,
+``corrupted_cache[hook_q]``, which TransformerLens computes after b_Q from that run's
+hook_q_input[h]; the corrupted run's residual stream is the floor above (resample: the
+corrupted prompts' stream; zero ablation, where ACDC zeroes hook_resid_pre of block 0,
+hook_result and hook_mlp_out, only the b_O constants c_r remain, so the ablated query is
+W_Q ln1(c_r) + b_Q, not 0). Under mean ablation (which ACDC lacks) the same rule gives the query of
+the all-mean input. A gated mask equals the plain mask m_ru g_r (``Graph.fold``): every
+runner evaluates both widths, and ``Circuit.mask()`` is always the plain [R, S] one.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
-from minigpt2.masking import last_positions
+from minigpt2.engine import (ABLATIONS, BatchMetric, ablation_mode, autocast, batch_metric, join_schedule,
+                             last_positions, resolve_dtype, rows_per_chunk, weighted_mean)
 from minigpt2.model import GPT2
 
-ABLATIONS = ("resample", "mean", "zero")
-Metric = Callable[[torch.Tensor], torch.Tensor]  # logits [V, B, vocab] -> [V]
+Metric = BatchMetric  # logits [V, B, vocab] -> [V]; a minigpt2.engine.Metric is taken by its batch mean
+check_ablation = ablation_mode
 
 
 @dataclass(frozen=True)
@@ -58,10 +75,19 @@ class Stage:
 
 
 class Graph:
-    """Names and indices of the senders, receivers and edges of a GPT-2 with L layers of H heads."""
+    """Names and indices of the senders, receivers and edges of a GPT-2 with L layers of H heads.
 
-    def __init__(self, n_layer: int, n_head: int):
+    ``valid`` [R, S] marks the sender-to-receiver edges. head_inputs=True: ACDC's graph, which
+    also has the whole input of each head's query, key and value as an edge (see the module
+    docstring): its masks have one more column ``gate`` (= n_senders), ``n_columns`` is the masks'
+    width (S or S + 1), ``mask_valid`` [R, n_columns] marks both kinds, and ``n_edges`` counts both,
+    as ACDC does (TLACDCCorrespondence.count_no_edges counts its ADDITION and DIRECT_COMPUTATION
+    edges: GPT-2 small has 32,491 + 432 = 32,923).
+    """
+
+    def __init__(self, n_layer: int, n_head: int, head_inputs: bool = False):
         self.n_layer, self.n_head = L, H = n_layer, n_head
+        self.head_inputs = bool(head_inputs)
         self.n_senders = 1 + L * (H + 1)
         self.n_receivers = L * (3 * H + 1) + 1
         self.senders = ["input"]
@@ -76,19 +102,47 @@ class Graph:
         self.stages.append(Stage("logits", L, range(self.n_receivers - 1, self.n_receivers), self.n_senders, range(0)))
         self.receivers.append("logits")
         self.n_in = torch.tensor([st.n_in for st in self.stages for _ in st.rows])  # [R]
-        self.valid = torch.arange(self.n_senders)[None, :] < self.n_in[:, None]  # [R, S]
-        self.n_edges = int(self.valid.sum())
         self.stage_of = [i for i, st in enumerate(self.stages) for _ in st.rows]  # receiver -> stage
+        # [R]: the head inputs a{l}.h{h}<q|k|v>, which ACDC's graph gates as a whole
+        self.is_head_input = torch.tensor([self.stages[i].kind == "attn" for i in self.stage_of])
+        plain = torch.arange(self.n_senders)[None, :] < self.n_in[:, None]  # [R, S]
+        self.gate = self.n_senders if self.head_inputs else None
+        self.n_columns = self.n_senders + self.head_inputs
+        self.valid = plain
+        self.mask_valid = torch.cat([plain, self.is_head_input[:, None]], 1) if self.head_inputs else plain  # [R, S']
+        self.n_edges = int(self.mask_valid.sum())
         self._sender_index = {n: i for i, n in enumerate(self.senders)}
         self._receiver_index = {n: i for i, n in enumerate(self.receivers)}
 
     @classmethod
-    def from_model(cls, model: GPT2) -> "Graph":
-        return cls(model.cfg.n_layer, model.cfg.n_head)
+    def from_model(cls, model: GPT2, head_inputs: bool = False) -> "Graph":
+        return cls(model.cfg.n_layer, model.cfg.n_head, head_inputs)
 
     def __repr__(self) -> str:
+        extra = f", {int(self.is_head_input.sum())} of them whole head inputs" if self.head_inputs else ""
         return f"Graph(n_layer={self.n_layer}, n_head={self.n_head}: {self.n_senders} senders, " \
-               f"{self.n_receivers} receivers, {self.n_edges} edges)"
+               f"{self.n_receivers} receivers, {self.n_edges} edges{extra})"
+
+    def fold(self, masks: torch.Tensor) -> torch.Tensor:
+        """[..., R, S] or gated [..., R, S + 1] masks -> the plain [..., R, S] masks they run as,
+        m_ru * g_r on the head inputs (differentiable). Plain masks come back as they are."""
+        S = self.n_senders
+        if masks.shape[-1] == S:
+            return masks
+        if masks.shape[-1] != S + 1:
+            raise ValueError(f"edge masks must have S={S} columns (senders), or S + 1 = {S + 1} with ACDC's "
+                             f"whole-head-input column; got {masks.shape[-1]}")
+        heads = self.is_head_input.to(masks.device)[:, None]  # [R, 1]
+        gate = torch.where(heads, masks[..., S:], torch.ones_like(masks[..., S:]))
+        return masks[..., :S] * gate
+
+    def edge_name(self, r: int, u: int) -> tuple[str, str]:
+        """(sender, receiver) names of entry [r, u]; ACDC's whole-input edge of receiver 'a1.h2<q>' is
+        ('a1.h2<q>', 'a1.h2.q'): from the query input (hook_q_input[2]) to the query (hook_q[2])."""
+        if u == self.n_senders:
+            name = self.receivers[r]
+            return name, f"{self.node(name)}.{name[-2]}"
+        return self.senders[u], self.receivers[r]
 
     def head_sender(self, layer: int, head: int) -> int:
         return 1 + layer * (self.n_head + 1) + head
@@ -120,42 +174,86 @@ class Graph:
         return name.split("<")[0]
 
     def ones(self, dtype=torch.float32) -> torch.Tensor:
-        """The full graph: [R, S], 1 on every edge and 0 elsewhere."""
-        return self.valid.to(dtype)
+        """The full graph's mask: [R, S] ([R, S + 1] on ACDC's graph), 1 on every edge and 0 elsewhere."""
+        return self.mask_valid.to(dtype)
 
     def edge_list(self, mask: torch.Tensor) -> list[tuple[str, str]]:
-        """(sender, receiver) names of the edges where mask [R, S] is nonzero."""
-        rs = (mask.cpu().bool() & self.valid).nonzero().tolist()
+        """(sender, receiver) names of the sender-to-receiver edges where mask [R, S] (or [R, S + 1])
+        is nonzero; ACDC's whole-input edges are listed by :meth:`head_input_list`."""
+        S = self.n_senders
+        rs = (mask.cpu().bool()[:, :S] & self.valid).nonzero().tolist()
         return [(self.senders[u], self.receivers[r]) for r, u in rs]
+
+    def head_input_list(self, mask: torch.Tensor) -> list[str]:
+        """The head inputs (receiver names 'a{l}.h{h}<q|k|v>') whose whole-input edge is kept in a gated
+        mask [R, S + 1]; none for a plain graph."""
+        if not self.head_inputs or mask.shape[-1] != self.n_columns:
+            return []
+        return [self.receivers[r] for r in (mask.cpu().bool()[:, self.gate] & self.is_head_input).nonzero()[:, 0].tolist()]
 
 
 @dataclass
 class Circuit:
     """A set of edges of a Graph, with an optional score per edge.
 
-    edges: [R, S] bool, a subset of graph.valid. scores: [R, S] float, the
-    method's per-edge values (ACDC: the metric's change when the edge was
-    removed; EAP: the attribution), or None.
+    edges: [R, S] bool, a subset of graph.valid. scores: [R, S] float, the method's per-edge
+    values (ACDC: the metric's change when the edge was removed; EAP: the attribution), or None.
+    On ACDC's graph (graph.head_inputs) also head_inputs: [R] bool, the head inputs whose whole
+    input is kept (default: all), and head_input_scores: [R] float or None. Edges into a head
+    input whose whole input is removed carry nothing and are dropped.
     """
 
     graph: Graph
     edges: torch.Tensor
     scores: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
+    head_inputs: torch.Tensor | None = None
+    head_input_scores: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.edges = self.edges.detach().cpu().bool() & self.graph.valid
+        g = self.graph
+        edges = self.edges.detach().cpu().bool()
+        if g.head_inputs and edges.shape[-1] == g.n_columns:  # a gated mask [R, S + 1]
+            if self.head_inputs is None:
+                self.head_inputs = edges[:, g.gate]
+            edges = edges[:, :g.n_senders]
+        if self.scores is not None and g.head_inputs and self.scores.shape[-1] == g.n_columns:
+            if self.head_input_scores is None:
+                self.head_input_scores = self.scores[:, g.gate]
+            self.scores = self.scores[:, :g.n_senders]
+        self.edges = edges & g.valid
+        if g.head_inputs:
+            kept = g.is_head_input if self.head_inputs is None else self.head_inputs.detach().cpu().bool()
+            self.head_inputs = kept & g.is_head_input
+            self.edges &= self.head_inputs[:, None] | ~g.is_head_input[:, None]
+        elif self.head_inputs is not None:
+            raise ValueError("head_inputs belong to ACDC's graph: build the circuit on Graph(L, H, head_inputs=True)")
 
     @property
     def n_edges(self) -> int:
-        return int(self.edges.sum())
+        """Kept edges; on ACDC's graph the kept whole head inputs count too, as in ACDC."""
+        return int(self.edges.sum()) + (int(self.head_inputs.sum()) if self.head_inputs is not None else 0)
 
     def mask(self, dtype=torch.float32) -> torch.Tensor:
-        """The edge mask [R, S] that runs this circuit (1 = kept, 0 = ablated)."""
+        """The edge mask [R, S] that runs this circuit on any EdgeRunner (1 = kept, 0 = ablated)."""
         return self.edges.to(dtype)
 
+    def gated_mask(self, dtype=torch.float32) -> torch.Tensor:
+        """The mask in the graph's own width: [R, S + 1] on ACDC's graph (the whole-input column last),
+        else [R, S]."""
+        if self.head_inputs is None:
+            return self.mask(dtype)
+        return torch.cat([self.edges, self.head_inputs[:, None]], 1).to(dtype)
+
     def edge_list(self) -> list[tuple[str, str]]:
+        """(sender, receiver) names of the kept sender-to-receiver edges."""
         return self.graph.edge_list(self.edges)
+
+    def head_input_names(self) -> list[str]:
+        """ACDC's graph: the head inputs 'a{l}.h{h}<q|k|v>' whose whole input is kept ([] otherwise)."""
+        if self.head_inputs is None:
+            return []
+        return [self.graph.receivers[r] for r in self.head_inputs.nonzero()[:, 0].tolist()]
 
     def nodes(self) -> list[str]:
         """Components with a kept edge: 'input', 'a{l}.h{h}', 'm{l}', 'logits', in graph order."""
@@ -163,29 +261,39 @@ class Circuit:
         for r, u in self.edges.nonzero().tolist():
             used.add(g.senders[u])
             used.add(g.node(g.receivers[r]))
+        used.update(g.node(r) for r in self.head_input_names())
         order = {n: i for i, n in enumerate(g.senders + ["logits"])}
         return sorted(used, key=order.__getitem__)
 
     def node_counts(self) -> dict[str, int]:
         """Sizes of the circuit.
 
-        edges; heads and mlps (components with a kept edge); nodes: senders plus
-        receivers with a kept edge; acdc_nodes: ACDC's hook-level count, which adds
-        one hook_q/k/v node per kept head input (the 'Nodes in Circuit' column of
-        the paper's table counts these).
+        edges (on ACDC's graph with the kept whole head inputs, as ACDC's count_no_edges); heads and
+        mlps (components with a kept edge); nodes: senders plus receivers with a kept edge;
+        acdc_nodes: ACDC's hook-level count, which adds one hook_q/k/v node per kept head input
+        (the present endpoints of its edges, acdc_utils.get_present_nodes; the 'Nodes in Circuit'
+        column of the paper's table counts these); on the plain graph a head input with a kept
+        edge stands for a kept whole input. ACDC's graph adds head_inputs: the kept whole inputs.
         """
         g = self.graph
         senders = self.edges.any(dim=0)  # [S]
         receivers = self.edges.any(dim=1)  # [R]
         nodes = self.nodes()
-        qkv = sum(int(receivers[st.rows[0]:st.rows[-1] + 1].sum()) for st in g.stages if st.kind == "attn")
-        return {
+        if self.head_inputs is not None:
+            receivers = receivers | self.head_inputs
+            qkv = int(self.head_inputs.sum())
+        else:
+            qkv = int((receivers & g.is_head_input).sum())
+        counts = {
             "edges": self.n_edges,
             "heads": sum(1 for n in nodes if n.startswith("a")),
             "mlps": sum(1 for n in nodes if n.startswith("m")),
             "nodes": int(senders.sum() + receivers.sum()),
             "acdc_nodes": int(senders.sum() + receivers.sum()) + qkv,
         }
+        if self.head_inputs is not None:
+            counts["head_inputs"] = qkv
+        return counts
 
     def head_mask(self) -> torch.Tensor:
         """[L, H] bool: heads that write along a kept edge."""
@@ -201,6 +309,9 @@ class Circuit:
         under resample ablation such a component computes its corrupted output, so its
         edges carry the ablated value anyway (ACDC can leave these behind when it removes a
         component's inputs after keeping its outputs). Not exact under mean or zero ablation.
+
+        On ACDC's graph a kept whole head input without a kept edge into it goes too: its value
+        is the ablated one either way (exact under every ablation).
         """
         g, edges = self.graph, self.edges.clone()
         if resample:
@@ -214,24 +325,43 @@ class Circuit:
             u = g.owner(r)
             if u is not None and not edges[:, u].any():
                 edges[r] = False
-        return Circuit(g, edges, self.scores, dict(self.info))
+        whole = None if self.head_inputs is None else self.head_inputs & edges.any(dim=1)
+        return Circuit(g, edges, self.scores, dict(self.info), whole, self.head_input_scores)
 
     def to_json(self) -> dict:
-        scores = None if self.scores is None else {f"{u}->{r}": float(self.scores[self.graph.receiver_index(r),
-                                                                                self.graph.sender_index(u)])
+        """edges as "sender->receiver"; on ACDC's graph ("graph": "acdc") the kept whole head inputs
+        too, in ACDC's terms "a1.h2<q>->a1.h2.q" (hook_q_input[2] -> hook_q[2]), so that len(edges) is
+        ACDC's count."""
+        g = self.graph
+        names = [f"{u}->{r}" for u, r in self.edge_list()]
+        scores = None if self.scores is None else {f"{u}->{r}": float(self.scores[g.receiver_index(r),
+                                                                                g.sender_index(u)])
                                                    for u, r in self.edge_list()}
-        return {"n_layer": self.graph.n_layer, "n_head": self.graph.n_head,
-                "edges": [f"{u}->{r}" for u, r in self.edge_list()], "scores": scores, "node_counts": self.node_counts(), "nodes": self.nodes(),
-                "info": json.loads(json.dumps(self.info, default=float))}
+        if self.head_inputs is not None:
+            for r in self.head_inputs.nonzero()[:, 0].tolist():
+                name = "->".join(g.edge_name(r, g.gate))
+                names.append(name)
+                if scores is not None:
+                    scores[name] = 0.0 if self.head_input_scores is None else float(self.head_input_scores[r])
+        out = {"n_layer": g.n_layer, "n_head": g.n_head}
+        if g.head_inputs:
+            out["graph"] = "acdc"
+        return out | {"edges": names, "scores": scores, "node_counts": self.node_counts(), "nodes": self.nodes(),
+                      "info": json.loads(json.dumps(self.info, default=float))}
 
     @classmethod
     def from_json(cls, d: dict) -> "Circuit":
-        g = Graph(d["n_layer"], d["n_head"])
+        acdc = d.get("graph") == "acdc"
+        g = Graph(d["n_layer"], d["n_head"], head_inputs=acdc)
         edges = torch.zeros(g.n_receivers, g.n_senders, dtype=torch.bool)
+        whole = torch.zeros(g.n_receivers, dtype=torch.bool) if acdc else None
         for e in d["edges"]:
             u, r = e.split("->")
-            edges[g.receiver_index(r), g.sender_index(u)] = True
-        return cls(g, edges, info=d.get("info", {}))
+            if acdc and r.endswith((".q", ".k", ".v")):  # a whole head input: "a1.h2<q>->a1.h2.q"
+                whole[g.receiver_index(u)] = True
+            else:
+                edges[g.receiver_index(r), g.sender_index(u)] = True
+        return cls(g, edges, info=d.get("info", {}), head_inputs=whole)
 
 
 @dataclass
@@ -246,26 +376,11 @@ class Trace:
 
 
 def head_outputs(model: GPT2, layer: int, xq, xk, xv, heads: list[int], mask: torch.Tensor | None) -> torch.Tensor:
-    """Heads ``heads`` of ``layer``, each on its own query, key and value input.
-
-    xq, xk, xv: [N, T, Hs, d_model] residual-stream inputs (before ln1) -> [N, T, Hs, d_model],
-    each head's z_h @ W_O[h] (no b_O). ``mask``: [N, 1, T, T] bool or None (causal).
-    """
+    """Heads ``heads`` of ``layer``, each on its own query, key and value input: xq, xk, xv
+    [N, T, Hs, d_model] residual-stream inputs (before ln1) -> [N, T, Hs, d_model], each head's
+    z_h @ W_O[h] (no b_O); the maths is the model's (Attention.head_outputs)."""
     block = model.blocks[layer]
-    attn = block.attn
-    H, dh = attn.n_head, attn.d_head
-    W = attn.c_attn.weight.view(3, H, dh, -1)[:, heads]  # [3, Hs, d_head, d_model]
-    b = attn.c_attn.bias.view(3, H, dh)[:, heads]  # [3, Hs, d_head]
-    q, k, v = (torch.einsum("nthd,hed->nthe", block.ln1(x), W[i]) + b[i] for i, x in enumerate((xq, xk, xv)))
-    z = attn.attend(q, k, v, mask)  # [N, T, Hs, d_head]; the model's attention, padding rule included
-    return torch.einsum("nthe,hed->nthd", z, attn.W_O[heads])
-
-
-def check_ablation(ablation: str) -> str:
-    if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS} "
-                         "(resample: corrupted prompts, ACDC's default; mean: mean over a reference batch; zero)")
-    return ablation
+    return block.attn.head_outputs(block.ln1(xq), block.ln1(xk), block.ln1(xv), heads, mask)
 
 
 @torch.no_grad()
@@ -285,7 +400,7 @@ def sender_outputs(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tens
 
 def run_with_edge_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, ablation: str = "resample",
                         metric: Metric | None = None, **data) -> torch.Tensor:
-    """Evaluate edge masks [V, R, S] in one batched call: ``EdgeRunner(model, tokens, ablation,
+    """Evaluate edge masks [V, R, S] (or ACDC's [V, R, S + 1]) in one batched call: ``EdgeRunner(model, tokens, ablation,
     **data).run(masks, metric=metric)`` (``data``: corrupted, reference, attention_mask,
     reference_mask, positions, max_rows). The edge-level twin of minigpt2's run_with_head_masks."""
     return EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)
@@ -301,7 +416,10 @@ class EdgeRunner:
             (the per-position mean over ``reference`` tokens, default the clean ones,
             weighted by ``reference_mask``) or "zero".
         positions: [B] the position whose logits are scored (default: each row's last real token).
-        max_rows: examples x variants per batched chunk (default: a chunk's state near 1 GiB).
+        max_rows: examples x variants per batched chunk (default: what the device's memory budget
+            allows, minigpt2.engine.memory_budget).
+        dtype: None (the model's precision) or torch.bfloat16: bf16 matmuls, fp32 residual stream
+            (minigpt2.engine); the ablated values and ``exact_values`` stay fp32.
 
     ``runner.run(masks)`` evaluates many masks at once; ``runner.trace(mask)`` runs one.
     """
@@ -309,9 +427,10 @@ class EdgeRunner:
     def __init__(self, model: GPT2, tokens: torch.Tensor, ablation: str = "resample",
                  corrupted: torch.Tensor | None = None, reference: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None, max_rows: int | None = None):
+                 positions: torch.Tensor | None = None, max_rows: int | None = None, dtype=None):
         self.model, self.graph = model, Graph.from_model(model)
-        self.ablation = check_ablation(ablation)
+        self.ablation = ablation_mode(ablation)
+        self.dtype = resolve_dtype(dtype)
         dev = model.device
         self.tokens = tokens.to(dev)
         model.check_tokens(self.tokens)
@@ -328,9 +447,21 @@ class EdgeRunner:
         self.floor = [cum[st.n_in] + b_O[:st.layer + (st.kind != "attn")].sum(0) for st in self.graph.stages]
         self.floor_at = [self.at(f) for f in self.floor]
         d = model.cfg.d_model
-        self.max_rows = max_rows or max(B, 2**30 // (T * d * 4 * (self.graph.n_senders + 3 * model.cfg.n_head + 8)))
+        self.max_rows = max_rows or rows_per_chunk(T * d * 4 * (self.graph.n_senders + 3 * model.cfg.n_head + 8),
+                                                   dev, at_least=B)
         with torch.no_grad():
             self.clean = self.trace(self.graph.ones(model.dtype))
+
+    @property
+    def low_precision(self) -> bool:
+        return self.dtype is not None and self.dtype != self.model.dtype
+
+    @torch.no_grad()
+    def exact_values(self, masks: list[torch.Tensor], metric) -> list[float]:
+        """metric of each mask [R, S] from a full forward in the model's own precision (fp32): what a bf16
+        search re-evaluates near its threshold."""
+        metric = batch_metric(metric)
+        return [float(metric(self.trace(m, exact=True).logits[None])[0]) for m in masks]
 
     def _ablated(self, corrupted, reference, reference_mask) -> torch.Tensor:
         model, S = self.model, self.graph.n_senders
@@ -352,9 +483,7 @@ class EdgeRunner:
         if ref.shape[1] != self.tokens.shape[1]:
             raise ValueError(f"mean ablation takes a per-position mean, so reference sequences must have the "
                              f"clean length {self.tokens.shape[1]}, got {ref.shape[1]}. Fix: pad or trim them")
-        outs = sender_outputs(model, ref, ref_mask)  # [S, Br, T, d]
-        w = torch.ones(ref.shape, device=model.device) if ref_mask is None else ref_mask.to(model.device).to(outs.dtype)
-        return ((outs * w[..., None]).sum(1) / w.sum(0).clamp(min=1)[:, None])[:, None]  # [S, 1, T, d]
+        return weighted_mean(sender_outputs(model, ref, ref_mask), ref_mask)[:, None]  # [S, 1, T, d]
 
     def at(self, x: torch.Tensor) -> torch.Tensor:
         """[..., B | 1, T | 1, d] -> [..., B, d] at the answer positions."""
@@ -370,18 +499,25 @@ class EdgeRunner:
         if masks.ndim == 2:
             raise ValueError(f"masks has shape {tuple(masks.shape)}; for one variant use masks[None] "
                              f"(shape [1, {g.n_receivers}, {g.n_senders}])")
-        if masks.ndim != 3 or masks.shape[1:] != (g.n_receivers, g.n_senders):
+        if masks.ndim != 3 or masks.shape[1] != g.n_receivers or masks.shape[2] not in (g.n_senders, g.n_senders + 1):
             raise ValueError(f"edge masks must be [V, R={g.n_receivers}, S={g.n_senders}] (receivers x senders, "
-                             f"see Graph), got {tuple(masks.shape)}")
-        return masks.to(device=self.model.device, dtype=self.model.dtype) * g.valid.to(self.model.device)
+                             f"see Graph; or S + 1 columns with ACDC's whole head inputs), got {tuple(masks.shape)}")
+        masks = masks.to(device=self.model.device, dtype=self.model.dtype)
+        return g.fold(masks) * g.valid.to(self.model.device)  # ACDC's whole-head-input column folded in
 
     # --- one variant, every node computed ---------------------------------------------------------
-    def trace(self, mask: torch.Tensor, embed: torch.Tensor | None = None, keep_inputs: bool = False) -> Trace:
+    def trace(self, mask: torch.Tensor, embed: torch.Tensor | None = None, keep_inputs: bool = False,
+              exact: bool = False) -> Trace:
         """The forward of one mask [R, S], computing every node (differentiable in mask and embed).
 
         embed: [B, T, d] replaces the input node's output (EAP-IG interpolates it).
         keep_inputs: keep each stage's receiver inputs (requiring grad) in ``Trace.inputs``.
+        exact: in the model's own precision even when the runner's dtype is bf16.
         """
+        with autocast(self.model.device, None if exact else self.dtype):
+            return self._trace(mask, embed, keep_inputs)
+
+    def _trace(self, mask: torch.Tensor, embed: torch.Tensor | None, keep_inputs: bool) -> Trace:
         model, g = self.model, self.graph
         mask = self.check_masks(mask[None])[0]
         B, T = self.tokens.shape
@@ -416,11 +552,12 @@ class EdgeRunner:
             else:
                 logits = model.to_logits(x[0][:, None])[:, 0]  # [B, vocab]
         D = torch.stack(effects) if buffer is None else buffer
-        return Trace(mask, D, self.at(D), logits, inputs if keep_inputs else None)
+        return Trace(mask, D, self.at(D), logits.to(model.dtype), inputs if keep_inputs else None)
 
     # --- many variants, as differences from a base trace --------------------------------------------
     def run(self, masks: torch.Tensor, base: Trace | None = None, metric: Metric | None = None) -> torch.Tensor:
-        """Evaluate V edge masks [V, R, S] in batched passes.
+        """Evaluate V edge masks [V, R, S] in batched passes (ACDC's graph's [V, R, S + 1] are folded
+        to [V, R, S] first, Graph.fold).
 
         Each variant is computed as its difference from ``base`` (default: the clean
         run): it joins the batch at the first stage where its mask differs, and only the
@@ -432,6 +569,7 @@ class EdgeRunner:
         """
         g = self.graph
         masks = self.check_masks(masks)
+        metric = None if metric is None else batch_metric(metric)
         base = self.clean if base is None else base
         dmask = masks - base.mask
         grad = masks.requires_grad
@@ -442,13 +580,11 @@ class EdgeRunner:
             differs = torch.stack([dmask[:, st.rows.start:st.rows.stop].ne(0).flatten(1).any(1) for st in g.stages], 1)
             join = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], n_st,
                                                                                           dtype=torch.long)).tolist()
-        order = sorted(range(len(join)), key=join.__getitem__)
-        per_chunk = max(1, self.max_rows // self.tokens.shape[0])
         outputs: dict[int, torch.Tensor] = {}
-        with torch.set_grad_enabled(grad):
-            for c in range(0, len(order), per_chunk):
-                chunk = order[c:c + per_chunk]
+        with torch.set_grad_enabled(grad), autocast(self.model.device, self.dtype):
+            for chunk in join_schedule(join, self.max_rows // self.tokens.shape[0]):
                 logits, _, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
+                logits = logits.to(self.model.dtype)
                 values = metric(logits) if metric is not None else logits
                 outputs.update(zip(chunk, values))
         return torch.stack([outputs[v] for v in range(masks.shape[0])])
@@ -460,7 +596,8 @@ class EdgeRunner:
         dmask = mask - base.mask
         differs = [bool(dmask[0, st.rows.start:st.rows.stop].ne(0).any()) for st in self.graph.stages]
         join = differs.index(True) if any(differs) else len(differs)
-        logits, s0, delta = self._propagate(mask, dmask, [join], base, False)
+        with autocast(self.model.device, self.dtype):
+            logits, s0, delta = self._propagate(mask, dmask, [join], base, False)
         effect = base.effect.clone()
         effect[s0:s0 + delta.shape[1]] += delta[0]
         return Trace(mask[0], effect, self.at(effect), logits[0])

@@ -51,7 +51,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minigpt2 import GPT2
-from minigpt2.masking import _z_edit, replacement_values, run_with_head_masks_loop
+from minigpt2.engine import HeadMaskRunner, Precision, resolve_dtype
+from minigpt2.masking import run_with_head_masks_loop
 
 from .sweep import BLOCK_ROWS, Metric, Prompts, rows_per_block
 
@@ -99,6 +100,7 @@ class Check:
     rigorous_baseline: float | None = None
     rigorous_value: float | None = None
     rigorous_drop: float | None = None
+    exact_recheck: bool = False  # bf16 search: decided on fp32 values, as the check lay near the threshold
 
 
 @dataclass
@@ -117,6 +119,8 @@ class SearchResult:
     checks: list[Check] = field(repr=False)
     variants_evaluated: int = 0
     seconds: float = 0.0
+    dtype: str = "fp32"
+    precision: dict = field(default_factory=dict)  # bf16: the measured error and how many checks went to fp32
 
     @property
     def kept_heads(self) -> list[tuple[int, int]]:
@@ -152,6 +156,7 @@ class SearchResult:
             "n_ablated": len(self.ablated), "n_kept": len(self.kept_heads),
             "clean_value": self.clean_value, "circuit_value": self.final_value,
             "variants_evaluated": self.variants_evaluated, "seconds": round(self.seconds, 3),
+            "dtype": self.dtype, "precision": self.precision,
             "checks": [asdict(c) for c in self.checks],
         }
 
@@ -221,91 +226,71 @@ def _result(model, prompts, metric, threshold, order, drop, rigorous_prompts, ch
     )
 
 
-class _Block:
-    """One block of prompts (similar lengths, trimmed) and its residual stream entering
-    each layer under the runner's current mask."""
-
-    def __init__(self, model: GPT2, rows: torch.Tensor, prompts: Prompts):
-        kw = prompts.masking_kwargs()
-        self.model, self.rows = model, rows
-        self.tokens = prompts.tokens.to(model.device)
-        B, T = self.tokens.shape
-        self.positions = model.check_positions(kw["positions"].to(model.device), B, T)
-        am = kw["attention_mask"]
-        am = None if am is None else am.to(model.device)
-        ref, ref_mask = kw.get("reference"), kw.get("reference_mask")
-        self.r = replacement_values(model, kw["mode"], self.tokens, None if ref is None else ref.to(model.device),
-                                    am, None if ref_mask is None else ref_mask.to(model.device))
-        self.attn = model.attention_mask(am, T, T)  # [B, 1, T, T] or None
-        self.resid = [model.embed(self.tokens, attention_mask=am)]  # resid[l]: [B, T, d_model] entering layer l
-
-    def layer(self, l: int, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Layer l on n variants' rows (variant-major), head mask m [n, H]."""
-        n = m.shape[0]
-        edit = _z_edit(m, None if self.r is None else self.r[l], n) if (m != 1).any() else None
-        attn = None if self.attn is None else self.attn.repeat(n, 1, 1, 1)
-        return self.model.blocks[l](x, attn, edit)
-
-    def prefix(self, l: int, mask: torch.Tensor) -> torch.Tensor:
-        while len(self.resid) <= l:
-            k = len(self.resid) - 1
-            self.resid.append(self.layer(k, self.resid[k], mask[k][None]))
-        return self.resid[l]
-
-
 class _Runner:
-    """perf(mask): the mean metric over a set of prompts, evaluated in blocks of similar
-    length; each block caches the residual stream entering each layer for the current
-    mask (the ablations kept so far), which all candidates of a layer share."""
+    """perf(mask): the mean metric over a set of prompts, in blocks of similar length; each block is
+    one minigpt2.engine.HeadMaskRunner whose base is the current mask (the ablations kept so far),
+    so every candidate of a layer joins the same cached prefix."""
 
-    def __init__(self, model: GPT2, prompts: Prompts, metric: Metric, max_rows: int | None):
+    def __init__(self, model: GPT2, prompts: Prompts, metric: Metric, max_rows: int | None, dtype=None):
         self.model, self.metric, self.n = model, metric, len(prompts)
-        cfg = model.cfg
-        max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
-        self.blocks = [_Block(model, rows, p) for rows, p in prompts.blocks(max_rows, len(prompts) // BLOCK_ROWS)]
-        self.max_rows = max_rows
-        self.mask = torch.ones(cfg.n_layer, cfg.n_head, dtype=model.dtype, device=model.device)
+        self.max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
+        self.blocks = []
+        for rows, p in prompts.blocks(self.max_rows, len(prompts) // BLOCK_ROWS):
+            kw = p.masking_kwargs()
+            self.blocks.append((rows, HeadMaskRunner(model, p.tokens, kw.pop("mode"), dtype=dtype, **kw)))
         self.memo: dict[bytes, float] = {}
         self.evaluated = 0
 
     def sync(self, mask: torch.Tensor) -> None:
-        """Make ``mask`` current: cached layers above its first change are dropped."""
-        changed = (mask != self.mask).any(dim=1).nonzero()
-        if len(changed):
-            for b in self.blocks:
-                del b.resid[int(changed[0]) + 1:]
-            self.mask = mask.clone()
+        """Make ``mask`` the base of every block: cached layers above its first change are dropped."""
+        for _, engine in self.blocks:
+            engine.rebase(mask)
 
     def perf(self, masks: list[torch.Tensor]) -> list[float]:
-        """Mean metric of each mask; masks must equal the current mask below the layer where they differ."""
-        L = self.model.cfg.n_layer
+        """Mean metric of each mask (memoized)."""
         keys = [m.cpu().numpy().tobytes() for m in masks]
         todo = [i for i, k in enumerate(keys) if k not in self.memo]
-        total = {i: 0.0 for i in todo}
-        for b in self.blocks:
-            per_chunk = max(1, self.max_rows // len(b.rows))
-            for c in range(0, len(todo), per_chunk):
-                chunk = todo[c:c + per_chunk]
-                mv = torch.stack([masks[i] for i in chunk])  # [n, L, H]
-                differs = (mv != self.mask).any(dim=2).any(dim=0)  # [L]
-                start = int(differs.float().argmax()) if differs.any() else L
-                x = b.prefix(start, self.mask).repeat(len(chunk), 1, 1)  # [n * b, T, d_model]
-                for l in range(start, L):
-                    x = b.layer(l, x, mv[:, l])
-                logits = self.model.to_logits(x, b.positions.repeat(len(chunk))).view(len(chunk), len(b.rows), -1)
-                sums = self.metric(logits, rows=b.rows).to(torch.float64).sum(dim=1).tolist()
-                for i, v in zip(chunk, sums):
-                    total[i] += v
-        for i in todo:
-            self.memo[keys[i]] = total[i] / self.n
-        self.evaluated += len(todo)
+        if todo:
+            total = torch.zeros(len(todo), dtype=torch.float64)
+            mv = torch.stack([masks[i] for i in todo])  # [n, L, H]
+            for rows, engine in self.blocks:
+                values = engine.run(mv, metric=lambda logits, rows=rows: self.metric(logits, rows=rows),
+                                    max_rows=self.max_rows)  # [n, b]
+                total += values.to(torch.float64).sum(dim=1).cpu()
+            for i, v in zip(todo, total.tolist()):
+                self.memo[keys[i]] = v / self.n
+            self.evaluated += len(todo)
         return [self.memo[k] for k in keys]
+
+
+class _Decider:
+    """A check's decision, exact in bf16: the candidate's drop from the layer's baseline against the
+    threshold, re-evaluated in fp32 (``exact``: fp32 runners) when bf16's measured error could flip it."""
+
+    def __init__(self, metric: Metric, threshold: float, drop: str, precision: Precision,
+                 exact: dict[str, "_Runner"] | None = None):
+        self.metric, self.threshold, self.drop, self.precision = metric, threshold, drop, precision
+        self.exact = exact or {}
+
+    def dropped(self, base: float, value: float) -> float:
+        return performance_drop(base, value, self.metric.higher_is_better, self.drop)
+
+    def passes(self, which: str, base_mask, base: float, mask, value: float) -> tuple[bool, float, float, bool]:
+        """(kept, baseline, value, re-evaluated) of one check on runner ``which`` ("search" or "rigorous");
+        the values are fp32 when the check was re-evaluated."""
+        margin = self.dropped(base, value) - self.threshold
+        scale = max(abs(base), EPS) if self.drop == "relative" else 1.0
+        rechecked = self.precision.near(margin * scale, 2 + self.threshold)
+        if rechecked:
+            self.precision.rechecked += 1
+            base, value = self.exact[which].perf([base_mask, mask])
+        return self.dropped(base, value) < self.threshold, base, value, rechecked
 
 
 @torch.no_grad()
 def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.03, order: str = "layer-up",
            drop: str = "relative", rigorous_prompts: Prompts | None = None, rigorous_metric: Metric | None = None,
-           speculate: int = 4, max_rows: int | None = None, progress: bool = False) -> SearchResult:
+           speculate: int = 4, max_rows: int | None = None, progress: bool = False, dtype=None) -> SearchResult:
     """The paper's circuit search; same result as :func:`search_reference`, batched.
 
     Args:
@@ -315,27 +300,40 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
         rigorous_prompts, rigorous_metric: a larger set on which each kept ablation is re-checked.
         speculate: heads evaluated per speculative batch (1: no speculation).
         max_rows: rows (variants x prompts) per forward chunk.
+        dtype: None (the model's precision) or torch.bfloat16: candidates are evaluated with bf16
+            matmuls; the bf16 error of the metric is measured on the first layer's candidates
+            against fp32, and every check whose drop lies within that error of the threshold is
+            re-evaluated in fp32, so the circuit is the fp32 circuit (``result.precision`` says how
+            many were).
     """
     _validate(model, prompts, metric, rigorous_prompts, rigorous_metric, threshold, order, drop)
     if speculate < 1:
         raise ValueError(f"speculate must be >= 1 (heads per speculative batch), got {speculate}")
+    dtype = resolve_dtype(dtype)
+    low = dtype is not None and dtype != model.dtype
     t0 = time.perf_counter()
     L, H = model.cfg.n_layer, model.cfg.n_head
-    runner = _Runner(model, prompts, metric, max_rows)
-    rigorous = _Runner(model, rigorous_prompts, rigorous_metric, max_rows) if rigorous_prompts is not None else None
+    runner = _Runner(model, prompts, metric, max_rows, dtype)
+    rigorous = _Runner(model, rigorous_prompts, rigorous_metric, max_rows, dtype) if rigorous_prompts is not None else None
     runners = [runner] + ([rigorous] if rigorous else [])
-
-    def dropped(base, value):
-        return performance_drop(base, value, metric.higher_is_better, drop)
+    kept = torch.ones(L, H, dtype=model.dtype, device=model.device)
+    precision, exact = Precision(), {}
+    if low:
+        exact = {"search": _Runner(model, prompts, metric, max_rows)}
+        if rigorous:
+            exact["rigorous"] = _Runner(model, rigorous_prompts, rigorous_metric, max_rows)
+        precision = _calibrate(runner, rigorous, exact, kept, search_order(L, H, order)[0])
+        runners += list(exact.values())
+    decider = _Decider(metric, threshold, drop, precision, exact)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=L * H, desc=f"search ({metric.name})", unit="head")
-    kept = torch.ones(L, H, dtype=model.dtype, device=model.device)
     checks: list[Check] = []
     predicted = True  # each head is predicted to be decided like the one before it
     for heads in search_order(L, H, order):
+        layer_mask = kept
         base = runner.perf([kept])[0]
         rbase = rigorous.perf([kept])[0] if rigorous else None
         i = 0
@@ -349,24 +347,24 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
                 if predicted:
                     cur = trial
             values = runner.perf(variants)
-            passed = [dropped(base, v) < threshold for v in values]
+            # Decisions on the search prompts, in order, up to the first that contradicts the
+            # prediction for certain (what follows it is discarded).
+            decisions = []
+            for k, v in enumerate(values):
+                decisions.append(decider.passes("search", layer_mask, base, variants[k], v))
+                if decisions[-1][0] != predicted and (not rigorous or not decisions[-1][0]):
+                    break
             rvalues: dict[int, float] = {}
-            if rigorous:
-                # Candidates that passed on the search prompts need the re-check; stop at the first
-                # head whose decision already contradicts the prediction (what follows is discarded).
-                need = []
-                for k, ok in enumerate(passed):
-                    if ok:
-                        need.append(k)
-                    elif predicted:
-                        break
+            if rigorous:  # candidates that passed on the search prompts need the re-check
+                need = [k for k, d in enumerate(decisions) if d[0]]
                 rvalues = dict(zip(need, rigorous.perf([variants[k] for k in need])))
-            for k, ((l, h), value) in enumerate(zip(batch, values)):
-                check = Check(l, h, base, value, dropped(base, value), passed[k])
+            for k, ((l, h), (ok, b, value, rechecked)) in enumerate(zip(batch, decisions)):
+                check = Check(l, h, b, value, decider.dropped(b, value), ok, exact_recheck=rechecked)
                 if check.kept and rigorous:
-                    check.rigorous_baseline, check.rigorous_value = rbase, rvalues[k]
-                    check.rigorous_drop = dropped(rbase, rvalues[k])
-                    check.kept = check.rigorous_drop < threshold
+                    check.kept, rb, rv, rre = decider.passes("rigorous", layer_mask, rbase, variants[k], rvalues[k])
+                    check.rigorous_baseline, check.rigorous_value = rb, rv
+                    check.rigorous_drop = decider.dropped(rb, rv)
+                    check.exact_recheck = check.exact_recheck or rre
                 checks.append(check)
                 if check.kept:
                     kept = variants[k]
@@ -382,5 +380,23 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
     if bar is not None:
         bar.close()
     evaluated = sum(r.evaluated for r in runners)
-    return _result(model, prompts, metric, threshold, order, drop, rigorous_prompts, checks, evaluated,
-                   time.perf_counter() - t0)
+    result = _result(model, prompts, metric, threshold, order, drop, rigorous_prompts, checks, evaluated,
+                     time.perf_counter() - t0)
+    result.dtype = "bf16" if low else "fp32"
+    result.precision = precision.to_json()
+    return result
+
+
+def _calibrate(runner: _Runner, rigorous: _Runner | None, exact: dict[str, _Runner], kept: torch.Tensor,
+               heads: list[tuple[int, int]]) -> Precision:
+    """bf16's error on the first layer's candidates (and the clean run), against fp32. The bf16
+    values are memoized, so the search reuses them."""
+    masks = [kept]
+    for l, h in heads:
+        m = kept.clone()
+        m[l, h] = 0
+        masks.append(m)
+    low, high = runner.perf(masks), exact["search"].perf(masks)
+    if rigorous is not None:
+        low, high = low + rigorous.perf(masks), high + exact["rigorous"].perf(masks)
+    return Precision.measure(low, high)

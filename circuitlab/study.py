@@ -9,7 +9,6 @@ into one report.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,16 +19,17 @@ import torch
 
 import tpp
 from minigpt2 import GPT2, GPT2Config, load_pretrained
-from tpp.encoding import SPACES
 from tpp.flags import blame
 
 from . import plots
-from .circuitfile import check_circuit, check_own_models, json_kind
+from .circuitfile import check_circuit, check_own_models
 from .classify import attending_heads, attention_patterns, check_class_args, classify_heads, target_attention
 from .probe import DEFAULT_PROMPT, continuations
 from .report import atomic_dir, fmt, markdown_table, pm, provenance, write_json
 from .search import DROPS, ORDERS, check_search_args, search
-from .sweep import ABLATIONS, Metric, Prompts, evaluate_masks, sweep
+from .sweep import ABLATIONS, evaluate_masks, sweep
+from .task import (DTYPES, METRICS, answer_space_of, build_data, clean_logits, dtype_kwargs,  # noqa: F401 (re-exported)
+                   edge_runner, finetuning_master, make_metric, read_metadata, to_prompts, torch_dtype)
 from .transfer import check_same_shape, circuit_mask, transfer
 
 # The bundled models (weights/README.md) and their labels in the paper's tables.
@@ -40,12 +40,6 @@ BUNDLED = {
     "welterweight": "Welterweight",
 }
 DEFAULT_MODELS = [f"weights/{name}" for name in BUNDLED]
-METRICS = {  # name -> (higher is better, table heading)
-    "accuracy": (True, "Frac Correct"),
-    "logit_diff": (True, "Logit Diff"),
-    "loss": (False, "Cross-entropy"),
-    "kl": (False, "KL to clean"),
-}
 TABLE_METRICS = ("loss", "accuracy", "logit_diff")  # the paper's Tables 1 and 2, in its column order
 
 
@@ -73,8 +67,9 @@ def check_model_path(path: str) -> Path:
     return p
 
 
-def load_model(path: str) -> GPT2:
-    return load_pretrained(check_model_path(path))
+def load_model(path: str, device=None) -> GPT2:
+    """The model in directory ``path``, on ``device`` (None: the CPU)."""
+    return load_pretrained(check_model_path(path), device=device)
 
 
 def model_config(path: str) -> GPT2Config:
@@ -82,103 +77,6 @@ def model_config(path: str) -> GPT2Config:
     p = check_model_path(path)
     config = p / "config.json" if p.is_dir() else p.with_name("config.json")
     return GPT2Config.from_json(config) if config.is_file() else load_model(path).cfg
-
-
-def read_metadata(path) -> dict:
-    """A model directory's metadata.json (written by train.py and finetune.publish), or {} when it has none.
-
-    The fields read here are checked: data.master_size and data.data_seed (integers >= 0), answer_space
-    and eval_data.answer_space (one of SPACES); a file that is not a JSON object is refused, naming it.
-    """
-    meta = Path(path) / "metadata.json"
-    if not meta.is_file():
-        return {}
-    fix = "Fix: restore it from the run that wrote it (train.py, finetune.publish), or delete it"
-    try:
-        d = json.loads(meta.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta} is not valid JSON ({e}). {fix}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{meta} holds a JSON {json_kind(d)}, not an object of run metadata. {fix}")
-    for key in ("data", "eval_data"):
-        if d.get(key) is not None and not isinstance(d[key], dict):
-            raise ValueError(f'{meta}: field "{key}" is a JSON {json_kind(d[key])}, not an object. {fix}')
-    for key in ("master_size", "data_seed"):
-        v = (d.get("data") or {}).get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-            raise ValueError(f'{meta}: field "data.{key}" is {json.dumps(v)}, not an integer >= 0. {fix}')
-    for key, v in (("answer_space", d.get("answer_space")), ("eval_data.answer_space",
-                                                             (d.get("eval_data") or {}).get("answer_space"))):
-        if v is not None and v not in SPACES:
-            raise ValueError(f'{meta}: field "{key}" is {json.dumps(v)}, not one of {list(SPACES)}. {fix}')
-    return d
-
-
-def finetuning_master(paths) -> tuple[int, int]:
-    """(size, seed) of the master dataset these models were finetuned on, from their metadata.json:
-    the largest master_size found (0: none recorded, nothing to exclude) and its data_seed."""
-    size, seed = 0, 0
-    for path in paths:
-        data = read_metadata(path).get("data") or {}
-        size = max(size, data.get("master_size") or 0)
-        seed = data.get("data_seed", seed) or 0
-    return size, seed
-
-
-def answer_space_of(paths, override: str | None = None) -> str:
-    """The first eval set's answer format for these models: ``override``, else the one they were
-    finetuned in (metadata.json: a run's answer_space, or a card's eval_data.answer_space), else the
-    paper's "prompt" (a trailing space, c on its own). Models that disagree need ``override``."""
-    if override is not None:
-        if override not in SPACES:
-            raise ValueError(f"--answer-space {override!r}: choose 'prompt' (the paper's) or 'answer' (' c')")
-        return override
-    found = {}
-    for path in paths:
-        meta = read_metadata(path)
-        space = meta.get("answer_space") or (meta.get("eval_data") or {}).get("answer_space")
-        if space:
-            found[str(path)] = space
-    spaces = set(found.values())
-    if len(spaces) > 1:
-        raise ValueError(f"the models were finetuned in different answer formats ({found}); pass --answer-space "
-                         "prompt or answer to score them all in one")
-    return spaces.pop() if spaces else "prompt"
-
-
-def make_metric(name: str, batch: tpp.EvalBatch, model: GPT2 | None = None) -> Metric:
-    """A per-example TPP metric bound to ``batch``'s targets; "kl" also to ``model``'s clean logits."""
-    if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; choose one of {list(METRICS)}")
-    higher = METRICS[name][0]
-    m = tpp.metrics
-    if name == "accuracy":
-        return Metric(name, lambda logits, c: m.accuracy(logits, c), higher, {"c": batch.c_token})
-    if name == "logit_diff":
-        return Metric(name, lambda logits, c, b: m.logit_diff(logits, c, b), higher,
-                      {"c": batch.c_token, "b": batch.b_token})
-    if name == "loss":
-        return Metric(name, lambda logits, c: m.cross_entropy(logits, c), higher, {"c": batch.c_token})
-    if model is None:
-        raise ValueError("the kl metric compares with the clean model's logits: pass the model")
-    return Metric(name, lambda logits, clean: m.kl_div(clean, logits), higher, {"clean": clean_logits(model, batch)})
-
-
-@torch.no_grad()
-def clean_logits(model: GPT2, batch: tpp.EvalBatch, rows: int = 256) -> torch.Tensor:
-    """[B, vocab] logits at the answer positions."""
-    out = []
-    for i in range(0, len(batch), rows):
-        b = batch.select(slice(i, i + rows))
-        out.append(model(b.tokens.to(model.device), attention_mask=b.attention_mask.to(model.device),
-                         positions=b.answer_pos.to(model.device)))
-    return torch.cat(out)
-
-
-def to_prompts(batch: tpp.EvalBatch, ablation: str = "zero", seed: int = 0) -> Prompts:
-    if len(batch) == 0:
-        raise ValueError("the eval set is empty; ask for at least one example")
-    return Prompts(batch.tokens, batch.attention_mask, batch.answer_pos, ablation=ablation, seed=seed)
 
 
 def c_key_mask(batch: tpp.EvalBatch) -> torch.Tensor:
@@ -212,6 +110,7 @@ class Session:
     master_size: int | None = None  # None: the largest master_size in the models' metadata.json, else 0
     data_seed: int | None = None
     answer_space: str | None = None  # None: the models' finetuning format (answer_space_of)
+    device: str | None = None  # where the models are loaded and run (None: the CPU); circuits.py's --device
     labels: list[str] = field(init=False)
     paths: dict[str, str] = field(init=False)
 
@@ -236,7 +135,7 @@ class Session:
 
     @cached_property
     def models(self) -> dict[str, GPT2]:
-        return {label: load_model(self.paths[label]) for label in self.labels}
+        return {label: load_model(self.paths[label], self.device) for label in self.labels}
 
     @cached_property
     def configs(self) -> dict[str, GPT2Config]:
@@ -285,7 +184,8 @@ class Session:
     def data_info(self) -> dict:
         size, seed = self._training_data()
         return {"seed": self.seed, "n_eval": self.n_eval, "n_single": self.n_single, "answer_space": self.answer_space,
-                "excluded_master_size": size, "master_data_seed": seed, "models": self.paths}
+                "excluded_master_size": size, "master_data_seed": seed, "models": self.paths,
+                "device": str(self.device or "cpu")}
 
 
 @dataclass
@@ -336,8 +236,10 @@ def baseline(session: Session, out: Path, eval_set_values: dict[str, dict[str, t
 
 # ---------------------------------------------------------------- 2. sweep
 def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list[str] = ("accuracy", "logit_diff", "loss"),
-               ablation: str = "zero", top: int = 3) -> Section:
-    """Every head ablated alone: its effect on each metric, as heatmaps and a top-k table."""
+               ablation: str = "zero", top: int = 3, dtype: str = "fp32") -> Section:
+    """Every head ablated alone: its effect on each metric, as heatmaps and a top-k table.
+    ``dtype``: "fp32", or "bf16" (bf16 matmuls, fp32 metrics: minigpt2.engine)."""
+    precision = torch_dtype(dtype)
     session.check_same_shape()  # the heatmaps share one grid
     batch = session.sample(n_examples, "--examples")
     results, rows = {}, []
@@ -347,7 +249,7 @@ def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list
         n_heads = model.cfg.n_layer * model.cfg.n_head
         log(f"[sweep] {label}: {n_heads} heads on {len(batch)} examples")
         ms = [make_metric(m, batch, model) for m in metrics]
-        r = sweep(model, to_prompts(batch, ablation, session.seed), ms, progress=True)
+        r = sweep(model, to_prompts(batch, ablation, session.seed), ms, progress=True, **dtype_kwargs(precision))
         results[label] = r.to_json()
         cells = []
         for m in metrics:
@@ -357,7 +259,8 @@ def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list
                                                    or "no head's ablation hurts"))
         rows.append([label, *cells])
     write_json(out / "sweep.json", results)
-    md = [f"Each of the {n_heads} heads ablated alone ({ablation} ablation) on {len(batch)} examples. Table: the "
+    md = [f"Each of the {n_heads} heads ablated alone ({ablation} ablation{', bf16' if precision else ''}) on "
+          f"{len(batch)} examples. Table: the "
           f"intact model's value, then the {top} heads whose ablation hurts most (the change in brackets). "
           "Heatmaps: ablated minus intact (blue: the metric rises, red: it falls).", "",
           markdown_table(["Model", *metrics], rows), ""]
@@ -381,6 +284,7 @@ class SearchOptions:
     n_examples: int = 100
     rigorous_examples: int = 0  # 0: off
     speculate: int | None = None  # None: 1 on a CPU, 8 on a GPU
+    dtype: str = "fp32"  # or "bf16": bf16 matmuls, fp32 metrics (minigpt2.engine); the circuit's evaluation too
 
     def resolved_drop(self) -> str:
         return self.drop or ("absolute" if self.metric == "kl" else "relative")
@@ -404,12 +308,15 @@ class SearchOptions:
                              "Fix: pass a larger --rigorous, or 0 for none")
         if self.speculate is not None and self.speculate < 1:
             raise ValueError(f"--speculate {self.speculate}: pass at least 1 head per speculative batch")
+        torch_dtype(self.dtype)
 
 
-def evaluate_circuit(model: GPT2, mask: torch.Tensor, batch: tpp.EvalBatch, metrics=TABLE_METRICS) -> dict:
+def evaluate_circuit(model: GPT2, mask: torch.Tensor, batch: tpp.EvalBatch, metrics=TABLE_METRICS,
+                     dtype: torch.dtype | None = None) -> dict:
     """The model intact and with the circuit's ablations, on every example of ``batch``."""
     masks = torch.stack([torch.ones_like(mask), mask])
-    values = evaluate_masks(model, to_prompts(batch), masks, [make_metric(m, batch) for m in metrics])  # [2, B, M]
+    values = evaluate_masks(model, to_prompts(batch), masks, [make_metric(m, batch) for m in metrics],
+                            **dtype_kwargs(dtype))  # [2, B, M]
     mean, sem = tpp.metrics.mean_sem(values.permute(0, 2, 1))  # [2, M] each
     return {"n_examples": len(batch)} | {m: {"clean": float(mean[0, i]), "circuit": float(mean[1, i]),
                                              "circuit_sem": float(sem[1, i])} for i, m in enumerate(metrics)}
@@ -424,19 +331,21 @@ def find_circuits(session: Session, out: Path, opts: SearchOptions,
     batch = session.sample(opts.n_examples, "--examples")
     rig = session.sample(opts.rigorous_examples, "--rigorous") if opts.rigorous_examples else None
     circuits, rows, masks = {}, [], {}
+    precision = torch_dtype(opts.dtype)
     for label, model in session.models.items():
-        log(f"[search] {label}: {opts.metric}, threshold {opts.threshold}, {opts.order}, {opts.ablation} ablation")
+        log(f"[search] {label}: {opts.metric}, threshold {opts.threshold}, {opts.order}, {opts.ablation} ablation"
+            + (f", {opts.dtype}" if precision else ""))
         speculate = opts.speculate or (1 if model.device.type == "cpu" else 8)
         r = search(model, to_prompts(batch, opts.ablation, session.seed), make_metric(opts.metric, batch, model),
                    opts.threshold, opts.order, opts.resolved_drop(),
                    rigorous_prompts=None if rig is None else to_prompts(rig, opts.ablation, session.seed),
                    rigorous_metric=None if rig is None else make_metric(opts.metric, rig, model),
-                   speculate=speculate, progress=True)
+                   speculate=speculate, progress=True, **dtype_kwargs(precision))
         c = r.to_json(session.paths[label], model.cfg.to_dict()) | {"label": label, "seed": session.seed}
         full = []
         if evaluate:
             log(f"[search] {label}: the circuit on the {len(session.eval_batch)}-example eval set")
-            c["eval"] = evaluate_circuit(model, r.mask(), session.eval_batch)
+            c["eval"] = evaluate_circuit(model, r.mask(), session.eval_batch, dtype=precision)
             full = [pm(c["eval"]["accuracy"]["circuit"], c["eval"]["accuracy"]["circuit_sem"]),
                     fmt(c["eval"]["accuracy"]["clean"])]
         circuits[label] = c
@@ -448,7 +357,7 @@ def find_circuits(session: Session, out: Path, opts: SearchOptions,
     rig_text = f", each kept ablation re-checked on {opts.rigorous_examples} examples" if rig is not None else ""
     md = [f"Layer-by-layer search ({opts.order}), metric {opts.metric}, {opts.resolved_drop()} drop < "
           f"{opts.threshold} against each layer's baseline, {opts.ablation} ablation, {opts.n_examples} "
-          f"examples{rig_text}.", "",
+          f"examples{rig_text}{', bf16 matmuls' if precision else ''}.", "",
           markdown_table(["Model", "Heads removed", "Heads kept", f"{opts.metric} clean (search set)",
                           f"{opts.metric} with circuit (search set)",
                           *([f"Accuracy with circuit ({len(session.eval_batch)} examples)", "Accuracy intact"]
@@ -535,7 +444,7 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
     letters = {"first": "F", "self": "S", "previous": "P", "induction": "I"}
     for label, model in session.models.items():
         log(f"[classify] {label} on {len(batch)} examples")
-        patterns = attention_patterns(model, batch.tokens, batch.attention_mask)
+        patterns = attention_patterns(model, batch.tokens, batch.attention_mask).cpu()  # the scores: with the CPU masks
         hc = classify_heads(model, batch.tokens, batch.attention_mask, score_threshold, min_fraction, patterns)
         c_att = target_attention(patterns, batch.answer_pos, keys).mean(dim=0)  # [L, H]
         c_heads = attending_heads(c_att, c_threshold)
@@ -609,6 +518,14 @@ class EdgeOptions:
     eap_top_k: int = 100
     n_examples: int = 50
     ablation: str = "zero"
+    dtype: str = "fp32"  # or "bf16": the edge runners' arithmetic (minigpt2.engine), which ACDC and EAP use
+    # MIB's comparison of every edge method (circuitlab.methods) on every model: its default ablation
+    # (counterfactual: resample with corrupted partners) and metric (logit difference)
+    mib_methods: tuple[str, ...] = ("acdc", "eap", "eap-ig", "eap-ig-activations", "clean-corrupted",
+                                    "information-flow", "edge-patching", "learned-masks")
+    mib_examples: int = 16
+    mib_ablation: str = "resample"
+    mib_metric: str = "logit_diff"
 
     def acdc_models_of(self, session: Session) -> list[str]:
         """The labels ACDC runs on; refuses one that names no model."""
@@ -626,40 +543,37 @@ def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) 
     from .compare import circuit_faithfulness
     from .draw import draw_circuit
     from .eap import eap
-    from .edge_cli import build_data, make_metric as edge_metric
-    from .graph import EdgeRunner
 
     opts = opts or EdgeOptions()
     acdc_models = opts.acdc_models_of(session)
-    batch, _ = build_data(2 * opts.n_examples, session.seed, opts.ablation, session.answer_space, session.exclude)
+    precision = torch_dtype(opts.dtype)
+    batch, corrupted = build_data(2 * opts.n_examples, session.seed, opts.ablation, session.answer_space,
+                                  session.exclude)
     n = len(batch) // 2
     find, held = batch.select(slice(0, n)), batch.select(slice(n, len(batch)))
-
-    def runner(model, b):
-        dev = model.device
-        return EdgeRunner(model, b.tokens.to(dev), opts.ablation, attention_mask=b.attention_mask.to(dev),
-                          positions=b.answer_pos.to(dev))
+    c_find, c_held = (None, None) if corrupted is None else (corrupted[:n], corrupted[n:])
 
     rows, results = [], {}
     jobs = [(label, "ACDC") for label in acdc_models] + [(label, "EAP-IG") for label in session.labels]
     for label, method in jobs:
         model = session.models[label]
         log(f"[edges] {method} on {label}, {n} examples")
-        r, rh = runner(model, find), runner(model, held)
+        r = edge_runner(model, find, c_find, opts.ablation, precision)
+        rh = edge_runner(model, held, c_held, opts.ablation, precision)
         name = opts.acdc_metric if method == "ACDC" else opts.eap_metric
-        metric, higher = edge_metric(name, find, r.clean.logits)
-        held_metric, _ = edge_metric(name, held, rh.clean.logits)
+        metric = make_metric(name, find, clean_logits=r.clean.logits)
+        held_metric = make_metric(name, held, clean_logits=rh.clean.logits)
         t = time.perf_counter()
         if method == "ACDC":
-            circuit = acdc(r, metric, opts.acdc_threshold, threshold_mode="absolute", higher_is_better=higher,
-                           progress=sys.stderr.isatty()).circuit
+            circuit = acdc(r, metric.mean, opts.acdc_threshold, threshold_mode="absolute",
+                           higher_is_better=metric.higher_is_better, progress=sys.stderr.isatty()).circuit
             setting = f"{name}, threshold {opts.acdc_threshold}"
         else:
             k = min(opts.eap_top_k, r.graph.n_edges)
-            circuit = eap(r, metric, "eap-ig", top_k=k)
+            circuit = eap(r, metric.mean, "eap-ig", top_k=k)
             setting = f"{name}, top {k} of {r.graph.n_edges} edges"
         seconds = time.perf_counter() - t
-        faith = circuit_faithfulness(rh, held_metric, circuit)
+        faith = circuit_faithfulness(rh, held_metric.mean, circuit)
         counts = circuit.node_counts()
         stem = f"{method.lower().replace('-', '_')}_{_label_file(label)}"
         write_json(out / f"{stem}.json", circuit.to_json() | {"model": session.paths[label], "label": label,
@@ -670,7 +584,7 @@ def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) 
         rows.append([label, method, setting, counts["edges"], counts["acdc_nodes"], counts["heads"],
                      fmt(faith["full"]), fmt(faith["value"]), f"{seconds:.1f}", f"![{stem}]({stem}.png)"])
     text = "\n".join([
-        f"Edge-level circuits ({opts.ablation} ablation) found on {n} examples and evaluated on {len(held)} others: "
+        f"Edge-level circuits ({opts.ablation} ablation{', bf16' if precision else ''}) found on {n} examples and evaluated on {len(held)} others: "
         "the metric of the full model and of the circuit alone (every other edge ablated). Nodes counts ACDC's "
         "hook nodes, as the paper's table does.", "",
         markdown_table(["Model", "Method", "Setting", "Edges", "Nodes", "Heads", "Full model (held out)",
@@ -678,6 +592,54 @@ def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) 
     (out / "edges.md").write_text(text + "\n")
     summary = ", ".join(f"{k}: {v['node_counts']['edges']} edges" for k, v in results.items())
     return [Section("Edge circuits: ACDC (section 5.2) and EAP-IG", text, summary, results)]
+
+
+def mib_section(session: Session, out: Path, opts: EdgeOptions) -> Section:
+    """Every edge method on every model, scored as MIB scores them: faithfulness against circuit size
+    (one PNG per model, all methods), CPR and CMD (ranked), and each method's time."""
+    from .faithfulness import plot_faithfulness
+    from .methods import MethodSettings, compare_methods
+
+    precision = torch_dtype(opts.dtype)
+    batch, corrupted = build_data(2 * opts.mib_examples, session.seed + 1, opts.mib_ablation, session.answer_space,
+                                  session.exclude)
+    n = len(batch) // 2
+    find, held = batch.select(slice(0, n)), batch.select(slice(n, len(batch)))
+    c_find, c_held = (None, None) if corrupted is None else (corrupted[:n], corrupted[n:])
+    settings = MethodSettings(progress=sys.stderr.isatty())
+    rows, results, figures = [], {}, []
+    for label in session.labels:
+        model = session.models[label]
+        r = edge_runner(model, find, c_find, opts.mib_ablation, precision)
+        rh = edge_runner(model, held, c_held, opts.mib_ablation, precision)
+        metric, held_metric = make_metric(opts.mib_metric, find, model), make_metric(opts.mib_metric, held, model)
+        done = compare_methods(r, metric, rh, held_metric, opts.mib_methods, settings,
+                               log=lambda m: log(f"[edges] MIB comparison: {m} on {label}, {n} examples"))
+        stem = f"mib_{_label_file(label)}"
+        plot_faithfulness({d.method: d.curve for d in done}, out / f"{stem}.png",
+                          title=f"{label}: faithfulness of each method's top edges ({opts.mib_ablation} ablation, "
+                                f"{opts.mib_metric}, {len(held)} held-out prompts)")
+        figures.append(f"![{stem}]({stem}.png)")
+        by_cpr = sorted(done, key=lambda d: -d.curve.cpr)
+        by_cmd = sorted(done, key=lambda d: d.curve.cmd)
+        for d in done:
+            rows.append([label, d.method, fmt(d.curve.cpr), by_cpr.index(d) + 1, fmt(d.curve.cmd), by_cmd.index(d) + 1,
+                         f"{d.seconds:.1f}"])
+        results[label] = {d.method: {"cpr": d.curve.cpr, "cmd": d.curve.cmd, "seconds": d.seconds,
+                                     "curve": d.curve.to_json()} for d in done}
+    write_json(out / "mib.json", results)
+    text = "\n".join([
+        f"Every edge method on every model, scored as MIB (Mueller et al. 2025) scores them "
+        f"(circuitlab.faithfulness): scores from {n} prompts, the faithfulness f of each method's top 0.1 % ... "
+        f"100 % of edges measured on {len(held)} held-out prompts under {opts.mib_ablation} ablation with the "
+        f"{opts.mib_metric} metric. CPR: the area under f with edges ranked by signed score (higher is better); "
+        "CMD: the area under |1 - f| with edges ranked by |score| (lower is better). Ranks are within each "
+        "model; seconds: the method's own time on this machine.", "",
+        markdown_table(["Model", "Method", "CPR", "CPR rank", "CMD", "CMD rank", "seconds"], rows), "",
+        *figures, ""])
+    (out / "mib.md").write_text(text + "\n")
+    best = ", ".join(f"{label}: {max(v, key=lambda m: v[m]['cpr'])}" for label, v in results.items())
+    return Section("Edge methods by MIB's faithfulness (CPR, CMD)", text, f"best CPR: {best}", results)
 
 
 # ---------------------------------------------------------------- 7. study
@@ -689,12 +651,17 @@ class StudyOptions:
     prompts: tuple[str, ...] = (DEFAULT_PROMPT,)
     max_new_tokens: int = 16
     edges: EdgeOptions | None = field(default_factory=EdgeOptions)  # None: no ACDC / EAP
+    # the sweep's arithmetic ("fp32" or "bf16"); the search's and the edges' are theirs (circuits.py's --dtype
+    # sets all three); the baseline and transfer tables are always fp32
+    sweep_dtype: str = "fp32"
 
 
 def study(session: Session, out: str | Path, opts: StudyOptions, argv: list[str] | None = None) -> list[Section]:
     """Everything, into one report directory: report.md (tables and figures inline), circuits
     as JSON, PNGs, the command line, versions and seeds. Written atomically."""
     opts.search.check()
+    for dtype in (opts.sweep_dtype, None if opts.edges is None else opts.edges.dtype):
+        torch_dtype(dtype)  # refuse an unknown precision before any work
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         sections, timings = [], {}
@@ -706,7 +673,7 @@ def study(session: Session, out: str | Path, opts: StudyOptions, argv: list[str]
             return result
 
         session.models  # noqa: B018  (load every model first: a missing one fails before any work)
-        sweep_section = stage("sweep", head_sweep, session, tmp, opts.sweep_examples)
+        sweep_section = stage("sweep", head_sweep, session, tmp, opts.sweep_examples, dtype=opts.sweep_dtype)
         search_section, circuits = stage("search", find_circuits, session, tmp, opts.search, evaluate=False)
         transfer_section = stage("transfer", cross_evaluate, session, tmp, circuits)
         intact = transfer_section.data  # Table 1 is the intact models' row of the transfer run
@@ -718,6 +685,8 @@ def study(session: Session, out: str | Path, opts: StudyOptions, argv: list[str]
         sections.append(stage("generate", generate, session, tmp, opts.prompts, opts.max_new_tokens))
         if opts.edges is not None:
             sections += stage("edges", edge_sections, session, tmp, opts.edges)
+            if opts.edges.mib_methods:
+                sections.append(stage("mib", mib_section, session, tmp, opts.edges))
         info = provenance(argv, data=session.data_info(), options=_asdict(opts), seconds=timings,
                           total_seconds=round(time.perf_counter() - t0, 1))
         write_json(tmp / "provenance.json", info)

@@ -12,40 +12,19 @@ Also the two small types every circuit algorithm here shares:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
 from minigpt2 import GPT2
+from minigpt2.engine import ABLATIONS, Metric, ablation_mode, head_mask_bytes_per_row, rows_per_chunk
 from minigpt2.masking import single_head_masks
 
-ABLATIONS = ("zero", "mean", "resample")
+__all__ = ["ABLATIONS", "BLOCK_ROWS", "Metric", "Prompts", "SweepResult", "evaluate_masks", "resample_partners",
+           "rows_per_block", "sweep"]
+
 # Prompts are evaluated in blocks of about this many rows of similar length (less padding).
 BLOCK_ROWS = 32
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A per-example metric: ``metric(logits [V, B, vocab]) -> [V, B]``.
-
-    ``fn(logits, **data)`` gets ``data``, the per-example tensors it needs (targets,
-    clean logits), each [B, ...]; ``metric(logits, rows=r)`` scores logits of the
-    rows ``r`` only, so that large sets can be scored block by block.
-    """
-
-    name: str
-    fn: Callable[..., torch.Tensor]
-    higher_is_better: bool = True
-    data: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __call__(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
-        data = self.data if rows is None else {k: v[rows] for k, v in self.data.items()}
-        return self.fn(logits, **{k: v.to(logits.device) for k, v in data.items()})
-
-    def subset(self, rows) -> "Metric":
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        return Metric(self.name, self.fn, self.higher_is_better, {k: v[rows] for k, v in self.data.items()})
 
 
 @dataclass(frozen=True)
@@ -69,8 +48,7 @@ class Prompts:
     reference_mask: torch.Tensor | None = None
 
     def __post_init__(self):
-        if self.ablation not in ABLATIONS:
-            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {ABLATIONS}")
+        object.__setattr__(self, "ablation", ablation_mode(self.ablation))
         if self.tokens.ndim != 2 or self.tokens.shape[0] == 0:
             raise ValueError(f"Prompts needs a non-empty [B, T] batch of token ids, got shape {tuple(self.tokens.shape)}; "
                              "is the eval set empty?")
@@ -124,7 +102,7 @@ class Prompts:
             return kw | dict(mode="zero")
         if self.ablation == "mean":
             return kw | dict(mode="mean", reference=self.reference, reference_mask=self.reference_mask)
-        return kw | dict(mode="patch", reference=self.reference)
+        return kw | dict(mode="resample", reference=self.reference)
 
 
 def resample_partners(lengths: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -149,21 +127,21 @@ def resample_partners(lengths: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return partner
 
 
-def rows_per_block(model: GPT2, T: int, budget_bytes: int = 384 * 2**20) -> int:
-    """Rows (variants x prompts) whose activations and logits fit in ``budget_bytes``."""
-    cfg = model.cfg
-    per_row = T * (3 * cfg.d_model + cfg.d_mlp + cfg.n_head * T) * 4 * 3 + 3 * cfg.vocab_size * 4
-    return max(1, budget_bytes // per_row)
+def rows_per_block(model: GPT2, T: int) -> int:
+    """Rows (variants x prompts) of length T whose activations and logits fit the device's memory
+    budget (minigpt2.engine.memory_budget: the one budget of every batched engine)."""
+    return rows_per_chunk(head_mask_bytes_per_row(model.cfg, T), model.device)
 
 
 @torch.no_grad()
 def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: list[Metric],
-                   max_rows: int | None = None, progress: bool = False) -> torch.Tensor:
+                   max_rows: int | None = None, progress: bool = False, dtype=None) -> torch.Tensor:
     """Every metric on every variant: masks [V, L, H] -> per-example values [V, B, n_metrics].
 
-    Prompts are taken in blocks of at most ``max_rows`` (default: what fits in a few
-    hundred MB, logits included); each block is one batched call of minigpt2's
-    run_with_head_masks, which shares each variant's clean prefix.
+    Prompts are taken in blocks of at most ``max_rows`` (default: what the device's memory
+    budget allows, logits included); each block is one batched call of minigpt2's
+    run_with_head_masks, which shares each variant's clean prefix. ``dtype``: None or
+    torch.bfloat16 (see minigpt2.engine).
     """
     max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
     out = torch.empty(0)
@@ -175,7 +153,7 @@ def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: 
         def all_metrics(logits, rows=rows):  # [Vc, b, vocab] -> [Vc, b, M]
             return torch.stack([m(logits, rows=rows).to(torch.float64) for m in metrics], dim=-1)
 
-        values = model.run_with_head_masks(p.tokens, masks, metric=all_metrics, max_rows=max_rows,
+        values = model.run_with_head_masks(p.tokens, masks, metric=all_metrics, max_rows=max_rows, dtype=dtype,
                                            **p.masking_kwargs())  # [V, b, M]
         if not out.numel():
             out = values.new_empty(values.shape[0], len(prompts), values.shape[2])
@@ -218,7 +196,7 @@ class SweepResult:
 
 
 def sweep(model: GPT2, prompts: Prompts, metrics: list[Metric], max_rows: int | None = None,
-          progress: bool = False) -> SweepResult:
+          progress: bool = False, dtype=None) -> SweepResult:
     """Ablate each of the n_layer x n_head heads alone and measure every metric.
 
     One call of minigpt2's batched head masking evaluates the clean model and
@@ -230,7 +208,7 @@ def sweep(model: GPT2, prompts: Prompts, metrics: list[Metric], max_rows: int | 
     L, H = model.cfg.n_layer, model.cfg.n_head
     masks = single_head_masks(L, H, dtype=model.dtype)  # [1 + L*H, L, H], clean first
     with torch.no_grad():
-        values = evaluate_masks(model, prompts, masks, metrics, max_rows, progress)  # [1 + L*H, B, M]
+        values = evaluate_masks(model, prompts, masks, metrics, max_rows, progress, dtype)  # [1 + L*H, B, M]
     mean = values.mean(dim=1)  # [1 + L*H, M]
     sem = values.std(dim=1) / max(1, values.shape[1]) ** 0.5 if values.shape[1] > 1 else torch.zeros_like(mean)
     return SweepResult(

@@ -93,7 +93,10 @@ class Attention(nn.Module):
             return [t.view(B, T, self.n_head, self.d_head) for t in self.c_attn(x).split(D, dim=-1)]
         return [torch.einsum("bthm,hmd->bthd", xi, self._qkv(i)[0]) + self._qkv(i)[1] for i, xi in enumerate(x)]
 
-    def forward(self, x, mask: torch.Tensor | None, z_edit: ZEdit | None = None, kv=None):
+    def forward(self, x, mask: torch.Tensor | None, z_edit: ZEdit | None = None, kv=None,
+                at: torch.Tensor | None = None):
+        if at is not None:
+            return self.forward_at(x, mask, at, z_edit)
         q, k, v = self.project(x)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         B, T = q.shape[:2]
@@ -109,6 +112,36 @@ class Attention(nn.Module):
             result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O))
             return result.sum(dim=2) + self.c_proj.bias
         return self.c_proj(z.reshape(B, T, -1))
+
+    def forward_at(self, x: torch.Tensor, mask: torch.Tensor | None, at: torch.Tensor,
+                   z_edit: ZEdit | None = None) -> torch.Tensor:
+        """The attention output [B, d_model] at one query position per row, ``at`` [B], from
+        x [B, T, d_model]: keys and values at every position, the query, z and W_O at ``at`` only."""
+        B, T, D = x.shape
+        rows = torch.arange(B, device=x.device)
+        w, b = self.c_attn.weight, self.c_attn.bias
+        q = F.linear(x[rows, at], w[:D], b[:D]).view(B, 1, self.n_head, self.d_head)
+        k, v = F.linear(x, w[D:], b[D:]).view(B, T, 2, self.n_head, self.d_head).unbind(2)
+        if mask is None:
+            keys = torch.arange(T, device=x.device)[None, :] <= at[:, None]  # [B, T]
+        else:
+            keys = mask.expand(B, -1, -1, -1)[rows, 0, at]  # [B, T]
+        z = self.attend(self.hook_q(q), self.hook_k(k), self.hook_v(v), keys[:, None, None, :])
+        z = self.hook_z(z)  # [B, 1, H, d_head]
+        if z_edit is not None:
+            z = z_edit(z)
+        return self.c_proj(z.reshape(B, D))
+
+    def head_outputs(self, q_in, k_in, v_in, heads: list[int], mask: torch.Tensor | None) -> torch.Tensor:
+        """Heads ``heads``, each on its own query, key and value input: q_in, k_in, v_in
+        [N, T, Hs, d_model] (after ln1) -> [N, T, Hs, d_model], each head's z_h @ W_O[h] (no b_O).
+        ``mask``: [N | 1, 1, T, T] bool or None (causal). The edge graph's attention."""
+        H, dh = self.n_head, self.d_head
+        W = self.c_attn.weight.view(3, H, dh, -1)[:, heads]  # [3, Hs, d_head, d_model]
+        b = self.c_attn.bias.view(3, H, dh)[:, heads]  # [3, Hs, d_head]
+        q, k, v = (torch.einsum("nthd,hed->nthe", x, W[i]) + b[i] for i, x in enumerate((q_in, k_in, v_in)))
+        z = self.attend(q, k, v, mask)  # [N, T, Hs, d_head]; the padding rule included
+        return torch.einsum("nthe,hed->nthd", z, self.W_O[heads])
 
     def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """z [B, Tq, H, d_head] from q [B, Tq, H, d_head], k, v [B, Tk, H, d_head]; mask [B or 1, 1, Tq, Tk]
@@ -178,11 +211,26 @@ class Block(nn.Module):
         x = self.hook_attn_in(x[:, :, None].repeat(1, 1, self.n_head, 1))  # [B, T, H, d_model]
         return tuple(self.ln1(hp(_copy_if_hooked(x, hp))) for hp in per_head[1:])
 
-    def forward(self, x, mask=None, z_edit: ZEdit | None = None, kv=None):
+    def forward(self, x, mask=None, z_edit: ZEdit | None = None, kv=None, at: torch.Tensor | None = None):
+        """x [B, T, d_model] -> the residual stream after the block [B, T, d_model], or [B, d_model] at one
+        position per row with ``at`` [B] (the batched engines' last layer: only those rows' logits are read)."""
+        if at is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            return self.finish_mlp(x[rows, at] + self.attn(self.ln1(x), mask, z_edit, at=at))
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_input(x), mask, z_edit, kv)))
         mlp_in = self.hook_mlp_in(_copy_if_hooked(x, self.hook_mlp_in))
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(mlp_in))))
+
+
+    def finish(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The block's output given its attention's z: x [..., d_model] (resid_pre), z [..., H, d_head].
+        A variant that differs from a base run first at this layer has the base's z here, edited."""
+        return self.finish_mlp(x + self.attn.c_proj(z.reshape(*x.shape[:-1], -1)))
+
+    def finish_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """resid_mid -> resid_post, for any leading shape."""
+        return x + self.mlp(self.ln2(x))
 
 
 def _copy_if_hooked(x: torch.Tensor, hp: HookPoint) -> torch.Tensor:

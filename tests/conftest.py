@@ -7,11 +7,18 @@ layer-norm gains included, so that no term of the forward is zero by accident.
 
 Property tests build their models through the session-scoped factories below
 (hypothesis refuses function-scoped fixtures inside @given).
+
+The device: MINIGPT2_TEST_DEVICE (default "cpu"; e.g. "cuda" or "cuda:1") is where the
+``device`` fixture, ``tl_twin`` and ``bundled_base`` put models and tensors, and, in modules
+marked ``pytestmark = pytest.mark.on_device``, the shared ``model``, ``tokens``, ``new_model``
+and ``hf_model``; a test that asks for it is skipped when CUDA is asked for and absent. bench/device_suite.py runs
+the suite so on a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -43,12 +50,39 @@ def randomize_(module: torch.nn.Module, seed: int, std: float) -> torch.nn.Modul
     return module
 
 
-def make_model(cfg: GPT2Config = TINY, seed: int = 0, std: float = 0.2) -> GPT2:
-    return randomize_(GPT2(cfg), seed, std).eval()
+def make_model(cfg: GPT2Config = TINY, seed: int = 0, std: float = 0.2, device=None) -> GPT2:
+    """A random model (the weights drawn on the CPU, so the same on every device), moved to ``device``."""
+    return randomize_(GPT2(cfg), seed, std).eval().to(device or "cpu")
 
 
-def make_tokens(batch: int = BATCH, seq: int = SEQ, vocab: int = TINY.vocab_size, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def make_tokens(batch: int = BATCH, seq: int = SEQ, vocab: int = TINY.vocab_size, seed: int = 0,
+                device=None) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device or "cpu")
+
+
+def env_device_name() -> str:
+    return os.environ.get("MINIGPT2_TEST_DEVICE", "").strip() or "cpu"
+
+
+def resolve_test_device() -> torch.device:
+    """MINIGPT2_TEST_DEVICE as a torch.device; pytest.skip when it names CUDA and there is none."""
+    name = env_device_name()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"MINIGPT2_TEST_DEVICE={name!r} is not a torch device; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip(f"MINIGPT2_TEST_DEVICE={name}, but this machine has no CUDA device")
+        if (device.index or 0) >= torch.cuda.device_count():
+            pytest.skip(f"MINIGPT2_TEST_DEVICE={name}, but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the tests put models and tensors: MINIGPT2_TEST_DEVICE (default cpu)."""
+    return resolve_test_device()
 
 
 def hf_config(cfg: GPT2Config):
@@ -115,10 +149,21 @@ def tiny_cfg() -> GPT2Config:
     return TINY
 
 
-@pytest.fixture(scope="session")
-def new_model():
+def test_device_of(request) -> torch.device:
+    """The test device for a module marked ``pytestmark = pytest.mark.on_device``; the CPU elsewhere."""
+    return resolve_test_device() if request.node.get_closest_marker("on_device") else torch.device("cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "on_device: the shared model fixtures of this module live on "
+                                       "MINIGPT2_TEST_DEVICE (conftest's device)")
+
+
+@pytest.fixture(scope="module")
+def new_model(request):
     """Factory ``new_model(cfg=TINY, seed=0)``: a fresh random model (usable inside @given)."""
-    return make_model
+    device = test_device_of(request)
+    return lambda cfg=TINY, seed=0, std=0.2: make_model(cfg, seed, std, device=device)
 
 
 @pytest.fixture(scope="session")
@@ -128,18 +173,18 @@ def new_tokens():
 
 
 @pytest.fixture
-def model() -> GPT2:
-    return make_model()
+def model(request) -> GPT2:
+    return make_model(device=test_device_of(request))
 
 
 @pytest.fixture
-def tokens() -> torch.Tensor:
-    return make_tokens()
+def tokens(request) -> torch.Tensor:
+    return make_tokens(device=test_device_of(request))
 
 
 @pytest.fixture
-def hf_model():
-    return make_hf_model()
+def hf_model(request):
+    return make_hf_model().to(test_device_of(request))
 
 
 @pytest.fixture
@@ -157,7 +202,8 @@ def tl_twin():
     ``model``'s function. The weights reach it as TransformerLens loads GPT-2: a transformers
     GPT2LMHeadModel (read from ``hf_dir``, or made from ``model``'s tensors in memory) through
     ``convert_gpt2_weights``, with no weight processing (no layer-norm folding, no centring).
-    ``flags`` are HookedTransformerConfig fields (use_attn_result=True, ...)."""
+    ``flags`` are HookedTransformerConfig fields (use_attn_result=True, ...). The twin lives on
+    ``model``'s device (TransformerLens's own default would be cuda whenever there is one)."""
     def make(model: GPT2, hf_dir: Path | None = None, **flags):
         import warnings
 
@@ -180,7 +226,7 @@ def tl_twin():
             n_layers=c.n_layer, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_head, d_mlp=c.d_mlp,
             d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_eps,
             original_architecture="GPT2LMHeadModel", positional_embedding_type="standard",
-            default_prepend_bos=False, init_weights=False, **flags)
+            default_prepend_bos=False, init_weights=False, **{"device": str(model.device)} | flags)
         with warnings.catch_warnings():  # TransformerLens 3.9 deprecates HookedTransformer for its bridge
             warnings.simplefilter("ignore", DeprecationWarning)
             tl = HookedTransformer(cfg)  # not on the meta device: its IGNORE (-inf) buffer must be real
@@ -192,8 +238,8 @@ def tl_twin():
 
 
 @pytest.fixture(scope="session")
-def bundled_base() -> GPT2:
-    """weights/base, the bundled 12 x 12 model (d_model 96), loaded once."""
+def bundled_base(device) -> GPT2:
+    """weights/base, the bundled 12 x 12 model (d_model 96), loaded once, on the test device."""
     from minigpt2 import load_pretrained
 
-    return load_pretrained(Path(__file__).resolve().parents[1] / "weights" / "base").eval()
+    return load_pretrained(Path(__file__).resolve().parents[1] / "weights" / "base", device=device).eval()

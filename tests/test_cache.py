@@ -23,9 +23,11 @@ L = 12
 NOT_IN_MINIGPT2: set[str] = set()  # see test_tl_oracle.py
 
 
+# bundled_base, its TransformerLens twin and the tokens live on the test device (conftest's ``device``:
+# MINIGPT2_TEST_DEVICE, default cpu).
 @pytest.fixture(scope="module")
-def tokens():
-    return torch.randint(0, 50000, (2, 7), generator=torch.Generator().manual_seed(0))
+def tokens(device):
+    return torch.randint(0, 50000, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +144,10 @@ def test_stack_activation(caches, name, layer, sublayer):
     (2, None, None, False, False, None), (3, -1, [1, 5, 9], True, True, None), (1, None, (0, 10), False, True, "vector"),
     (4, -1, None, True, False, "matrix"), (2, None, None, True, True, "matrix"),
 ])
-def test_stack_neuron_results(caches, layer, pos_slice, neuron_slice, apply_ln, incl_remainder, project):
+def test_stack_neuron_results(caches, device, layer, pos_slice, neuron_slice, apply_ln, incl_remainder, project):
     ours, theirs = caches
     p = {None: None, "vector": torch.linspace(-1, 1, 96), "matrix": torch.randn(96, 3, generator=torch.Generator().manual_seed(1))}[project]
+    p = None if p is None else p.to(device)
     kw = dict(layer=layer, pos_slice=pos_slice, neuron_slice=neuron_slice, apply_ln=apply_ln,
               incl_remainder=incl_remainder, project_output_onto=p, return_labels=True)
     same(ours.stack_neuron_results(**kw), theirs.stack_neuron_results(**kw))
@@ -155,9 +158,10 @@ def test_stack_neuron_results(caches, layer, pos_slice, neuron_slice, apply_ln, 
     (3, False, False, False, (1, 4), None), (0, False, True, True, None, None), (None, False, True, True, -1, "vector"),
     (5, True, False, False, None, "matrix"), (5, False, True, True, None, "matrix"),
 ])
-def test_get_full_resid_decomposition(caches, layer, mlp_input, expand_neurons, apply_ln, pos_slice, project):
+def test_get_full_resid_decomposition(caches, device, layer, mlp_input, expand_neurons, apply_ln, pos_slice, project):
     ours, theirs = caches
     p = {None: None, "vector": torch.linspace(-1, 1, 96), "matrix": torch.randn(96, 2, generator=torch.Generator().manual_seed(2))}[project]
+    p = None if p is None else p.to(device)
     kw = dict(layer=layer, mlp_input=mlp_input, expand_neurons=expand_neurons, apply_ln=apply_ln, pos_slice=pos_slice,
               project_output_onto=p, return_labels=True)
     same(ours.get_full_resid_decomposition(**kw), theirs.get_full_resid_decomposition(**kw))

@@ -182,6 +182,12 @@ CASES = [  # argv (placeholders {name} are fixture paths), what the error line m
     (["eap", "--top-k", "0"], "--top-k"),
     (["eap", "--threshold", "nan"], "--threshold"),
     (["eap", "--method", "guess"], "--method"),
+    # --device on every command that loads a model; --dtype where the batched engine runs
+    *[([cmd, "--device", dev], "--device") for cmd in ("baseline", "sweep", "search", "classify", "generate", "study",
+                                                        "acdc", "eap") for dev in ("nonsense", "cuda:99", "meta")],
+    (["transfer", "--circuits", "{circuit}", "--device", "cuda:99"], "--device"),
+    *[([cmd, "--dtype", "fp16"], "--dtype") for cmd in ("sweep", "search", "study", "acdc", "eap")],
+    (["baseline", "--dtype", "bf16"], "--dtype"),  # the paper's tables: no --dtype
 ]
 
 
@@ -217,3 +223,88 @@ def test_a_bad_input_exits_2_in_a_subprocess(files):
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"circuits.py classify: error: circuit file {files['nope']}: its \"label\" 'Nope' matches none of the "
         "models ['Alpha']. Fix: set its \"label\" to one of them, or pass that model as --models Nope=DIR"], p.stderr
+
+
+# ---------------------------------------------------------------- --device and --dtype
+NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+
+
+@NO_CUDA
+@pytest.mark.parametrize("cmd", ["baseline", "sweep", "search", "classify", "generate", "study", "acdc", "eap"])
+def test_cuda_on_a_machine_without_it_is_refused_while_parsing(files, tmp_path, capsys, cmd):
+    where = ["--model", str(files["alpha"])] if cmd in EDGE else ["--models", f"Alpha={files['alpha']}"]
+    rc, err = run([cmd, *where, "--device", "cuda", "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"circuits.py {cmd}: error: argument --device: cuda: this machine has no CUDA device; pass cpu "
+        "(or leave --device out: cuda if available, else cpu)"], err
+
+
+def test_the_device_type_checks_the_machine(monkeypatch):
+    """tpp.flags.device, the one validator of every --device: the machine's CUDA devices decide."""
+    import argparse
+
+    import torch
+
+    from tpp.flags import default_device, device
+
+    assert device("cpu") == "cpu" and device(" cpu ") == "cpu"
+    for bad, named in (("nonsense", "is not a torch device"), ("", "is not a torch device"),
+                       ("meta", "a meta device cannot run the model")):
+        with pytest.raises(argparse.ArgumentTypeError, match=named):
+            device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device; pass cpu"):
+        device("cuda")
+    assert default_device() == "cpu" and default_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device("cuda") == "cuda" and device("cuda:1") == "cuda:1" and default_device() == "cuda"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"has 2 CUDA devices \(cuda:0 to cuda:1\); pass one"):
+        device("cuda:2")
+
+
+def parse(files, *argv):
+    return circuits.parser.parse_args([*argv, "--models", f"Alpha={files['alpha']}"])
+
+
+def test_device_reaches_the_session(files):
+    from tpp.flags import default_device
+
+    assert circuits.session(parse(files, "baseline", "--device", "cpu")).device == "cpu"
+    assert circuits.session(parse(files, "generate")).device == default_device()  # cuda if available, else cpu
+
+
+def test_dtype_reaches_every_stage_of_the_study(files):
+    args = parse(files, "study", "--dtype", "bf16")
+    opts = circuits.study_options(args)
+    assert (opts.sweep_dtype, opts.search.dtype, opts.edges.dtype) == ("bf16", "bf16", "bf16")
+    opts = circuits.study_options(parse(files, "study"))
+    assert (opts.sweep_dtype, opts.search.dtype, opts.edges.dtype) == ("fp32", "fp32", "fp32")
+    assert circuits.search_options(parse(files, "search", "--dtype", "bf16")).dtype == "bf16"
+
+
+class Reached(Exception):
+    """Raised by a stand-in for the API: the command got that far, with these arguments."""
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("cmd,target", [("sweep", "head_sweep"), ("search", "find_circuits"), ("study", "study")])
+def test_dtype_reaches_the_commands(files, tmp_path, monkeypatch, capsys, cmd, target, dtype):
+    got = {}
+
+    def stand_in(ses, out, *args, **kwargs):
+        got.update(args=args, kwargs=kwargs, device=ses.device)
+        raise Reached
+
+    monkeypatch.setattr(S, target, stand_in)
+    with pytest.raises(Reached):
+        circuits.main([cmd, "--models", f"Alpha={files['alpha']}", "--dtype", dtype, "--device", "cpu",
+                       "--out", str(tmp_path / "out")])
+    assert got["device"] == "cpu"
+    if cmd == "sweep":
+        assert got["kwargs"]["dtype"] == dtype
+    elif cmd == "search":
+        assert got["args"][0].dtype == dtype
+    else:
+        opts = got["args"][0]
+        assert (opts.sweep_dtype, opts.search.dtype, opts.edges.dtype) == (dtype,) * 3

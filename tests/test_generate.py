@@ -14,6 +14,11 @@ PROPERTY = settings(max_examples=20, deadline=None)
 ATOL = 1e-5
 
 
+# The shared fixtures (model, tokens, new_model, hf_model) live on the test device (conftest's
+# MINIGPT2_TEST_DEVICE, default cpu).
+pytestmark = pytest.mark.on_device
+
+
 def greedy_without_cache(model, tokens, n):
     out = tokens
     for _ in range(n):
@@ -24,21 +29,22 @@ def greedy_without_cache(model, tokens, n):
 
 @PROPERTY
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 4), T=st.integers(1, 12), n=st.integers(1, 11))
-def test_kv_cache_greedy_equals_recomputing_the_forward(new_model, seed, B, T, n):
-    model, tokens = new_model(seed=seed), make_tokens(B, T, seed=seed)
+def test_kv_cache_greedy_equals_recomputing_the_forward(new_model, seed, B, T, n, device):
+    model, tokens = new_model(seed=seed), make_tokens(B, T, seed=seed, device=device)
     assert torch.equal(model.generate(tokens, n, stop_token=None), greedy_without_cache(model, tokens, n))
 
 
 @PROPERTY
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 4),
        chunks=st.lists(st.integers(1, 6), min_size=1, max_size=4), padded=st.booleans(), data=st.data())
-def test_forward_in_chunks_through_a_cache_equals_one_forward(new_model, seed, B, chunks, padded, data):
+def test_forward_in_chunks_through_a_cache_equals_one_forward(new_model, device, seed, B, chunks, padded, data):
     model = new_model(seed=seed)
-    tokens = make_tokens(B, sum(chunks), seed=seed)
+    tokens = make_tokens(B, sum(chunks), seed=seed, device=device)
     mask = None
     if padded:
         mask = torch.tensor(data.draw(st.lists(st.lists(st.sampled_from([0, 1]), min_size=tokens.shape[1],
-                                                        max_size=tokens.shape[1]), min_size=B, max_size=B)))
+                                                        max_size=tokens.shape[1]), min_size=B, max_size=B)),
+                            device=device)
         mask[:, -1] = 1
         unmasked_start = data.draw(st.booleans(), label="first chunk without a mask")
         if unmasked_start:
@@ -57,10 +63,10 @@ def test_forward_in_chunks_through_a_cache_equals_one_forward(new_model, seed, B
 
 @PROPERTY
 @given(seed=st.integers(0, 2**16), step=st.integers(0, 7))
-def test_rows_stop_at_the_stop_token(new_model, seed, step):
+def test_rows_stop_at_the_stop_token(new_model, seed, step, device):
     """Take as stop token the token row 0 emits at ``step``: every row stops after its first
     stop token and is padded with it; generation ends when all rows have stopped."""
-    model, tokens, n = new_model(seed=seed), make_tokens(5, SEQ, seed=seed), 8
+    model, tokens, n = new_model(seed=seed), make_tokens(5, SEQ, seed=seed, device=device), 8
     free = model.generate(tokens, n, stop_token=None)
     stop = free[0, SEQ + step].item()
     want = free.clone()
@@ -97,8 +103,8 @@ def test_top_k_samples_only_the_k_most_likely(model, tokens):
     assert set(sampled.tolist()) == top3
 
 
-def test_generation_stops_at_the_context_length(model):
-    tokens = make_tokens(2, TINY.n_ctx - 3)
+def test_generation_stops_at_the_context_length(model, device):
+    tokens = make_tokens(2, TINY.n_ctx - 3, device=device)
     out = model.generate(tokens, 10, stop_token=None)
     assert out.shape == (2, TINY.n_ctx)
     assert torch.equal(out, greedy_without_cache(model, tokens, 3))
@@ -115,15 +121,15 @@ def test_bad_sampling_arguments(model, tokens):
         model.generate(tokens, 3, temperature=1.0, top_k=0)
 
 
-def test_a_cache_cannot_run_past_the_context(model):
+def test_a_cache_cannot_run_past_the_context(model, device):
     cache = KVCache(TINY.n_layer)
-    model(make_tokens(BATCH, TINY.n_ctx - 1), cache=cache)
+    model(make_tokens(BATCH, TINY.n_ctx - 1, device=device), cache=cache)
     with pytest.raises(ValueError, match=f"length {TINY.n_ctx + 1}: n_ctx is only {TINY.n_ctx}"):
-        model(make_tokens(BATCH, 2), cache=cache)
+        model(make_tokens(BATCH, 2, device=device), cache=cache)
 
 
-def test_selecting_rows_of_a_cache_continues_those_rows(model):
-    tokens, rows = make_tokens(5, SEQ + 2), torch.tensor([3, 1])
+def test_selecting_rows_of_a_cache_continues_those_rows(model, device):
+    tokens, rows = make_tokens(5, SEQ + 2, device=device), torch.tensor([3, 1], device=device)
     mask = torch.ones_like(tokens)
     mask[1, 2] = 0
     cache = KVCache(TINY.n_layer)
@@ -148,10 +154,10 @@ def hf_tok(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tl_tiny(tl_twin, hf_tok):
+def tl_tiny(tl_twin, hf_tok, device):
     from test_lens_api import twin
 
-    model = make_model()
+    model = make_model(device=device)
     # GPT-2's tokenizer, though the vocabulary is tiny: TransformerLens's cached generation needs one
     return model, twin(tl_twin, model, tokenizer=hf_tok)
 
@@ -176,9 +182,9 @@ PROMPTS = ["if all cats are dogs and all dogs are birds then all cats are", "The
 
 
 @pytest.mark.parametrize("use_past_kv_cache", [True, False])
-def test_greedy_equals_transformer_lens_on_tokens(tl_tiny, use_past_kv_cache):
+def test_greedy_equals_transformer_lens_on_tokens(tl_tiny, use_past_kv_cache, device):
     model, tl = tl_tiny
-    tokens = make_tokens(4, SEQ, seed=1)
+    tokens = make_tokens(4, SEQ, seed=1, device=device)
     want = tl_generate(tl, tokens, 12, do_sample=False, stop_at_eos=False, use_past_kv_cache=use_past_kv_cache)
     got = model.generate(tokens, 12, do_sample=False, stop_at_eos=False, use_past_kv_cache=use_past_kv_cache)
     assert torch.equal(got, want)
@@ -203,10 +209,10 @@ def test_left_padded_token_batch_equals_transformer_lens(tl_base):
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(top_p=0.8),
                                     dict(temperature=1.0, freq_penalty=2.0), dict(top_k=3, top_p=0.5)])
-def test_sampling_equals_transformer_lens_under_one_seed(tl_tiny, kwargs):
+def test_sampling_equals_transformer_lens_under_one_seed(tl_tiny, kwargs, device):
     """seed=s draws what TransformerLens draws after torch.manual_seed(s); seed=None uses the global generator."""
     model, tl = tl_tiny
-    tokens = make_tokens(3, SEQ, seed=2)
+    tokens = make_tokens(3, SEQ, seed=2, device=device)
     torch.manual_seed(11)
     want = tl_generate(tl, tokens, 10, do_sample=True, stop_at_eos=False, **kwargs)
     assert torch.equal(model.generate(tokens, 10, do_sample=True, stop_at_eos=False, seed=11, **kwargs), want)
@@ -214,9 +220,9 @@ def test_sampling_equals_transformer_lens_under_one_seed(tl_tiny, kwargs):
     assert torch.equal(model.generate(tokens, 10, do_sample=True, stop_at_eos=False, **kwargs), want)
 
 
-def test_stopping_at_eos_equals_transformer_lens(tl_tiny, tl_base):
+def test_stopping_at_eos_equals_transformer_lens(tl_tiny, tl_base, device):
     model, tl = tl_tiny
-    tokens = make_tokens(5, SEQ, seed=3)
+    tokens = make_tokens(5, SEQ, seed=3, device=device)
     eos = model.generate(tokens, 8, stop_at_eos=False)[0, SEQ + 2].item()
     assert torch.equal(model.generate(tokens, 8, eos_token_id=eos), tl_generate(tl, tokens, 8, do_sample=False,
                                                                                eos_token_id=eos))
@@ -234,11 +240,12 @@ def test_stopping_at_eos_equals_transformer_lens(tl_tiny, tl_base):
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 8), min_size=2, max_size=4),
        n=st.integers(1, 8), use_past_kv_cache=st.booleans())
-def test_each_row_of_a_left_padded_batch_continues_its_own_prompt(new_model, seed, lengths, n, use_past_kv_cache):
+def test_each_row_of_a_left_padded_batch_continues_its_own_prompt(new_model, device, seed, lengths, n,
+                                                                 use_past_kv_cache):
     """Greedy generation of a left-padded batch (attention_mask) gives each row what its prompt gives alone."""
     model = new_model(seed=seed)
     T = max(lengths)
-    tokens = make_tokens(len(lengths), T, seed=seed)
+    tokens = make_tokens(len(lengths), T, seed=seed, device=device)
     mask = torch.zeros_like(tokens)
     for i, length in enumerate(lengths):
         mask[i, T - length:] = 1

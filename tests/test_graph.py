@@ -1,7 +1,11 @@
 """The edge graph and its masked forward: all masks 1 is the model, removing edges is ablating,
-batched variants equal one-at-a-time traces (values and gradients), and bad input is named."""
+batched variants equal one-at-a-time traces (values and gradients), and bad input is named; ACDC's
+graph, whose whole head inputs are edges too: removing one gives the query ACDC's corrupted run has,
+gated masks fold into plain ones, and its circuits count, prune and round-trip as ACDC's."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -180,8 +184,8 @@ def test_gradients_of_batched_masks_equal_one_at_a_time(model, data):
 
 def test_bad_inputs_name_the_culprit(model, data):
     tokens, corrupted = data
-    with pytest.raises(ValueError, match="unknown ablation 'patch'"):
-        EdgeRunner(model, tokens, "patch", corrupted=corrupted)
+    with pytest.raises(ValueError, match="unknown ablation 'shuffle'"):
+        EdgeRunner(model, tokens, "shuffle", corrupted=corrupted)
     with pytest.raises(ValueError, match="same length"):
         EdgeRunner(model, tokens, "resample", corrupted=corrupted[:, :-1])
     with pytest.raises(ValueError, match="needs corrupted"):
@@ -212,3 +216,108 @@ def test_circuit_counts_pruning_json_and_drawing(tmp_path):
     assert torch.equal(again.edges, c.edges)
     draw_circuit(c, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+# --- ACDC's graph: the whole input of each head's query, key and value as an edge ------------------
+def test_acdc_graph_sizes_names_and_folding():
+    g, plain = Graph(3, 4, head_inputs=True), Graph(3, 4)
+    assert (g.n_columns, g.gate) == (plain.n_senders + 1, plain.n_senders)
+    assert torch.equal(g.valid, plain.valid) and g.n_edges == plain.n_edges + 3 * 3 * 4
+    assert g.ones().shape == (g.n_receivers, g.n_columns) and int(g.ones()[:, g.gate].sum()) == 36
+    r = g.receiver_index("a1.h2<k>")
+    assert g.edge_name(r, g.gate) == ("a1.h2<k>", "a1.h2.k") and g.edge_name(r, 0) == ("input", "a1.h2<k>")
+    masks = torch.rand(2, g.n_receivers, g.n_columns, generator=torch.Generator().manual_seed(0))
+    folded = g.fold(masks)
+    heads = g.is_head_input
+    torch.testing.assert_close(folded[:, heads], masks[:, heads, :-1] * masks[:, heads, -1:])
+    torch.testing.assert_close(folded[:, ~heads], masks[:, ~heads, :-1])  # the column means nothing elsewhere
+    assert g.fold(folded) is folded
+    with pytest.raises(ValueError, match="S \\+ 1"):
+        g.fold(masks[..., :-2])
+
+
+def corrupted_query(model, data, ablation, layer: int) -> torch.Tensor:
+    """hook_q of ``layer`` in ACDC's corrupted run: the corrupted prompts (resample), or the clean ones with
+    every write to the residual stream zeroed (zero: block 0's input, each head's result and each MLP's output)."""
+    tokens, corrupted = data
+    zero = ("blocks.0.hook_resid_pre", "hook_result", "hook_mlp_out")
+    hooks = [(n, lambda t, hp: torch.zeros_like(t)) for n in model.hook_dict if ablation == "zero" and n.endswith(zero)]
+    store = {}
+    hooks.append((f"blocks.{layer}.attn.hook_q", lambda t, hp: store.setdefault("q", t.clone())))
+    model.run_with_hooks(corrupted if ablation == "resample" else tokens, fwd_hooks=hooks)
+    return store["q"]
+
+
+@pytest.mark.parametrize("ablation", ["resample", "zero"])
+def test_removing_a_whole_head_input_gives_acdcs_corrupted_query(model, data, ablation):
+    layer, head = 1, 2
+    run = runner_for(model, data, ablation)
+    g = Graph.from_model(model, head_inputs=True)
+    mask = g.ones(torch.double)
+    mask[g.receiver_index(f"a{layer}.h{head}<q>"), g.gate] = 0
+    got = run.run(mask[None])[0]
+    q = corrupted_query(model, data, ablation, layer)  # after b_Q; under zero ablation not 0 but W_Q ln1(b_O's) + b_Q
+
+    def patch(t, hp):
+        t = t.clone()
+        t[:, :, head] = q[:, :, head].expand_as(t[:, :, head])
+        return t
+    expected = model.run_with_hooks(data[0], fwd_hooks=[(f"blocks.{layer}.attn.hook_q", patch)])[:, -1]
+    torch.testing.assert_close(got, expected)
+    if ablation == "zero":
+        assert q[:, :, head].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_whole_head_inputs_fold_into_edges_batched_and_with_gradients(model, data, ablation):
+    run = runner_for(model, data, ablation, padding(B, T))
+    g = Graph.from_model(model, head_inputs=True)
+    gen = torch.Generator().manual_seed(4)
+    masks = g.ones(torch.double)[None].repeat(4, 1, 1)
+    r = g.receiver_index("a1.h0<v>")
+    masks[0, r, g.gate] = 0
+    masks[1, r, g.gate] = 0.4  # a fraction scales the input's edges: in_r = floor + 0.4 sum m (out - abl)
+    masks[2] = (torch.rand(g.n_receivers, g.n_columns, generator=gen) > 0.3).double()
+    masks[3] = torch.rand(g.n_receivers, g.n_columns, generator=gen)
+    no_edges = g.ones(torch.double)
+    no_edges[r] = 0  # the whole input removed is every edge into it removed, whatever the ablation
+    torch.testing.assert_close(run.run(masks[:1])[0], run.run(no_edges[None, :, :-1])[0])
+    folded = g.fold(masks)
+    torch.testing.assert_close(run.run(masks), run.run(folded))
+    torch.testing.assert_close(run.run(masks), torch.stack([run.trace(m).logits for m in masks]))
+    m = masks.clone().requires_grad_()
+    run.run(m).sum().backward()
+    assert m.grad[:, g.is_head_input, g.gate].abs().sum() > 0
+
+
+def test_circuits_on_acdcs_graph_count_run_prune_and_round_trip(model, data, tmp_path):
+    g = Graph(2, 3, head_inputs=True)
+    edges = torch.zeros(g.n_receivers, g.n_senders, dtype=torch.bool)
+    for u, r in [("input", "a0.h1<v>"), ("input", "a0.h1<q>"), ("a0.h1", "a1.h2<v>"), ("a1.h2", "logits"),
+                 ("input", "a1.h0<k>")]:
+        edges[g.receiver_index(r), g.sender_index(u)] = True
+    whole = torch.zeros(g.n_receivers, dtype=torch.bool)
+    for r in ["a0.h1<v>", "a1.h2<v>", "a1.h2<k>"]:  # a0.h1<q>'s whole input removed: its edge goes
+        whole[g.receiver_index(r)] = True
+    c = Circuit(g, edges, head_inputs=whole)
+    assert ("input", "a0.h1<q>") not in c.edge_list() and c.head_input_names() == ["a0.h1<v>", "a1.h2<k>", "a1.h2<v>"]
+    # ACDC's counts: 3 kept edges into kept inputs (input->a1.h0<k> has lost its whole input too), 3 whole inputs
+    assert c.n_edges == 3 + 3
+    counts = c.node_counts()
+    assert counts["edges"] == 6 and counts["head_inputs"] == 3
+    # present nodes: input, a0.h1, a1.h2 (results); a0.h1<v>, a1.h2<v>, a1.h2<k>, logits (inputs); 3 hook_q/k/v
+    assert counts["acdc_nodes"] == 3 + 4 + 3
+    assert c.mask().shape == (g.n_receivers, g.n_senders) and c.gated_mask().shape == (g.n_receivers, g.n_columns)
+    run = runner_for(model, data, "resample")
+    torch.testing.assert_close(run.run(c.gated_mask(torch.double)[None]), run.run(c.mask(torch.double)[None]))
+    pruned = c.pruned()
+    assert pruned.head_input_names() == ["a0.h1<v>", "a1.h2<v>"]  # a1.h2<k> kept nothing
+    assert pruned.n_edges == 3 + 2
+    again = Circuit.from_json(json.loads(json.dumps(c.to_json())))
+    assert again.graph.head_inputs and torch.equal(again.gated_mask(), c.gated_mask())
+    assert len(c.to_json()["edges"]) == c.n_edges and "a1.h2<k>->a1.h2.k" in c.to_json()["edges"]
+    gated = torch.cat([edges, whole[:, None]], 1)  # a gated [R, S + 1] mask splits into edges and whole inputs
+    assert torch.equal(Circuit(g, gated).gated_mask(), c.gated_mask())
+    draw_circuit(c, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="ACDC's graph"):
+        Circuit(Graph(2, 3), edges, head_inputs=whole)

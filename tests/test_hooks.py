@@ -54,6 +54,10 @@ DOCUMENTED = {"hook_tokens": "B Tq", "hook_embed": "B Tq D", "hook_pos_embed": "
 }
 PER_HEAD = {n for n in DOCUMENTED if n.endswith(PER_HEAD_INPUT_HOOKS)}
 
+# The shared fixtures (model, tokens, new_model, hf_model) live on the test device (conftest's
+# MINIGPT2_TEST_DEVICE, default cpu).
+pytestmark = pytest.mark.on_device
+
 
 def documented_shape(name: str, B: int, Tq: int, Tk: int, per_head: bool = False) -> tuple[int, ...]:
     sizes = {"B": B, "Tq": Tq, "Tk": Tk, "H": TINY.n_head, "d": TINY.d_head, "D": TINY.d_model, "M": TINY.d_mlp, "V": TINY.vocab_size, "1": 1}
@@ -223,13 +227,13 @@ def test_hook_result_is_computed_only_when_hooked(model, tokens, monkeypatch):
         model.run_with_cache(tokens, names=["blocks.0.attn.hook_result"])
 
 
-def test_positions_give_the_full_logits_gathered(model, tokens):
-    positions = torch.randint(-SEQ, SEQ, (BATCH,), generator=torch.Generator().manual_seed(4))
+def test_positions_give_the_full_logits_gathered(model, tokens, device):
+    positions = torch.randint(-SEQ, SEQ, (BATCH,), generator=torch.Generator().manual_seed(4)).to(device)
     with torch.no_grad():
         full = model(tokens)
         picked = model(tokens, positions=positions)
     assert picked.shape == (BATCH, TINY.vocab_size)
-    torch.testing.assert_close(picked, full[torch.arange(BATCH), positions % SEQ], atol=ATOL, rtol=0)
+    torch.testing.assert_close(picked, full[torch.arange(BATCH, device=device), positions % SEQ], atol=ATOL, rtol=0)
 
 
 def test_run_with_cache_detaches_unless_asked(model, tokens):

@@ -69,6 +69,8 @@ def hf_tok(tmp_path_factory):
     return hf_tokenizer(tmp_path_factory.mktemp("gpt2-tokenizer"))
 
 
+# The models (conftest's bundled_base, the tiny pair) and their TransformerLens twins live on the test device
+# (conftest's ``device``: MINIGPT2_TEST_DEVICE, default cpu); the tensors of each test follow the model.
 @pytest.fixture(scope="module")
 def base(bundled_base):
     return bundled_base
@@ -80,8 +82,8 @@ def tl_base(tl_twin, bundled_base, hf_tok):
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tl_twin):
-    model = make_model()
+def tiny_pair(tl_twin, device):
+    model = make_model(device=device)
     return model, twin(tl_twin, model)
 
 
@@ -296,7 +298,7 @@ def test_forward_left_padded_equals_transformer_lens(base, tl_base):
 
 def test_forward_on_tokens_and_stop_at_layer_equal_transformer_lens(tiny_pair):
     model, tl = tiny_pair
-    tokens = make_tokens()
+    tokens = make_tokens(device=model.device)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), tl(tokens), atol=ATOL, rtol=0)
         torch.testing.assert_close(model(tokens, return_type="loss"), tl(tokens, return_type="loss"), atol=ATOL, rtol=0)
@@ -313,6 +315,7 @@ def test_loss_fn_equals_transformer_lens(tiny_pair):
     mask = torch.ones(5, 7, dtype=torch.long)
     mask[1, :3] = 0
     mask[3, 5:] = 0
+    logits, tokens, mask = logits.to(model.device), tokens.to(model.device), mask.to(model.device)
     for m in (None, mask):
         for per_token in (False, True):
             torch.testing.assert_close(model.loss_fn(logits, tokens, m, per_token=per_token),
@@ -346,7 +349,7 @@ def test_weight_shapes():
 def test_weights_are_the_forward_s_weights(tiny_pair):
     """W_U and W_E are the model's tensors (GPT-2 ties them): logits are ln_final(resid) @ W_U + b_U."""
     model, _ = tiny_pair
-    tokens = make_tokens(2, 5)
+    tokens = make_tokens(2, 5, device=model.device)
     with torch.no_grad():
         resid = model(tokens, stop_at_layer=TINY.n_layer)
         torch.testing.assert_close(model.ln_final(resid) @ model.W_U + model.b_U, model(tokens), atol=ATOL, rtol=0)

@@ -254,15 +254,26 @@ def test_attention_mask_of_the_wrong_shape(model, tokens):
 
 def test_unknown_ablation_mode(model, tokens):
     for run in (run_with_head_masks, run_with_head_masks_loop):
-        with pytest.raises(ValueError, match=r"unknown ablation mode 'resample'; choose one of \('zero', 'mean', 'patch'\)"):
-            run(model, tokens, torch.ones(1, L, H), mode="resample")
+        with pytest.raises(ValueError, match=r"unknown ablation 'shuffle'; choose one of \('zero', 'mean', 'resample'\)"):
+            run(model, tokens, torch.ones(1, L, H), mode="shuffle")
+
+
+def test_patch_is_the_old_name_of_resample(model, tokens):
+    """One name per concept: "resample" everywhere, "patch" still accepted here, with the same numbers."""
+    corrupted = tokens.flip(0)
+    masks = single_head_masks(L, H)[:5]
+    a = run_with_head_masks(model, tokens, masks, mode="resample", reference=corrupted)
+    b = run_with_head_masks(model, tokens, masks, mode="patch", reference=corrupted)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a[1:], run_with_head_masks(model, tokens, masks, mode="zero")[1:])
 
 
 def test_patch_reference_of_the_wrong_shape(model, tokens):
-    with pytest.raises(ValueError, match=r"patch reference has shape \(13, 6\), but tokens have \(13, 7\)"):
-        model.run_with_head_masks(tokens, torch.ones(1, L, H), mode="patch", reference=tokens[:, :6])
-    with pytest.raises(ValueError, match="mode='patch' needs reference=corrupted tokens"):
-        model.run_with_head_masks(tokens, torch.ones(1, L, H), mode="patch")
+    for mode in ("resample", "patch"):
+        with pytest.raises(ValueError, match=r"resample reference has shape \(13, 6\), but tokens have \(13, 7\)"):
+            model.run_with_head_masks(tokens, torch.ones(1, L, H), mode=mode, reference=tokens[:, :6])
+        with pytest.raises(ValueError, match="resample ablation needs reference=corrupted tokens"):
+            model.run_with_head_masks(tokens, torch.ones(1, L, H), mode=mode)
 
 
 def test_mean_reference_of_the_wrong_length(model, tokens):

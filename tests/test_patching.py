@@ -28,7 +28,7 @@ ATOL = 1e-5
 
 
 def tl_twin(model, tmp_path):
-    """TransformerLens's HookedTransformer with ``model``'s weights (via transformers' GPT-2)."""
+    """TransformerLens's HookedTransformer with ``model``'s weights (via transformers' GPT-2), on its device."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
     from transformers import GPT2LMHeadModel
@@ -40,7 +40,7 @@ def tl_twin(model, tmp_path):
         n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
         d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new", normalization_type="LN",
         eps=c.layer_norm_epsilon, default_prepend_bos=False, original_architecture="GPT2LMHeadModel",
-        positional_embedding_type="standard")
+        positional_embedding_type="standard", device=str(model.device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tl = HookedTransformer(cfg)
@@ -49,12 +49,14 @@ def tl_twin(model, tmp_path):
     return tl.eval()
 
 
+# The models, their TransformerLens twins and every tensor live on the test device (conftest's ``device``:
+# MINIGPT2_TEST_DEVICE, default cpu); the random draws are made on the CPU, so they are the same everywhere.
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, device):
     from conftest import make_model
 
     torch.manual_seed(0)
-    model = make_model()
+    model = make_model(device=device)
     tl = tl_twin(model, tmp_path_factory.mktemp("tl"))
     gen = torch.Generator().manual_seed(1)
     clean = torch.randint(0, model.cfg.vocab_size, (B, T), generator=gen)
@@ -62,13 +64,14 @@ def setup(tmp_path_factory):
     corrupted[:, 2:] = torch.randint(0, model.cfg.vocab_size, (B, T - 2), generator=gen)  # common prefix of 2
     corrupted[0, 3] = clean[0, 3]
     answers = torch.randint(0, model.cfg.vocab_size, (2, B), generator=gen)
+    clean, corrupted, answers = clean.to(device), corrupted.to(device), answers.to(device)
     _, cache = model.run_with_cache(clean)
     _, tl_cache = tl.run_with_cache(clean)
     return model, tl, clean, corrupted, answers, cache, tl_cache
 
 
 def last_logit_diff(answers):
-    rows = torch.arange(answers.shape[1])
+    rows = torch.arange(answers.shape[1], device=answers.device)
 
     def metric(logits):  # [B, T, V] -> scalar, at the last position
         return (logits[rows, -1, answers[0]] - logits[rows, -1, answers[1]]).mean()
@@ -129,7 +132,8 @@ def test_named_function_equals_transformer_lens(setup, name):
 def test_metric_reading_every_position(setup, name):
     """A metric over all positions sees every position's logits, prefix included, as in TransformerLens."""
     model, tl, clean, corrupted, answers, cache, tl_cache = setup
-    metric = every_position(torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(2)))
+    metric = every_position(torch.randint(0, model.cfg.vocab_size, (B, T),
+                                          generator=torch.Generator().manual_seed(2)).to(model.device))
     ours = getattr(mp, name)(model, corrupted, cache, metric)
     theirs = quiet(getattr(tl_patching, name), tl, corrupted, tl_cache, metric)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-5)
@@ -168,7 +172,7 @@ def test_options_give_the_same_values(setup):
     model, tl, clean, corrupted, answers, cache, tl_cache = setup
     metric = last_logit_diff(answers)
     ref = mp.get_act_patch_attn_head_out_by_pos(model, corrupted, cache, metric)
-    rows = torch.arange(B)
+    rows = torch.arange(B, device=model.device)
 
     def batched(logits):  # [n, B, T, V] -> [n]
         return (logits[:, rows, -1, answers[0]] - logits[:, rows, -1, answers[1]]).mean(dim=1)
@@ -197,7 +201,7 @@ def test_no_op_patches_give_the_corrupted_metric(setup):
     metric = last_logit_diff(answers)
     out = mp.get_act_patch_resid_pre(model, corrupted, cache, metric)
     base = metric(model(corrupted)).item()
-    torch.testing.assert_close(out[:, :2], torch.full((3, 2), base), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(out[:, :2], torch.full((3, 2), base, device=out.device), atol=ATOL, rtol=1e-5)
     assert (out[:, 2:] - base).abs().max() > 1e-3
 
 
@@ -227,23 +231,23 @@ def test_get_act_name_matches_transformer_lens():
         assert mp.get_act_name(*args) == get_act_name(*args), args
 
 
-def test_bundled_base_model(tmp_path):
+def test_bundled_base_model(tmp_path, device):
     """weights/base (12 x 12 heads, d_model 96) on TPP prompts: every patch of ours, a spread of them by
     TransformerLens's generic function (index_df; its full runs would take most of a minute)."""
     pd = pytest.importorskip("pandas")
     from minigpt2 import get_tokenizer
 
-    model = load_pretrained("weights/base")
+    model = load_pretrained("weights/base", device=device)
     tl = tl_twin(model, tmp_path)
     enc = get_tokenizer()
     texts = [("if all cats are dogs and all dogs are birds then all cats are",
               "if all cats are dogs and all dogs are birds then all dogs are"),
              ("if all cows are frogs and all frogs are fish then all cows are",
               "if all cows are frogs and all frogs are fish then all frogs are")]
-    clean = torch.tensor([enc.encode(c) for c, _ in texts])
-    corrupted = torch.tensor([enc.encode(c) for _, c in texts])
+    clean = torch.tensor([enc.encode(c) for c, _ in texts], device=device)
+    corrupted = torch.tensor([enc.encode(c) for _, c in texts], device=device)
     answers = torch.tensor([[enc.encode(" birds")[0], enc.encode(" fish")[0]],
-                            [enc.encode(" dogs")[0], enc.encode(" frogs")[0]]])
+                            [enc.encode(" dogs")[0], enc.encode(" frogs")[0]]], device=device)
     metric = last_logit_diff(answers)
     _, cache = model.run_with_cache(clean, names=lambda n: n.endswith(("hook_resid_pre", "hook_z")))
     _, tl_cache = tl.run_with_cache(clean)
@@ -282,7 +286,7 @@ def one_forward_per_patch(model, corrupted, clean_cache, metric, setter, act_nam
     """TransformerLens's algorithm on our model: a hooked forward per index."""
     ranges = mp._axis_ranges(model, corrupted, act_name)
     shape = [ranges[a] for a in axes]
-    out = torch.zeros(shape)
+    out = torch.zeros(shape, device=corrupted.device)
     for index in itertools.product(*map(range, shape)):
         name = mp.get_act_name(act_name, layer=index[0])
 
@@ -297,17 +301,18 @@ def one_forward_per_patch(model, corrupted, clean_cache, metric, setter, act_nam
        vocab=st.integers(2, 13), batch=st.integers(1, 3), seq=st.integers(1, 4), shared=st.integers(0, 4),
        case=st.sampled_from(range(len(CASES))), max_rows=st.one_of(st.none(), st.integers(1, 12)),
        read=st.integers(0, 15), tell=st.booleans(), batched=st.booleans(), seed=st.integers(0, 2**16))
-def test_batched_equals_one_forward_per_patch(new_model, n_layer, n_head, d_head, d_mlp, vocab, batch, seq, shared,
-                                              case, max_rows, read, tell, batched, seed):
+def test_batched_equals_one_forward_per_patch(new_model, device, n_layer, n_head, d_head, d_mlp, vocab, batch, seq,
+                                              shared, case, max_rows, read, tell, batched, seed):
     """``read``: the positions the metric reads (bits; 0 = all); ``tell``: pass them as logit_positions."""
     cfg = GPT2Config(n_layer=n_layer, n_head=n_head, d_model=n_head * d_head, d_mlp=d_mlp, n_ctx=seq + 2,
                      vocab_size=vocab)
-    model = new_model(cfg, seed=seed)
+    model = new_model(cfg, seed=seed).to(device)
     gen = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, vocab, (batch, seq), generator=gen)
     corrupted = torch.randint(0, vocab, (batch, seq), generator=gen)
     corrupted[:, :shared] = clean[:, :shared]
     targets = torch.randint(0, vocab, (batch, seq), generator=gen)
+    clean, corrupted, targets = clean.to(device), corrupted.to(device), targets.to(device)
     positions = [p for p in range(seq) if read >> p & 1] or list(range(seq))
 
     def metric(logits):  # [B, T, V] -> scalar

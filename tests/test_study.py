@@ -35,7 +35,8 @@ def study(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("reports") / "study"
     rc = circuits.main(["study", "--models", *models, "--out", str(out), *SMALL, "--search-examples", "12",
                         "--sweep-examples", "12", "--classify-examples", "12", "--max-new-tokens", "4",
-                        "--metric", "logit_diff", "--edge-examples", "6", "--eap-top-k", "12"])
+                        "--metric", "logit_diff", "--edge-examples", "6", "--eap-top-k", "12",
+                        "--mib-examples", "4"])
     assert rc == 0
     return out
 
@@ -55,6 +56,36 @@ def test_study_writes_a_complete_report(study, capsys):
     info = json.loads((study / "provenance.json").read_text())
     assert info["data"]["seed"] == 1 and "torch" in info["versions"] and "study" in info["argv"]
     assert not [p for p in study.parent.iterdir() if p.name.startswith(".study")]  # no temporary leftovers
+
+
+def test_study_compares_every_edge_method_by_mibs_faithfulness(study):
+    """Section 5 of the edge issue: every method on every model, one PNG of curves per model, CPR / CMD
+    ranked, each method's time."""
+    from circuitlab.methods import EDGE_METHODS
+
+    report = (study / "report.md").read_text()
+    assert "## Edge methods by MIB's faithfulness (CPR, CMD)" in report
+    mib = json.loads((study / "mib.json").read_text())
+    assert set(mib) == {"Alpha", "Beta"}
+    for label, methods in mib.items():
+        assert set(methods) == set(EDGE_METHODS)
+        assert (study / f"mib_{label.lower()}.png").stat().st_size > 1000
+        assert f"](mib_{label.lower()}.png)" in report
+        for method, v in methods.items():
+            curve = v["curve"]
+            assert len(curve["cpr_faithfulness"]) == 10 and curve["fractions"][-1] == 1
+            assert curve["cpr_faithfulness"][-1] == pytest.approx(1.0, abs=1e-6)  # all edges: the full model
+            assert v["seconds"] >= 0 and v["cpr"] == pytest.approx(curve["cpr"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in (study / "mib.md").read_text().splitlines()
+            if line.startswith("| Alpha ") or line.startswith("| Beta ")]
+    assert len(rows) == 2 * len(EDGE_METHODS)
+    for label in ("Alpha", "Beta"):
+        mine = [r for r in rows if r[0] == label]
+        assert sorted(r[1] for r in mine) == sorted(EDGE_METHODS)
+        for col in (3, 5):  # CPR rank, CMD rank: a ranking within each model
+            assert sorted(int(r[col]) for r in mine) == list(range(1, len(EDGE_METHODS) + 1))
+        best = min(mine, key=lambda r: int(r[3]))
+        assert float(best[2]) == pytest.approx(max(v["cpr"] for v in mib[label].values()), abs=5e-4)
 
 
 def test_study_circuits_follow_the_json_format(study):
@@ -247,3 +278,91 @@ def test_c_attending_nesting_counts_subsets_and_overlaps():
     assert nested[1]["jaccard"] == 1 / 4
     empty = c_attending_nesting({"a": [], "b": []})[0]
     assert empty["subset_fraction"] is None and empty["jaccard"] is None and empty["is_subset"]
+
+
+# ---------------------------------------------------------------- circuitlab.task, --device, --dtype
+def test_one_task_module_serves_the_study_and_the_edge_commands():
+    """circuitlab.task holds the metrics, data and runner builder; study and edge_cli use the same objects."""
+    from circuitlab import edge_cli, study, task
+    from circuitlab.acdc import kl_metric
+    from minigpt2.engine import Metric
+
+    for name in ("METRICS", "make_metric", "build_data", "answer_space_of", "finetuning_master"):
+        assert getattr(study, name) is getattr(task, name)
+    for name in ("METRICS", "make_metric", "build_data", "corrupted_partners", "edge_runner"):
+        assert getattr(edge_cli, name) is getattr(task, name)
+    torch.manual_seed(0)
+    model = GPT2(TINY).eval()
+    batch = tpp.encode_eval(tpp.make_eval_set(n=6, seed=2))
+    clean = task.clean_logits(model, batch)
+    logits = clean + torch.randn(3, *clean.shape)  # [V, B, vocab]
+    for name, (higher, _) in task.METRICS.items():
+        m = task.make_metric(name, batch, model)
+        assert isinstance(m, Metric) and m.higher_is_better == higher
+        assert m(logits).shape == (3, 6) and m.mean(logits).shape == (3,)
+    kl = task.make_metric("kl", batch, clean_logits=clean)
+    torch.testing.assert_close(kl.mean(logits), kl_metric(clean)(logits))  # ACDC's KL, per example then averaged
+    torch.testing.assert_close(kl(clean[None]), torch.zeros(1, 6), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="pass the model or its clean logits"):
+        task.make_metric("kl", batch)
+    assert task.torch_dtype("fp32") is None and task.torch_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype 'fp16'"):
+        task.torch_dtype("fp16")
+
+
+class Reached(Exception):
+    """Raised by a stand-in for the API: the command got that far."""
+
+
+def recorder(got: dict, name: str):
+    def stand_in(*args, **kwargs):
+        got[name] = kwargs
+        raise Reached(name)
+    return stand_in
+
+
+@pytest.mark.parametrize("dtype,want", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_dtype_reaches_the_sweep_the_search_the_evaluation_and_the_edge_runners(models, tmp_path, monkeypatch,
+                                                                                 dtype, want):
+    """--dtype's name becomes the API's dtype= (None for fp32: the API's own precision)."""
+    from circuitlab import study as S
+
+    got = {}
+    ses = S.Session(models, n_eval=12, n_single=4, master_size=0, device="cpu")
+    monkeypatch.setattr(S, "sweep", recorder(got, "sweep"))
+    monkeypatch.setattr(S, "search", recorder(got, "search"))
+    monkeypatch.setattr(S, "evaluate_masks", recorder(got, "evaluate_masks"))
+    monkeypatch.setattr("circuitlab.graph.EdgeRunner", recorder(got, "EdgeRunner"))
+    model = ses.models["Alpha"]
+    for call in (lambda: S.head_sweep(ses, tmp_path, 4, ["accuracy"], dtype=dtype),
+                 lambda: S.find_circuits(ses, tmp_path, S.SearchOptions(n_examples=4, dtype=dtype)),
+                 lambda: S.evaluate_circuit(model, torch.ones(2, 2), ses.eval_batch, dtype=want),
+                 lambda: S.edge_sections(ses, tmp_path, S.EdgeOptions(n_examples=3, dtype=dtype, ablation="resample"))):
+        with pytest.raises(Reached):
+            call()
+    assert {k: v.get("dtype") for k, v in got.items()} == dict.fromkeys(
+        ["sweep", "search", "evaluate_masks", "EdgeRunner"], want)
+    assert got["EdgeRunner"]["corrupted"] is not None  # resample ablation: the runner gets the corrupted partners
+
+
+@pytest.mark.parametrize("cmd", ["acdc", "eap"])
+@pytest.mark.parametrize("dtype,want", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_dtype_and_device_reach_the_edge_commands_runner(models, tmp_path, monkeypatch, cmd, dtype, want):
+    got = {}
+    monkeypatch.setattr("circuitlab.graph.EdgeRunner", recorder(got, "EdgeRunner"))
+    path = models[0].split("=", 1)[1]
+    with pytest.raises(Reached):
+        circuits.main([cmd, "--model", path, "--examples", "2", "--dtype", dtype, "--device", "cpu",
+                       "--out", str(tmp_path / "out")])
+    assert got["EdgeRunner"].get("dtype") == want
+
+
+def test_sweep_runs_on_the_test_device(models, device, tmp_path, capsys):
+    """circuits.py --device: the models are loaded there and the command runs (MINIGPT2_TEST_DEVICE=cuda on a GPU)."""
+    from circuitlab import study as S
+
+    assert S.Session(models, n_eval=4, n_single=4, device=str(device)).models["Beta"].device.type == device.type
+    out = tmp_path / "sweep"
+    assert circuits.main(["sweep", "--models", *models, "--examples", "6", "--metrics", "accuracy", "loss",
+                          "--device", str(device), "--out", str(out), "--seed", "1"]) == 0
+    assert json.loads((out / "sweep.json").read_text())["Alpha"]["n_examples"] == 6

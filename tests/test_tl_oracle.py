@@ -68,23 +68,25 @@ def randomize_small(model: GPT2, seed: int = 0) -> GPT2:
     return model.eval()
 
 
-def batch(vocab: int, seq: int, seed: int):
-    """Token ids [4, seq] and their attention mask: a full row, a right-padded one, a left-padded one and one
-    padded on both sides; padding is <|endoftext|>, as a tokenizer pads."""
+def batch(vocab: int, seq: int, seed: int, device=None):
+    """Token ids [4, seq] and their attention mask on ``device``: a full row, a right-padded one, a left-padded
+    one and one padded on both sides; padding is <|endoftext|>, as a tokenizer pads."""
     tokens = torch.randint(0, min(vocab, EOT), (4, seq), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones(4, seq, dtype=torch.long)
     mask[1, -3:] = 0
     mask[2, :3] = 0
     mask[3, :1] = 0
     mask[3, -2:] = 0
-    return tokens.masked_fill(mask == 0, EOT), mask
+    return tokens.masked_fill(mask == 0, EOT).to(device or "cpu"), mask.to(device or "cpu")
 
 
+# The models (and their TransformerLens twins, on the same device) live on the test device (conftest's
+# ``device``: MINIGPT2_TEST_DEVICE, default cpu); the batches follow the model.
 @pytest.fixture(scope="module")
-def random_pair(tl_twin):
+def random_pair(tl_twin, device):
     with torch.device("meta"):
         model = GPT2(SMALL)
-    model = randomize_small(model.to_empty(device="cpu"))
+    model = randomize_small(model.to_empty(device="cpu")).to(device)  # the same weights on every device
     return model, tl_twin(model, **TL_FLAGS)
 
 
@@ -125,7 +127,7 @@ def assert_same_caches(model, ours_cache, tl_cache, skip=()) -> None:
 @pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "right-and-left-padding"])
 def test_every_transformer_lens_activation_is_here_with_the_same_value(pair, padded):
     model, tl = pair
-    tokens, mask = batch(model.cfg.vocab_size, 8 if model.cfg.d_model > 100 else 11, seed=1)
+    tokens, mask = batch(model.cfg.vocab_size, 8 if model.cfg.d_model > 100 else 11, seed=1, device=model.device)
     mask = mask if padded else None
     with torch.no_grad():
         logits, ours_cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: True)
@@ -144,7 +146,7 @@ def test_the_default_cache_matches_a_default_transformer_lens_model(bundled_pair
     per-head inputs, so ln1's scale is [B, T, 1]), plus hook_result / hook_mlp_in / hook_tokens."""
     model, _ = bundled_pair
     tl = tl_twin(model)
-    tokens, mask = batch(model.cfg.vocab_size, 9, seed=2)
+    tokens, mask = batch(model.cfg.vocab_size, 9, seed=2, device=model.device)
     with torch.no_grad():
         _, ours_cache = model.run_with_cache(tokens, attention_mask=mask)
         _, tl_cache = tl.run_with_cache(tokens, attention_mask=mask)
@@ -156,7 +158,7 @@ def test_the_default_cache_matches_a_default_transformer_lens_model(bundled_pair
 def test_a_row_of_scores_set_to_minus_inf_gives_a_zero_pattern_row_in_both(bundled_pair):
     """TransformerLens's idiom for "this query attends nothing": every allowed score of a row set to -inf."""
     model, tl = bundled_pair
-    tokens, mask = batch(model.cfg.vocab_size, 9, seed=3)
+    tokens, mask = batch(model.cfg.vocab_size, 9, seed=3, device=model.device)
     layer, head, query = 2, 5, 6
 
     def block_row(scores, hook):
@@ -183,7 +185,7 @@ def test_gradients_cached_with_incl_bwd_match(bundled_pair):
     last.) Left out: hook_attn_in's, which TransformerLens (with use_split_qkv_input) computes but does not
     use, while minigpt2 derives the q / k / v inputs from it, so that its gradient is theirs summed (checked)."""
     model, tl = bundled_pair
-    tokens, _ = batch(model.cfg.vocab_size, 9, seed=4)
+    tokens, _ = batch(model.cfg.vocab_size, 9, seed=4, device=model.device)
     loss, ours_cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=lambda n: True)
     tl_loss, tl_cache = tl.run_with_cache(tokens, return_type="loss", incl_bwd=True)
     model.zero_grad(set_to_none=True)
@@ -209,12 +211,12 @@ HOOK_NAMES = sorted(GPT2(TINY).hook_dict)
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(hooked=st.sets(st.tuples(st.sampled_from(HOOK_NAMES), st.sampled_from(["fwd", "bwd"])), max_size=6))
-def test_a_hook_not_asked_for_costs_nothing(new_model, hooked):
+def test_a_hook_not_asked_for_costs_nothing(new_model, device, hooked):
     """Whatever is hooked (forward or backward), attention takes the fused kernel in every layer whose scores
     and pattern are not hooked, and ln1 runs per head (on [B, T, H, d_model], once per q / k / v input)
     exactly in the layers whose per-head inputs are hooked; identity hooks leave the logits alone."""
-    model = new_model(TINY, seed=0)
-    tokens = make_tokens(3, 6)
+    model = new_model(TINY, seed=0).to(device)
+    tokens = make_tokens(3, 6, device=device)
     names = {n for n, _ in hooked}
     fused_calls, ln1_inputs = [], {l: [] for l in range(TINY.n_layer)}
     sdpa = F.scaled_dot_product_attention

@@ -5,6 +5,9 @@
 * argument types (``type=integer(1, 3000)``, ``type=number(0, 1)``, ``type=text``) that refuse an
   impossible value while the command line is parsed, before any work, with the range it must lie in;
   argparse puts the flag in front ("argument --examples: ...").
+* :func:`device`: the ``--device`` type of every command that loads a model: a torch device this
+  machine has (cpu, cuda, cuda:N, mps), refused while parsing otherwise; :func:`default_device`
+  is what its absence means (cuda if available, else cpu).
 * :func:`blame`: a library ValueError re-raised with the flag that caused it in front.
 * :func:`fail`: the one line a command prints for an error found after parsing.
 """
@@ -76,6 +79,46 @@ def text(s: str) -> str:
     if not s.strip():
         raise argparse.ArgumentTypeError("an empty value; pass some text")
     return s
+
+
+def device(s: str) -> str:
+    """An argparse type: a torch device this machine has, as a string ("cpu", "cuda", "cuda:1", "mps").
+
+    Refused while parsing, with the fix: a string that is no torch device, a kind other than
+    cpu / cuda / mps, cuda on a machine without CUDA (or an index past its GPUs), mps without MPS.
+    """
+    import torch
+
+    name = s.strip()
+    try:
+        d = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a torch device; pass cpu, cuda or cuda:N "
+                                         "(or leave --device out: cuda if available, else cpu)") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{name}: this machine has no CUDA device; pass cpu "
+                                             "(or leave --device out: cuda if available, else cpu)")
+        if d.index is not None and d.index >= n:
+            raise argparse.ArgumentTypeError(f"{name}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
+                                             f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}); pass one of them")
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise argparse.ArgumentTypeError(f"{name}: this machine has no MPS device; pass cpu")
+    elif d.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{name}: a {d.type} device cannot run the model here; pass cpu, cuda "
+                                         "or cuda:N")
+    return str(d)
+
+
+def default_device(name: str | None = None) -> str:
+    """``name`` (a --device already checked by :func:`device`), else cuda if this machine has it, else cpu."""
+    if name is not None:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextlib.contextmanager

@@ -1,0 +1,236 @@
+"""Exact edge patching: every edge's own effect on the metric, one ablated edge at a time.
+
+For each edge u -> r of circuitlab.graph (the plain graph: 32,491 edges for GPT-2 small, the
+EAP-IG / MIB graph),
+
+    score(u -> r) = M(every edge kept but u -> r, which is ablated) - M(clean)
+
+with M the batch mean of the metric and u's output replaced by its ablated value on that edge
+only (the runner's ablation: resample, mean or zero). The sign is EAP's (circuitlab.eap:
+``(abl_u - out_u) . dM/d in_r`` is the first-order estimate of the same difference): ablating an
+edge a higher-is-better metric needs gives a negative score. circuitlab.faithfulness takes these
+[R, S] scores as it takes EAP's (``importance_sign`` flips them for a higher-is-better metric);
+:func:`edge_patching` makes a Circuit of them, as ``eap()`` does.
+
+Exact, and batched. A variant that ablates one edge into receiver r equals the clean run up to
+r's stage, and after it every receiver reads every sender with mask 1, i.e. the ordinary residual
+stream. So each variant is computed as:
+
+- the clean run's stage inputs (the residual stream before each head, MLP and the logits), from
+  the runner's clean trace, once;
+- at r's stage, only r's component: its input minus (out_u - abl_u), through that head (the
+  other two of its q, k, v inputs unchanged) or that MLP, or straight into the logits;
+- from there on the model's own blocks on the changed residual stream (fused q/k/v projections,
+  the last block at the answer positions only: keys and values at every position, the query,
+  W_O and the MLP at one), then the logits and the metric.
+
+Variants are grouped by their stage (edges into late receivers cost little: into the logits,
+one unembedding; into layer L-1, one head and the answer positions) and run in chunks sized to
+the engine's memory budget (minigpt2.engine.rows_per_chunk), so no [V, R, S] mask is ever
+materialized. The results equal one ``EdgeRunner.trace`` per edge to float rounding (tests/
+test_edge_patching.py); bench/bench_edge_patching.py times the two.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minigpt2.engine import (Metric, autocast, batch_metric, head_mask_bytes_per_row, progress_bar, refuse_hooks,
+                             rows_per_chunk)
+from minigpt2.engine import higher_is_better as metric_direction
+
+from .graph import Circuit, EdgeRunner, head_outputs
+
+__all__ = ["edge_patching_scores", "edge_patching_values", "edge_patching", "plain_edge_patching_scores"]
+
+
+@torch.no_grad()
+def edge_patching_scores(runner: EdgeRunner, metric, edges: torch.Tensor | None = None, *, progress: bool = False,
+                         max_rows: int | None = None) -> torch.Tensor:
+    """Scores [R, S] (float64, CPU): for every edge, M(that edge ablated) - M(clean).
+
+    Args:
+        runner: the batch, its ablation and precision (circuitlab.graph.EdgeRunner).
+        metric: a minigpt2.engine.Metric (its batch mean) or ``fn(logits [V, B, vocab]) -> [V]``.
+        edges: [R, S] bool, the edges to score (default: all of ``runner.graph``); the others get
+            NaN (0 where the graph has no edge).
+        progress: a progress bar over the chunks.
+        max_rows: examples x variants per chunk (default: the engine's memory budget).
+    """
+    g = runner.graph
+    values = edge_patching_values(runner, metric, edges, progress=progress, max_rows=max_rows)
+    clean = _values(batch_metric(metric), runner.clean.logits[None])[0]
+    scores = torch.zeros(g.n_receivers, g.n_senders, dtype=torch.float64)
+    chosen = _check_edges(g, edges)
+    scores[g.valid & ~chosen] = float("nan")
+    scores[chosen] = values[chosen] - clean
+    return scores
+
+
+@torch.no_grad()
+def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None = None, *, progress: bool = False,
+                         max_rows: int | None = None) -> torch.Tensor:
+    """M(edge ablated) [R, S] (float64, CPU) for the chosen edges (see :func:`edge_patching_scores`), NaN elsewhere."""
+    model, g = runner.model, runner.graph
+    refuse_hooks(model, "edge patching")
+    metric = batch_metric(metric)
+    chosen = _check_edges(g, edges)
+    B, T = runner.tokens.shape
+    rows = max_rows or rows_per_chunk(head_mask_bytes_per_row(model.cfg, T), model.device, at_least=B)
+    per_chunk = max(1, rows // B)
+    plan = _Plan(runner)
+    jobs = []  # (stage, [(r, u), ...]) chunks, each within one stage; latest stages first (cheapest)
+    for i in reversed(range(len(g.stages))):
+        st = g.stages[i]
+        pairs = [(r, u) for r in st.rows for u in range(st.n_in) if chosen[r, u]]
+        if st.kind == "attn":  # the same head's edges together: one head computed per sub-batch
+            H = g.n_head
+            pairs.sort(key=lambda e: ((e[0] - st.rows.start) % H, e[0], e[1]))
+        jobs += [(i, pairs[c:c + per_chunk]) for c in range(0, len(pairs), per_chunk)]
+    out = torch.full((g.n_receivers, g.n_senders), float("nan"), dtype=torch.float64)
+    with autocast(model.device, runner.dtype):
+        for i, pairs in progress_bar(jobs, "edge patching", "chunk", progress):
+            logits = plan.run(i, pairs).to(model.dtype)  # [n, B, vocab]
+            vals = _values(metric, logits)
+            r_idx, u_idx = zip(*pairs)
+            out[list(r_idx), list(u_idx)] = vals.double()
+    return out
+
+
+def edge_patching(runner: EdgeRunner, metric, top_k: int | None = None, threshold: float | None = None,
+                  progress: bool = False, higher_is_better: bool | None = None) -> Circuit:
+    """The top-k edges by |score| (or those with |score| >= threshold), as ``circuitlab.eap.eap`` does;
+    the circuit's ``scores`` hold every edge's score."""
+    from .eap import threshold_circuit, top_k_circuit
+
+    if (top_k is None) == (threshold is None):
+        raise ValueError("pass exactly one of top_k (keep the k highest |scores|) or threshold (keep |score| >= it)")
+    scores = edge_patching_scores(runner, metric, progress=progress)
+    info = {"method": "edge-patching", "ablation": runner.ablation,
+            "higher_is_better": metric_direction(metric, True if higher_is_better is None else higher_is_better)}
+    if top_k is not None:
+        return top_k_circuit(runner.graph, scores, top_k, info)
+    return threshold_circuit(runner.graph, scores, threshold, info)
+
+
+@torch.no_grad()
+def plain_edge_patching_scores(runner: EdgeRunner, metric, edges: torch.Tensor | None = None) -> torch.Tensor:
+    """The same scores by the plain loop: one full ``runner.trace`` per edge (for checks and timing)."""
+    g = runner.graph
+    metric = batch_metric(metric)
+    chosen = _check_edges(g, edges)
+    clean = _values(metric, runner.clean.logits[None])[0]
+    scores = torch.zeros(g.n_receivers, g.n_senders, dtype=torch.float64)
+    scores[g.valid & ~chosen] = float("nan")
+    ones = g.ones(runner.model.dtype)
+    for r, u in chosen.nonzero().tolist():
+        mask = ones.clone()
+        mask[r, u] = 0
+        scores[r, u] = _values(metric, runner.trace(mask).logits[None])[0] - clean
+    return scores
+
+
+def _check_edges(g, edges) -> torch.Tensor:
+    if edges is None:
+        return g.valid.clone()
+    edges = torch.as_tensor(edges).cpu()
+    if edges.shape != g.valid.shape:
+        raise ValueError(f"edges must be a [R={g.n_receivers}, S={g.n_senders}] bool mask of the edges to score, "
+                         f"got {tuple(edges.shape)}")
+    return edges.bool() & g.valid
+
+
+def _values(metric, logits: torch.Tensor) -> torch.Tensor:
+    values = metric(logits)
+    if not torch.is_tensor(values) or values.shape != logits.shape[:1]:
+        shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
+        raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got {shape} for "
+                         f"V={logits.shape[0]}. Fix: average over examples, e.g. lambda l: per_example(l).mean(-1)")
+    return values.detach().double().cpu()
+
+
+class _Plan:
+    """The clean run's stage inputs and sender outputs, and the forward of single-edge variants."""
+
+    def __init__(self, runner: EdgeRunner):
+        self.runner, self.model, self.g = runner, runner.model, runner.graph
+        B, T = runner.tokens.shape
+        D, abl = runner.clean.effect, runner.ablated  # [S, B, T, d], [S, B | 1, T | 1, d]
+        self.D, self.D_at = D, runner.clean.effect_at
+        # the clean residual stream entering each stage (all masks 1), as the runner's trace sums it
+        cum = torch.cat([torch.zeros_like(D[:1]), D.cumsum(0)])  # [S + 1, B, T, d]
+        self.x = [(runner.floor[i] + cum[st.n_in]).expand(B, T, -1) for i, st in enumerate(self.g.stages)]
+        self.x_at = [runner.at(x) for x in self.x]  # [B, d]
+        self.out = D + abl  # each sender's clean output [S, B, T, d]
+        self.rows = torch.arange(B, device=D.device)
+
+    def _attn(self, n: int):
+        a = self.runner.attn
+        return None if a is None else a.repeat(n, 1, 1, 1)
+
+    def run(self, i: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """Logits [n, B, vocab] of the variants that ablate edge u -> r (each (r, u) in ``pairs``, all
+        receivers of stage i)."""
+        g, model, runner = self.g, self.model, self.runner
+        st = g.stages[i]
+        n = len(pairs)
+        B, T = runner.tokens.shape
+        L, H = g.n_layer, g.n_head
+        us = torch.tensor([u for _, u in pairs], device=self.D.device)
+        if st.kind == "logits":
+            x = self.x_at[i][None] - self.D_at[us]  # [n, B, d]
+            return model.to_logits(x.reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
+        last = st.layer == L - 1
+        if st.kind == "mlp":
+            blk = model.blocks[st.layer]
+            if last:  # only the answer positions reach the logits
+                x = self.x_at[i][None] - self.D_at[us]  # [n, B, d]
+                new = blk.mlp(blk.ln2(x))
+                final = self.x_at[i + 1][None] + new - runner.at(self.out[st.outs.start])[None]
+                return model.to_logits(final.reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
+            x = self.x[i][None] - self.D[us]  # [n, B, T, d]
+            new = blk.mlp(blk.ln2(x))
+            resid = self.x[i + 1][None] + new - self.out[st.outs.start][None]  # entering layer l + 1
+            return self._rest(st.layer + 1, resid.reshape(n * B, T, -1), n)
+        # a head's query, key or value input: recompute that head alone, per head in the chunk
+        delta = self.D.new_empty(n, B, T, self.D.shape[-1])
+        local = [r - st.rows.start for r, _ in pairs]
+        heads = [j % H for j in local]
+        kinds = [j // H for j in local]
+        start = 0
+        while start < n:
+            h = heads[start]
+            stop = start
+            while stop < n and heads[stop] == h:
+                stop += 1
+            k = stop - start
+            base = self.x[i][None].expand(k, B, T, -1)
+            inputs = [base, base, base]
+            sub_u = us[start:stop]
+            sub_kind = torch.tensor(kinds[start:stop], device=self.D.device)
+            for kind in range(3):
+                sel = (sub_kind == kind).view(k, 1, 1, 1).to(self.D.dtype)
+                inputs[kind] = base - sel * self.D[sub_u]
+            xq, xk, xv = (x.reshape(k * B, T, 1, -1) for x in inputs)
+            new = head_outputs(model, st.layer, xq, xk, xv, [h], self._attn(k))[:, :, 0]  # [k * B, T, d]
+            delta[start:stop] = new.view(k, B, T, -1) - self.out[st.outs.start + h][None]
+            start = stop
+        blk = model.blocks[st.layer]
+        if last:  # resid_mid at the answer positions, the MLP there, then the logits
+            mid = self.x_at[i + 1][None] + runner.at(delta)  # [n, B, d]
+            final = blk.finish_mlp(mid)
+            return model.to_logits(final.reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
+        mid = self.x[i + 1][None] + delta  # resid_mid: the MLP's input
+        resid = blk.finish_mlp(mid.reshape(n * B, T, -1))
+        return self._rest(st.layer + 1, resid, n)
+
+    def _rest(self, layer: int, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Blocks ``layer``.. on the residual stream x [n * B, T, d], the last at the answer positions only,
+        then the logits: [n, B, vocab]."""
+        model, runner = self.model, self.runner
+        L, B = self.g.n_layer, runner.tokens.shape[0]
+        mask = self._attn(n)
+        for l in range(layer, L - 1):
+            x = model.blocks[l](x, mask)
+        x = model.blocks[L - 1](x, mask, at=runner.positions.repeat(n))  # [n * B, d]
+        return model.to_logits(x[:, None])[:, 0].view(n, B, -1)

@@ -1,0 +1,104 @@
+"""Every edge method by name, scored the one way MIB scores them (circuitlab.faithfulness).
+
+    from circuitlab.methods import EDGE_METHODS, compare_methods
+    curves = compare_methods(runner, metric, held_runner, held_metric, EDGE_METHODS)
+
+Each method gives edge scores [R, S] (or a circuit with scores) on ``runner``'s prompts; its MIB
+curve, CPR and CMD are measured on ``held_runner``'s (held-out) prompts. The methods:
+
+    acdc                ACDC (circuitlab.acdc); scores: each evaluated edge's worsening
+    eap                 edge attribution patching, one gradient (circuitlab.eap)
+    eap-ig              EAP-IG on the input embedding (MIB's rule, k = 0..m-1)
+    eap-ig-activations  EAP-IG interpolating each sender's activation
+    clean-corrupted     the gradient at the clean and the corrupted end only
+    information-flow    information flow routes (Ferrando & Voita 2024): one forward, no gradient
+    edge-patching       each edge ablated alone, exactly (circuitlab.edge_patching)
+    learned-masks       Edge Pruning's learned masks (circuitlab.learned_masks); scores: mask logits
+
+Information-flow routes are selected greedily from the logits up, as MIB does for them; every
+other method by its top edges. Scores that are importances (higher = needed: ACDC's worsenings, information flow, learned mask
+logits) enter MIB's ranking as they are; the others are the metric's change when the edge is
+ablated and are flipped for a higher-is-better metric (faithfulness.importance_sign).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .faithfulness import FaithfulnessCurve, mib_faithfulness
+
+EDGE_METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "information-flow",
+                "edge-patching", "learned-masks")
+IMPORTANCE = ("acdc", "information-flow", "learned-masks")  # scores already high for needed edges
+
+
+@dataclass
+class MethodSettings:
+    """Knobs of the methods that have them."""
+
+    acdc_threshold: float = 0.05  # absolute, on the comparison's metric
+    ig_steps: int = 5
+    learned_steps: int = 100
+    learned_penalty: float = 0.01
+    progress: bool = False
+
+
+@dataclass
+class MethodResult:
+    method: str
+    curve: FaithfulnessCurve
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+def check_methods(methods) -> list[str]:
+    methods = list(methods)
+    unknown = [m for m in methods if m not in EDGE_METHODS]
+    if unknown:
+        raise ValueError(f"unknown edge methods {unknown}; choose from {list(EDGE_METHODS)}")
+    if not methods:
+        raise ValueError(f"name at least one edge method of {list(EDGE_METHODS)}")
+    return methods
+
+
+def edge_scores(method: str, runner, metric, settings: MethodSettings | None = None):
+    """The method's scores [R, S] on ``runner``'s prompts (a Circuit with scores for ACDC)."""
+    s = settings or MethodSettings()
+    check_methods([method])
+    if method == "acdc":
+        from .acdc import acdc
+        return acdc(runner, metric, s.acdc_threshold, progress=s.progress).circuit
+    if method in ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted"):
+        from .eap import edge_attribution
+        return edge_attribution(runner, metric, method, steps=s.ig_steps)
+    if method == "information-flow":
+        from .info_flow import information_flow_scores
+        return information_flow_scores(runner)
+    if method == "edge-patching":
+        from .edge_patching import edge_patching_scores
+        return edge_patching_scores(runner, metric, progress=s.progress)
+    from .learned_masks import learn_edge_mask
+    return learn_edge_mask(runner, None, penalty=s.learned_penalty, steps=s.learned_steps,
+                           progress=s.progress).circuit.scores
+
+
+def compare_methods(runner, metric, held_runner, held_metric, methods=EDGE_METHODS,
+                    settings: MethodSettings | None = None, log=None) -> list[MethodResult]:
+    """Each method's scores on ``runner``, its MIB curve on ``held_runner``; with its time."""
+    out = []
+    for method in check_methods(methods):
+        if log:
+            log(method)
+        t = time.perf_counter()
+        scores = edge_scores(method, runner, metric, settings)
+        seconds = time.perf_counter() - t
+        sign = 1.0 if method in IMPORTANCE else None
+        if isinstance(scores, torch.Tensor):
+            scores = scores.detach().cpu()
+        curve = mib_faithfulness(held_runner, held_metric, scores, sign=sign, name=method,
+                                 select="greedy" if method == "information-flow" else "top")
+        out.append(MethodResult(method, curve, seconds))
+    return out

@@ -1,0 +1,476 @@
+"""The one batched intervention engine: many ablation variants of one batch, each computed only
+where it differs from a shared base run.
+
+Every search here runs on it: :func:`minigpt2.masking.run_with_head_masks` (the 144-head
+sweep), the paper's head search (circuitlab.search) and the edge graph's runner
+(circuitlab.graph.EdgeRunner, which shares this module's ablation names, metric type,
+memory budget, join schedule and precision rule, and model.py's attention maths).
+
+The idea, exact for every variant:
+
+- the base run (the clean model, or the search's current circuit) is computed once and
+  kept layer by layer;
+- a variant joins the batch at its first layer that differs from the base: below it, it
+  *is* the base run; at that layer its q, k, v and z are still the base's, so only its
+  edited z's projection W_O and the MLP are computed (:meth:`Block.finish`);
+- the final layer is computed at the answer positions only (keys and values at every
+  position, one query per row: ``Block.forward(..., at=positions)``);
+- variants are processed in chunks of rows sized to a memory budget (:func:`memory_budget`:
+  a share of the free memory on CUDA, a fixed default on CPU), and an optional metric reduces
+  each chunk's logits as soon as they exist.
+
+Precision: ``dtype=torch.bfloat16`` runs the matmuls in bf16 with fp32 accumulation (torch's
+CPU and CUDA kernels), under autocast; the residual stream, layer norms, softmax inputs'
+accumulation and metrics stay fp32. :class:`Precision` holds the rule by which the searches
+keep their decisions exact: a decision whose margin to its threshold lies within the measured
+bf16 error is re-evaluated in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+# How an ablated component's output is replaced: "zero"; "mean": its mean over a reference batch;
+# "resample": its value on a paired (corrupted) prompt, row by row. "patch" is an old name of "resample".
+ABLATIONS = ("zero", "mean", "resample")
+_ALIASES = {"patch": "resample"}
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+CPU_BUDGET = 2**30  # bytes of activations per chunk on a CPU (override: MINIGPT2_MEMORY_BUDGET)
+CUDA_SHARE = 0.5  # the share of a GPU's free memory a chunk may use
+
+
+def ablation_mode(name: str) -> str:
+    """The canonical ablation name; refuses an unknown one, naming the choices."""
+    name = _ALIASES.get(name, name)
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; choose one of {ABLATIONS} (resample: the value on paired "
+                         "corrupted prompts, ACDC's default; mean: the mean over a reference batch; zero)")
+    return name
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """None (the model's own precision), torch.float32 or torch.bfloat16, from a dtype or a name."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not supported for batched interventions: use torch.float32 (fp32) or "
+                     "torch.bfloat16 (bf16: bf16 matmuls, fp32 residual stream and metrics)")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 matmuls with fp32 accumulation on ``device``, or nothing for fp32 / the model's dtype."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- metrics
+@dataclass(frozen=True)
+class Metric:
+    """A per-example metric: ``metric(logits [V, B, vocab]) -> [V, B]``; the one metric type of the
+    library (the sweep, the head search, ACDC, EAP and the study all take it).
+
+    ``fn(logits, **data)`` gets ``data``, the per-example tensors it needs (targets, clean
+    logits), each [B, ...]; ``metric(logits, rows=r)`` scores the rows ``r`` only, so that
+    large sets can be scored block by block. Logits are scored in fp32 whatever their dtype.
+    ``metric.mean(logits)`` -> [V] is the batch mean the edge methods use.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    higher_is_better: bool = True
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
+        data = self.data if rows is None else {k: v[rows] for k, v in self.data.items()}
+        logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+        return self.fn(logits, **{k: v.to(logits.device) for k, v in data.items()})
+
+    def mean(self, logits: torch.Tensor) -> torch.Tensor:
+        """[V, B, vocab] -> [V], the mean over examples."""
+        return self(logits).mean(dim=-1)
+
+    def subset(self, rows) -> "Metric":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Metric(self.name, self.fn, self.higher_is_better, {k: v[rows] for k, v in self.data.items()})
+
+
+BatchMetric = Callable[[torch.Tensor], torch.Tensor]  # logits [V, B, vocab] -> [V]
+
+
+def batch_metric(metric) -> BatchMetric:
+    """A callable logits [V, B, vocab] -> [V]: a Metric's batch mean, or a callable as it is."""
+    if isinstance(metric, Metric):
+        return metric.mean
+    if not callable(metric):
+        raise TypeError(f"metric must be a Metric or a callable logits [V, B, vocab] -> [V], got "
+                        f"{type(metric).__name__}")
+    return metric
+
+
+def higher_is_better(metric, default: bool) -> bool:
+    return metric.higher_is_better if isinstance(metric, Metric) else default
+
+
+# ---------------------------------------------------------------- positions and means
+def last_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The last real position of each row: T - 1, or the last 1 of a right-padded mask."""
+    if attention_mask is None:
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+    return attention_mask.long().cumsum(dim=1).argmax(dim=1)
+
+
+def weighted_mean(x: torch.Tensor, mask: torch.Tensor | None, over_positions: bool = False) -> torch.Tensor:
+    """The mean of x [N, B, T, ...] over B (and T with ``over_positions``), counting the real tokens
+    of ``mask`` [B, T] only (None: all): [N, T, ...] or [N, ...]."""
+    B, T = x.shape[1:3]
+    w = torch.ones(B, T, device=x.device, dtype=x.dtype) if mask is None else mask.to(x.device, x.dtype)
+    w = w.view(1, B, T, *[1] * (x.ndim - 3))
+    dims = (1, 2) if over_positions else (1,)
+    return (x * w).sum(dim=dims) / w.sum(dim=dims).clamp(min=1)
+
+
+# ---------------------------------------------------------------- memory and schedule
+def memory_budget(device) -> int:
+    """Bytes of transient activations one chunk of variants may take on ``device``.
+
+    CUDA: half of the free memory now. CPU (and others): 1 GiB, or MINIGPT2_MEMORY_BUDGET
+    (bytes, or with a KiB / MiB / GiB suffix).
+    """
+    env = os.environ.get("MINIGPT2_MEMORY_BUDGET")
+    if env:
+        return parse_bytes(env)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(2**26, int(free * CUDA_SHARE))
+    return CPU_BUDGET
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGIB")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise ValueError(f"MINIGPT2_MEMORY_BUDGET={text!r}: give bytes, e.g. 1073741824 or 1GiB or 512MiB") from None
+    if value < 1:
+        raise ValueError(f"MINIGPT2_MEMORY_BUDGET={text!r} must be positive")
+    return value
+
+
+def rows_per_chunk(bytes_per_row: int, device, at_least: int = 1, budget: int | None = None) -> int:
+    """How many rows (variants x examples) of ``bytes_per_row`` fit the device's budget (at least ``at_least``)."""
+    budget = memory_budget(device) if budget is None else budget
+    return max(at_least, budget // max(1, bytes_per_row))
+
+
+def join_schedule(first: Sequence[int], per_chunk: int) -> list[list[int]]:
+    """Variants grouped into chunks of ``per_chunk``, in the order of the layer (or stage) where
+    they first differ from the base, so that a chunk shares as much of the base as it can."""
+    order = sorted(range(len(first)), key=lambda v: first[v])
+    per_chunk = max(1, per_chunk)
+    return [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+
+
+def progress_bar(items, desc: str, unit: str, enabled: bool) -> Iterator:
+    if not enabled:
+        return iter(items)
+    from tqdm.auto import tqdm
+    return iter(tqdm(items, desc=desc, unit=unit))
+
+
+# ---------------------------------------------------------------- head masks
+def check_masks(model, masks) -> torch.Tensor:
+    """Head masks [V, n_layer, n_head] on the model's device, float (1 keeps a head, 0 ablates it)."""
+    cfg = model.cfg
+    masks = torch.as_tensor(masks)
+    if masks.ndim == 2:
+        raise ValueError(f"masks has shape {tuple(masks.shape)}; for a single variant use masks[None] "
+                         f"(shape [1, {cfg.n_layer}, {cfg.n_head}])")
+    if masks.ndim != 3 or masks.shape[1:] != (cfg.n_layer, cfg.n_head):
+        raise ValueError(f"masks must be [V, n_layer={cfg.n_layer}, n_head={cfg.n_head}], got {tuple(masks.shape)}")
+    if masks.shape[0] == 0:
+        raise ValueError("masks holds no variant (shape [0, ...]): pass at least one [n_layer, n_head] mask, "
+                         "e.g. single_head_masks(n_layer, n_head)")
+    if masks.dtype.is_complex:
+        raise TypeError(f"masks must be real numbers (1 keeps a head, 0 ablates it), got {masks.dtype}")
+    if not torch.isfinite(masks.float()).all():
+        raise ValueError("masks holds NaN or infinite values: 1 keeps a head, 0 ablates it, values between interpolate")
+    return masks.to(device=model.device, dtype=model.dtype)  # float64 masks would promote z past the weights' dtype
+
+
+def check_batch(model, tokens) -> torch.Tensor:
+    """[B, T] token ids on the model's device; a batch, not one sequence."""
+    if isinstance(tokens, torch.Tensor) and tokens.ndim == 1:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}: batched interventions take a batch [B, T]; "
+                         "for one sequence pass tokens[None]")
+    tokens = model.as_tokens(tokens)
+    model.check_tokens(tokens)
+    return tokens
+
+
+def refuse_hooks(model, what: str) -> None:
+    hooked = [name for name, hp in model.hook_dict.items() if hp.active]
+    if hooked:
+        raise RuntimeError(f"{what} computes parts of blocks directly, so hooks would not fire; "
+                           f"active hooks: {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}. Remove them "
+                           "(leave the `with model.hooks(...)` block or call model.reset_hooks()), or use "
+                           "run_with_head_masks_loop, which runs every variant through the hooks")
+
+
+@torch.no_grad()
+def replacement_values(model, mode: str, tokens: torch.Tensor, reference: torch.Tensor | None,
+                       attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
+                       mean_over: str = "position") -> list[torch.Tensor] | None:
+    """Per layer, the value r an ablated head's z takes: None for zero ablation, else
+    [T, H, d_head] or [H, d_head] (mean) or [B, T, H, d_head] (resample). Computed in the model's
+    own precision (one forward): cheap to keep exact."""
+    mode = ablation_mode(mode)
+    if mode == "zero":
+        return None
+    if mode == "resample":
+        if reference is None:
+            raise ValueError("resample ablation needs reference=corrupted tokens of the same shape as tokens")
+        if reference.shape != tokens.shape:
+            raise ValueError(f"resample reference has shape {tuple(reference.shape)}, but tokens have "
+                             f"{tuple(tokens.shape)}: corrupted prompts must pair one-to-one with the clean ones, "
+                             "at equal length")
+        if reference_mask is None:
+            reference_mask = attention_mask  # corrupted prompts padded as the clean ones
+    else:
+        if mean_over not in ("position", "all"):
+            raise ValueError(f"mean_over must be 'position' or 'all', got {mean_over!r}")
+        if reference is None:
+            reference, reference_mask = tokens, attention_mask
+        if mean_over == "position" and reference.shape[1] != tokens.shape[1]:
+            raise ValueError(f"a per-position mean needs reference sequences of length {tokens.shape[1]}, got "
+                             f"{reference.shape[1]}; pad them or use mean_over='all'")
+    names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layer)]
+    _, cache = model.run_with_cache(reference.to(model.device), names=names, attention_mask=reference_mask)
+    zs = [cache[n] for n in names]  # each [Br, T, H, d_head]
+    if mode == "resample":
+        return zs
+    return list(weighted_mean(torch.stack(zs), reference_mask, over_positions=mean_over == "all"))
+
+
+def head_edit(m: torch.Tensor, r: torch.Tensor | None, n_variants: int):
+    """The z edit of n variants of B rows each at one layer: z' = m z + (1 - m) r, with m [n, H] and r
+    one layer's replacement (None: zero), broadcast over rows [B, T | 1, H, d_head] or positions."""
+    def edit(z):  # z [n * B, T, H, d_head]
+        zv = z.view(n_variants, z.shape[0] // n_variants, *z.shape[1:])
+        mv = m[:, None, None, :, None].to(torch.promote_types(m.dtype, z.dtype))  # [n, 1, 1, H, 1]
+        out = zv * mv if r is None else zv * mv + (1 - mv) * r
+        return out.reshape(z.shape)
+    return edit
+
+
+def head_mask_bytes_per_row(cfg, T: int) -> int:
+    """One row's transient activations in a head-mask chunk: a block's (all blocks' with autograd on)
+    and its logits."""
+    per_row = T * (3 * cfg.d_model + 2 * cfg.d_mlp + cfg.n_head * T) * 4
+    return per_row * (cfg.n_layer if torch.is_grad_enabled() else 1) + 2 * cfg.vocab_size * 4
+
+
+class HeadMaskRunner:
+    """Head-mask variants [V, n_layer, n_head] of one batch, each computed as a departure from a
+    base run: the engine under run_with_head_masks, the sweep and the head search.
+
+    Args:
+        tokens: [B, T]; ``attention_mask`` [B, T] if right-padded; ``positions`` [B] the position
+            whose logits are read (default: each row's last real token).
+        ablation: "zero", "mean" (over ``reference``, default the tokens; per position or, with
+            ``mean_over="all"``, over all positions) or "resample" (``reference``: corrupted
+            tokens of the same shape, row by row).
+        dtype: None (the model's precision) or torch.bfloat16 (bf16 matmuls, fp32 residual).
+        budget: bytes of activations per chunk (default :func:`memory_budget` of the device).
+
+    ``runner.run(masks)`` evaluates variants against the base (all heads kept, until
+    ``runner.rebase(mask)`` makes another mask the base: the search's current circuit).
+    """
+
+    def __init__(self, model, tokens, ablation: str = "zero", reference: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, mean_over: str = "position", dtype=None,
+                 budget: int | None = None):
+        refuse_hooks(model, "batched head masking")
+        self.model, cfg = model, model.cfg
+        self.tokens = check_batch(model, tokens)
+        B, T = self.tokens.shape
+        dev = model.device
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).to(dev)
+        model.check_attention_mask(attention_mask, self.tokens)
+        self.attention_mask = attention_mask
+        self.positions = (last_positions(self.tokens, attention_mask) if positions is None
+                          else model.check_positions(torch.as_tensor(positions).to(dev), B, T))
+        self.ablation = ablation_mode(ablation)
+        self.dtype = resolve_dtype(dtype)
+        self.r = replacement_values(model, self.ablation, self.tokens,
+                                    None if reference is None else torch.as_tensor(reference).to(dev),
+                                    attention_mask, None if reference_mask is None else reference_mask.to(dev),
+                                    mean_over)
+        rows = torch.arange(B, device=dev)
+        # The last layer's replacement at the answer positions (its query is computed there only).
+        self.r_at = None if self.r is None else (
+            self.r[-1][rows, self.positions][:, None] if self.r[-1].ndim == 4 else
+            self.r[-1][self.positions][:, None] if self.r[-1].ndim == 3 else self.r[-1])
+        self.attn = model.attention_mask(attention_mask, T, T)  # [B, 1, T, T] or None (causal)
+        self.budget = budget
+        self.base = torch.ones(cfg.n_layer, cfg.n_head, dtype=model.dtype, device=dev)
+        self._resid: list[torch.Tensor] = []  # base: the residual stream entering layer l [B, T, d_model]
+        self._z: list[torch.Tensor] = []  # base: layer l's z before its edit [B, T, H, d_head]
+        self._top: tuple[torch.Tensor, torch.Tensor] | None = None  # base's last layer: (z at [B, 1, H, d], out [B, d])
+
+    # --- the base run, layer by layer, computed when first needed ------------------------------
+    def rebase(self, mask: torch.Tensor) -> None:
+        """Make ``mask`` [L, H] the base; cached layers above its first change are dropped."""
+        mask = mask.to(self.base)
+        changed = (mask != self.base).any(dim=1).nonzero()
+        if len(changed):
+            l = int(changed[0])
+            del self._resid[l + 1:], self._z[l:]
+            self._top = None
+            self.base = mask.clone()
+
+    def _edit(self, m: torch.Tensor, l: int, n: int, at: bool = False):
+        """The edit of n variants' z at layer l (m [n, H]), or None where none ablates a head there."""
+        if not (m != 1).any():
+            return None
+        return head_edit(m, self.r_at if at else (None if self.r is None else self.r[l]), n)
+
+    def _attn(self, n: int):
+        return None if self.attn is None else self.attn.repeat(n, 1, 1, 1)
+
+    def _prefix(self, l: int) -> None:
+        """The base's z of layers <= l and residual stream entering layers <= l + 1 (l <= n_layer - 2)."""
+        model = self.model
+        if not self._resid:
+            self._resid.append(model.embed(self.tokens, attention_mask=self.attention_mask))
+        while len(self._z) <= l:
+            k = len(self._z)
+            keep = self._keep(self._edit(self.base[k][None], k, 1))
+            self._resid.append(model.blocks[k](self._resid[k], self.attn, keep))
+            self._z.append(keep.z)
+
+    def _final(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's last layer at the answer positions: (z [B, 1, H, d_head] before its edit, output [B, d])."""
+        if self._top is None:
+            L = self.model.cfg.n_layer
+            self._prefix(L - 2)
+            keep = self._keep(self._edit(self.base[L - 1][None], L - 1, 1, at=True))
+            out = self.model.blocks[L - 1](self._resid[L - 1], self.attn, keep, at=self.positions)
+            self._top = (keep.z, out)
+        return self._top
+
+    @staticmethod
+    def _keep(edit):
+        def keep(z):
+            keep.z = z
+            return z if edit is None else edit(z)
+        return keep
+
+    def bytes_per_row(self) -> int:
+        return head_mask_bytes_per_row(self.model.cfg, self.tokens.shape[1])
+
+    # --- the variants -------------------------------------------------------------------------
+    def run(self, masks, metric=None, max_rows: int | None = None, progress: bool = False) -> torch.Tensor:
+        """logits [V, B, vocab] at the answer positions, or ``metric(logits)`` [V, ...] chunk by chunk
+        (``metric``: any callable logits [n, B, vocab] -> [n, ...], e.g. a Metric)."""
+        model, L = self.model, self.model.cfg.n_layer
+        masks = check_masks(model, masks)
+        B = self.tokens.shape[0]
+        differs = (masks != self.base).any(dim=2)  # [V, L]
+        first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1),
+                            torch.full_like(differs[:, 0], L, dtype=torch.long)).tolist()
+        max_rows = max_rows or rows_per_chunk(self.bytes_per_row(), model.device, at_least=B, budget=self.budget)
+        chunks = join_schedule(first, max_rows // B)
+        outputs: dict[int, torch.Tensor] = {}
+        with autocast(model.device, self.dtype):
+            for chunk in progress_bar(chunks, "head-mask variants", "chunk", progress):
+                x = self._chunk(masks, chunk, [first[v] for v in chunk])  # [n * B, d_model], in chunk order
+                logits = model.unembed(model.ln_final(x)).view(len(chunk), B, -1).to(model.dtype)
+                values = metric(logits) if metric is not None else logits
+                outputs.update(zip(chunk, values))
+        return torch.stack([outputs[v] for v in range(masks.shape[0])])
+
+    def _chunk(self, masks: torch.Tensor, chunk: list[int], first: list[int]) -> torch.Tensor:
+        """The final residual stream at the answer positions of variants ``chunk`` (sorted by ``first``,
+        the layer where each departs from the base): [len(chunk) * B, d_model]."""
+        model, L = self.model, self.model.cfg.n_layer
+        B, rows, at = self.tokens.shape[0], torch.arange(self.tokens.shape[0], device=model.device), self.positions
+        self._prefix(min(min(first), L - 1) - 1)
+        x = self._resid[0].new_empty(0, *self._resid[0].shape[1:])  # running variants, variant-major rows
+        running: list[int] = []
+        for l in range(min(first), L - 1):
+            block, joining = model.blocks[l], [v for v, f in zip(chunk, first) if f == l]
+            if running:
+                x = block(x, self._attn(len(running)), self._edit(masks[running, l], l, len(running)))
+            if joining:  # the base's run up to this layer's z: only W_O and the MLP differ
+                n = len(joining)
+                self._prefix(l)
+                edit = self._edit(masks[joining, l], l, n)
+                z = self._z[l].repeat(n, 1, 1, 1)
+                x = torch.cat([x, block.finish(self._resid[l].repeat(n, 1, 1), z if edit is None else edit(z))])
+                running += joining
+        block, final = model.blocks[L - 1], []
+        if running:
+            n = len(running)
+            final.append(block(x, self._attn(n), self._edit(masks[running, L - 1], L - 1, n, at=True),
+                               at=at.repeat(n)))
+        joining = [v for v, f in zip(chunk, first) if f == L - 1]
+        late = [v for v, f in zip(chunk, first) if f == L]  # no different from the base
+        if joining or late:
+            z_top, out_top = self._final()
+        if joining:
+            n = len(joining)
+            edit = self._edit(masks[joining, L - 1], L - 1, n, at=True)
+            z = z_top.repeat(n, 1, 1, 1)
+            final.append(block.finish(self._resid[L - 1][rows, at].repeat(n, 1), z if edit is None else edit(z)))
+        if late:
+            final.append(out_top.repeat(len(late), 1))
+        assert running + joining + late == chunk  # variants leave in chunk order (join_schedule sorts them)
+        return torch.cat(final)
+
+
+# ---------------------------------------------------------------- exact decisions in bf16
+class Precision:
+    """Decisions that stay exact when the arithmetic is bf16.
+
+    ``Precision.measure(low, exact)`` takes a decision metric's values on the same variants in
+    bf16 and in fp32 and keeps ``error``: SAFETY times the largest difference seen, plus a floor
+    of 2^-12 of the values' scale. A search then asks ``near(margin, terms)``, where margin is how
+    far a decision's quantity lies from its threshold, in the metric's units, and terms how many
+    bf16 values it combines (a drop compares a candidate with a baseline: 2, plus the threshold
+    times the baseline for a relative drop); a decision near its threshold is re-evaluated in
+    fp32, so the circuit equals the fp32 circuit whenever the error holds as measured.
+    In fp32 (``exact``), nothing is near.
+    """
+
+    SAFETY = 4.0
+
+    def __init__(self, error: float = 0.0, exact: bool = True):
+        self.error, self.exact = error, exact
+        self.rechecked = 0
+
+    @classmethod
+    def measure(cls, low: Sequence[float], exact: Sequence[float], safety: float = SAFETY) -> "Precision":
+        if len(low) != len(exact) or not low:
+            raise ValueError("Precision.measure needs the same variants' values in both precisions")
+        diff = max(abs(a - b) for a, b in zip(low, exact))
+        scale = max(abs(b) for b in exact)
+        return cls(safety * diff + 2**-12 * scale, exact=False)
+
+    def near(self, margin: float, terms: float = 2.0) -> bool:
+        return not self.exact and abs(margin) <= self.error * terms
+
+    def to_json(self) -> dict:
+        return {"exact": self.exact, "error": self.error, "rechecked": self.rechecked}
