@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
     def metric(logits):  # [V, B, vocab] -> [V]: the logit difference of two fixed tokens
         return (logits[..., a] - logits[..., b]).mean(-1)
 
-    print(f"edge patching: {'a tiny model' if args.tiny else 'GPT-2 small shapes'} ({cfg.n_layer} layers x {cfg.n_head} heads, d_model {cfg.d_model}, "
+    shape = "a tiny model" if args.tiny else "GPT-2 small shapes"
+    print(f"edge patching: {shape} ({cfg.n_layer} layers x {cfg.n_head} heads, d_model {cfg.d_model}, "
           f"vocab {cfg.vocab_size}), random weights; {args.prompts} prompts x {args.seq} tokens, resample ablation, "
           f"logit difference; {g.n_edges} edges; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"  setup (clean and corrupted runs, clean trace): {t_setup:.2f} s (cpu {c_setup:.2f} s)")

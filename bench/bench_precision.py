@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         p = a16.circuit.info["precision"]
         rows.append((name, "ACDC", a32.circuit.n_edges, t32, t16, p["error"], p["rechecked"], ok))
         print(rows[-1], flush=True)
-    print(f"\n| model | method | circuit size (fp32) | fp32 s | bf16 s | bf16 error | re-checked in fp32 | same circuit |")
+    print("\n| model | method | circuit size (fp32) | fp32 s | bf16 s | bf16 error | re-checked in fp32 | same circuit |")
     print("|---|---|---|---|---|---|---|---|")
     for name, method, size, t32, t16, err, n, ok in rows:
         print(f"| {name} | {method} | {size} | {t32:.1f} | {t16:.1f} | {err:.2g} | {n} | {'yes' if ok else 'NO'} |")

@@ -142,9 +142,10 @@ def receiver_order(runner: EdgeRunner) -> list[int]:
     return [r for kind, r in decision_order(runner.graph, head_inputs=False)]
 
 
-def decision_order(g: Graph, head_inputs: bool = True) -> list[tuple[str, int]]:
+def decision_order(g: Graph, head_inputs: bool | None = None) -> list[tuple[str, int]]:
     """ACDC's visiting order, as ("edges", r) (decide the edges into receiver r, latest sender
-    first) and ("input", r) (decide head input r's whole-input edge) steps.
+    first) and ("input", r) (decide head input r's whole-input edge) steps; ``head_inputs``
+    (default: ``g.head_inputs``) includes the latter.
 
     It is TLACDCExperiment's: ``reverse_topologically_sort_corr`` orders the hook points by their
     forward order, reversed, and within a hook point the heads as ``setup_from_model`` added them,
@@ -156,6 +157,7 @@ def decision_order(g: Graph, head_inputs: bool = True) -> list[tuple[str, int]]:
     last first throughout. Without ``head_inputs`` the whole-input steps are left out.
     """
     H = g.n_head
+    head_inputs = g.head_inputs if head_inputs is None else head_inputs
     order = [("edges", g.n_receivers - 1)]
     for st in reversed(g.stages[:-1]):
         if st.kind == "mlp":

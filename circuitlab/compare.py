@@ -79,12 +79,15 @@ def circuit_overlap(a: Circuit, b: Circuit) -> dict:
     """Edge-set overlap: sizes, intersection, Jaccard, and precision / recall of a against b."""
     if a.edges.shape != b.edges.shape:
         raise ValueError(f"circuits come from different graphs: {a.graph} and {b.graph}")
+    # sender -> receiver edges only: an ACDC circuit's whole head-input edges (Circuit.head_inputs) are not
+    # among another method's edges
+    na, nb = int(a.edges.sum()), int(b.edges.sum())
     both = int((a.edges & b.edges).sum())
     union = int((a.edges | b.edges).sum())
-    return {"edges_a": a.n_edges, "edges_b": b.n_edges, "both": both,
+    return {"edges_a": na, "edges_b": nb, "both": both,
             "jaccard": both / union if union else 1.0,
-            "precision": both / a.n_edges if a.n_edges else float("nan"),
-            "recall": both / b.n_edges if b.n_edges else float("nan")}
+            "precision": both / na if na else float("nan"),
+            "recall": both / nb if nb else float("nan")}
 
 
 def roc_curve(scores: torch.Tensor, reference: Circuit) -> dict:

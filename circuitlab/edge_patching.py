@@ -28,14 +28,16 @@ Variants are grouped by their stage (edges into late receivers cost little: into
 one unembedding; into layer L-1, one head and the answer positions) and run in chunks sized to
 the engine's memory budget (minigpt2.engine.rows_per_chunk), so no [V, R, S] mask is ever
 materialized. The results equal one ``EdgeRunner.trace`` per edge to float rounding (tests/
-test_edge_patching.py); bench/bench_edge_patching.py times the two.
+test_edge_patching.py); bench/bench_edge_patching.py times the two. On a runner with
+dtype=torch.bfloat16 the forwards run bf16 matmuls (fp32 residual stream and metric) and the
+scores carry bf16's error.
 """
 
 from __future__ import annotations
 
 import torch
 
-from minigpt2.engine import (Metric, autocast, batch_metric, head_mask_bytes_per_row, progress_bar, refuse_hooks,
+from minigpt2.engine import (autocast, batch_metric, head_mask_bytes_per_row, progress_bar, refuse_hooks,
                              rows_per_chunk)
 from minigpt2.engine import higher_is_better as metric_direction
 

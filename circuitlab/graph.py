@@ -46,7 +46,10 @@ corrupted prompts' stream; zero ablation, where ACDC zeroes hook_resid_pre of bl
 hook_result and hook_mlp_out, only the b_O constants c_r remain, so the ablated query is
 W_Q ln1(c_r) + b_Q, not 0). Under mean ablation (which ACDC lacks) the same rule gives the query of
 the all-mean input. A gated mask equals the plain mask m_ru g_r (``Graph.fold``): every
-runner evaluates both widths, and ``Circuit.mask()`` is always the plain [R, S] one.
+runner evaluates both widths, and ``Circuit.mask()`` is always the plain [R, S] one. A Circuit on
+ACDC's graph keeps its sender-to-receiver edges in ``edges`` [R, S], as on the plain graph (so
+that faithfulness, MIB export, drawing and comparisons take it as they are), and its kept whole
+inputs in ``head_inputs`` [R]; its counts include them, as ACDC's do.
 """
 
 from __future__ import annotations
@@ -189,7 +192,8 @@ class Graph:
         mask [R, S + 1]; none for a plain graph."""
         if not self.head_inputs or mask.shape[-1] != self.n_columns:
             return []
-        return [self.receivers[r] for r in (mask.cpu().bool()[:, self.gate] & self.is_head_input).nonzero()[:, 0].tolist()]
+        kept = mask.cpu().bool()[:, self.gate] & self.is_head_input
+        return [self.receivers[r] for r in kept.nonzero()[:, 0].tolist()]
 
 
 @dataclass
@@ -400,9 +404,9 @@ def sender_outputs(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tens
 
 def run_with_edge_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, ablation: str = "resample",
                         metric: Metric | None = None, **data) -> torch.Tensor:
-    """Evaluate edge masks [V, R, S] (or ACDC's [V, R, S + 1]) in one batched call: ``EdgeRunner(model, tokens, ablation,
-    **data).run(masks, metric=metric)`` (``data``: corrupted, reference, attention_mask,
-    reference_mask, positions, max_rows). The edge-level twin of minigpt2's run_with_head_masks."""
+    """Evaluate edge masks [V, R, S] (or ACDC's [V, R, S + 1]) in one batched call:
+    ``EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)`` (``data``: corrupted, reference,
+    attention_mask, reference_mask, positions, max_rows). The edge-level twin of minigpt2's run_with_head_masks."""
     return EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)
 
 
@@ -608,7 +612,7 @@ class EdgeRunner:
         Returns logits [n, B, vocab] and, for senders s0 onwards, their outputs minus
         base's: (s0, [n, S - s0, B, T, d]).
         """
-        model, g = self.model, self.graph
+        g = self.graph
         B, T = self.tokens.shape
         H, S = g.n_head, g.n_senders
         n = m.shape[0]

@@ -139,19 +139,28 @@ def corpus_tokens(corpus: str, repeat: int = 1, shuffle_seed: int = 0) -> tuple[
 
 
 def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, seed: int,
-                vocab_size: int = EOT_TOKEN) -> dict:
+                vocab_size: int = EOT_TOKEN, repeat_vocab: int = 0) -> dict:
     """Make some blocks predictable only by copying from context (in place); returns what was done.
 
     A ``copy_spans`` fraction of the blocks gets one span of its own text (8 to T/3 tokens)
     copied to a later place in the block; a ``random_repeats`` fraction is replaced by a
     sequence of uniformly random tokens (8 to T/2 of them, never <|endoftext|>) repeated to
     fill the block: the setting of the induction score. The standard recipe for induction heads.
+    ``repeat_vocab`` N > 0 draws the random tokens from the N most frequent tokens of ``blocks``
+    instead of the whole vocabulary, so that their embeddings are trained by the text as well.
     """
     for flag, v in (("--copy-spans", copy_spans), ("--random-repeats", random_repeats)):
         if not 0 <= v <= 1:
             raise ValueError(f"{flag} must be a fraction in [0, 1], got {v}")
     if copy_spans + random_repeats > 1:
         raise ValueError(f"--copy-spans {copy_spans} + --random-repeats {random_repeats} exceed 1")
+    if not isinstance(repeat_vocab, (int, np.integer)) or not 0 <= repeat_vocab <= vocab_size:
+        raise ValueError(f"--repeat-vocab must be an integer in [0, {vocab_size}] (0: the whole vocabulary), "
+                         f"got {repeat_vocab}")
+    pool = None
+    if repeat_vocab:
+        counts = np.bincount(blocks.ravel(), minlength=vocab_size + 1)[:vocab_size]
+        pool = np.argsort(-counts, kind="stable")[:repeat_vocab]
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
     N, T = blocks.shape
     kind = rng.random(N)
@@ -163,14 +172,16 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
         blocks[i, d:d + L] = blocks[i, s:s + L]
     randoms = np.nonzero((kind >= copy_spans) & (kind < copy_spans + random_repeats))[0]
     for i in randoms:
-        seq = rng.integers(0, vocab_size, int(rng.integers(8, max(9, T // 2 + 1))))
+        n = int(rng.integers(8, max(9, T // 2 + 1)))
+        seq = rng.integers(0, vocab_size, n) if pool is None else pool[rng.integers(0, len(pool), n)]
         blocks[i] = np.resize(seq, T)
-    return {"copy_spans": copy_spans, "random_repeats": random_repeats, "n_copy_span_blocks": len(copied),
+    return {"copy_spans": copy_spans, "random_repeats": random_repeats, "repeat_vocab": int(repeat_vocab),
+            "n_copy_span_blocks": len(copied),
             "n_random_repeat_blocks": len(randoms)}
 
 
 def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_blocks: int = 64, repeat: int = 1,
-                  copy_spans: float = 0.0, random_repeats: float = 0.0, seed: int = 0
+                  copy_spans: float = 0.0, random_repeats: float = 0.0, seed: int = 0, repeat_vocab: int = 0
                   ) -> tuple[TrainData, torch.Tensor]:
     """Training blocks and held-out blocks [eval_blocks, block_size] (the corpus's last ones).
 
@@ -194,6 +205,6 @@ def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_bloc
     info = {"source": corpus, "sources": source_info, "repeat_docs": repeat, "corpus_tokens": int(len(stream)),
             "block_size": block_size, "n_blocks": len(train), "eval_blocks": eval_blocks}
     if copy_spans or random_repeats:
-        info["repeats"] = add_repeats(train, copy_spans, random_repeats, seed)
+        info["repeats"] = add_repeats(train, copy_spans, random_repeats, seed, repeat_vocab=repeat_vocab)
     train = torch.from_numpy(train)
     return TrainData(train.clone(), train.clone(), None, info=info), torch.from_numpy(held_out.copy())

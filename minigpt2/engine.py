@@ -406,7 +406,7 @@ class HeadMaskRunner:
         """The final residual stream at the answer positions of variants ``chunk`` (sorted by ``first``,
         the layer where each departs from the base): [len(chunk) * B, d_model]."""
         model, L = self.model, self.model.cfg.n_layer
-        B, rows, at = self.tokens.shape[0], torch.arange(self.tokens.shape[0], device=model.device), self.positions
+        rows, at = torch.arange(self.tokens.shape[0], device=model.device), self.positions
         self._prefix(min(min(first), L - 1) - 1)
         x = self._resid[0].new_empty(0, *self._resid[0].shape[1:])  # running variants, variant-major rows
         running: list[int] = []

@@ -85,6 +85,45 @@ def device() -> torch.device:
     return resolve_test_device()
 
 
+PLANTED = [("input", "a0.h1<v>"), ("a0.h1", "a1.h2<v>"), ("a1.h2", "logits")]  # planted_model's path
+
+
+def planted_model() -> GPT2:
+    """2 layers x 3 heads, d_model 24, where the logits depend on one path: input -> a0.h1 (value)
+    -> a1.h2 (value) -> logits.
+
+    Only a0.h1 and a1.h2 write (the other heads' W_O and the MLPs' c_proj are zero), every
+    head attends uniformly (W_Q = W_K = 0), and the residual stream has three blocks of 8
+    dimensions: tokens write [0, 8) and [16, 24), a0.h1 reads [0, 8) and writes [8, 16),
+    a1.h2 reads [8, 16) and writes [16, 24) strongly. Token embeddings and head outputs sum
+    to zero over dimensions and token embeddings share one norm, so that resampling a token
+    moves no layer norm's mean and, off the path, barely its scale.
+    """
+    cfg = GPT2Config(n_layer=2, n_head=3, d_model=24, d_mlp=37, n_ctx=16, vocab_size=99)
+    m = GPT2(cfg).double()
+    gen = torch.Generator().manual_seed(0)
+
+    def zero_sum(rows: int, cols: int) -> torch.Tensor:
+        w = torch.randn(rows, cols, generator=gen, dtype=torch.double)
+        return w - w.mean(1, keepdim=True)
+
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.fill_(1.0 if name.split(".")[-2].startswith("ln") and name.endswith("weight") else 0.0)
+        wte = torch.zeros(99, 24, dtype=torch.double)
+        wte[:, list(range(8)) + list(range(16, 24))] = zero_sum(99, 16)
+        m.wte.weight.copy_(3 * wte / wte.norm(dim=1, keepdim=True))
+        for blk in m.blocks:
+            blk.mlp.c_fc.weight.copy_(torch.randn(37, 24, generator=gen, dtype=torch.double))
+        a0, a1 = m.blocks[0].attn, m.blocks[1].attn
+        v = 2 * 24  # c_attn rows: W_Q, W_K, W_V, each head-major (8 rows a head)
+        a0.c_attn.weight[v + 8:v + 16, 0:8] = torch.randn(8, 8, generator=gen, dtype=torch.double)
+        a0.c_proj.weight[8:16, 8:16] = 2 * zero_sum(8, 8).T  # W_O of head 1 -> dims [8, 16)
+        a1.c_attn.weight[v + 16:v + 24, 8:16] = torch.randn(8, 8, generator=gen, dtype=torch.double)
+        a1.c_proj.weight[16:24, 16:24] = 4 * zero_sum(8, 8).T  # W_O of head 2 -> dims [16, 24)
+    return m.eval()
+
+
 def hf_config(cfg: GPT2Config):
     import transformers
 

@@ -163,6 +163,9 @@ CASES = [  # argv (placeholders {name} are fixture paths), what the error line m
     (["study", "--acdc-threshold", "-1"], "--acdc-threshold"),
     (["study", "--eap-top-k", "0"], "--eap-top-k"),
     (["study", "--edge-examples", "0"], "--edge-examples"),
+    (["study", "--mib-methods", "eap", "guesswork"], "--mib-methods eap guesswork: unknown edge methods"),
+    (["study", "--mib-examples", "1"], "--mib-examples"),
+    (["eap", "--ig-rule", "newest"], "--ig-rule"),
     (["study", "--max-new-tokens", "-1"], "--max-new-tokens"),
     (["study", "--models", "Alpha={alpha}", "Gamma={gamma}"], "different shapes"),
     # acdc and eap (circuitlab.edge_cli)

@@ -82,3 +82,18 @@ def test_repeats_copy_spans_forward_and_tile_random_sequences():
         add_repeats(original.copy(), copy_spans=1.5, random_repeats=0, seed=0)
     with pytest.raises(ValueError, match="exceed 1"):
         add_repeats(original.copy(), copy_spans=0.6, random_repeats=0.6, seed=0)
+
+
+def test_random_repeats_can_draw_from_the_most_frequent_tokens():
+    rng = np.random.default_rng(1)
+    blocks = np.minimum(rng.geometric(0.01, (300, 64)), 5000)  # small ids are the frequent ones
+    frequent = set(np.argsort(-np.bincount(blocks.ravel()), kind="stable")[:50].tolist())
+    info = add_repeats(blocks, copy_spans=0.0, random_repeats=0.5, seed=0, repeat_vocab=50)
+    assert info["repeat_vocab"] == 50 and info["n_random_repeat_blocks"] > 100
+    periodic = [row for row in blocks if any((row[p:] == row[:-p]).all() for p in range(8, 33))]
+    assert len(periodic) >= info["n_random_repeat_blocks"]
+    assert set(np.concatenate(periodic).tolist()) <= frequent | set(range(5001))  # ids stay in range
+    drawn = [row for row in periodic if set(row.tolist()) <= frequent]
+    assert len(drawn) >= info["n_random_repeat_blocks"]  # every random block uses only the 50 most frequent
+    with pytest.raises(ValueError, match="--repeat-vocab"):
+        add_repeats(blocks.copy(), 0.0, 0.5, seed=0, repeat_vocab=-1)

@@ -14,12 +14,11 @@ from circuitlab.acdc import kl_metric
 from circuitlab.faithfulness import importance_sign, mib_faithfulness
 from circuitlab.graph import EdgeRunner, Graph
 from circuitlab.info_flow import greedy_edges, information_flow_routes, information_flow_scores
-from conftest import make_model, make_tokens
-from minigpt2 import GPT2, GPT2Config
+from conftest import PLANTED, planted_model, make_model, make_tokens
+from minigpt2 import GPT2Config
 
 CFG = GPT2Config(n_layer=2, n_head=4, d_model=28, d_mlp=37, n_ctx=17, vocab_size=99)
 B, T = 5, 6
-PLANTED = [("input", "a0.h1<v>"), ("a0.h1", "a1.h2<v>"), ("a1.h2", "logits")]
 
 
 @pytest.fixture(scope="module")
@@ -172,37 +171,6 @@ def test_answer_positions_take_the_scored_position_only(model, tokens):
 
 
 # ------------------------------------------------------------ a planted path (copied from test_acdc)
-def planted_model() -> GPT2:
-    """2 layers x 3 heads, d_model 24, where the logits depend on one path: input -> a0.h1 (value)
-    -> a1.h2 (value) -> logits. Only a0.h1 and a1.h2 write (the other heads' W_O and the MLPs'
-    c_proj are zero), every head attends uniformly (W_Q = W_K = 0); tokens write dims [0, 8) and
-    [16, 24), a0.h1 reads [0, 8) and writes [8, 16), a1.h2 reads [8, 16) and writes [16, 24) strongly.
-    (tests/test_acdc.py's planted_model, copied.)"""
-    cfg = GPT2Config(n_layer=2, n_head=3, d_model=24, d_mlp=37, n_ctx=16, vocab_size=99)
-    m = GPT2(cfg).double()
-    gen = torch.Generator().manual_seed(0)
-
-    def zero_sum(rows: int, cols: int) -> torch.Tensor:
-        w = torch.randn(rows, cols, generator=gen, dtype=torch.double)
-        return w - w.mean(1, keepdim=True)
-
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.fill_(1.0 if name.split(".")[-2].startswith("ln") and name.endswith("weight") else 0.0)
-        wte = torch.zeros(99, 24, dtype=torch.double)
-        wte[:, list(range(8)) + list(range(16, 24))] = zero_sum(99, 16)
-        m.wte.weight.copy_(3 * wte / wte.norm(dim=1, keepdim=True))
-        for blk in m.blocks:
-            blk.mlp.c_fc.weight.copy_(torch.randn(37, 24, generator=gen, dtype=torch.double))
-        a0, a1 = m.blocks[0].attn, m.blocks[1].attn
-        v = 2 * 24
-        a0.c_attn.weight[v + 8:v + 16, 0:8] = torch.randn(8, 8, generator=gen, dtype=torch.double)
-        a0.c_proj.weight[8:16, 8:16] = 2 * zero_sum(8, 8).T
-        a1.c_attn.weight[v + 16:v + 24, 8:16] = torch.randn(8, 8, generator=gen, dtype=torch.double)
-        a1.c_proj.weight[16:24, 16:24] = 4 * zero_sum(8, 8).T
-    return m.eval()
-
-
 @pytest.fixture(scope="module")
 def planted():
     return EdgeRunner(planted_model(), make_tokens(8, 6, 99, seed=1), "resample",
