@@ -141,7 +141,8 @@ g.add_argument("--edge-examples", type=integer(1, MAX_EXAMPLES // 2), default=50
                help="examples to find edge circuits on (as many evaluate)")
 g.add_argument("--mib-methods", nargs="*", default=list(S.EdgeOptions.mib_methods), metavar="METHOD",
                help="edge methods compared by MIB's CPR / CMD on every model (none: skip the comparison); "
-                    f"of {', '.join(S.EdgeOptions.mib_methods)}")
+                    f"default {' '.join(S.EdgeOptions.mib_methods)}; also acdc, eap-ig-activations, "
+                    "edge-patching, learned-masks (minutes per model on a CPU)")
 g.add_argument("--mib-examples", type=integer(2, MAX_EXAMPLES // 2), default=S.EdgeOptions.mib_examples,
                help="prompts the methods score edges on (as many held out measure them)")
 dtype_arg(p, "the sweep, the search, ACDC and EAP-IG (the baseline and transfer tables stay fp32)")

@@ -519,10 +519,12 @@ class EdgeOptions:
     n_examples: int = 50
     ablation: str = "zero"
     dtype: str = "fp32"  # or "bf16": the edge runners' arithmetic (minigpt2.engine), which ACDC and EAP use
-    # MIB's comparison of every edge method (circuitlab.methods) on every model: its default ablation
-    # (counterfactual: resample with corrupted partners) and metric (logit difference)
-    mib_methods: tuple[str, ...] = ("acdc", "eap", "eap-ig", "eap-ig-activations", "clean-corrupted",
-                                    "information-flow", "edge-patching", "learned-masks")
+    # MIB's comparison of edge methods (circuitlab.methods) on every model: its default ablation
+    # (counterfactual: resample with corrupted partners) and metric (logit difference). The default is
+    # the methods that take seconds on a laptop CPU; acdc, eap-ig-activations ((1 + 2 n_layer) x steps
+    # backward passes), edge-patching and learned-masks take minutes per model there: name them
+    # (circuits.py study --mib-methods ...; circuitlab.methods.EDGE_METHODS)
+    mib_methods: tuple[str, ...] = ("eap", "eap-ig", "clean-corrupted", "information-flow")
     mib_examples: int = 16
     mib_ablation: str = "resample"
     mib_metric: str = "logit_diff"

@@ -9,6 +9,7 @@ import torch
 
 import circuits
 import tpp
+from circuitlab.methods import EDGE_METHODS
 from circuitlab.study import c_key_mask
 from minigpt2 import GPT2, GPT2Config, get_tokenizer
 
@@ -36,7 +37,7 @@ def study(models, tmp_path_factory):
     rc = circuits.main(["study", "--models", *models, "--out", str(out), *SMALL, "--search-examples", "12",
                         "--sweep-examples", "12", "--classify-examples", "12", "--max-new-tokens", "4",
                         "--metric", "logit_diff", "--edge-examples", "6", "--eap-top-k", "12",
-                        "--mib-examples", "4"])
+                        "--mib-examples", "4", "--mib-methods", *EDGE_METHODS])
     assert rc == 0
     return out
 
@@ -61,8 +62,6 @@ def test_study_writes_a_complete_report(study, capsys):
 def test_study_compares_every_edge_method_by_mibs_faithfulness(study):
     """Section 5 of the edge issue: every method on every model, one PNG of curves per model, CPR / CMD
     ranked, each method's time."""
-    from circuitlab.methods import EDGE_METHODS
-
     report = (study / "report.md").read_text()
     assert "## Edge methods by MIB's faithfulness (CPR, CMD)" in report
     mib = json.loads((study / "mib.json").read_text())
