@@ -36,7 +36,8 @@ def test_kv_cache_greedy_equals_recomputing_the_forward(new_model, seed, B, T, n
 
 @PROPERTY
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 4),
-       chunks=st.lists(st.integers(1, 6), min_size=1, max_size=4), padded=st.booleans(), data=st.data())
+       chunks=st.lists(st.integers(1, 5), min_size=1, max_size=4),  # at most 20 tokens: n_ctx is 23
+       padded=st.booleans(), data=st.data())
 def test_forward_in_chunks_through_a_cache_equals_one_forward(new_model, device, seed, B, chunks, padded, data):
     model = new_model(seed=seed)
     tokens = make_tokens(B, sum(chunks), seed=seed, device=device)
