@@ -107,24 +107,29 @@ def roc_curve(scores: torch.Tensor, reference: Circuit) -> dict:
     return {"fpr": fpr, "tpr": tpr, "auc": auc}
 
 
+def _with_bounds(runner: EdgeRunner, metric: Metric, masks: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+    """The metric of each edge mask [R, S] run alone, with the full model's and the empty circuit's,
+    in one batched run."""
+    g, dtype = runner.graph, runner.model.dtype
+    masks = torch.stack([m.to(dtype) for m in masks] + [g.ones(dtype), torch.zeros(g.n_receivers, g.n_senders,
+                                                                                   dtype=dtype)])
+    with torch.no_grad():
+        values = runner.run(masks, metric=batch_metric(metric)).double().cpu()
+    return values[:-2], values[-2].item(), values[-1].item()
+
+
 def faithfulness_curve(runner: EdgeRunner, metric: Metric, scores: torch.Tensor, sizes) -> dict:
     """The metric of each top-k circuit (by |score|) run alone, for k in ``sizes``, in one batched run.
 
     normalized = (M(circuit) - M(nothing)) / (M(full) - M(nothing)): 1 is as good as the full
-    model, 0 as bad as ablating every edge.
+    model, 0 as bad as ablating every edge. The circuits run as they are (not pruned); MIB's curve
+    is :func:`circuitlab.faithfulness.mib_faithfulness`.
     """
-    metric = batch_metric(metric)
-    g = runner.graph
     sizes = [int(k) for k in sizes]
-    dtype = runner.model.dtype
-    masks = torch.stack([top_k_circuit(g, scores, k).mask(dtype) for k in sizes]
-                        + [g.ones(dtype), torch.zeros(g.n_receivers, g.n_senders, dtype=dtype)])
-    with torch.no_grad():
-        values = runner.run(masks, metric=metric).double().cpu()
-    full, empty = values[-2].item(), values[-1].item()
+    values, full, empty = _with_bounds(runner, metric, [top_k_circuit(runner.graph, scores, k).mask() for k in sizes])
     denom = full - empty
-    normalized = (values[:-2] - empty) / denom if denom != 0 else torch.full((len(sizes),), float("nan"))
-    return {"sizes": sizes, "values": values[:-2], "normalized": normalized, "full": full, "empty": empty}
+    normalized = (values - empty) / denom if denom != 0 else torch.full((len(sizes),), float("nan"))
+    return {"sizes": sizes, "values": values, "normalized": normalized, "full": full, "empty": empty}
 
 
 def circuit_faithfulness(runner: EdgeRunner, metric: Metric, circuit: Circuit) -> dict:
@@ -134,11 +139,7 @@ def circuit_faithfulness(runner: EdgeRunner, metric: Metric, circuit: Circuit) -
     [V, B, vocab] -> [V]. The circuit runs as it is (not pruned); for MIB's faithfulness of a
     method's scores, which prunes, see :func:`circuitlab.faithfulness.mib_faithfulness`.
     """
-    metric = batch_metric(metric)
-    g = runner.graph
-    masks = torch.stack([circuit.mask(runner.model.dtype), g.ones(runner.model.dtype),
-                         torch.zeros(g.n_receivers, g.n_senders, dtype=runner.model.dtype)])
-    with torch.no_grad():
-        c, full, empty = runner.run(masks, metric=metric).double().cpu().tolist()
+    values, full, empty = _with_bounds(runner, metric, [circuit.mask()])
+    c = values.item()
     return {"value": c, "full": full, "empty": empty,
             "normalized": (c - empty) / (full - empty) if full != empty else float("nan")}

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import tpp
+from minigpt2.engine import ABLATIONS
 from tpp.encoding import SPACES
 from tpp.examples import MAX_EXAMPLES
 from tpp.flags import blame, default_device, device as device_type, fail, integer, number
@@ -35,8 +36,8 @@ from .compare import circuit_faithfulness
 from .draw import draw_circuit
 from .eap import IG_RULES, METHODS, eap
 from .faithfulness import mib_faithfulness
+from .graph import Circuit, EdgeRunner
 from .mib import write_mib_json
-from .graph import ABLATIONS, Circuit, EdgeRunner
 from .task import (DTYPES, METRICS, answer_space_of, build_data, corrupted_partners,  # noqa: F401 (re-exported)
                    edge_runner, finetuning_master, make_metric, torch_dtype)
 

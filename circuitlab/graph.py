@@ -58,7 +58,7 @@ import json
 from dataclasses import dataclass, field
 import torch
 
-from minigpt2.engine import (ABLATIONS, BatchMetric, ablation_mode, autocast, batch_metric, join_schedule,
+from minigpt2.engine import (BatchMetric, ablation_mode, autocast, batch_metric, check_variant_masks, join_schedule,
                              last_positions, resolve_dtype, rows_per_chunk, weighted_mean)
 from minigpt2.model import GPT2
 
@@ -499,13 +499,9 @@ class EdgeRunner:
 
     def check_masks(self, masks) -> torch.Tensor:
         g = self.graph
-        masks = torch.as_tensor(masks)
-        if masks.ndim == 2:
-            raise ValueError(f"masks has shape {tuple(masks.shape)}; for one variant use masks[None] "
-                             f"(shape [1, {g.n_receivers}, {g.n_senders}])")
-        if masks.ndim != 3 or masks.shape[1] != g.n_receivers or masks.shape[2] not in (g.n_senders, g.n_senders + 1):
-            raise ValueError(f"edge masks must be [V, R={g.n_receivers}, S={g.n_senders}] (receivers x senders, "
-                             f"see Graph; or S + 1 columns with ACDC's whole head inputs), got {tuple(masks.shape)}")
+        masks = check_variant_masks(masks, {"R": (g.n_receivers,), "S": (g.n_senders, g.n_senders + 1)},
+                                    note=" (receivers x senders, see Graph; or S + 1 columns with ACDC's whole "
+                                        "head inputs)")
         masks = masks.to(device=self.model.device, dtype=self.model.dtype)
         return g.fold(masks) * g.valid.to(self.model.device)  # ACDC's whole-head-input column folded in
 

@@ -13,11 +13,12 @@ curve, CPR and CMD are measured on ``held_runner``'s (held-out) prompts. The met
     clean-corrupted     the gradient at the clean and the corrupted end only
     information-flow    information flow routes (Ferrando & Voita 2024): one forward, no gradient
     edge-patching       each edge ablated alone, exactly (circuitlab.edge_patching)
-    learned-masks       Edge Pruning's learned masks (circuitlab.learned_masks); scores: mask logits
+    learned-masks       Edge Pruning's learned masks (circuitlab.learned_masks); scores: each edge's
+                        keep probability P(z > 0), in the order of the learned logits
 
 Information-flow routes are selected greedily from the logits up, as MIB does for them; every
 other method by its top edges. Scores that are importances (higher = needed: ACDC's worsenings, information flow, learned mask
-logits) enter MIB's ranking as they are; the others are the metric's change when the edge is
+keep probabilities) enter MIB's ranking as they are; the others are the metric's change when the edge is
 ablated and are flipped for a higher-is-better metric (faithfulness.importance_sign).
 """
 
@@ -80,9 +81,13 @@ def edge_scores(method: str, runner, metric, settings: MethodSettings | None = N
     if method == "edge-patching":
         from .edge_patching import edge_patching_scores
         return edge_patching_scores(runner, metric, progress=s.progress)
-    from .learned_masks import learn_edge_mask
-    return learn_edge_mask(runner, None, penalty=s.learned_penalty, steps=s.learned_steps,
-                           progress=s.progress).circuit.scores
+    from .learned_masks import keep_probability, learn_edge_mask
+    log_alpha = learn_edge_mask(runner, None, penalty=s.learned_penalty, steps=s.learned_steps,
+                                progress=s.progress).circuit.scores
+    # the keep probability P(z > 0): the same order as the logits, but >= 0, so that MIB's CMD
+    # (which ranks by |score|) ranks by it too rather than putting the surest-pruned edges first
+    valid = runner.graph.valid.to(log_alpha.device)
+    return keep_probability(log_alpha.double()).masked_fill(~valid, 0)
 
 
 def compare_methods(runner, metric, held_runner, held_metric, methods=EDGE_METHODS,

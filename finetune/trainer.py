@@ -33,7 +33,7 @@ from tqdm import tqdm
 from minigpt2 import GPT2
 
 from . import checkpoint as ckpt
-from .data import IGNORE, TrainData, batch_order, shard
+from .data import TrainData, batch_order, shard
 from .evaluate import Evaluator
 from .loss import LossModule
 

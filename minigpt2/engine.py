@@ -189,22 +189,34 @@ def progress_bar(items, desc: str, unit: str, enabled: bool) -> Iterator:
 
 
 # ---------------------------------------------------------------- head masks
+def check_variant_masks(masks, dims: dict[str, tuple[int, ...]], what: str = "masks", note: str = "",
+                        example: str = "") -> torch.Tensor:
+    """``masks`` as a real, finite tensor [V, *dims] with V >= 1; ``dims`` names each trailing
+    dimension and the sizes it may have (the first listed is the usual one); ``note`` explains the
+    shape, ``example`` names a builder of valid masks. One shape check, one set of errors, for head
+    masks (check_masks) and edge masks (graph.EdgeRunner)."""
+    masks = torch.as_tensor(masks)
+    usual = [sizes[0] for sizes in dims.values()]
+    shape = ", ".join(f"{name}={sizes[0]}" for name, sizes in dims.items())
+    if masks.ndim == len(dims):
+        raise ValueError(f"{what} has shape {tuple(masks.shape)}; for a single variant use {what}[None] "
+                         f"(shape [1, {', '.join(map(str, usual))}])")
+    if masks.ndim != len(dims) + 1 or any(n not in sizes for n, sizes in zip(masks.shape[1:], dims.values())):
+        raise ValueError(f"{what} must be [V, {shape}]{note}, got {tuple(masks.shape)}")
+    if masks.shape[0] == 0:
+        raise ValueError(f"{what} holds no variant (shape [0, ...]): pass at least one [{shape}] mask{example}")
+    if masks.dtype.is_complex:
+        raise TypeError(f"{what} must be real numbers (1 keeps, 0 ablates), got {masks.dtype}")
+    if not torch.isfinite(masks.float()).all():
+        raise ValueError(f"{what} holds NaN or infinite values: 1 keeps, 0 ablates, values between interpolate")
+    return masks
+
+
 def check_masks(model, masks) -> torch.Tensor:
     """Head masks [V, n_layer, n_head] on the model's device, float (1 keeps a head, 0 ablates it)."""
     cfg = model.cfg
-    masks = torch.as_tensor(masks)
-    if masks.ndim == 2:
-        raise ValueError(f"masks has shape {tuple(masks.shape)}; for a single variant use masks[None] "
-                         f"(shape [1, {cfg.n_layer}, {cfg.n_head}])")
-    if masks.ndim != 3 or masks.shape[1:] != (cfg.n_layer, cfg.n_head):
-        raise ValueError(f"masks must be [V, n_layer={cfg.n_layer}, n_head={cfg.n_head}], got {tuple(masks.shape)}")
-    if masks.shape[0] == 0:
-        raise ValueError("masks holds no variant (shape [0, ...]): pass at least one [n_layer, n_head] mask, "
-                         "e.g. single_head_masks(n_layer, n_head)")
-    if masks.dtype.is_complex:
-        raise TypeError(f"masks must be real numbers (1 keeps a head, 0 ablates it), got {masks.dtype}")
-    if not torch.isfinite(masks.float()).all():
-        raise ValueError("masks holds NaN or infinite values: 1 keeps a head, 0 ablates it, values between interpolate")
+    masks = check_variant_masks(masks, {"n_layer": (cfg.n_layer,), "n_head": (cfg.n_head,)},
+                                example=", e.g. single_head_masks(n_layer, n_head)")
     return masks.to(device=model.device, dtype=model.dtype)  # float64 masks would promote z past the weights' dtype
 
 

@@ -110,3 +110,19 @@ def test_bad_arguments_are_named(planted):
         learn_edge_mask(planted, penalty=0.1, lr=0)
     with pytest.raises(ValueError, match=r"one value per variant \[V\]"):
         learn_edge_mask(planted, lambda logits: logits[..., 0], penalty=0.1)  # per example, not averaged
+
+
+def test_mibs_comparison_ranks_learned_masks_by_keep_probability(planted):
+    """circuitlab.methods hands MIB the keep probabilities: >= 0, 0 off the graph, in the logits' order,
+    so that CMD's ranking by |score| puts the surest-kept edges first (|log_alpha| would put the
+    surest-pruned first)."""
+    from circuitlab.learned_masks import keep_probability
+    from circuitlab.methods import MethodSettings, edge_scores
+    g = planted.graph
+    settings = MethodSettings(learned_steps=100)
+    scores = edge_scores("learned-masks", planted, None, settings)
+    log_alpha = learn_edge_mask(planted, None, penalty=settings.learned_penalty, steps=100).log_alpha
+    assert scores.shape == (g.n_receivers, g.n_senders) and (scores >= 0).all() and (scores[~g.valid] == 0).all()
+    torch.testing.assert_close(scores[g.valid], keep_probability(log_alpha.double())[g.valid])
+    top = scores.flatten().topk(3).indices
+    assert torch.equal(top.sort().values, log_alpha.masked_fill(~g.valid, -1e9).flatten().topk(3).indices.sort().values)

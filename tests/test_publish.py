@@ -38,7 +38,7 @@ def test_republishing_replaces_the_copy_whole_and_recovers_an_interrupted_one(tm
     torch.testing.assert_close(load_pretrained(dest).wte.weight, m2.wte.weight.half().float())
     assert sorted(p.name for p in dest.parent.iterdir()) == ["m"]  # no temporary or old copy left
     # a kill between "old copy aside" and "new copy in" leaves dest missing, the old copy hidden
-    dest.rename(dest.parent / f".m.old-12345")
+    dest.rename(dest.parent / ".m.old-12345")
     publish.main(args(run1, dest))
     torch.testing.assert_close(load_pretrained(dest).wte.weight, m1.wte.weight.half().float())
     assert sorted(p.name for p in dest.parent.iterdir()) == ["m"]
