@@ -152,3 +152,39 @@ def attending_heads(mean_attention: torch.Tensor, threshold: float = 0.4) -> lis
     H = mean_attention.shape[1]
     order = flat.argsort(descending=True).tolist()
     return [(i // H, i % H) for i in order if flat[i] > threshold]
+
+
+# ---------------------------------------------------------------- induction on repeated random tokens
+def repeated_random_tokens(n_examples: int = 10, seq_len: int = 50, vocab_size: int = 50257, seed: int = 0,
+                           bos: int | None = 50256, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_examples, (1) + 2 seq_len]: ``bos`` (GPT-2's <|endoftext|>; None: none), then seq_len random
+    tokens, then the same tokens again. Tokens are drawn uniformly from [0, vocab_size), as
+    TransformerLens's tutorials draw them, or from the ids in ``pool``; seeded on the CPU."""
+    if n_examples < 1 or seq_len < 2:
+        raise ValueError(f"repeated random tokens need n_examples >= 1 and seq_len >= 2, got {n_examples}, {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    if pool is None:
+        seq = torch.randint(0, vocab_size, (n_examples, seq_len), generator=g)
+    else:
+        pool = torch.as_tensor(pool, dtype=torch.long).flatten()
+        if len(pool) == 0:
+            raise ValueError("pool holds no token id to draw from")
+        seq = pool[torch.randint(0, len(pool), (n_examples, seq_len), generator=g)]
+    parts = [seq, seq] if bos is None else [torch.full((n_examples, 1), bos, dtype=torch.long), seq, seq]
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def induction_scores(model: GPT2, tokens: torch.Tensor | None = None, seq_len: int = 50, **random) -> torch.Tensor:
+    """[n_layer, n_head]: TransformerLens's induction score (its tutorials' ``induction_attn_detector``):
+    on repeated random tokens [BOS, s, s] with |s| = seq_len, every head's attention pattern's
+    diagonal at offset 1 - seq_len (from each token of the second s to the token after its first
+    occurrence), averaged over that diagonal and the examples. An induction head scores near 1,
+    other heads near 0. ``tokens``: such a batch (default: ``repeated_random_tokens(seq_len=seq_len,
+    vocab_size=model's, **random)``)."""
+    if tokens is None:
+        tokens = repeated_random_tokens(seq_len=seq_len, vocab_size=model.cfg.vocab_size, **random)
+    if tokens.ndim != 2 or tokens.shape[1] < 2 * seq_len:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} cannot hold two repeats of seq_len={seq_len}")
+    patterns = attention_patterns(model, tokens)  # [B, L, H, T, T]
+    return patterns.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1).mean(dim=(0, -1))

@@ -23,7 +23,8 @@ from tpp.flags import blame
 
 from . import plots
 from .circuitfile import check_circuit, check_own_models
-from .classify import attending_heads, attention_patterns, check_class_args, classify_heads, target_attention
+from .classify import (attending_heads, attention_patterns, check_class_args, classify_heads, induction_scores,
+                       target_attention)
 from .probe import DEFAULT_PROMPT, continuations
 from .report import atomic_dir, fmt, markdown_table, pm, provenance, write_json
 from .search import DROPS, ORDERS, check_search_args, search
@@ -403,6 +404,7 @@ def cross_evaluate(session: Session, out: Path, circuits: dict[str, dict],
 # The paper's section 5.4, GPT-2 small's circuit: 29 first-token, 1 identity (self), 4 previous-token and
 # 3 induction heads; 6 of the circuit's heads attend strongly to c.
 PAPER_CLASS_COUNTS = {"first": 29, "self": 1, "previous": 4, "induction": 3, "c-attending": 6}
+INDUCTION_SEQ_LEN, INDUCTION_EXAMPLES = 50, 10  # TransformerLens's tutorials: [BOS, s, s], |s| = 50, 10 sequences
 
 
 def c_attending_nesting(heads: dict[str, list[tuple[int, int]]]) -> list[dict]:
@@ -452,20 +454,28 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
         kept = [tuple(h) for h in check_circuit(circuit)["kept_heads"]] if circuit else None
         every, among = hc.counts(), hc.counts(kept)
         c_in = [h for h in c_heads if kept is None or h in set(kept)]
+        # TransformerLens's induction score on repeated random tokens [BOS, s, s], |s| = 50 (or what n_ctx holds)
+        rep_len = min(INDUCTION_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
+        ind = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed).cpu()
+        ind_heads = [tuple(h) for h in (ind > score_threshold).nonzero().tolist()]
         results[label] = hc.to_json() | {"c_attention": c_att.tolist(), "c_attending_heads": [list(h) for h in c_heads],
-                                         "circuit_kept_heads": None if kept is None else [list(h) for h in kept]}
+                                         "circuit_kept_heads": None if kept is None else [list(h) for h in kept],
+                                         "induction_score": {"seq_len": rep_len, "n_examples": INDUCTION_EXAMPLES,
+                                                             "scores": ind.tolist(),
+                                                             "heads": [list(h) for h in ind_heads]}}
 
         def cell(n_in, n_all):
             return str(n_all) if kept is None else f"{n_in} ({n_all})"
+        ind_in = [h for h in ind_heads if kept is None or h in set(kept)]
         rows.append([label, "–" if kept is None else len(kept), *(cell(among[c], every[c]) for c in letters),
-                     cell(len(c_in), len(c_heads))])
+                     cell(len(ind_in), len(ind_heads)), f"{ind.max().item():.2f}", cell(len(c_in), len(c_heads))])
         c_maps[label] = c_att
         class_maps[label] = torch.stack([hc.fraction[c] for c in letters]).max(dim=0).values
         marks[label] = {}
         for c, letter in letters.items():
             for h in hc.heads[c]:
                 marks[label][h] = marks[label].get(h, "") + letter
-    rows.append(["paper (GPT-2 small's circuit)", "–", *(str(PAPER_CLASS_COUNTS[c]) for c in letters),
+    rows.append(["paper (GPT-2 small's circuit)", "–", *(str(PAPER_CLASS_COUNTS[c]) for c in letters), "–", "–",
                  str(PAPER_CLASS_COUNTS["c-attending"])])
     nested = c_attending_nesting({label: [tuple(h) for h in r["c_attending_heads"]] for label, r in results.items()})
     write_json(out / "classify.json", results)
@@ -476,15 +486,19 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
                                title="Head classes: F first-token, S self, P previous-token, I induction",
                                colorbar="share of examples (best class)")
     md = [f"Classes over {len(batch)} examples: mean score > {score_threshold} in at least {min_fraction:.0%} of "
-          f"examples; c-attending: mean attention from the final position to c > {c_threshold}.", "",
+          f"examples; c-attending: mean attention from the final position to c > {c_threshold}. Induction "
+          f"(repeated random tokens): TransformerLens's induction score (circuitlab.classify.induction_scores) "
+          f"> {score_threshold} on {INDUCTION_EXAMPLES} sequences [BOS, s, s] of random tokens, and the "
+          "largest score of any head.", "",
           *(["Counts are heads of the model's circuit (of all heads in brackets).", ""] if circuits else []),
           markdown_table(["Model", "Circuit heads", "First-token", "Self", "Previous-token", "Induction",
-                          "c-attending"], rows), "",
+                          "Induction (repeated random tokens)", "Largest induction score", "c-attending"], rows), "",
           *nesting_markdown(nested),
           f"![c attention]({fig2.name})", "", f"![head classes]({class_png.name})", ""]
     text = "\n".join(md)
     (out / "classify.md").write_text(text + "\n")
-    summary = ", ".join(f"{r[0]}: {r[2]} first-token, {r[6]} c-attending" for r in rows)
+    summary = ", ".join(f"{r[0]}: {r[2]} first-token, {r[6]} induction (random tokens), {r[8]} c-attending"
+                        for r in rows)
     return Section("Head classes and attention to c (section 5.4, Figure 2)", text, summary, results)
 
 

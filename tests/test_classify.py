@@ -150,3 +150,43 @@ def test_a_c_threshold_outside_attention_weights_is_refused(c_threshold):
     with pytest.raises(ValueError, match="c_threshold must be an attention weight in \\[0, 1\\]"):
         check_class_args(0.4, 0.8, c_threshold)
     check_class_args(0.4, 0.8, 0.0)
+
+
+def test_induction_score_is_transformerlens_diagonal_and_finds_a_planted_head():
+    """TransformerLens's tutorial score: the attention diagonal at offset 1 - seq_len of [BOS, s, s],
+    averaged; a plain loop over (example, query) gives the same, and a planted induction head scores
+    1 on every query of the second repeat."""
+    from circuitlab.classify import induction_scores
+    model, n = planted_model(), 4
+    tokens = torch.tensor([[98, 1, 2, 3, 4, 1, 2, 3, 4], [98, 5, 6, 7, 8, 5, 6, 7, 8]])
+    with model.hooks([plant_induction(tokens)]):
+        scores = induction_scores(model, tokens, seq_len=n)
+        p = attention_patterns(model, tokens)  # [B, L, H, T, T]
+    B, L, H, T, _ = p.shape
+    loop = torch.zeros(L, H)
+    for l in range(L):
+        for h in range(H):
+            vals = [p[b, l, h, q, q - (n - 1)] for b in range(B) for q in range(n - 1, T)]
+            loop[l, h] = sum(vals) / len(vals)
+    torch.testing.assert_close(scores, loop)
+    # the planted head: 1 on the 4 second-repeat queries, its own attention on the 2 first-repeat ones
+    edge = (p[:, 1, 0, n - 1, 0] + p[:, 1, 0, n, 1]).mean()
+    assert scores[1, 0] == pytest.approx((4 + edge.item()) / 6, abs=1e-6) and scores[1, 0] > 0.65
+    assert scores[0, 0] < 0.2 and scores[0, 2] < 0.2  # first-token and previous-token heads are not induction
+
+
+def test_repeated_random_tokens():
+    from circuitlab.classify import induction_scores, repeated_random_tokens
+    t = repeated_random_tokens(5, 7, vocab_size=99, seed=3)
+    assert t.shape == (5, 15) and (t[:, 0] == 50256).all() and torch.equal(t[:, 1:8], t[:, 8:])
+    assert t[:, 1:].max() < 99 and torch.equal(t, repeated_random_tokens(5, 7, vocab_size=99, seed=3))
+    assert not torch.equal(t, repeated_random_tokens(5, 7, vocab_size=99, seed=4))
+    pool = torch.tensor([3, 17, 42])
+    t = repeated_random_tokens(4, 6, pool=pool, bos=None)
+    assert t.shape == (4, 12) and set(t.unique().tolist()) <= {3, 17, 42}
+    with pytest.raises(ValueError, match="seq_len >= 2"):
+        repeated_random_tokens(3, 1)
+    with pytest.raises(ValueError, match="pool holds no token"):
+        repeated_random_tokens(3, 4, pool=torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="cannot hold two repeats of seq_len=5"):
+        induction_scores(planted_model(), torch.zeros(2, 9, dtype=torch.long), seq_len=5)

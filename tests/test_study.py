@@ -169,6 +169,13 @@ def test_classify_counts_a_models_own_circuit(study, models, tmp_path, capsys):
     nesting = json.loads((out / "c_attending_nesting.json").read_text())
     assert [(n["from"], n["to"]) for n in nesting] == [("Alpha", "Beta")]
     assert "paper (GPT-2 small's circuit)" in (out / "classify.md").read_text()
+    for label in ("Alpha", "Beta"):  # TransformerLens's induction score, beside the classes
+        ind = table[label]["induction_score"]
+        scores = torch.tensor(ind["scores"])
+        assert scores.shape == (2, 2) and ((scores >= 0) & (scores <= 1)).all()
+        assert ind["heads"] == (scores > 0.4).nonzero().tolist() and ind["n_examples"] == 10
+    rows = [line for line in (out / "classify.md").read_text().splitlines() if line.startswith("| Beta ")]
+    assert rows and f"{torch.tensor(table['Beta']['induction_score']['scores']).max():.2f}" in rows[0]
     other = json.loads((study / "circuit_beta.json").read_text()) | {"label": "Gamma"}
     (tmp_path / "gamma.json").write_text(json.dumps(other))
     capsys.readouterr()
