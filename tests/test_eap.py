@@ -182,6 +182,33 @@ def test_under_zero_ablation_only_the_input_node_differs_from_the_reference(mode
     assert not torch.allclose(ours[:, 0], ref[:, 0], atol=1e-6, rtol=1e-3)
 
 
+def reference_nodes(model, diff, scores):
+    """The reference's forward nodes [(hook name, index into n_forward)] and its backward hooks, which
+    add einsum(activation difference, gradient) into ``scores`` [n_forward, n_backward] (hannamw/EAP-IG's
+    attribute.py, as its EAP-IG-activations and clean-corrupted scorers build them)."""
+    L, H = model.cfg.n_layer, model.cfg.n_head
+    n_fwd = 1 + L * (H + 1)
+
+    def gradient_hook(prev_index, bwd_index):
+        def fn(grads, hook):
+            g = grads.detach()
+            if g.ndim == 3:
+                g = g.unsqueeze(2)
+            scores[:prev_index, bwd_index] += torch.einsum("bpfh,bpkh->fk", diff[:, :, :prev_index], g).squeeze(1)
+        return fn
+
+    nodes, bwd = [("hook_embed", 0)], []
+    for l in range(L):
+        a = slice(1 + l * (H + 1), 1 + l * (H + 1) + H)
+        nodes += [(f"blocks.{l}.attn.hook_result", a), (f"blocks.{l}.hook_mlp_out", a.stop)]
+        for i, letter in enumerate("qkv"):
+            start = l * (3 * H + 1) + i * H
+            bwd.append((f"blocks.{l}.hook_{letter}_input", gradient_hook(a.start, slice(start, start + H))))
+        bwd.append((f"blocks.{l}.hook_mlp_in", gradient_hook(a.stop, l * (3 * H + 1) + 3 * H)))
+    bwd.append((f"blocks.{L - 1}.hook_resid_post", gradient_hook(n_fwd, -1)))
+    return nodes, bwd
+
+
 def reference_ig_activations(model, clean, corrupted, metric, steps=5, first_step=1, means=None,
                              start_at_mean=False):
     """[n_forward, n_backward]: a port of hannamw/EAP-IG's get_scores_ig_activations (src/eap/attribute.py,
@@ -204,25 +231,7 @@ def reference_ig_activations(model, clean, corrupted, metric, steps=5, first_ste
             into[:, :, index] += acts.detach()
         return fn
 
-    def gradient_hook(prev_index, bwd_index):
-        def fn(grads, hook):
-            g = grads.detach()
-            if g.ndim == 3:
-                g = g.unsqueeze(2)
-            scores[:prev_index, bwd_index] += torch.einsum("bpfh,bpkh->fk", diff[:, :, :prev_index], g).squeeze(1)
-        return fn
-
-    nodes = [("hook_embed", 0)]
-    bwd = []
-    for l in range(L):
-        a = slice(1 + l * (H + 1), 1 + l * (H + 1) + H)
-        m = a.stop
-        nodes += [(f"blocks.{l}.attn.hook_result", a), (f"blocks.{l}.hook_mlp_out", m)]
-        for i, letter in enumerate("qkv"):
-            start = l * (3 * H + 1) + i * H
-            bwd.append((f"blocks.{l}.hook_{letter}_input", gradient_hook(a.start, slice(start, start + H))))
-        bwd.append((f"blocks.{l}.hook_mlp_in", gradient_hook(m, l * (3 * H + 1) + 3 * H)))
-    bwd.append((f"blocks.{L - 1}.hook_resid_post", gradient_hook(n_fwd, -1)))
+    nodes, bwd = reference_nodes(model, diff, scores)
 
     def value(logits):
         return metric(logits[:, -1][None])[0]
@@ -339,23 +348,7 @@ def reference_clean_corrupted(model, clean, corrupted, metric):
             diff[:, :, index] += sign * acts.detach()
         return fn
 
-    def gradient_hook(prev_index, bwd_index):
-        def fn(grads, hook):
-            g = grads.detach()
-            if g.ndim == 3:
-                g = g.unsqueeze(2)
-            scores[:prev_index, bwd_index] += torch.einsum("bpfh,bpkh->fk", diff[:, :, :prev_index], g).squeeze(1)
-        return fn
-
-    nodes, bwd = [("hook_embed", 0)], []
-    for l in range(L):
-        a = slice(1 + l * (H + 1), 1 + l * (H + 1) + H)
-        nodes += [(f"blocks.{l}.attn.hook_result", a), (f"blocks.{l}.hook_mlp_out", a.stop)]
-        for i, letter in enumerate("qkv"):
-            start = l * (3 * H + 1) + i * H
-            bwd.append((f"blocks.{l}.hook_{letter}_input", gradient_hook(a.start, slice(start, start + H))))
-        bwd.append((f"blocks.{l}.hook_mlp_in", gradient_hook(a.stop, l * (3 * H + 1) + 3 * H)))
-    bwd.append((f"blocks.{L - 1}.hook_resid_post", gradient_hook(n_fwd, -1)))
+    nodes, bwd = reference_nodes(model, diff, scores)
     with torch.no_grad():
         with model.hooks([(n, store(1.0, i)) for n, i in nodes]):
             model(corrupted)
