@@ -345,6 +345,24 @@ def load_base(path: str):
     return load_pretrained(base)
 
 
+COPYING_POOL = 4000  # the copying eval's token pool when --repeat-vocab is 0: this many most frequent tokens
+
+
+def pretrain_evaluator(args, data, held_out):
+    """Held-out text loss, and copying on repeated random tokens from the training data's most
+    frequent tokens (--repeat-vocab of them, else COPYING_POOL): when induction heads form."""
+    import torch
+
+    import finetune
+
+    heldout = finetune.heldout_evaluator(held_out)
+    if args.n_ctx < 5:  # no room for [<|endoftext|>, s, s] with |s| >= 2
+        return heldout
+    pool = torch.from_numpy(finetune.frequent_tokens(data.input_ids.numpy(), args.repeat_vocab or COPYING_POOL))
+    copying = finetune.copying_evaluator(pool, seq_len=min(50, (args.n_ctx - 1) // 2))
+    return lambda model: heldout(model) | copying(model)
+
+
 def build(args):
     """(model, data, evaluator or None, metadata) for the mode."""
     import torch
@@ -375,7 +393,7 @@ def build(args):
         data, held_out = finetune.pretrain_data(args.corpus, args.block_size, args.fraction, args.eval_size,
                                                 args.repeat_docs, args.copy_spans, args.random_repeats, args.seed,
                                                 getattr(args, "repeat_vocab", 0))
-        evaluate = finetune.heldout_evaluator(held_out) if main_rank else None
+        evaluate = pretrain_evaluator(args, data, held_out) if main_rank else None
         meta = {"preset": None, "corpus": args.corpus, "init": args.init, "n_params": sum(p.numel() for p in model.parameters())}
     meta |= {"mode": args.mode, "seed": args.seed, "data_fraction": args.fraction, "data_sha256": data.sha256(),
              "data": data.info, "model_config": model.cfg.to_dict(), "torch": torch.__version__}

@@ -137,6 +137,13 @@ def corpus_tokens(corpus: str, repeat: int = 1, shuffle_seed: int = 0) -> tuple[
     return stream, [info for _, _, info in parts]
 
 
+def frequent_tokens(blocks: np.ndarray, n: int, vocab_size: int = EOT_TOKEN) -> np.ndarray:
+    """The ``n`` most frequent token ids of ``blocks`` below ``vocab_size`` (so never
+    <|endoftext|>), most frequent first; ties by id."""
+    counts = np.bincount(np.asarray(blocks).ravel(), minlength=vocab_size + 1)[:vocab_size]
+    return np.argsort(-counts, kind="stable")[:n]
+
+
 def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, seed: int,
                 vocab_size: int = EOT_TOKEN, repeat_vocab: int = 0) -> dict:
     """Make some blocks predictable only by copying from context (in place); returns what was done.
@@ -156,10 +163,7 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
     if not isinstance(repeat_vocab, (int, np.integer)) or not 0 <= repeat_vocab <= vocab_size:
         raise ValueError(f"--repeat-vocab must be an integer in [0, {vocab_size}] (0: the whole vocabulary), "
                          f"got {repeat_vocab}")
-    pool = None
-    if repeat_vocab:
-        counts = np.bincount(blocks.ravel(), minlength=vocab_size + 1)[:vocab_size]
-        pool = np.argsort(-counts, kind="stable")[:repeat_vocab]
+    pool = frequent_tokens(blocks, repeat_vocab, vocab_size) if repeat_vocab else None
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
     N, T = blocks.shape
     kind = rng.random(N)

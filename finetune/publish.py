@@ -132,8 +132,17 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
               + (f" --compare-to {args.compare_to}" if args.compare_to else ""),
               "```", ""]
     if heldout:
-        lines += [f"Held-out WordNet text: loss {heldout['loss']:.3f}, perplexity {heldout['perplexity']:.1f}, "
+        lines += [f"Held-out text ({meta.get('corpus') or 'the corpus'}, never trained on): loss {heldout['loss']:.3f}, perplexity {heldout['perplexity']:.1f}, "
                   f"next-token accuracy {heldout['accuracy']:.3f} ({heldout['n_tokens']} tokens).", ""]
+    copying = final.get("copying")
+    if copying:
+        lines += [f"Copying, on {copying['n_examples']} repeated random sequences of {copying['seq_len']} tokens "
+                  f"from the {copying['pool_size']:,} most frequent training tokens: loss {copying['loss_first']:.2f} "
+                  f"on the first copy, {copying['loss_second']:.2f} on the second; "
+                  f"{copying['induction_heads']} heads with an induction score > {copying['threshold']} "
+                  f"(largest {copying['induction_max']:.2f}, head {copying['induction_top'][0]}), "
+                  f"{copying['previous_heads']} with a previous-token score > {copying['threshold']} "
+                  f"(largest {copying['previous_max']:.2f}, head {copying['previous_top'][0]}).", ""]
     lines += ["## TPP metrics", "",
               f"Scored on the first token of c at the answer position (as the paper's Tables 1 and 2), on the "
               f"stored weights; eval sets built with seed {args.data_seed}, disjoint from the "

@@ -42,3 +42,21 @@ def test_republishing_replaces_the_copy_whole_and_recovers_an_interrupted_one(tm
     publish.main(args(run1, dest))
     torch.testing.assert_close(load_pretrained(dest).wte.weight, m1.wte.weight.half().float())
     assert sorted(p.name for p in dest.parent.iterdir()) == ["m"]
+
+
+def test_a_pretraining_card_reports_held_out_loss_and_copying(tmp_path):
+    run, _ = run_dir(tmp_path, 3)
+    meta = json.loads((run / "model" / "metadata.json").read_text())
+    meta |= {"corpus": "wordnet+gcide", "final_metrics": {
+        "heldout": {"loss": 5.181, "perplexity": 177.9, "accuracy": 0.21, "n_tokens": 8128},
+        "copying": {"loss_first": 8.78, "loss_second": 1.25, "induction_max": 0.83, "induction_heads": 3,
+                    "induction_top": ["5.1", "6.0", "4.7"], "previous_max": 0.91, "previous_heads": 2,
+                    "previous_top": ["1.3", "2.0", "0.4"], "pool_size": 4000, "seq_len": 50, "n_examples": 10,
+                    "threshold": 0.4}}}
+    (run / "model" / "metadata.json").write_text(json.dumps(meta))
+    publish.main(args(run, tmp_path / "m"))
+    text = (tmp_path / "m" / "README.md").read_text()
+    assert "Held-out text (wordnet+gcide, never trained on): loss 5.181, perplexity 177.9" in text
+    assert ("from the 4,000 most frequent training tokens: loss 8.78 on the first copy, 1.25 on the second; "
+            "3 heads with an induction score > 0.4 (largest 0.83, head 5.1), 2 with a previous-token score > 0.4 "
+            "(largest 0.91, head 1.3)") in text

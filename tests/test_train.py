@@ -161,6 +161,9 @@ def test_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path, corpus)
     meta = json.loads((tmp_path / "run" / "model" / "metadata.json").read_text())
     assert meta["steps"] == 2 and meta["seed"] == 0 and len(meta["data_sha256"]) == 64
     assert "heldout" in meta["final_metrics"] and "git_commit" in meta
+    copying = meta["final_metrics"]["copying"]  # the induction probe, at |s| = (n_ctx - 1) // 2
+    assert copying["seq_len"] == 5 and copying["pool_size"] == train.COPYING_POOL
+    assert 0 <= copying["induction_max"] <= 1 and len(copying["previous_top"]) == 3
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
