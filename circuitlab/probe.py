@@ -1,8 +1,11 @@
 """The forgetting probe (the paper's section 6.1): greedy continuations of the same
-prompts by several models, side by side."""
+prompts by several models, side by side, each with how many of its words are English
+(``english_words``: in WordNet, any part of speech and inflection, or a closed-class word)."""
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,6 +15,52 @@ from minigpt2.tokenizer import EOT_TOKEN
 
 DEFAULT_PROMPT = "if all men are humans and humans are alive then all men are"
 
+# English's closed classes (articles, pronouns, prepositions, conjunctions, auxiliaries, ...),
+# which WordNet (nouns, verbs, adjectives and adverbs only) leaves out.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every either neither no none all both half
+i me my mine myself you your yours yourself yourselves he him his himself she her hers herself it its
+itself we us our ours ourselves they them their theirs themselves who whom whose which what whoever
+whatever whichever one ones oneself somebody someone something anybody anyone anything nobody
+nothing everybody everyone everything other another such
+of in on at by for with without to from into onto upon about above below over under between among
+through throughout during before after since until till against toward towards within beneath
+beside besides beyond across along around behind near off out up down per via than as like unlike
+and or but nor so yet if then else because although though while whereas whether unless once when
+whenever where wherever why how
+am is are was were be been being have has had having do does did done doing will would shall
+should can could may might must ought not
+there here very too also just only even ever never always often again more most less least much
+many few several own same
+""".split())
+WORD = re.compile(r"[A-Za-z]+")
+
+
+@functools.lru_cache(maxsize=1)
+def _wordnet():
+    from nltk.corpus import wordnet
+
+    try:
+        wordnet.ensure_loaded()
+    except LookupError:
+        raise LookupError("WordNet was not found by nltk, and the forgetting probe counts English words with "
+                          "it. Point NLTK_DATA at a folder holding corpora/wordnet (here: ../shared/nltk_data), "
+                          "or run python -m nltk.downloader wordnet") from None
+    return wordnet
+
+
+def is_english(word: str) -> bool:
+    """A closed-class word, or a lemma of WordNet (of any part of speech) after its inflections
+    are undone ("humans" -> "human", "ran" -> "run"); case is ignored."""
+    w = word.lower()
+    return w in FUNCTION_WORDS or _wordnet().morphy(w) is not None
+
+
+def english_words(text: str) -> tuple[int, int]:
+    """(English words, words) of ``text``; a word is a maximal run of ASCII letters."""
+    words = WORD.findall(text)
+    return sum(map(is_english, words)), len(words)
+
 
 @dataclass
 class Continuation:
@@ -20,6 +69,8 @@ class Continuation:
     continuation: str  # the generated text only
     tokens: list[int]  # the generated ids
     stopped: bool  # True if the model emitted <|endoftext|> (the paper's "chose to end the sequence")
+    english_words: int  # of the continuation's words, those that are English (see english_words)
+    words: int
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -41,5 +92,6 @@ def continuations(models: dict[str, GPT2], prompts: list[str], max_new_tokens: i
             tokens = model.generate(torch.tensor([ids]), max_new_tokens)[0, len(ids):].tolist()
             stopped = EOT_TOKEN in tokens
             new = tokens[:tokens.index(EOT_TOKEN)] if stopped else tokens
-            out.append(Continuation(name, prompt, enc.decode(new), new, stopped))
+            text = enc.decode(new)
+            out.append(Continuation(name, prompt, text, new, stopped, *english_words(text)))
     return out

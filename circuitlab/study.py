@@ -511,11 +511,15 @@ def generate(session: Session, out: Path, prompts: list[str] = (DEFAULT_PROMPT,)
     md = []
     for prompt in prompts:
         rows = [[c.model, (c.continuation.replace("|", "\\|").replace("\n", "⏎") or "(nothing)")
-                 + (" ⟨end of text⟩" if c.stopped else "")] for c in conts if c.prompt == prompt]
-        md += [f"Prompt: *{prompt}*", "", markdown_table(["Model", "Greedy continuation"], rows), ""]
+                 + (" ⟨end of text⟩" if c.stopped else ""), f"{c.english_words}/{c.words}"]
+                for c in conts if c.prompt == prompt]
+        md += [f"Prompt: *{prompt}*", "", markdown_table(["Model", "Greedy continuation", "English words"], rows), ""]
+    md.append("English words: of the continuation's words (runs of letters), those in WordNet (any part of "
+              "speech, inflections undone) or in English's closed classes (the, of, are, ...).")
     text = "\n".join(md)
     (out / "generate.md").write_text(text + "\n")
-    return Section("Signs of forgetting (section 6.1)", text, f"{len(conts)} continuations",
+    summary = ", ".join(f"{c.model}: {c.english_words}/{c.words} English words" for c in conts)
+    return Section("Signs of forgetting (section 6.1)", text, f"{len(conts)} continuations ({summary})",
                    {"continuations": [c.to_json() for c in conts]})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -52,6 +53,9 @@ def test_study_writes_a_complete_report(study, capsys):
     for image in ("sweep_accuracy.png", "circuits.png", "c_attention.png", "head_classes.png", "acdc_beta.png"):
         assert f"]({image})" in report and (study / image).stat().st_size > 1000
     assert "Alpha" in report and "Beta" in report
+    continuations = json.loads((study / "generate.json").read_text())  # each with its English-word count
+    assert continuations and all(0 <= c["english_words"] <= c["words"] for c in continuations)
+    assert re.search(r"\| Greedy continuation +\| English words +\|", report)
     acdc = json.loads((study / "acdc_beta.json").read_text())  # ACDC on the last model, EAP-IG on each
     assert acdc["method"] == "ACDC" and "held_out" in acdc and (study / "eap_ig_alpha.json").exists()
     info = json.loads((study / "provenance.json").read_text())
