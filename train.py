@@ -358,7 +358,8 @@ def pretrain_evaluator(args, data, held_out):
     heldout = finetune.heldout_evaluator(held_out)
     if args.n_ctx < 5:  # no room for [<|endoftext|>, s, s] with |s| >= 2
         return heldout
-    pool = torch.from_numpy(finetune.frequent_tokens(data.input_ids.numpy(), args.repeat_vocab or COPYING_POOL))
+    n_pool = getattr(args, "repeat_vocab", 0) or COPYING_POOL  # runs from before --repeat-vocab lack it
+    pool = torch.from_numpy(finetune.frequent_tokens(data.input_ids.numpy(), n_pool))
     copying = finetune.copying_evaluator(pool, seq_len=min(50, (args.n_ctx - 1) // 2))
     return lambda model: heldout(model) | copying(model)
 
