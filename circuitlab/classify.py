@@ -32,12 +32,15 @@ CLASSES = ("first", "self", "previous", "induction")
 
 
 @torch.no_grad()
-def attention_patterns(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, L, H, T, T]: every head's attention pattern (query x key)."""
+def attention_patterns(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       with_logits: bool = False):
+    """[B, L, H, T, T]: every head's attention pattern (query x key); with ``with_logits``,
+    (logits [B, T, V], patterns) from the same forward pass."""
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layer)]
-    _, cache = model.run_with_cache(tokens.to(model.device), names=names,
-                                    attention_mask=None if attention_mask is None else attention_mask.to(model.device))
-    return torch.stack([cache[n] for n in names], dim=1).float()
+    logits, cache = model.run_with_cache(tokens.to(model.device), names=names, attention_mask=None
+                                         if attention_mask is None else attention_mask.to(model.device))
+    patterns = torch.stack([cache[n] for n in names], dim=1).float()
+    return (logits, patterns) if with_logits else patterns
 
 
 def class_weights(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -186,5 +189,9 @@ def induction_scores(model: GPT2, tokens: torch.Tensor | None = None, seq_len: i
         tokens = repeated_random_tokens(seq_len=seq_len, vocab_size=model.cfg.vocab_size, **random)
     if tokens.ndim != 2 or tokens.shape[1] < 2 * seq_len:
         raise ValueError(f"tokens of shape {tuple(tokens.shape)} cannot hold two repeats of seq_len={seq_len}")
-    patterns = attention_patterns(model, tokens)  # [B, L, H, T, T]
+    return induction_from_patterns(attention_patterns(model, tokens), seq_len)
+
+
+def induction_from_patterns(patterns: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[L, H]: ``induction_scores`` from the patterns [B, L, H, T, T] of [BOS, s, s], |s| = seq_len."""
     return patterns.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1).mean(dim=(0, -1))

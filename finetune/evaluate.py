@@ -99,7 +99,7 @@ def copying_evaluator(pool: torch.Tensor, seq_len: int = 50, n_examples: int = 1
 
     Logged at every evaluation of a pretraining run, it shows when induction heads form.
     """
-    from circuitlab.classify import attention_patterns, repeated_random_tokens
+    from circuitlab.classify import attention_patterns, induction_from_patterns, repeated_random_tokens
 
     tokens = repeated_random_tokens(n_examples, seq_len, seed=seed, pool=pool)  # [B, 1 + 2 seq_len]
 
@@ -109,10 +109,9 @@ def copying_evaluator(pool: torch.Tensor, seq_len: int = 50, n_examples: int = 1
             raise ValueError(f"copying eval: 1 + 2 x seq_len={seq_len} tokens exceed the model's n_ctx="
                              f"{model.cfg.n_ctx}; pass seq_len <= {(model.cfg.n_ctx - 1) // 2}")
         x = tokens.to(model.device)
-        logits = model(x)[:, :-1].float()  # position t predicts token t + 1
-        ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # [B, 2 seq_len]
-        patterns = attention_patterns(model, x)  # [B, L, H, T, T]
-        scores = {"induction": patterns.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1).mean(dim=(0, -1)),
+        logits, patterns = attention_patterns(model, x, with_logits=True)  # [B, T, V], [B, L, H, T, T]
+        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")  # t predicts t + 1
+        scores = {"induction": induction_from_patterns(patterns, seq_len),
                   "previous": patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, -1))}  # [L, H]
         out = {"loss_first": float(ce[:, :seq_len].mean()), "loss_second": float(ce[:, seq_len + 1:].mean())}
         for name, s in scores.items():
