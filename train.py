@@ -51,6 +51,7 @@ MAY_CHANGE_AFTER_NON_FINITE = {"lr", "warmup_steps", "grad_clip"}
 WHOLE_AT_LEAST = {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "max_steps": 1, "warmup_steps": 0,
                   "log_every": 1, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1, "seed": 0, "eval_size": 1,
                   "master_size": 1, "data_seed": 0, "single_token_eval_size": 1, "block_size": 2, "repeat_docs": 1, "repeat_vocab": 0,
+                  "repeat_length": 0,
                   "n_layer": 1, "n_head": 1, "d_model": 1, "d_mlp": 1, "n_ctx": 1}
 OPTIONAL = {"micro_batch_size", "max_steps"}
 NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "min_lr_ratio": "[0, 1]",
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--repeat-vocab", type=int, default=0,
                         help="draw --random-repeats' tokens from this many most frequent tokens of the corpus "
                              "(default 0: the whole vocabulary)")
+    corpus.add_argument("--repeat-length", type=int, default=0,
+                        help="longest --random-repeats sequence, at least 8 (default 0: half a block); shorter "
+                             "sequences repeat more often, a denser copying signal")
     corpus.add_argument("--init", help="start from this checkpoint's weights (continued pretraining) instead of a "
                                        "random initialisation; its shape must equal the model flags")
     arch = pt.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")
@@ -235,6 +239,9 @@ def cross_problem(args) -> str | None:
             return f"--copy-spans {args.copy_spans} + --random-repeats {args.random_repeats} exceed 1"
         if args.repeat_vocab > 50256:
             return f"--repeat-vocab {args.repeat_vocab} exceeds the vocabulary's 50256 tokens (0: all of them)"
+        if args.repeat_length and not 8 <= args.repeat_length <= args.block_size // 2:
+            return (f"--repeat-length {args.repeat_length} must be in [8, {args.block_size // 2}] (half of "
+                    f"--block-size {args.block_size}, so that each sequence repeats), or 0")
     elif round(args.fraction * args.master_size) < 1:
         return f"--fraction {args.fraction} of --master-size {args.master_size} keeps no example: raise --fraction"
     return None
@@ -393,7 +400,7 @@ def build(args):
             model.init_weights(seed=args.seed)
         data, held_out = finetune.pretrain_data(args.corpus, args.block_size, args.fraction, args.eval_size,
                                                 args.repeat_docs, args.copy_spans, args.random_repeats, args.seed,
-                                                getattr(args, "repeat_vocab", 0))
+                                                getattr(args, "repeat_vocab", 0), getattr(args, "repeat_length", 0))
         evaluate = pretrain_evaluator(args, data, held_out) if main_rank else None
         meta = {"preset": None, "corpus": args.corpus, "init": args.init, "n_params": sum(p.numel() for p in model.parameters())}
     meta |= {"mode": args.mode, "seed": args.seed, "data_fraction": args.fraction, "data_sha256": data.sha256(),

@@ -145,7 +145,7 @@ def frequent_tokens(blocks: np.ndarray, n: int, vocab_size: int = EOT_TOKEN) -> 
 
 
 def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, seed: int,
-                vocab_size: int = EOT_TOKEN, repeat_vocab: int = 0) -> dict:
+                vocab_size: int = EOT_TOKEN, repeat_vocab: int = 0, repeat_length: int = 0) -> dict:
     """Make some blocks predictable only by copying from context (in place); returns what was done.
 
     A ``copy_spans`` fraction of the blocks gets one span of its own text (8 to T/3 tokens)
@@ -154,6 +154,8 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
     fill the block: the setting of the induction score. The standard recipe for induction heads.
     ``repeat_vocab`` N > 0 draws the random tokens from the N most frequent tokens of ``blocks``
     instead of the whole vocabulary, so that their embeddings are trained by the text as well.
+    ``repeat_length`` L > 0 makes the random sequences 8 to L tokens long instead of 8 to T/2:
+    shorter sequences repeat more often per block, a denser signal that forms induction heads sooner.
     """
     for flag, v in (("--copy-spans", copy_spans), ("--random-repeats", random_repeats)):
         if not 0 <= v <= 1:
@@ -163,9 +165,13 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
     if not isinstance(repeat_vocab, (int, np.integer)) or not 0 <= repeat_vocab <= vocab_size:
         raise ValueError(f"--repeat-vocab must be an integer in [0, {vocab_size}] (0: the whole vocabulary), "
                          f"got {repeat_vocab}")
+    N, T = blocks.shape
+    if not isinstance(repeat_length, (int, np.integer)) or not (repeat_length == 0 or 8 <= repeat_length <= T // 2):
+        raise ValueError(f"--repeat-length must be 0 (up to half a block) or an integer in [8, {T // 2}] "
+                         f"(half of --block-size {T}, so that each sequence repeats), got {repeat_length}")
+    longest = repeat_length or max(8, T // 2)
     pool = frequent_tokens(blocks, repeat_vocab, vocab_size) if repeat_vocab else None
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
-    N, T = blocks.shape
     kind = rng.random(N)
     copied = np.nonzero(kind < copy_spans)[0]
     for i in copied:
@@ -175,17 +181,18 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
         blocks[i, d:d + L] = blocks[i, s:s + L]
     randoms = np.nonzero((kind >= copy_spans) & (kind < copy_spans + random_repeats))[0]
     for i in randoms:
-        n = int(rng.integers(8, max(9, T // 2 + 1)))
+        n = int(rng.integers(8, longest + 1))
         seq = rng.integers(0, vocab_size, n) if pool is None else pool[rng.integers(0, len(pool), n)]
         blocks[i] = np.resize(seq, T)
     return {"copy_spans": copy_spans, "random_repeats": random_repeats, "repeat_vocab": int(repeat_vocab),
+            **({"repeat_length": int(repeat_length)} if repeat_length else {}),
             "n_copy_span_blocks": len(copied),
             "n_random_repeat_blocks": len(randoms)}
 
 
 def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_blocks: int = 64, repeat: int = 1,
-                  copy_spans: float = 0.0, random_repeats: float = 0.0, seed: int = 0, repeat_vocab: int = 0
-                  ) -> tuple[TrainData, torch.Tensor]:
+                  copy_spans: float = 0.0, random_repeats: float = 0.0, seed: int = 0, repeat_vocab: int = 0,
+                  repeat_length: int = 0) -> tuple[TrainData, torch.Tensor]:
     """Training blocks and held-out blocks [eval_blocks, block_size] (the corpus's last ones).
 
     The stream is cut into consecutive non-overlapping blocks; the tail that does
@@ -208,6 +215,7 @@ def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_bloc
     info = {"source": corpus, "sources": source_info, "repeat_docs": repeat, "corpus_tokens": int(len(stream)),
             "block_size": block_size, "n_blocks": len(train), "eval_blocks": eval_blocks}
     if copy_spans or random_repeats:
-        info["repeats"] = add_repeats(train, copy_spans, random_repeats, seed, repeat_vocab=repeat_vocab)
+        info["repeats"] = add_repeats(train, copy_spans, random_repeats, seed, repeat_vocab=repeat_vocab,
+                                       repeat_length=repeat_length)
     train = torch.from_numpy(train)
     return TrainData(train.clone(), train.clone(), None, info=info), torch.from_numpy(held_out.copy())

@@ -59,6 +59,8 @@ PRETRAIN = [
     (["--copy-spans", "0.6", "--random-repeats", "0.6"], "--copy-spans"),
     (["--d-model", "100"], "--d-model"),  # not a multiple of the 12 heads
     (["--block-size", "256", "--n-ctx", "128"], "--block-size"),
+    (["--repeat-length", "-1"], "--repeat-length"), (["--repeat-length", "7"], "--repeat-length"),
+    (["--repeat-length", "40", "--block-size", "64"], "--repeat-length"),  # more than half a block
 ]
 CASES = ([("finetune", *c) for c in COMMON + FINETUNE] + [("pretrain", *c) for c in COMMON + PRETRAIN])
 

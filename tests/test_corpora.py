@@ -97,3 +97,21 @@ def test_random_repeats_can_draw_from_the_most_frequent_tokens():
     assert len(drawn) >= info["n_random_repeat_blocks"]  # every random block uses only the 50 most frequent
     with pytest.raises(ValueError, match="--repeat-vocab"):
         add_repeats(blocks.copy(), 0.0, 0.5, seed=0, repeat_vocab=-1)
+
+
+def test_repeat_length_shortens_the_random_sequences():
+    rng = np.random.default_rng(2)
+    blocks = rng.integers(0, 1000, (300, 128))
+    info = add_repeats(blocks, copy_spans=0.0, random_repeats=0.5, seed=0, repeat_length=16)
+    assert info["repeat_length"] == 16
+    periods = [next((p for p in range(8, 65) if (row[p:] == row[:-p]).all()), None) for row in blocks]
+    periods = [p for p in periods if p is not None]
+    assert len(periods) == info["n_random_repeat_blocks"] > 100
+    assert max(periods) <= 16 and len(set(periods)) > 4  # 8..16, several lengths drawn
+    default = rng.integers(0, 1000, (300, 128))
+    add_repeats(default, copy_spans=0.0, random_repeats=0.5, seed=0)
+    assert max(next(p for p in range(8, 65) if (row[p:] == row[:-p]).all())
+               for row in default if any((row[p:] == row[:-p]).all() for p in range(8, 65))) > 16
+    for bad in (7, 65, 2.5):
+        with pytest.raises(ValueError, match=r"--repeat-length must be .* \[8, 64\]"):
+            add_repeats(blocks.copy(), 0.0, 0.5, seed=0, repeat_length=bad)
