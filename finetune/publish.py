@@ -75,11 +75,78 @@ def metrics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def reproducing_command(meta: dict) -> str:
-    """The run's command; a resumed run equals an uninterrupted one, so --resume is dropped."""
-    words = shlex.split(meta.get("command", "")) or ["(command not recorded)"]
-    env = "NLTK_DATA=../shared/nltk_data " if meta.get("corpus") == "wordnet" else ""
-    return env + shlex.join(w for w in words if w != "--resume")
+def lineage(meta: dict, limit: int = 64) -> list[dict]:
+    """The runs that made a model, oldest first: the model's own run and, before it, the run of
+    every ``--init`` checkpoint it continued (continued pretraining), read from each checkpoint's
+    metadata.json, which records its run's command and step."""
+    stages = [meta]
+    while stages[-1].get("init"):
+        init = Path(stages[-1]["init"])
+        if not (init / "metadata.json").exists():
+            raise FileNotFoundError(f"--init {init} of the run {stages[-1].get('command', '?')!r} has no metadata.json, "
+                                    "so the card cannot say how it was made: publish on the machine that holds it")
+        stages.append(json.loads((init / "metadata.json").read_text()))
+        if len(stages) > limit:
+            raise ValueError(f"more than {limit} --init stages from {meta.get('command')!r}: a cycle?")
+    return stages[::-1]
+
+
+def _set_flag(words: list[str], flag: str, value: str | None) -> list[str]:
+    """words with ``flag value`` set (replaced, or appended), or removed when value is None."""
+    out, i = [], 0
+    while i < len(words):
+        if words[i] == flag:
+            i += 2
+            continue
+        if words[i].startswith(flag + "="):
+            i += 1
+            continue
+        out.append(words[i])
+        i += 1
+    return out + ([flag, value] if value is not None else [])
+
+
+def reproducing_commands(meta: dict) -> list[str]:
+    """Commands that make the model again, one per stage of its ``lineage``. A resumed run
+    equals an uninterrupted one, so --resume is dropped. Every stage stops at the step its model
+    or checkpoint was taken (--max-steps, which leaves the schedule as it was) and writes
+    runs/<name>; the next stage starts from that run's final model (--init runs/<name>/model)."""
+    commands, previous = [], None
+    for stage in lineage(meta):
+        words = [w for w in shlex.split(stage.get("command", "")) if w != "--resume"] or ["(command not recorded)"]
+        if "--out" in words[:-1]:
+            out = f"runs/{Path(words[words.index('--out') + 1]).name}"
+            words = _set_flag(words, "--out", out)
+        else:
+            out = None
+        if previous is not None:
+            words = _set_flag(words, "--init", f"{previous}/model")
+        if stage.get("steps") and words[:2] == ["python", "train.py"]:
+            words = _set_flag(words, "--max-steps", str(stage["steps"]))
+        corpus = stage.get("corpus") or ""
+        env = "NLTK_DATA=../shared/nltk_data " if "wordnet" in corpus.split("+") else ""
+        commands.append(env + shlex.join(words))
+        previous = out
+    return commands
+
+
+def stages_table(stages: list[dict]) -> str:
+    """Markdown: what each pretraining stage trained on, for how long, and where it ended."""
+    rows = ["| stage | steps | tokens | data | held-out loss | copying: 2nd-copy loss, induction max |",
+            "|---|---|---|---|---|---|"]
+    for i, st in enumerate(stages, 1):
+        data = st.get("data", {})
+        rep = data.get("repeats", {})
+        mix = (f"{st.get('corpus')}, block {data.get('block_size')}; random repeats {rep.get('random_repeats', 0):.0%}"
+               + (f" (top {rep['repeat_vocab']:,} tokens" if rep.get("repeat_vocab") else " (all tokens")
+               + (f", 8-{rep['repeat_length']} long)" if rep.get("repeat_length") else ")")
+               + f", copied spans {rep.get('copy_spans', 0):.0%}")
+        m = st.get("final_metrics", {})
+        held = f"{m['heldout']['loss']:.3f}" if "heldout" in m else "-"
+        cp = m.get("copying")
+        copy = f"{cp['loss_second']:.2f}, {cp['induction_max']:.2f}" if cp else "-"
+        rows.append(f"| {i} | {st.get('steps'):,} | {st.get('tokens_seen', 0):,} | {mix} | {held} | {copy} |")
+    return "\n".join(rows)
 
 
 def subset_edges(model, base, sets: dict, n: int) -> dict:
@@ -123,8 +190,13 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
         lines.append(f"- label style: {meta['label_style']}")
     if args.scale:
         lines.append(f"- scaled from the paper: {args.scale}")
+    stages = lineage(meta)
+    if len(stages) > 1:
+        lines += [f"- stages: {len(stages)} runs, each continuing the last one's weights (--init); "
+                  f"{sum(st.get('steps', 0) for st in stages):,} steps, "
+                  f"{sum(st.get('tokens_seen', 0) for st in stages):,} tokens in all", "", stages_table(stages), ""]
     lines += [f"- git commit: `{meta.get('git_commit')}`", "", "Reproduce:", "", "```",
-              reproducing_command(meta),
+              *reproducing_commands(meta),
               f"python -m finetune.publish {args.run} {args.dest} --title {json.dumps(args.title)} "
               f"--about {json.dumps(args.about)}" + (f" --scale {json.dumps(args.scale)}" if args.scale else "")
               + (f" --answer-space {args.answer_space}" if args.answer_space else "")

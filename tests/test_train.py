@@ -134,6 +134,45 @@ def test_resume_after_max_steps_equals_an_uninterrupted_run(tmp_path, corpus):
     assert {p.suffix for p in ckpt.rglob("*") if p.is_file()} == {".safetensors", ".json"}
 
 
+def test_a_model_made_in_stages_is_rebuilt_by_its_cards_commands(tmp_path, corpus, monkeypatch):
+    """Continued pretraining (--init from a copied checkpoint of a longer run, then a second run
+    that is interrupted and resumed): the card's commands, run from scratch, give the same weights."""
+    from finetune import publish
+
+    made = tmp_path / "made"
+    train.main(pretrain_argv(corpus, made / "first", "--max-steps", "8", "--keep-checkpoints", "4", "--seed", "1",
+                             "--block-size", "16", "--n-ctx", "32"))
+    os.rename(made / "first" / "checkpoints" / "step-00000004", made / "first_step4")
+    second = pretrain_argv(corpus, made / "second", "--init", str(made / "first_step4"), "--max-steps", "9",
+                           "--random-repeats", "0.5", "--repeat-length", "8", "--seed", "2", "--block-size", "16", "--n-ctx", "32")
+    train.main(_with(second, "--max-steps", "3"))
+    meta = train.main([*_with(second, "--max-steps", "5"), "--resume"])
+    stages = publish.lineage(meta)
+    assert [st["steps"] for st in stages] == [4, 5]
+    commands = publish.reproducing_commands(meta)
+    assert len(commands) == 2 and all("--resume" not in c for c in commands)
+    assert "--init runs/first/model" in commands[1] and "--max-steps 4" in commands[0]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:2] == ["python", "train.py"]
+        train.main(words[2:])
+    a, b = weights(made / "second"), weights(tmp_path / "runs" / "second")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    table = publish.stages_table(stages)
+    assert table.count("\n") == 3 and "random repeats 50% (all tokens, 8-8 long)" in table
+    publish.main([str(made / "second"), str(tmp_path / "card"), "--title", "T", "--about", "staged", "--master-size",
+                  "200", "--eval-size", "8", "--single-token-eval-size", "4"])
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "- stages: 2 runs, each continuing the last one's weights (--init); 9 steps" in card
+    assert table in card and all(c in card for c in commands)
+
+
+def _with(argv: list[str], flag: str, value: str) -> list[str]:
+    i = argv.index(flag)
+    return [*argv[:i + 1], value, *argv[i + 2:]]
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, corpus):
     train.main(pretrain_argv(corpus, tmp_path / "whole", "--max-steps", "5"))
 
