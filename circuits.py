@@ -196,6 +196,8 @@ def setup(args) -> tuple[S.Session, dict[str, dict]]:
         circuits = load_circuits(args.circuits, ses.configs)
     elif args.command == "classify":
         circuits = load_circuits(args.circuits, ses.configs, own_model=True)
+    if args.command in ("classify", "study"):
+        ses.frequent_tokens  # read and checked now, before any work
     if args.command in ("search", "study"):
         opts = search_options(args)
         opts.check()

@@ -355,18 +355,26 @@ def load_base(path: str):
 COPYING_POOL = 4000  # the copying eval's token pool when --repeat-vocab is 0: this many most frequent tokens
 
 
-def pretrain_evaluator(args, data, held_out):
-    """Held-out text loss, and copying on repeated random tokens from the training data's most
-    frequent tokens (--repeat-vocab of them, else COPYING_POOL): when induction heads form."""
+def copying_pool(args, data):
+    """The copying probe's tokens: the training data's --repeat-vocab most frequent (else
+    COPYING_POOL), most frequent first; a torch tensor."""
     import torch
 
+    import finetune
+
+    n_pool = getattr(args, "repeat_vocab", 0) or COPYING_POOL  # runs from before --repeat-vocab lack it
+    return torch.from_numpy(finetune.frequent_tokens(data.input_ids.numpy(), n_pool))
+
+
+def pretrain_evaluator(args, data, held_out, pool=None):
+    """Held-out text loss, and copying on repeated random tokens from ``pool`` (default
+    ``copying_pool``): when induction heads form."""
     import finetune
 
     heldout = finetune.heldout_evaluator(held_out)
     if args.n_ctx < 5:  # no room for [<|endoftext|>, s, s] with |s| >= 2
         return heldout
-    n_pool = getattr(args, "repeat_vocab", 0) or COPYING_POOL  # runs from before --repeat-vocab lack it
-    pool = torch.from_numpy(finetune.frequent_tokens(data.input_ids.numpy(), n_pool))
+    pool = copying_pool(args, data) if pool is None else pool
     copying = finetune.copying_evaluator(pool, seq_len=min(50, (args.n_ctx - 1) // 2))
     return lambda model: heldout(model) | copying(model)
 
@@ -401,8 +409,11 @@ def build(args):
         data, held_out = finetune.pretrain_data(args.corpus, args.block_size, args.fraction, args.eval_size,
                                                 args.repeat_docs, args.copy_spans, args.random_repeats, args.seed,
                                                 getattr(args, "repeat_vocab", 0), getattr(args, "repeat_length", 0))
-        evaluate = pretrain_evaluator(args, data, held_out) if main_rank else None
-        meta = {"preset": None, "corpus": args.corpus, "init": args.init, "n_params": sum(p.numel() for p in model.parameters())}
+        pool = copying_pool(args, data)
+        evaluate = pretrain_evaluator(args, data, held_out, pool) if main_rank else None
+        meta = {"preset": None, "corpus": args.corpus, "init": args.init, "n_params": sum(p.numel() for p in model.parameters()),
+                # the tokens this model was trained on most: circuits.py draws its copying probes from them
+                "frequent_tokens": pool.tolist()}
     meta |= {"mode": args.mode, "seed": args.seed, "data_fraction": args.fraction, "data_sha256": data.sha256(),
              "data": data.info, "model_config": model.cfg.to_dict(), "torch": torch.__version__}
     return model, data, evaluate, meta

@@ -145,6 +145,24 @@ class Session:
             return {label: m.cfg for label, m in self.models.items()}
         return {label: model_config(self.paths[label]) for label in self.labels}
 
+    @cached_property
+    def frequent_tokens(self) -> tuple[str, torch.Tensor] | None:
+        """(label, ids): the most frequent pretraining tokens recorded by ``train.py pretrain`` in the
+        first model's metadata.json that has them (the base); None when no model has them. Models
+        pretrained here saw only these often, unlike GPT-2 small, which saw every token."""
+        for label in self.labels:
+            ids = read_metadata(self.paths[label]).get("frequent_tokens")
+            if ids is None:
+                continue
+            vocab = self.configs[label].vocab_size
+            if (not isinstance(ids, list) or not ids
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids)):
+                raise ValueError(f"{self.paths[label]}/metadata.json: frequent_tokens must be a non-empty list of "
+                                 f"token ids in [0, {vocab}). Fix: restore it from the run that wrote it (train.py), "
+                                 "or delete the field")
+            return label, torch.tensor(ids, dtype=torch.long)
+        return None
+
     def check_same_shape(self) -> None:
         """Refuse models of different shapes (layers x heads), naming them, before any is loaded."""
         check_same_shape({f"{label} ({self.paths[label]})": cfg for label, cfg in self.configs.items()})
@@ -458,17 +476,28 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
         rep_len = min(INDUCTION_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
         ind = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed).cpu()
         ind_heads = [tuple(h) for h in (ind > score_threshold).nonzero().tolist()]
+        frequent = {}
+        if session.frequent_tokens is not None:  # the same on tokens the models were pretrained on
+            source, pool = session.frequent_tokens
+            ind_f = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed,
+                                     pool=pool).cpu()
+            frequent = {"scores": ind_f.tolist(), "pool_from": source, "pool_size": len(pool), "heads":
+                        [list(h) for h in (ind_f > score_threshold).nonzero().tolist()]}
         results[label] = hc.to_json() | {"c_attention": c_att.tolist(), "c_attending_heads": [list(h) for h in c_heads],
                                          "circuit_kept_heads": None if kept is None else [list(h) for h in kept],
                                          "induction_score": {"seq_len": rep_len, "n_examples": INDUCTION_EXAMPLES,
                                                              "scores": ind.tolist(),
-                                                             "heads": [list(h) for h in ind_heads]}}
+                                                             "heads": [list(h) for h in ind_heads]},
+                                         **({"induction_score_frequent_tokens": frequent} if frequent else {})}
 
         def cell(n_in, n_all):
             return str(n_all) if kept is None else f"{n_in} ({n_all})"
         ind_in = [h for h in ind_heads if kept is None or h in set(kept)]
         rows.append([label, "–" if kept is None else len(kept), *(cell(among[c], every[c]) for c in letters),
                      cell(len(ind_in), len(ind_heads)), f"{ind.max().item():.2f}", cell(len(c_in), len(c_heads))])
+        if frequent:
+            f_in = [h for h in map(tuple, frequent["heads"]) if kept is None or h in set(kept)]
+            rows[-1][8:8] = [cell(len(f_in), len(frequent["heads"])), f"{ind_f.max().item():.2f}"]
         c_maps[label] = c_att
         class_maps[label] = torch.stack([hc.fraction[c] for c in letters]).max(dim=0).values
         marks[label] = {}
@@ -476,7 +505,14 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
             for h in hc.heads[c]:
                 marks[label][h] = marks[label].get(h, "") + letter
     rows.append(["paper (GPT-2 small's circuit)", "–", *(str(PAPER_CLASS_COUNTS[c]) for c in letters), "–", "–",
-                 str(PAPER_CLASS_COUNTS["c-attending"])])
+                 *(["–", "–"] if session.frequent_tokens is not None else []), str(PAPER_CLASS_COUNTS["c-attending"])])
+    freq_cols, freq_text = [], ""
+    if session.frequent_tokens is not None:
+        source, pool = session.frequent_tokens
+        freq_cols = ["Induction (frequent tokens)", "Largest (frequent tokens)"]
+        freq_text = (f" The same on random tokens drawn from the {len(pool):,} most frequent tokens of {source}'s "
+                     "pretraining data (its metadata.json's frequent_tokens), which a model pretrained here knows; "
+                     "GPT-2 small saw every token.")
     nested = c_attending_nesting({label: [tuple(h) for h in r["c_attending_heads"]] for label, r in results.items()})
     write_json(out / "classify.json", results)
     write_json(out / "c_attending_nesting.json", nested)
@@ -489,16 +525,17 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
           f"examples; c-attending: mean attention from the final position to c > {c_threshold}. Induction "
           f"(repeated random tokens): TransformerLens's induction score (circuitlab.classify.induction_scores) "
           f"> {score_threshold} on {INDUCTION_EXAMPLES} sequences [BOS, s, s] of random tokens, and the "
-          "largest score of any head.", "",
+          f"largest score of any head.{freq_text}", "",
           *(["Counts are heads of the model's circuit (of all heads in brackets).", ""] if circuits else []),
           markdown_table(["Model", "Circuit heads", "First-token", "Self", "Previous-token", "Induction",
-                          "Induction (repeated random tokens)", "Largest induction score", "c-attending"], rows), "",
+                          "Induction (repeated random tokens)", "Largest induction score", *freq_cols, "c-attending"],
+                         rows), "",
           *nesting_markdown(nested),
           f"![c attention]({fig2.name})", "", f"![head classes]({class_png.name})", ""]
     text = "\n".join(md)
     (out / "classify.md").write_text(text + "\n")
-    summary = ", ".join(f"{r[0]}: {r[2]} first-token, {r[6]} induction (random tokens), {r[8]} c-attending"
-                        for r in rows)
+    summary = ", ".join(f"{r[0]}: {r[2]} first-token, {r[6]} induction (random tokens)"
+                        + (f", {r[8]} (frequent tokens)" if freq_cols else "") + f", {r[-1]} c-attending" for r in rows)
     return Section("Head classes and attention to c (section 5.4, Figure 2)", text, summary, results)
 
 

@@ -188,6 +188,44 @@ def test_classify_counts_a_models_own_circuit(study, models, tmp_path, capsys):
     assert "'Gamma' matches none of the models ['Alpha', 'Beta']" in capsys.readouterr().err
 
 
+def test_classify_scores_induction_on_the_bases_frequent_tokens_too(models, tmp_path, capsys):
+    """A base pretrained here records its most frequent tokens; classify then scores induction on
+    repeated random tokens drawn from them as well, for every model, beside TransformerLens's recipe."""
+    import shutil
+
+    from circuitlab.classify import induction_scores
+
+    dirs = {}
+    for spec in models:
+        label, path = spec.split("=")
+        dirs[label] = tmp_path / label
+        shutil.copytree(path, dirs[label])
+    pool = [11, 257, 318, 1000, 4999, 7, 42, 50000]
+    (dirs["Alpha"] / "metadata.json").write_text(json.dumps({"mode": "pretrain", "frequent_tokens": pool}))
+    out = tmp_path / "classify"
+    argv = ["classify", "--models", *(f"{k}={v}" for k, v in dirs.items()), "--examples", "8", "--seed", "1"]
+    assert circuits.main([*argv, "--out", str(out)]) == 0
+    table = json.loads((out / "classify.json").read_text())
+    md = (out / "classify.md").read_text()
+    for label in ("Alpha", "Beta"):
+        freq = table[label]["induction_score_frequent_tokens"]
+        assert freq["pool_from"] == "Alpha" and freq["pool_size"] == len(pool)
+        want = induction_scores(GPT2.from_pretrained(dirs[label]), seq_len=31, n_examples=10, seed=1,
+                                pool=torch.tensor(pool))
+        torch.testing.assert_close(torch.tensor(freq["scores"]), want)
+        assert freq["heads"] == (want > 0.4).nonzero().tolist()
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} "))
+        assert f"{want.max():.2f}" in row
+    assert "Induction (frequent tokens)" in md and "8 most frequent tokens of Alpha's pretraining data" in md
+    header = next(line for line in md.splitlines() if line.startswith("| Model "))
+    paper = next(line for line in md.splitlines() if line.startswith("| paper "))
+    assert header.count("|") == paper.count("|")
+    (dirs["Alpha"] / "metadata.json").write_text(json.dumps({"frequent_tokens": [1, -3]}))
+    capsys.readouterr()
+    assert exit_status([*argv, "--out", str(tmp_path / "bad")]) == 2
+    assert "frequent_tokens must be a non-empty list of token ids in [0, 50257)" in capsys.readouterr().err
+
+
 def test_unknown_metric_and_missing_model_are_refused(models, tmp_path, capsys):
     assert exit_status(["search", "--metric", "bleu", "--models", *models]) == 2
     assert "circuits.py search: error: argument --metric: invalid choice: 'bleu'" in capsys.readouterr().err

@@ -203,6 +203,11 @@ def test_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path, corpus)
     copying = meta["final_metrics"]["copying"]  # the induction probe, at |s| = (n_ctx - 1) // 2
     assert copying["seq_len"] == 5 and copying["pool_size"] == train.COPYING_POOL
     assert 0 <= copying["induction_max"] <= 1 and len(copying["previous_top"]) == 3
+    # the probe's tokens are recorded, most frequent first, for circuits.py classify
+    from minigpt2 import get_tokenizer
+
+    seen = set(get_tokenizer().encode(corpus.read_text()))
+    assert len(meta["frequent_tokens"]) == train.COPYING_POOL and set(meta["frequent_tokens"][:20]) <= seen
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
