@@ -132,8 +132,8 @@ def reproducing_commands(meta: dict) -> list[str]:
 
 def stages_table(stages: list[dict]) -> str:
     """Markdown: what each pretraining stage trained on, for how long, and where it ended."""
-    rows = ["| stage | steps | tokens | data | held-out loss | copying: 2nd-copy loss, induction max |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| stage | steps | tokens | data | data sha256 | held-out loss (last eval) | copying: 2nd-copy loss, "
+            "induction max |", "|---|---|---|---|---|---|---|"]
     for i, st in enumerate(stages, 1):
         data = st.get("data", {})
         rep = data.get("repeats", {})
@@ -145,7 +145,8 @@ def stages_table(stages: list[dict]) -> str:
         held = f"{m['heldout']['loss']:.3f}" if "heldout" in m else "-"
         cp = m.get("copying")
         copy = f"{cp['loss_second']:.2f}, {cp['induction_max']:.2f}" if cp else "-"
-        rows.append(f"| {i} | {st.get('steps'):,} | {st.get('tokens_seen', 0):,} | {mix} | {held} | {copy} |")
+        sha = f"`{st['data_sha256'][:12]}…`" if st.get("data_sha256") else "-"
+        rows.append(f"| {i} | {st.get('steps'):,} | {st.get('tokens_seen', 0):,} | {mix} | {sha} | {held} | {copy} |")
     return "\n".join(rows)
 
 
