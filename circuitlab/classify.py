@@ -195,3 +195,38 @@ def induction_scores(model: GPT2, tokens: torch.Tensor | None = None, seq_len: i
 def induction_from_patterns(patterns: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[L, H]: ``induction_scores`` from the patterns [B, L, H, T, T] of [BOS, s, s], |s| = seq_len."""
     return patterns.diagonal(offset=1 - seq_len, dim1=-2, dim2=-1).mean(dim=(0, -1))
+
+
+# ---------------------------------------------------------------- a model's census, for its card
+# the paper's section 5.4, in GPT-2 small's circuit
+PAPER_CLASS_COUNTS = {"first": 29, "self": 1, "previous": 4, "induction": 3, "c-attending": 6}
+INDUCTION_SEQ_LEN, INDUCTION_EXAMPLES = 50, 10  # TransformerLens's tutorials: [BOS, s, s], |s| = 50, 10 sequences
+
+
+def induction_seq_len(model: GPT2) -> int:
+    """|s| of the induction probe: 50, or what n_ctx holds of [BOS, s, s]."""
+    return min(INDUCTION_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
+
+
+@torch.no_grad()
+def head_census(model: GPT2, batch, n_examples: int = 100, seed: int = 0, pool: torch.Tensor | None = None,
+                score_threshold: float = 0.4, min_fraction: float = 0.8) -> dict:
+    """What ``circuits.py classify --seed SEED --examples N`` counts for one model: head classes on
+    ``n_examples`` prompts of the eval ``batch`` (a tpp.EvalBatch) drawn as it draws them, and
+    heads with an induction score > ``score_threshold`` on repeated random tokens (TransformerLens's
+    recipe, and from ``pool``, the base's most frequent pretraining tokens, when given)."""
+    if not 1 <= n_examples <= len(batch):
+        raise ValueError(f"n_examples {n_examples} must be between 1 and the batch's {len(batch)} examples")
+    order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed))
+    sub = batch.select(order[:n_examples])
+    hc = classify_heads(model, sub.tokens, sub.attention_mask, score_threshold, min_fraction)
+    rep_len = induction_seq_len(model)
+    census = {"n_examples": n_examples, "seed": seed, "score_threshold": score_threshold, "min_fraction": min_fraction,
+              "classes": hc.counts(), "heads": {c: [list(h) for h in hs] for c, hs in hc.heads.items()}}
+    for key, extra in (("induction_random", {}), ("induction_frequent", {"pool": pool})):
+        if key == "induction_frequent" and pool is None:
+            continue
+        s = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=seed, **extra).cpu()
+        census[key] = {"heads": int((s > score_threshold).sum()), "max": float(s.max()), "seq_len": rep_len,
+                       **({"pool_size": len(pool)} if extra else {})}
+    return census

@@ -23,8 +23,8 @@ from tpp.flags import blame
 
 from . import plots
 from .circuitfile import check_circuit, check_own_models
-from .classify import (attending_heads, attention_patterns, check_class_args, classify_heads, induction_scores,
-                       target_attention)
+from .classify import (INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, attending_heads, attention_patterns, check_class_args,
+                       classify_heads, induction_scores, induction_seq_len, target_attention)
 from .probe import DEFAULT_PROMPT, continuations
 from .report import atomic_dir, fmt, markdown_table, pm, provenance, write_json
 from .search import DROPS, ORDERS, check_search_args, search
@@ -421,8 +421,6 @@ def cross_evaluate(session: Session, out: Path, circuits: dict[str, dict],
 # ---------------------------------------------------------------- 5. classify
 # The paper's section 5.4, GPT-2 small's circuit: 29 first-token, 1 identity (self), 4 previous-token and
 # 3 induction heads; 6 of the circuit's heads attend strongly to c.
-PAPER_CLASS_COUNTS = {"first": 29, "self": 1, "previous": 4, "induction": 3, "c-attending": 6}
-INDUCTION_SEQ_LEN, INDUCTION_EXAMPLES = 50, 10  # TransformerLens's tutorials: [BOS, s, s], |s| = 50, 10 sequences
 
 
 def c_attending_nesting(heads: dict[str, list[tuple[int, int]]]) -> list[dict]:
@@ -473,7 +471,7 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
         every, among = hc.counts(), hc.counts(kept)
         c_in = [h for h in c_heads if kept is None or h in set(kept)]
         # TransformerLens's induction score on repeated random tokens [BOS, s, s], |s| = 50 (or what n_ctx holds)
-        rep_len = min(INDUCTION_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
+        rep_len = induction_seq_len(model)
         ind = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed).cpu()
         ind_heads = [tuple(h) for h in (ind > score_threshold).nonzero().tolist()]
         frequent = {}

@@ -27,6 +27,8 @@ import torch
 from minigpt2 import load_pretrained, save_pretrained
 from tpp.encoding import SPACES
 
+from circuitlab.classify import INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, head_census
+
 from .checkpoint import swap_in, recover_dir
 from .evaluate import tpp_eval_sets, tpp_metrics
 
@@ -167,8 +169,41 @@ def subset_margins(model, base, sets: dict, n: int) -> dict:
             for name, edge in subset_edges(model, base, sets, n).items()}
 
 
+CENSUS_EXAMPLES = 100  # the paper's head classes: 100 examples
+
+
+def frequent_tokens_of(meta: dict, compare_to: Path | None) -> torch.Tensor | None:
+    """The most frequent pretraining tokens: the run's own (a pretraining run records them), else
+    those of the base it is compared to; None when neither has them."""
+    ids = meta.get("frequent_tokens")
+    if ids is None and compare_to is not None and (compare_to / "metadata.json").exists():
+        ids = json.loads((compare_to / "metadata.json").read_text()).get("frequent_tokens")
+    return None if ids is None else torch.tensor(ids, dtype=torch.long)
+
+
+CLASS_NAMES = {"first": "first-token", "self": "self", "previous": "previous-token", "induction": "induction"}
+
+
+def census_lines(census: dict) -> list[str]:
+    """The card's head classes: what ``circuits.py classify`` counts (tests/test_bundled.py checks them)."""
+    counts = ", ".join(f"{census['classes'][c]} {name}" for c, name in CLASS_NAMES.items())
+    paper = ", ".join(f"{PAPER_CLASS_COUNTS[c]} {name}" for c, name in CLASS_NAMES.items())
+    lines = ["## Head classes", "",
+             f"On {census['n_examples']} prompts of the TPP eval set (`circuits.py classify --seed {census['seed']}`), by "
+             f"the paper's rule (score > {census['score_threshold']} in at least {census['min_fraction']:.0%} of the "
+             f"prompts): {counts} heads (the paper, in GPT-2 small's circuit: {paper}).", ""]
+    for key, what in (("induction_random", "random tokens of the whole vocabulary (TransformerLens's recipe)"),
+                      ("induction_frequent", "random tokens from the {pool_size:,} most frequent pretraining tokens")):
+        if key in census:
+            c = census[key]
+            lines += [f"Induction score on {INDUCTION_EXAMPLES} repeated sequences of {c['seq_len']} "
+                      + what.format(**c) + f": {c['heads']} heads > {census['score_threshold']} "
+                      f"(largest {c['max']:.2f}).", ""]
+    return lines
+
+
 def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = None,
-         answer_space: str = "prompt") -> str:
+         answer_space: str = "prompt", census: dict | None = None) -> str:
     cfg = meta["model_config"]
     tc = meta.get("train_config", {})
     data = meta.get("data", {})
@@ -216,6 +251,8 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
                   f"(largest {copying['induction_max']:.2f}, head {copying['induction_top'][0]}), "
                   f"{copying['previous_heads']} with a previous-token score > {copying['threshold']} "
                   f"(largest {copying['previous_max']:.2f}, head {copying['previous_top'][0]}).", ""]
+    if census:
+        lines += census_lines(census)
     lines += ["## TPP metrics", "",
               f"Scored on the first token of c at the answer position (as the paper's Tables 1 and 2), on the "
               f"stored weights; eval sets built with seed {args.data_seed}, disjoint from the "
@@ -249,19 +286,23 @@ def main(argv=None) -> None:
         stored = load_pretrained(tmp)  # score what users will load
         answer_space = args.answer_space or meta.get("answer_space") or "prompt"
         sets = eval_sets(args.master_size, args.data_seed, args.eval_size, args.single_token_eval_size, answer_space)
+        pool = frequent_tokens_of(meta, args.compare_to)
         with torch.no_grad():
             results = {name: tpp_metrics(stored, batch) for name, batch in sets.items()}
+            first = next(iter(sets.values()))  # the TPP eval set, which circuits.py classify samples
+            census = head_census(stored, first, min(CENSUS_EXAMPLES, len(first)), args.data_seed, pool)
             claims = (subset_margins(stored, load_pretrained(args.compare_to), sets, args.subset)
                       if args.compare_to else None)
         extra = {"tpp_metrics": results, "eval_data": {"master_size": args.master_size, "data_seed": args.data_seed,
                                                        "eval_size": args.eval_size,
                                                        "single_token_eval_size": args.single_token_eval_size,
                                                        "answer_space": answer_space}}
+        extra["head_census"] = census
         if claims:
             extra["claims"] = {"compare_to": str(args.compare_to), "subset": args.subset, "margins": claims}
         (tmp / "metadata.json").write_text(json.dumps(meta | extra, indent=2) + "\n")
         n_params = sum(p.numel() for p in stored.parameters())
-        (tmp / "README.md").write_text(card(args, meta, results, n_params, claims, answer_space))
+        (tmp / "README.md").write_text(card(args, meta, results, n_params, claims, answer_space, census))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the directory private
         swap_in(tmp, args.dest)  # the old copy is moved aside, never deleted before the new one is in place
     except BaseException:

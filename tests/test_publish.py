@@ -47,7 +47,7 @@ def test_republishing_replaces_the_copy_whole_and_recovers_an_interrupted_one(tm
 def test_a_pretraining_card_reports_held_out_loss_and_copying(tmp_path):
     run, _ = run_dir(tmp_path, 3)
     meta = json.loads((run / "model" / "metadata.json").read_text())
-    meta |= {"corpus": "wordnet+gcide", "final_metrics": {
+    meta |= {"corpus": "wordnet+gcide", "frequent_tokens": [262, 286, 257, 284], "final_metrics": {
         "heldout": {"loss": 5.181, "perplexity": 177.9, "accuracy": 0.21, "n_tokens": 8128},
         "copying": {"loss_first": 8.78, "loss_second": 1.25, "induction_max": 0.83, "induction_heads": 3,
                     "induction_top": ["5.1", "6.0", "4.7"], "previous_max": 0.91, "previous_heads": 2,
@@ -60,3 +60,19 @@ def test_a_pretraining_card_reports_held_out_loss_and_copying(tmp_path):
     assert ("from the 4,000 most frequent training tokens: loss 8.78 on the first copy, 1.25 on the second; "
             "3 heads with an induction score > 0.4 (largest 0.83, head 5.1), 2 with a previous-token score > 0.4 "
             "(largest 0.91, head 1.3)") in text
+    # the head classes of circuits.py classify, measured on the stored weights, on the card and in metadata.json
+    published = json.loads((tmp_path / "m" / "metadata.json").read_text())
+    census = published["head_census"]
+    assert census["n_examples"] == 8 and census["seed"] == 0  # all of the 8-example eval set here
+    assert census["induction_frequent"]["pool_size"] == 4 and "induction_random" in census
+    counts = census["classes"]
+    assert (f"{counts['first']} first-token, {counts['self']} self, {counts['previous']} previous-token, "
+            f"{counts['induction']} induction heads (the paper, in GPT-2 small's circuit: 29 first-token, 1 self, "
+            "4 previous-token, 3 induction)") in text
+    assert (f"random tokens from the 4 most frequent pretraining tokens: {census['induction_frequent']['heads']} heads "
+            f"> 0.4 (largest {census['induction_frequent']['max']:.2f})") in text
+    # a finetuned model compared to that base is probed on the base's tokens
+    run2, _ = run_dir(tmp_path, 4)
+    publish.main([*args(run2, tmp_path / "m2"), "--compare-to", str(tmp_path / "m")])
+    census2 = json.loads((tmp_path / "m2" / "metadata.json").read_text())["head_census"]
+    assert census2["induction_frequent"]["pool_size"] == 4

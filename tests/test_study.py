@@ -217,6 +217,17 @@ def test_classify_scores_induction_on_the_bases_frequent_tokens_too(models, tmp_
         row = next(line for line in md.splitlines() if line.startswith(f"| {label} "))
         assert f"{want.max():.2f}" in row
     assert "Induction (frequent tokens)" in md and "8 most frequent tokens of Alpha's pretraining data" in md
+    from circuitlab.classify import head_census
+    from circuitlab.study import Session
+
+    batch = Session([f"{k}={v}" for k, v in dirs.items()], seed=1).eval_batch
+    for label in ("Alpha", "Beta"):  # a model card's census counts what classify counts
+        census = head_census(GPT2.from_pretrained(dirs[label]), batch, n_examples=8, seed=1, pool=torch.tensor(pool))
+        assert census["heads"] == table[label]["heads"]
+        assert census["classes"] == {c: len(h) for c, h in table[label]["heads"].items()}
+        assert census["induction_random"]["heads"] == len(table[label]["induction_score"]["heads"])
+        assert census["induction_frequent"]["heads"] == len(table[label]["induction_score_frequent_tokens"]["heads"])
+        assert census["induction_frequent"]["max"] == pytest.approx(max(map(max, freq_scores(table, label))))
     header = next(line for line in md.splitlines() if line.startswith("| Model "))
     paper = next(line for line in md.splitlines() if line.startswith("| paper "))
     assert header.count("|") == paper.count("|")
@@ -224,6 +235,10 @@ def test_classify_scores_induction_on_the_bases_frequent_tokens_too(models, tmp_
     capsys.readouterr()
     assert exit_status([*argv, "--out", str(tmp_path / "bad")]) == 2
     assert "frequent_tokens must be a non-empty list of token ids in [0, 50257)" in capsys.readouterr().err
+
+
+def freq_scores(table, label):
+    return table[label]["induction_score_frequent_tokens"]["scores"]
 
 
 def test_unknown_metric_and_missing_model_are_refused(models, tmp_path, capsys):
