@@ -278,7 +278,7 @@ def tl_twin():
 
 @pytest.fixture(scope="session")
 def bundled_base(device) -> GPT2:
-    """weights/base, the bundled 12 x 12 model (d_model 96), loaded once, on the test device."""
+    """weights/base, the bundled 12 x 12 model (d_model 144), loaded once, on the test device."""
     from minigpt2 import load_pretrained
 
     return load_pretrained(Path(__file__).resolve().parents[1] / "weights" / "base", device=device).eval()

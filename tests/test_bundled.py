@@ -58,6 +58,37 @@ def test_finetuned_model_beats_the_base_by_its_claimed_margins(name, eval_sets):
             assert edges[set_name][metric] >= margin, (name, set_name, metric, edges[set_name][metric], margin)
 
 
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_model_has_the_head_classes_its_card_claims(name, eval_sets):
+    """The card's head census (circuits.py classify's counts) holds on the stored weights."""
+    from circuitlab.classify import head_census
+    from finetune.publish import frequent_tokens_of
+
+    meta = json.loads((WEIGHTS / name / "metadata.json").read_text())
+    claimed = meta["head_census"]
+    pool = frequent_tokens_of(meta, WEIGHTS / "base")
+    census = head_census(load_pretrained(WEIGHTS / name), next(iter(eval_sets.values())), claimed["n_examples"],
+                         claimed["seed"], pool)
+    assert census["classes"] == claimed["classes"] and census["heads"] == claimed["heads"]
+    for key in ("induction_random", "induction_frequent"):
+        assert census[key]["heads"] == claimed[key]["heads"]
+        assert census[key]["max"] == pytest.approx(claimed[key]["max"], abs=1e-4)
+    card = (WEIGHTS / name / "README.md").read_text()
+    assert "## Head classes" in card and f"{claimed['classes']['first']} first-token" in card
+
+
+def test_the_base_copies_with_induction_heads():
+    """Unlike the first base, which never learned to copy from context: on repeated random
+    tokens (of those it was trained on) the second copy is predicted, by induction heads."""
+    from finetune import copying_evaluator
+
+    meta = json.loads((WEIGHTS / "base" / "metadata.json").read_text())
+    pool = torch.tensor(meta["frequent_tokens"])
+    probe = copying_evaluator(pool, seq_len=50)(load_pretrained(WEIGHTS / "base"))["copying"]
+    assert probe["loss_second"] < probe["loss_first"] - 3, probe
+    assert probe["induction_heads"] >= 2, probe
+
+
 def test_a_corrupt_bundled_file_names_itself_and_the_fix(tmp_path):
     broken = tmp_path / "featherweight"
     shutil.copytree(WEIGHTS / "featherweight", broken)

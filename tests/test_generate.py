@@ -260,10 +260,10 @@ def test_each_row_of_a_left_padded_batch_continues_its_own_prompt(new_model, dev
 def test_a_batch_of_texts_continues_each_text_as_alone(tl_base):
     """A list of texts is left-padded (whatever padding_side says, as in TransformerLens): each row is its prompt's."""
     model, _ = tl_base
-    ids = model.generate(PROMPTS, 6, padding_side="right", return_type="tokens")
+    ids = model.generate(PROMPTS, 6, padding_side="right", return_type="tokens", stop_at_eos=False)
     T = ids.shape[1] - 6
     for row, p in zip(ids, PROMPTS):
-        alone = model.generate(p, 6, return_type="tokens")[0]
+        alone = model.generate(p, 6, return_type="tokens", stop_at_eos=False)[0]
         assert torch.equal(row[T - (len(alone) - 6):], alone)
         assert torch.equal(row[:T - (len(alone) - 6)], torch.full_like(row[:T - (len(alone) - 6)], 50256))
 

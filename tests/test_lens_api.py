@@ -28,7 +28,7 @@ from minigpt2.lens import TokenError
 pytest.importorskip("transformer_lens")
 
 BASE = Path(__file__).resolve().parent.parent / "weights" / "base"
-ATOL = 1e-5
+ATOL = RTOL = 1e-5  # float32 rounding: absolute, and relative to the value (logits reach ~10)
 TEXTS = [
     "if all cats are dogs and all dogs are birds then all cats are",
     " leading space, digits 12345 and punctuation!?",
@@ -267,15 +267,15 @@ def test_forward_on_text_equals_transformer_lens(base, tl_base, prepend_bos):
     with torch.no_grad():
         for input in [TEXTS[0], TEXTS]:
             kw = dict(prepend_bos=prepend_bos)
-            torch.testing.assert_close(base(input, **kw), tl_base(input, **kw), atol=ATOL, rtol=0)
+            torch.testing.assert_close(base(input, **kw), tl_base(input, **kw), atol=ATOL, rtol=RTOL)
             torch.testing.assert_close(base(input, return_type="loss", **kw), tl_base(input, return_type="loss", **kw),
-                                       atol=ATOL, rtol=0)
+                                       atol=ATOL, rtol=RTOL)
             ours = base(input, return_type="loss", loss_per_token=True, **kw)
             theirs = tl_base(input, return_type="loss", loss_per_token=True, **kw)
-            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
             (lo, l), (lt, t) = base(input, return_type="both", **kw), tl_base(input, return_type="both", **kw)
-            torch.testing.assert_close(lo, lt, atol=ATOL, rtol=0)
-            torch.testing.assert_close(l, t, atol=ATOL, rtol=0)
+            torch.testing.assert_close(lo, lt, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(l, t, atol=ATOL, rtol=RTOL)
             assert base(input, return_type=None, **kw) is None
 
 
@@ -283,28 +283,28 @@ def test_forward_left_padded_equals_transformer_lens(base, tl_base):
     """Left padding: TransformerLens masks the padding, shifts positions, and leaves it out of the loss."""
     with torch.no_grad():
         for kw in [dict(padding_side="left"), dict(padding_side="left", prepend_bos=False)]:
-            torch.testing.assert_close(base(TEXTS, **kw), tl_base(TEXTS, **kw), atol=ATOL, rtol=0)
+            torch.testing.assert_close(base(TEXTS, **kw), tl_base(TEXTS, **kw), atol=ATOL, rtol=RTOL)
             for per_token in (False, True):
                 torch.testing.assert_close(base(TEXTS, return_type="loss", loss_per_token=per_token, **kw),
                                            tl_base(TEXTS, return_type="loss", loss_per_token=per_token, **kw),
-                                           atol=ATOL, rtol=0)
+                                           atol=ATOL, rtol=RTOL)
         # token ids with padding_side="left": the mask comes from the leading <|endoftext|> tokens, as in TL
         tokens = tl_base.to_tokens(TEXTS[:3], padding_side="left")
         torch.testing.assert_close(base(tokens, padding_side="left"), tl_base(tokens, padding_side="left"),
-                                   atol=ATOL, rtol=0)
+                                   atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(base(tokens, return_type="loss", padding_side="left"),
-                                   tl_base(tokens, return_type="loss", padding_side="left"), atol=ATOL, rtol=0)
+                                   tl_base(tokens, return_type="loss", padding_side="left"), atol=ATOL, rtol=RTOL)
 
 
 def test_forward_on_tokens_and_stop_at_layer_equal_transformer_lens(tiny_pair):
     model, tl = tiny_pair
     tokens = make_tokens(device=model.device)
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), tl(tokens), atol=ATOL, rtol=0)
-        torch.testing.assert_close(model(tokens, return_type="loss"), tl(tokens, return_type="loss"), atol=ATOL, rtol=0)
+        torch.testing.assert_close(model(tokens), tl(tokens), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(model(tokens, return_type="loss"), tl(tokens, return_type="loss"), atol=ATOL, rtol=RTOL)
         for layer in (0, 1, TINY.n_layer - 1):
             torch.testing.assert_close(model(tokens, stop_at_layer=layer), tl(tokens, stop_at_layer=layer),
-                                       atol=ATOL, rtol=0)
+                                       atol=ATOL, rtol=RTOL)
 
 
 def test_loss_fn_equals_transformer_lens(tiny_pair):
@@ -352,7 +352,7 @@ def test_weights_are_the_forward_s_weights(tiny_pair):
     tokens = make_tokens(2, 5, device=model.device)
     with torch.no_grad():
         resid = model(tokens, stop_at_layer=TINY.n_layer)
-        torch.testing.assert_close(model.ln_final(resid) @ model.W_U + model.b_U, model(tokens), atol=ATOL, rtol=0)
+        torch.testing.assert_close(model.ln_final(resid) @ model.W_U + model.b_U, model(tokens), atol=ATOL, rtol=RTOL)
     assert model.W_E.data_ptr() == model.W_U.data_ptr() == model.wte.weight.data_ptr()
 
 

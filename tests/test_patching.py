@@ -232,7 +232,7 @@ def test_get_act_name_matches_transformer_lens():
 
 
 def test_bundled_base_model(tmp_path, device):
-    """weights/base (12 x 12 heads, d_model 96) on TPP prompts: every patch of ours, a spread of them by
+    """weights/base (12 x 12 heads, d_model 144) on TPP prompts: every patch of ours, a spread of them by
     TransformerLens's generic function (index_df; its full runs would take most of a minute)."""
     pd = pytest.importorskip("pandas")
     from minigpt2 import get_tokenizer
