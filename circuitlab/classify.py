@@ -223,9 +223,8 @@ def head_census(model: GPT2, batch, n_examples: int = 100, seed: int = 0, pool: 
     rep_len = induction_seq_len(model)
     census = {"n_examples": n_examples, "seed": seed, "score_threshold": score_threshold, "min_fraction": min_fraction,
               "classes": hc.counts(), "heads": {c: [list(h) for h in hs] for c, hs in hc.heads.items()}}
-    for key, extra in (("induction_random", {}), ("induction_frequent", {"pool": pool})):
-        if key == "induction_frequent" and pool is None:
-            continue
+    probes = {"induction_random": {}, **({"induction_frequent": {"pool": pool}} if pool is not None else {})}
+    for key, extra in probes.items():
         s = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=seed, **extra).cpu()
         census[key] = {"heads": int((s > score_threshold).sum()), "max": float(s.max()), "seq_len": rep_len,
                        **({"pool_size": len(pool)} if extra else {})}

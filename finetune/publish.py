@@ -93,8 +93,8 @@ def lineage(meta: dict, limit: int = 64) -> list[dict]:
     return stages[::-1]
 
 
-def _set_flag(words: list[str], flag: str, value: str | None) -> list[str]:
-    """words with ``flag value`` set (replaced, or appended), or removed when value is None."""
+def _set_flag(words: list[str], flag: str, value: str) -> list[str]:
+    """words with ``flag value`` set: any earlier value dropped, the new one appended."""
     out, i = [], 0
     while i < len(words):
         if words[i] == flag:
@@ -105,7 +105,7 @@ def _set_flag(words: list[str], flag: str, value: str | None) -> list[str]:
             continue
         out.append(words[i])
         i += 1
-    return out + ([flag, value] if value is not None else [])
+    return [*out, flag, value]
 
 
 def reproducing_commands(meta: dict) -> list[str]:
