@@ -334,7 +334,8 @@ class _State:
         predict = {e: self.n_removed >= 4 * self.n_kept for e in pending}
         while pending:
             if self.dirty:
-                self.base = self.runner.retrace(self.base, self.mask)
+                # the previous base is dropped: update it in place, unless it is the runner's clean run
+                self.base = self.runner.retrace(self.base, self.mask, reuse=self.base is not self.runner.clean)
                 self.dirty = False
             batch, variants, trial = pending[:self.window], [], self.mask.clone()
             for e in batch:

@@ -55,7 +55,9 @@ inputs in ``head_inputs`` [R]; its counts include them, as ACDC's do.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+
 import torch
 
 from minigpt2.engine import (BatchMetric, ablation_mode, autocast, batch_metric, check_variant_masks, join_schedule,
@@ -583,30 +585,32 @@ class EdgeRunner:
         outputs: dict[int, torch.Tensor] = {}
         with torch.set_grad_enabled(grad), autocast(self.model.device, self.dtype):
             for chunk in join_schedule(join, self.max_rows // self.tokens.shape[0]):
-                logits, _, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
+                logits, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
                 logits = logits.to(self.model.dtype)
                 values = metric(logits) if metric is not None else logits
                 outputs.update(zip(chunk, values))
         return torch.stack([outputs[v] for v in range(masks.shape[0])])
 
     @torch.no_grad()
-    def retrace(self, base: Trace, mask: torch.Tensor) -> Trace:
-        """trace(mask), computed as a difference from ``base`` (only the reached nodes are recomputed)."""
+    def retrace(self, base: Trace, mask: torch.Tensor, reuse: bool = False) -> Trace:
+        """trace(mask), computed as a difference from ``base`` (only the reached nodes are recomputed).
+        ``reuse``: update base's effects in place instead of copying them ([S, B, T, d], the
+        largest tensor of a run), for a caller that discards ``base`` (ACDC's current circuit)."""
         mask = self.check_masks(mask[None])
         dmask = mask - base.mask
         differs = [bool(dmask[0, st.rows.start:st.rows.stop].ne(0).any()) for st in self.graph.stages]
         join = differs.index(True) if any(differs) else len(differs)
+        effect = base.effect if reuse else base.effect.clone()
         with autocast(self.model.device, self.dtype):
-            logits, s0, delta = self._propagate(mask, dmask, [join], base, False)
-        effect = base.effect.clone()
-        effect[s0:s0 + delta.shape[1]] += delta[0]
+            logits, _ = self._propagate(mask, dmask, [join], base, False, effect)
         return Trace(mask[0], effect, self.at(effect), logits[0])
 
-    def _propagate(self, m, dm, join, base: Trace, grad: bool):
+    def _propagate(self, m, dm, join, base: Trace, grad: bool, effect: torch.Tensor | None = None):
         """Variants m [n, R, S] (dm = m - base.mask) that equal ``base`` before stage join[i].
 
-        Returns logits [n, B, vocab] and, for senders s0 onwards, their outputs minus
-        base's: (s0, [n, S - s0, B, T, d]).
+        Returns logits [n, B, vocab] and s0, the first sender that may differ from base's.
+        ``effect`` (one variant, without grad): base's sender effects [S, B, T, d], which are
+        updated in place to the variant's.
         """
         g = self.graph
         B, T = self.tokens.shape
@@ -616,47 +620,54 @@ class EdgeRunner:
         m, dm, join = m[rank], dm[rank], [join[i] for i in rank]
         first = min(join)
         s0 = g.stages[first].outs.start if first < len(g.stages) - 1 else S
-        # delta[v, u - s0]: how sender u's output differs from base's in variant v. Written in
-        # place without grad; grown by concatenation with grad, so autograd sees no overwrite.
+        # delta[v, u - s0]: how sender u's output differs from base's in variant v. Without grad,
+        # written in place into uninitialised memory: each stage fills all n rows of its senders'
+        # columns (computed, or zero where not recomputed) before a later stage reads them; with
+        # grad, grown by concatenation, so autograd sees no overwrite.
         shape = (n, S - s0) if not grad else (n, 0)
-        delta = base.effect.new_zeros(*shape, *base.effect.shape[1:])
+        delta = (base.effect.new_zeros if grad else base.effect.new_empty)(*shape, *base.effect.shape[1:])
         changed = torch.zeros(S, dtype=torch.bool, device=m.device)  # may differ in some variant
         logits = base.logits.expand(n, *base.logits.shape)
         active = 0
         for i in range(first, len(g.stages)):
             st = g.stages[i]
             active += sum(1 for j in join if j == i)
-            if not active:
-                continue
             rows = slice(st.rows.start, st.rows.stop)
             ma, dma = m[:active, rows, :st.n_in], dm[:active, rows, :st.n_in]  # [n, R_st, n_in]
             touch = dma.ne(0).any(0).any(-1) | (ma.ne(0) & changed[:st.n_in]).any(0).any(-1)  # [R_st]
             if grad:
                 touch[:] = True
+            heads = []
             if touch.any():
                 if st.kind == "attn":
                     heads = touch.view(3, H).any(0).nonzero()[:, 0].tolist()
                     sel = [kind * H + h for kind in range(3) for h in heads]
                 else:
-                    heads, sel = [], [0]
-                logits, out = self._stage(i, ma[:, sel], dma[:, sel], heads, sel, base, delta[:active], s0, changed,
-                                          logits, grad)
+                    heads, sel = [0], [0]
+                logits, out = self._stage(i, ma[:, sel], dma[:, sel], heads if st.kind == "attn" else [], sel,
+                                          base, delta[:active], s0, changed, logits, grad)
             if st.kind == "logits":
                 continue
-            us = list(st.outs) if grad else ([st.outs[h] for h in heads] if st.kind == "attn" else list(st.outs))
-            if not touch.any():
-                if grad:
-                    delta = torch.cat([delta, delta.new_zeros(n, len(st.outs), *delta.shape[2:])], 1)
-                continue
-            new = out - self.ablated[us] - base.effect[us]  # [active, k, B, T, d]
             if grad:
-                new = torch.cat([new, new.new_zeros(n - active, *new.shape[1:])])
-                delta = torch.cat([delta, new], 1)
-            else:
-                delta[:active, [u - s0 for u in us]] = new
-            changed[us] = True
-        inverse = torch.tensor(rank).argsort().to(logits.device)
-        return logits[inverse], s0, delta[inverse]
+                new = out - self.ablated[list(st.outs)] - base.effect[list(st.outs)]  # [active, k, B, T, d]
+                delta = torch.cat([delta, torch.cat([new, new.new_zeros(n - active, *new.shape[1:])])], 1)
+                changed[list(st.outs)] = True
+                continue
+            us = [st.outs[h] for h in heads]  # recomputed senders (an MLP's "head" 0)
+            if us:
+                cols = [u - s0 for u in us]
+                delta[:active, cols] = out - self.ablated[us] - base.effect[us]  # [active, k, B, T, d]
+                if active < n:  # rows that join later equal base here
+                    delta[active:, cols] = 0
+                changed[us] = True
+            rest = [u - s0 for u in st.outs if u not in us]
+            if rest:
+                delta[:, rest] = 0
+        if effect is not None:
+            effect[s0:] += delta[0]
+        if rank != list(range(n)):
+            logits = logits[torch.tensor(rank).argsort().to(logits.device)]
+        return logits, s0
 
     def _stage(self, i, ma, dma, heads, sel, base: Trace, delta, s0, changed, logits, grad):
         """Recompute stage i's ``heads`` (attention) or node for the active variants, from the
@@ -668,14 +679,14 @@ class EdgeRunner:
         B, T = self.tokens.shape
         at = st.kind == "logits"
         D = base.effect_at if at else base.effect  # [S, B, (T,) d]
-        # base's input, plus the change from this variant's own mask, plus the change of its senders
-        base_rows = base.mask[st.rows.start:st.rows.stop, :st.n_in][sel]  # [R', n_in]
-        x = (self.floor_at[i] if at else self.floor[i]) + _mix(base_rows[None], D[:st.n_in][None])[0]  # [R', B, (T,) d]
+        # the variant's mask applied to base's sender effects, plus the change of its senders
+        floor = self.floor_at[i] if at else self.floor[i]
         nz = dma.ne(0)
-        if grad or int(nz.sum()) > 4 * n * R:
-            cols = torch.ones_like(nz[0, 0]) if grad else nz.any(0).any(0)
-            x = x + torch.einsum("nru,u...->nr...", dma[:, :, cols], D[:st.n_in][cols])
-        else:
+        if grad or int(nz.sum()) > 4 * n * R:  # many edits: each variant's own mask, one product
+            x = floor + _mix(ma, D[None, :st.n_in], dense=grad)  # [n, R', B, (T,) d]
+        else:  # a few edits: base's input, shared, plus each edit's term
+            base_rows = base.mask[st.rows.start:st.rows.stop, :st.n_in][sel]  # [R', n_in]
+            x = floor + _mix(base_rows[None], D[None, :st.n_in])[0]  # [R', B, (T,) d]
             v, r, u = nz.nonzero(as_tuple=True)
             contrib = dma[v, r, u].view(-1, *[1] * (D.ndim - 1)) * D[u]  # [nnz, B, (T,) d]
             x = x + D.new_zeros(n * R, *D.shape[1:]).index_add(0, v * R + r, contrib).view(n, R, *D.shape[1:])
@@ -705,5 +716,9 @@ def _mix(m: torch.Tensor, D: torch.Tensor, dense: bool = False) -> torch.Tensor:
     cols = m.ne(0).any(0).any(0)
     if not dense and int(cols.sum()) < 0.75 * m.shape[-1]:
         m, D = m[:, :, cols], D[:, cols]
-    out = torch.matmul(m, D.flatten(2))  # [n, r, prod(...)]
-    return out.view(*out.shape[:2], *D.shape[2:])
+    n, r, u = m.shape
+    if D.shape[0] == 1:  # senders shared by the variants: one 2-D product (a batched one would copy D n times)
+        out = torch.matmul(m.reshape(n * r, u), D[0].reshape(u, math.prod(D.shape[2:])))  # [n r, prod(...)]
+    else:
+        out = torch.matmul(m, D.flatten(2))  # [n, r, prod(...)]
+    return out.view(n, r, *D.shape[2:])

@@ -23,8 +23,12 @@ from minigpt2.masking import single_head_masks
 __all__ = ["ABLATIONS", "BLOCK_ROWS", "Metric", "Prompts", "SweepResult", "evaluate_masks", "resample_partners",
            "rows_per_block", "sweep"]
 
-# Prompts are evaluated in blocks of about this many rows of similar length (less padding).
-BLOCK_ROWS = 32
+# Prompts are evaluated in blocks of rows of similar length, each trimmed to its longest row: at
+# most BLOCK_ROWS prompts a block; with many variants, as few as MIN_BLOCK_ROWS, so that a batched call
+# holds about CALL_ROWS rows (variants x prompts). Measured on the bundled models (2 cores): the
+# 145-variant sweep of 40 prompts (padded to 40 tokens, 24 on average) took 7.5 s in blocks of 4
+# against 11.5 s in one block; 5 variants of 1,000 prompts were fastest in blocks of 32.
+BLOCK_ROWS, MIN_BLOCK_ROWS, CALL_ROWS = 32, 4, 512
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,8 @@ def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: 
     """
     max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
     out = torch.empty(0)
-    blocks = prompts.blocks(max_rows, min_blocks=len(prompts) // BLOCK_ROWS)
+    block_rows = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, -(-CALL_ROWS // max(1, masks.shape[0]))))
+    blocks = prompts.blocks(max_rows, min_blocks=len(prompts) // block_rows)
     if progress:
         from tqdm.auto import tqdm
         blocks = tqdm(blocks, desc=f"{masks.shape[0]} variants x {len(prompts)} prompts", unit="block")

@@ -8,6 +8,7 @@ loading a model or building an eval set fails the test, so each check must come 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,22 @@ def test_dtype_reaches_the_commands(files, tmp_path, monkeypatch, capsys, cmd, t
     else:
         opts = got["args"][0]
         assert (opts.sweep_dtype, opts.search.dtype, opts.edges.dtype) == (dtype,) * 3
+
+
+def test_make_demo_runs_the_study_at_sizes_circuits_py_accepts(tmp_path, monkeypatch):
+    """`make demo` passes the Makefile's DEMO_SIZES to `circuits.py study`: flags the study takes, checked as
+    a run checks them on the bundled models (before any model is loaded), each at most the paper's size."""
+    make = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    sizes = re.search(r"^DEMO_SIZES := (.*)$", make, re.M).group(1).split()
+    assert re.search(r"^demo:.*\n\t\$\(BIN\)/python circuits.py study --out \S+ \$\(DEMO_SIZES\)$", make, re.M)
+    monkeypatch.chdir(ROOT)
+    args = circuits.parser.parse_args(["study", "--out", str(tmp_path / "demo"), *sizes])
+    circuits.setup(args)
+    opts = circuits.study_options(args)
+    given = dict(zip(sizes[::2], map(int, sizes[1::2])))
+    assert given == {"--examples": args.examples, "--single-examples": args.single_examples,
+                     "--sweep-examples": opts.sweep_examples, "--search-examples": opts.search.n_examples,
+                     "--edge-examples": opts.edges.n_examples, "--mib-examples": opts.edges.mib_examples}
+    paper = {"--examples": 3000, "--single-examples": 1150, "--sweep-examples": 100, "--search-examples": 100,
+             "--edge-examples": 50, "--mib-examples": S.EdgeOptions.mib_examples}
+    assert all(given[k] <= paper[k] for k in given)

@@ -150,6 +150,43 @@ def test_batched_variants_equal_one_at_a_time(model, data, ablation):
     torch.testing.assert_close(retraced.effect, run.trace(masks[7]).effect)
 
 
+@pytest.fixture
+def nan_filled_empty_tensors():
+    """torch.empty returns NaN-filled memory (deterministic mode's fill_uninitialized_memory), so a
+    read of an entry the batched propagation never wrote shows up as NaN in the logits."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_batched_propagation_reads_no_unwritten_memory(model, data, nan_filled_empty_tensors):
+    """Variants that join at different stages (a removal in the last MLP's inputs, one in a
+    head's value input, one edge into the logits, an untouched variant) and untouched heads:
+    every entry the propagation reads was computed or zeroed; the in-place retrace of a base
+    equals its copy."""
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    run = runner_for(model, data, "resample", padding(B, T))
+    g = run.graph
+    masks = g.ones()[None].repeat(5, 1, 1)
+    masks[0, g.receiver_index("m1"), g.sender_index("a0.h1")] = 0
+    masks[1, g.receiver_index("a1.h2<v>"), g.sender_index("m0")] = 0
+    masks[2, g.receiver_index("logits"), g.sender_index("a1.h0")] = 0
+    masks[4, g.receiver_index("a0.h0<q>"), 0] = 0.5
+    each = torch.stack([run.trace(m).logits for m in masks])
+    got = run.run(masks)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, each)
+    base = run.trace(masks[1])
+    copy = run.retrace(base, masks[4])
+    in_place = run.retrace(base, masks[4], reuse=True)
+    assert in_place.effect is base.effect
+    torch.testing.assert_close(in_place.effect, run.trace(masks[4]).effect)
+    torch.testing.assert_close(copy.effect, in_place.effect)
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.data())
 def test_property_sparse_edits_of_any_base_equal_their_traces(model, data, draw):

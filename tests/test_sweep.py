@@ -62,14 +62,17 @@ def test_sweep_finds_the_planted_head():
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean", "resample"])
-def test_sweep_equals_the_loop_reference(ablation):
-    """Length-sorted, trimmed blocks and batched variants give what one hooked forward per variant gives."""
+@pytest.mark.parametrize("call_rows", [512, 32])
+def test_sweep_equals_the_loop_reference(ablation, call_rows, monkeypatch):
+    """Length-sorted, trimmed blocks and batched variants give what one hooked forward per variant gives:
+    70 prompts in two blocks, and in 17 of about 4 rows (what a call of many variants gets)."""
+    monkeypatch.setattr("circuitlab.sweep.CALL_ROWS", call_rows)
     torch.manual_seed(1)
     model = GPT2(CFG).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    B, T = 70, 11  # 70 rows: three blocks
+    B, T = 70, 11
     tokens = torch.randint(0, CFG.vocab_size, (B, T))
     lengths = torch.randint(3, T + 1, (B,))
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
