@@ -208,11 +208,21 @@ def induction_seq_len(model: GPT2) -> int:
     return min(INDUCTION_SEQ_LEN, (model.cfg.n_ctx - 1) // 2)
 
 
+def prepend_bos(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, bos: int = 50256
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, 1 + T]: ``bos`` (GPT-2's <|endoftext|>) before every prompt, as TransformerLens's ``to_tokens``
+    prepends it by default (``prepend_bos=True``); the attention mask likewise (None stays None)."""
+    first = torch.full_like(tokens[:, :1], bos)
+    mask = None if attention_mask is None else torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], 1)
+    return torch.cat([first, tokens], 1), mask
+
+
 @torch.no_grad()
 def head_census(model: GPT2, batch, n_examples: int = 100, seed: int = 0, pool: torch.Tensor | None = None,
                 score_threshold: float = 0.4, min_fraction: float = 0.8) -> dict:
     """What ``circuits.py classify --seed SEED --examples N`` counts for one model: head classes on
-    ``n_examples`` prompts of the eval ``batch`` (a tpp.EvalBatch) drawn as it draws them, and
+    ``n_examples`` prompts of the eval ``batch`` (a tpp.EvalBatch) drawn as it draws them, as they
+    are and with <|endoftext|> before each (TransformerLens's default input: "classes_bos"), and
     heads with an induction score > ``score_threshold`` on repeated random tokens (TransformerLens's
     recipe, and from ``pool``, the base's most frequent pretraining tokens, when given)."""
     if not 1 <= n_examples <= len(batch):
@@ -220,9 +230,11 @@ def head_census(model: GPT2, batch, n_examples: int = 100, seed: int = 0, pool: 
     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed))
     sub = batch.select(order[:n_examples])
     hc = classify_heads(model, sub.tokens, sub.attention_mask, score_threshold, min_fraction)
+    hb = classify_heads(model, *prepend_bos(sub.tokens, sub.attention_mask), score_threshold, min_fraction)
     rep_len = induction_seq_len(model)
     census = {"n_examples": n_examples, "seed": seed, "score_threshold": score_threshold, "min_fraction": min_fraction,
-              "classes": hc.counts(), "heads": {c: [list(h) for h in hs] for c, hs in hc.heads.items()}}
+              "classes": hc.counts(), "heads": {c: [list(h) for h in hs] for c, hs in hc.heads.items()},
+              "classes_bos": hb.counts(), "heads_bos": {c: [list(h) for h in hs] for c, hs in hb.heads.items()}}
     probes = {"induction_random": {}, **({"induction_frequent": {"pool": pool}} if pool is not None else {})}
     for key, extra in probes.items():
         s = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=seed, **extra).cpu()

@@ -24,7 +24,7 @@ from tpp.flags import blame
 from . import plots
 from .circuitfile import check_circuit, check_own_models
 from .classify import (INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, attending_heads, attention_patterns, check_class_args,
-                       classify_heads, induction_scores, induction_seq_len, target_attention)
+                       classify_heads, induction_scores, induction_seq_len, prepend_bos, target_attention)
 from .probe import DEFAULT_PROMPT, continuations
 from .report import atomic_dir, fmt, markdown_table, pm, provenance, write_json
 from .search import DROPS, ORDERS, check_search_args, search
@@ -458,12 +458,15 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
         check_own_models(circuits, session.configs)
     batch = session.sample(n_examples, "--examples")
     keys = c_key_mask(batch)
-    rows, results, c_maps, class_maps, marks = [], {}, {}, {}, {}
+    rows, bos_rows, results, c_maps, class_maps, marks = [], [], {}, {}, {}, {}
     letters = {"first": "F", "self": "S", "previous": "P", "induction": "I"}
     for label, model in session.models.items():
         log(f"[classify] {label} on {len(batch)} examples")
         patterns = attention_patterns(model, batch.tokens, batch.attention_mask).cpu()  # the scores: with the CPU masks
         hc = classify_heads(model, batch.tokens, batch.attention_mask, score_threshold, min_fraction, patterns)
+        # the same prompts as TransformerLens feeds them by default: <|endoftext|> first
+        hb = classify_heads(model, *prepend_bos(batch.tokens, batch.attention_mask), score_threshold, min_fraction)
+        bos_rows.append([label, *(str(hb.counts()[c]) for c in letters)])
         c_att = target_attention(patterns, batch.answer_pos, keys).mean(dim=0)  # [L, H]
         c_heads = attending_heads(c_att, c_threshold)
         circuit = circuits.get(label) if circuits else None
@@ -486,7 +489,9 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
                                          "induction_score": {"seq_len": rep_len, "n_examples": INDUCTION_EXAMPLES,
                                                              "scores": ind.tolist(),
                                                              "heads": [list(h) for h in ind_heads]},
-                                         **({"induction_score_frequent_tokens": frequent} if frequent else {})}
+                                         **({"induction_score_frequent_tokens": frequent} if frequent else {}),
+                                         "classes_bos": hb.counts(),  # as head_census names them
+                                         "heads_bos": {c: [list(h) for h in hs] for c, hs in hb.heads.items()}}
 
         def cell(n_in, n_all):
             return str(n_all) if kept is None else f"{n_in} ({n_all})"
@@ -528,6 +533,11 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
           markdown_table(["Model", "Circuit heads", "First-token", "Self", "Previous-token", "Induction",
                           "Induction (repeated random tokens)", "Largest induction score", *freq_cols, "c-attending"],
                          rows), "",
+          "The same prompts with <|endoftext|> before each, as TransformerLens's `to_tokens` gives them by default "
+          "(`prepend_bos=True`; the models here were finetuned and are evaluated without it), all heads:", "",
+          markdown_table(["Model", "First-token", "Self", "Previous-token", "Induction"],
+                         bos_rows + [["paper (GPT-2 small's circuit)", *(str(PAPER_CLASS_COUNTS[c]) for c in letters)]]),
+          "",
           *nesting_markdown(nested),
           f"![c attention]({fig2.name})", "", f"![head classes]({class_png.name})", ""]
     text = "\n".join(md)

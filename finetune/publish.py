@@ -192,6 +192,10 @@ def census_lines(census: dict) -> list[str]:
              f"On {census['n_examples']} prompts of the TPP eval set (`circuits.py classify --seed {census['seed']}`), by "
              f"the paper's rule (score > {census['score_threshold']} in at least {census['min_fraction']:.0%} of the "
              f"prompts): {counts} heads (the paper, in GPT-2 small's circuit: {paper}).", ""]
+    if "classes_bos" in census:
+        bos = ", ".join(f"{census['classes_bos'][c]} {name}" for c, name in CLASS_NAMES.items())
+        lines += [f"The same prompts with <|endoftext|> before each (TransformerLens's default input, "
+                  f"`prepend_bos=True`; the TPP prompts have none): {bos} heads.", ""]
     for key, what in (("induction_random", "random tokens of the whole vocabulary (TransformerLens's recipe)"),
                       ("induction_frequent", "random tokens from the {pool_size:,} most frequent pretraining tokens")):
         if key in census:

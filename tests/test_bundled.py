@@ -70,11 +70,20 @@ def test_bundled_model_has_the_head_classes_its_card_claims(name, eval_sets):
     census = head_census(load_pretrained(WEIGHTS / name), next(iter(eval_sets.values())), claimed["n_examples"],
                          claimed["seed"], pool)
     assert census["classes"] == claimed["classes"] and census["heads"] == claimed["heads"]
+    assert census["classes_bos"] == claimed["classes_bos"] and census["heads_bos"] == claimed["heads_bos"]
     for key in ("induction_random", "induction_frequent"):
         assert census[key]["heads"] == claimed[key]["heads"]
         assert census[key]["max"] == pytest.approx(claimed[key]["max"], abs=1e-4)
     card = (WEIGHTS / name / "README.md").read_text()
     assert "## Head classes" in card and f"{claimed['classes']['first']} first-token" in card
+
+
+def test_the_base_has_attention_sink_heads_on_endoftext():
+    """weights/README.md's claim: the base's first-token heads attend to <|endoftext|>, which sets the
+    pretraining documents apart; with it before each TPP prompt (TransformerLens's default input) at least 10
+    heads are first-token heads by the paper's rule, against 2 on the prompts as they are."""
+    census = json.loads((WEIGHTS / "base" / "metadata.json").read_text())["head_census"]
+    assert census["classes_bos"]["first"] >= 10 > census["classes"]["first"]
 
 
 def test_the_base_copies_with_induction_heads():

@@ -190,3 +190,20 @@ def test_repeated_random_tokens():
         repeated_random_tokens(3, 4, pool=torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match="cannot hold two repeats of seq_len=5"):
         induction_scores(planted_model(), torch.zeros(2, 9, dtype=torch.long), seq_len=5)
+
+
+def test_prepend_bos_puts_endoftext_first_as_transformerlens_does():
+    """TransformerLens's to_tokens(prompt) = [<|endoftext|>] + the prompt's tokens; a padded batch keeps its padding."""
+    from circuitlab.classify import prepend_bos
+
+    tokens, mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    t, m = prepend_bos(tokens, mask)
+    assert torch.equal(t, torch.tensor([[50256, 5, 6, 7], [50256, 8, 9, 0]]))
+    assert torch.equal(m, torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])) and m.dtype == mask.dtype
+    t, m = prepend_bos(tokens, None, bos=3)
+    assert m is None and torch.equal(t[:, 0], torch.tensor([3, 3])) and torch.equal(t[:, 1:], tokens)
+    # a head that attends to position 0 is a first-token head whatever holds that position
+    model = planted_model()
+    plain = classify_heads(model, repeated_tokens())
+    first, first_mask = prepend_bos(repeated_tokens(), None, bos=11)
+    assert (0, 0) in plain.heads["first"] and (0, 0) in classify_heads(model, first, first_mask).heads["first"]

@@ -76,3 +76,42 @@ def test_a_pretraining_card_reports_held_out_loss_and_copying(tmp_path):
     publish.main([*args(run2, tmp_path / "m2"), "--compare-to", str(tmp_path / "m")])
     census2 = json.loads((tmp_path / "m2" / "metadata.json").read_text())["head_census"]
     assert census2["induction_frequent"]["pool_size"] == 4
+
+
+def test_a_census_refreshed_in_place_adds_the_new_measurement_and_changes_nothing_else(tmp_path):
+    """finetune.census: a card published before the census measured classes with <|endoftext|> first
+    gets them, in metadata.json and in the card's head-classes section; everything else stays as it was."""
+    from finetune import census as recensus
+
+    run, _ = run_dir(tmp_path, 5)
+    dest = tmp_path / "weights" / "m"
+    publish.main(args(run, dest))
+    meta = json.loads((dest / "metadata.json").read_text())
+    fresh = meta["head_census"]
+    old = {k: v for k, v in fresh.items() if not k.endswith("_bos")}  # as published before this measurement
+    (dest / "metadata.json").write_text(json.dumps(meta | {"head_census": old}, indent=2) + "\n")
+    card = (dest / "README.md").read_text()
+    old_card = card.replace(next(line for line in card.split("\n") if "<|endoftext|> before each" in line) + "\n\n", "")
+    (dest / "README.md").write_text(old_card)
+    weights = (dest / "model.safetensors").read_bytes()
+
+    recensus.main([str(dest)])
+    assert json.loads((dest / "metadata.json").read_text()) == meta
+    assert (dest / "README.md").read_text() == card
+    assert (dest / "model.safetensors").read_bytes() == weights
+    assert "with <|endoftext|> before each" in card and fresh["classes_bos"].keys() == fresh["classes"].keys()
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.json", "metadata.json", "model.safetensors"]
+
+
+def test_a_census_refresh_refuses_a_card_without_its_section(tmp_path):
+    import pytest
+
+    from finetune import census as recensus
+
+    run, _ = run_dir(tmp_path, 6)
+    publish.main(args(run, tmp_path / "m"))
+    card = (tmp_path / "m" / "README.md").read_text()
+    (tmp_path / "m" / "README.md").write_text(card.replace("## Head classes", "## Heads"))
+    with pytest.raises(ValueError, match="no '## Head classes' section.*finetune.publish"):
+        recensus.main([str(tmp_path / "m")])
+    assert json.loads((tmp_path / "m" / "metadata.json").read_text())["head_census"]  # left as it was

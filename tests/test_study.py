@@ -173,6 +173,7 @@ def test_classify_counts_a_models_own_circuit(study, models, tmp_path, capsys):
     nesting = json.loads((out / "c_attending_nesting.json").read_text())
     assert [(n["from"], n["to"]) for n in nesting] == [("Alpha", "Beta")]
     assert "paper (GPT-2 small's circuit)" in (out / "classify.md").read_text()
+    assert "The same prompts with <|endoftext|> before each" in (out / "classify.md").read_text()
     for label in ("Alpha", "Beta"):  # TransformerLens's induction score, beside the classes
         ind = table[label]["induction_score"]
         scores = torch.tensor(ind["scores"])
@@ -225,6 +226,8 @@ def test_classify_scores_induction_on_the_bases_frequent_tokens_too(models, tmp_
         census = head_census(GPT2.from_pretrained(dirs[label]), batch, n_examples=8, seed=1, pool=torch.tensor(pool))
         assert census["heads"] == table[label]["heads"]
         assert census["classes"] == {c: len(h) for c, h in table[label]["heads"].items()}
+        assert census["heads_bos"] == table[label]["heads_bos"]  # and with <|endoftext|> first
+        assert census["classes_bos"] == table[label]["classes_bos"]
         assert census["induction_random"]["heads"] == len(table[label]["induction_score"]["heads"])
         assert census["induction_frequent"]["heads"] == len(table[label]["induction_score_frequent_tokens"]["heads"])
         assert census["induction_frequent"]["max"] == pytest.approx(max(map(max, freq_scores(table, label))))
