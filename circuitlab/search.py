@@ -397,6 +397,8 @@ def _calibrate(runner: _Runner, rigorous: _Runner | None, exact: dict[str, _Runn
         m[l, h] = 0
         masks.append(m)
     low, high = runner.perf(masks), exact["search"].perf(masks)
+    step = runner.metric.step / runner.n  # the batch mean's least change
     if rigorous is not None:
         low, high = low + rigorous.perf(masks), high + exact["rigorous"].perf(masks)
-    return Precision.measure(low, high)
+        step = max(step, rigorous.metric.step / rigorous.n)
+    return Precision.measure(low, high, step=step)

@@ -187,7 +187,7 @@ def make_metric(name: str, batch: tpp.EvalBatch, model=None, clean_logits: torch
     higher = METRICS[name][0]
     m = tpp.metrics
     if name == "accuracy":
-        return Metric(name, lambda logits, c: m.accuracy(logits, c), higher, {"c": batch.c_token})
+        return Metric(name, lambda logits, c: m.accuracy(logits, c), higher, {"c": batch.c_token}, step=1.0)
     if name == "logit_diff":
         return Metric(name, lambda logits, c, b: m.logit_diff(logits, c, b), higher,
                       {"c": batch.c_token, "b": batch.b_token})

@@ -80,13 +80,16 @@ class Metric:
     ``fn(logits, **data)`` gets ``data``, the per-example tensors it needs (targets, clean
     logits), each [B, ...]; ``metric(logits, rows=r)`` scores the rows ``r`` only, so that
     large sets can be scored block by block. Logits are scored in fp32 whatever their dtype.
-    ``metric.mean(logits)`` -> [V] is the batch mean the edge methods use.
+    ``metric.mean(logits)`` -> [V] is the batch mean the edge methods use. ``step``: the least
+    change of one example's value (1 for a right-or-wrong metric such as accuracy; 0 for a
+    continuous one), which bf16's decisions must allow for (:class:`Precision`).
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
     higher_is_better: bool = True
     data: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: float = 0.0
 
     def __call__(self, logits: torch.Tensor, rows=None) -> torch.Tensor:
         data = self.data if rows is None else {k: v[rows] for k, v in self.data.items()}
@@ -99,7 +102,7 @@ class Metric:
 
     def subset(self, rows) -> "Metric":
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return Metric(self.name, self.fn, self.higher_is_better, {k: v[rows] for k, v in self.data.items()})
+        return Metric(self.name, self.fn, self.higher_is_better, {k: v[rows] for k, v in self.data.items()}, self.step)
 
 
 BatchMetric = Callable[[torch.Tensor], torch.Tensor]  # logits [V, B, vocab] -> [V]
@@ -459,7 +462,10 @@ class Precision:
 
     ``Precision.measure(low, exact)`` takes a decision metric's values on the same variants in
     bf16 and in fp32 and keeps ``error``: SAFETY times the largest difference seen, plus a floor
-    of 2^-12 of the values' scale. A search then asks ``near(margin, terms)``, where margin is how
+    of 2^-12 of the values' scale. A metric of discrete values (accuracy: a mean of 0s and 1s)
+    passes ``step``, its least change (1/B): bf16 may flip an example's argmax where the
+    measured variants flipped none (a model right on no example measures no error at all), so
+    the difference is taken as at least one step. A search then asks ``near(margin, terms)``, where margin is how
     far a decision's quantity lies from its threshold, in the metric's units, and terms how many
     bf16 values it combines (a drop compares a candidate with a baseline: 2, plus the threshold
     times the baseline for a relative drop); a decision near its threshold is re-evaluated in
@@ -474,10 +480,11 @@ class Precision:
         self.rechecked = 0
 
     @classmethod
-    def measure(cls, low: Sequence[float], exact: Sequence[float], safety: float = SAFETY) -> "Precision":
+    def measure(cls, low: Sequence[float], exact: Sequence[float], safety: float = SAFETY,
+                step: float = 0.0) -> "Precision":
         if len(low) != len(exact) or not low:
             raise ValueError("Precision.measure needs the same variants' values in both precisions")
-        diff = max(abs(a - b) for a, b in zip(low, exact))
+        diff = max(step, *(abs(a - b) for a, b in zip(low, exact)))
         scale = max(abs(b) for b in exact)
         return cls(safety * diff + 2**-12 * scale, exact=False)
 

@@ -136,9 +136,27 @@ def test_bf16_acdc_gives_the_fp32_circuit_even_on_the_threshold(model):
     assert run16.exact_values([run16.clean.mask], metric) == pytest.approx([0.0], abs=1e-6)
 
 
+def test_bf16_accuracy_search_of_a_model_right_on_no_example_gives_the_fp32_circuit(model):
+    """Accuracy 0 everywhere the calibration looks measures no bf16 error at all, yet bf16 can flip an
+    argmax later (the bundled base's search did, on the avx512_bf16 machine): the error of a right-or-wrong
+    metric is at least one example, so every check near the threshold in those units goes to fp32."""
+    prompts, _ = tpp_like(model, B=25)
+    with torch.no_grad():
+        least = model(prompts.tokens, positions=prompts.positions).argmin(-1)  # never the argmax
+    accuracy = Metric("accuracy", lambda l, t: (l.argmax(-1) == t).double(), True, {"t": least}, step=1.0)
+    fp32 = search(model, prompts, accuracy, 0.03)
+    bf16 = search(model, prompts, accuracy, 0.03, dtype=torch.bfloat16)
+    assert bf16.ablated == fp32.ablated
+    assert bf16.precision["error"] >= 4 / 25  # SAFETY x one example of 25
+    assert all(ch.exact_recheck for ch in bf16.checks if abs(ch.value - ch.baseline) <= 2 / 25)
+    assert bf16.precision["rechecked"] >= 1
+
+
 def test_precision_rule():
     p = Precision.measure([1.0, 2.01], [1.0, 2.0])
     assert p.error == pytest.approx(4 * 0.01 + 2 / 4096)
+    assert Precision.measure([0.0, 0.0], [0.0, 0.0], step=0.05).error == pytest.approx(4 * 0.05)
+    assert Precision.measure([1.0, 2.1], [1.0, 2.0], step=0.05).error == pytest.approx(4 * 0.1 + 2 / 4096)
     assert p.near(0.05) and not p.near(0.2)
     assert not Precision().near(0.0)  # fp32: never re-checked
     with pytest.raises(ValueError, match="same variants"):
