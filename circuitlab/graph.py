@@ -637,15 +637,15 @@ class EdgeRunner:
             touch = dma.ne(0).any(0).any(-1) | (ma.ne(0) & changed[:st.n_in]).any(0).any(-1)  # [R_st]
             if grad:
                 touch[:] = True
-            heads = []
+            heads, us = [], []  # the heads recomputed (attention) and the senders recomputed
             if touch.any():
                 if st.kind == "attn":
                     heads = touch.view(3, H).any(0).nonzero()[:, 0].tolist()
-                    sel = [kind * H + h for kind in range(3) for h in heads]
+                    sel, us = [kind * H + h for kind in range(3) for h in heads], [st.outs[h] for h in heads]
                 else:
-                    heads, sel = [0], [0]
-                logits, out = self._stage(i, ma[:, sel], dma[:, sel], heads if st.kind == "attn" else [], sel,
-                                          base, delta[:active], s0, changed, logits, grad)
+                    sel, us = [0], list(st.outs)
+                logits, out = self._stage(i, ma[:, sel], dma[:, sel], heads, sel, base, delta[:active], s0, changed,
+                                          logits, grad)
             if st.kind == "logits":
                 continue
             if grad:
@@ -653,7 +653,6 @@ class EdgeRunner:
                 delta = torch.cat([delta, torch.cat([new, new.new_zeros(n - active, *new.shape[1:])])], 1)
                 changed[list(st.outs)] = True
                 continue
-            us = [st.outs[h] for h in heads]  # recomputed senders (an MLP's "head" 0)
             if us:
                 cols = [u - s0 for u in us]
                 delta[:active, cols] = out - self.ablated[us] - base.effect[us]  # [active, k, B, T, d]
