@@ -193,11 +193,12 @@ def acdc(runner: EdgeRunner, metric: Metric, threshold: float, *, threshold_mode
     """
     check_threshold(threshold, threshold_mode)
     higher_is_better = metric_direction(metric, higher_is_better)
+    step = getattr(metric, "step", 0.0) / runner.tokens.shape[0]  # a right-or-wrong metric's least change
     metric = batch_metric(metric)
     g = Graph(runner.graph.n_layer, runner.graph.n_head, head_inputs=True) if head_inputs else runner.graph
     only = None if receivers is None else {g.receiver_index(r) for r in receivers}
     start = time.perf_counter()
-    state = _State(runner, g, metric, threshold, threshold_mode, higher_is_better)
+    state = _State(runner, g, metric, threshold, threshold_mode, higher_is_better, step)
     order = decision_order(g, head_inputs)
     if only is not None:
         order = [(kind, r) for kind, r in order if r in only]
@@ -257,7 +258,7 @@ class _State:
     """The current circuit and metric of a run, and the decision rule."""
 
     def __init__(self, runner: EdgeRunner, graph: Graph, metric: Metric, threshold: float, mode: str,
-                 higher_is_better: bool):
+                 higher_is_better: bool, step: float = 0.0):
         self.runner, self.graph, self.metric = runner, graph, metric
         self.threshold, self.mode, self.sign = threshold, mode, (-1.0 if higher_is_better else 1.0)
         self.mask = graph.ones(runner.model.dtype).to(runner.model.device)  # [R, S'], in the graph's width
@@ -269,11 +270,12 @@ class _State:
         self.log: list[dict] = []
         self.max_window = max(2, runner.max_rows // runner.tokens.shape[0])  # variants per batched chunk
         self.window = min(16, self.max_window)  # candidates evaluated per speculative pass
-        self.precision = self.calibrate() if runner.low_precision else Precision()
+        self.precision = self.calibrate(step) if runner.low_precision else Precision()
         self._exact_cur: tuple[bytes, float] | None = None  # fp32 metric of the current mask
 
-    def calibrate(self) -> Precision:
-        """bf16's error: the clean run and single removals of the last 15 senders' edges into the logits."""
+    def calibrate(self, step: float = 0.0) -> Precision:
+        """bf16's error: the clean run and single removals of the last 15 senders' edges into the logits;
+        at least ``step``, a right-or-wrong metric's least change (Precision.measure)."""
         g = self.graph
         r = g.n_receivers - 1
         masks = [self.mask]
@@ -282,7 +284,7 @@ class _State:
             m[r, u] = 0
             masks.append(m)
         low = metric_values(self.metric, self.runner.run(torch.stack(masks)))
-        return Precision.measure(low, self.runner.exact_values(masks, self.metric))
+        return Precision.measure(low, self.runner.exact_values(masks, self.metric), step=step)
 
     def exact(self, r: int, u: int) -> tuple[float, float]:
         """fp32 values of the current mask and of it without edge u -> r."""

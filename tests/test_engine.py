@@ -152,6 +152,20 @@ def test_bf16_accuracy_search_of_a_model_right_on_no_example_gives_the_fp32_circ
     assert bf16.precision["rechecked"] >= 1
 
 
+def test_bf16_acdc_allows_an_accuracy_metric_one_example_of_error(model):
+    """ACDC's calibration of a right-or-wrong metric, as the search's: at least one example of B."""
+    tokens, corrupted = make_tokens(8, 6, seed=4), make_tokens(8, 6, seed=5)
+    run16 = EdgeRunner(model, tokens, "resample", corrupted=corrupted, dtype=torch.bfloat16)
+    with torch.no_grad():
+        least = model(tokens)[:, -1].argmin(-1)  # right on no example
+    accuracy = Metric("accuracy", lambda l, t: (l.argmax(-1) == t).double(), True, {"t": least}, step=1.0)
+    got = acdc(run16, accuracy, 0.05, higher_is_better=True, receivers=["logits"])
+    assert got.circuit.info["precision"]["error"] >= 4 / 8
+    want = acdc(EdgeRunner(model, tokens, "resample", corrupted=corrupted), accuracy, 0.05, higher_is_better=True,
+                receivers=["logits"])
+    assert torch.equal(got.circuit.edges, want.circuit.edges)
+
+
 def test_precision_rule():
     p = Precision.measure([1.0, 2.01], [1.0, 2.0])
     assert p.error == pytest.approx(4 * 0.01 + 2 / 4096)
