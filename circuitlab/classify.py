@@ -96,6 +96,10 @@ class HeadClasses:
     def classes_of(self, layer: int, head: int) -> list[str]:
         return [c for c, hs in self.heads.items() if (layer, head) in hs]
 
+    def head_lists(self) -> dict[str, list[list[int]]]:
+        """Per class, its heads as [layer, head] lists (JSON's form)."""
+        return {c: [list(h) for h in hs] for c, hs in self.heads.items()}
+
     def counts(self, among: list[tuple[int, int]] | None = None) -> dict[str, int]:
         """How many heads (of ``among``, e.g. a circuit's) each class has."""
         keep = None if among is None else set(map(tuple, among))
@@ -103,7 +107,7 @@ class HeadClasses:
 
     def to_json(self) -> dict:
         return {"score_threshold": self.score_threshold, "min_fraction": self.min_fraction,
-                "n_examples": self.n_examples, "heads": {c: [list(h) for h in hs] for c, hs in self.heads.items()},
+                "n_examples": self.n_examples, "heads": self.head_lists(),
                 "mean": {c: v.tolist() for c, v in self.mean.items()},
                 "fraction": {c: v.tolist() for c, v in self.fraction.items()}}
 
@@ -233,8 +237,7 @@ def head_census(model: GPT2, batch, n_examples: int = 100, seed: int = 0, pool: 
     hb = classify_heads(model, *prepend_bos(sub.tokens, sub.attention_mask), score_threshold, min_fraction)
     rep_len = induction_seq_len(model)
     census = {"n_examples": n_examples, "seed": seed, "score_threshold": score_threshold, "min_fraction": min_fraction,
-              "classes": hc.counts(), "heads": {c: [list(h) for h in hs] for c, hs in hc.heads.items()},
-              "classes_bos": hb.counts(), "heads_bos": {c: [list(h) for h in hs] for c, hs in hb.heads.items()}}
+              "classes": hc.counts(), "heads": hc.head_lists(), "classes_bos": hb.counts(), "heads_bos": hb.head_lists()}
     probes = {"induction_random": {}, **({"induction_frequent": {"pool": pool}} if pool is not None else {})}
     for key, extra in probes.items():
         s = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=seed, **extra).cpu()

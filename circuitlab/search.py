@@ -54,7 +54,7 @@ from minigpt2 import GPT2
 from minigpt2.engine import HeadMaskRunner, Precision, resolve_dtype
 from minigpt2.masking import run_with_head_masks_loop
 
-from .sweep import BLOCK_ROWS, Metric, Prompts, rows_per_block
+from .sweep import Metric, Prompts, rows_per_block
 
 ORDERS = ("layer-up", "layer-down")
 DROPS = ("relative", "absolute")
@@ -235,7 +235,7 @@ class _Runner:
         self.model, self.metric, self.n = model, metric, len(prompts)
         self.max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
         self.blocks = []
-        for rows, p in prompts.blocks(self.max_rows, len(prompts) // BLOCK_ROWS):
+        for rows, p in prompts.blocks(self.max_rows):  # one variant a call (speculate=1, the CPU default)
             kw = p.masking_kwargs()
             self.blocks.append((rows, HeadMaskRunner(model, p.tokens, kw.pop("mode"), dtype=dtype, **kw)))
         self.memo: dict[bytes, float] = {}

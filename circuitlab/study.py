@@ -491,7 +491,7 @@ def classify(session: Session, out: Path, n_examples: int = 100, score_threshold
                                                              "heads": [list(h) for h in ind_heads]},
                                          **({"induction_score_frequent_tokens": frequent} if frequent else {}),
                                          "classes_bos": hb.counts(),  # as head_census names them
-                                         "heads_bos": {c: [list(h) for h in hs] for c, hs in hb.heads.items()}}
+                                         "heads_bos": hb.head_lists()}
 
         def cell(n_in, n_all):
             return str(n_all) if kept is None else f"{n_in} ({n_all})"

@@ -92,11 +92,13 @@ class Prompts:
         return Prompts(self.tokens[rows, :T], cut(None if self.attention_mask is None else self.attention_mask[rows]),
                        self.positions[rows], self.ablation, self.seed, cut(reference), cut(reference_mask))
 
-    def blocks(self, max_rows: int, min_blocks: int = 1) -> list[tuple[torch.Tensor, "Prompts"]]:
-        """(rows, Prompts) blocks of at most ``max_rows`` rows of similar length, each trimmed:
-        sorting by length means little padding is computed."""
+    def blocks(self, max_rows: int, n_variants: int = 1) -> list[tuple[torch.Tensor, "Prompts"]]:
+        """(rows, Prompts) blocks of similar length, each trimmed: sorting by length means little
+        padding is computed. A block holds at most ``max_rows`` rows, and as many prompts as make
+        a batched call of ``n_variants`` variants about CALL_ROWS rows (MIN_BLOCK_ROWS to BLOCK_ROWS)."""
         order = self.positions.argsort(stable=True)
-        n = max(min_blocks, -(-len(self) // max_rows))
+        per_block = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, -(-CALL_ROWS // max(1, n_variants))))
+        n = max(len(self) // per_block, -(-len(self) // max_rows))
         return [(rows, self.subset(rows, trim=True)) for rows in order.tensor_split(min(n, len(self)))]
 
     def masking_kwargs(self) -> dict:
@@ -149,8 +151,7 @@ def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: 
     """
     max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
     out = torch.empty(0)
-    block_rows = min(BLOCK_ROWS, max(MIN_BLOCK_ROWS, -(-CALL_ROWS // max(1, masks.shape[0]))))
-    blocks = prompts.blocks(max_rows, min_blocks=len(prompts) // block_rows)
+    blocks = prompts.blocks(max_rows, n_variants=masks.shape[0])
     if progress:
         from tqdm.auto import tqdm
         blocks = tqdm(blocks, desc=f"{masks.shape[0]} variants x {len(prompts)} prompts", unit="block")
