@@ -45,6 +45,8 @@ MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "max_steps", "device", "dtype", "
                         "log_every", "eval_every", "save_every", "keep_checkpoints", "out"}
 # ... and these too, after a stop on a NaN/inf (the change is recorded in args.json, changed_on_resume)
 MAY_CHANGE_AFTER_NON_FINITE = {"lr", "warmup_steps", "grad_clip"}
+# Flags added after runs were saved, with the value that computes what those runs computed
+ADDED_LATER = {"head_dropout": 0.0, "recall": 0.0}
 
 # What each numeric flag allows. Whole numbers: the least value (None also allowed where listed);
 # numbers: an interval, its brackets saying whether each end is allowed.
@@ -54,8 +56,9 @@ WHOLE_AT_LEAST = {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "max_step
                   "repeat_length": 0,
                   "n_layer": 1, "n_head": 1, "d_model": 1, "d_mlp": 1, "n_ctx": 1}
 OPTIONAL = {"micro_batch_size", "max_steps"}
-NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "min_lr_ratio": "[0, 1]",
-             "fraction": "(0, 1]", "copy_spans": "[0, 1]", "random_repeats": "[0, 1]"}
+NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "head_dropout": "[0, 1)", "min_lr_ratio": "[0, 1]",
+             "fraction": "(0, 1]", "copy_spans": "[0, 1]", "random_repeats": "[0, 1]",
+             "recall": "[0, 1]"}
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -84,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "--batch-size means gradient accumulation (default: the whole share)")
     opt.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (finetune: 0; pretrain: 0.1)")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
+    opt.add_argument("--head-dropout", type=float, default=0.0,
+                     help="chance of dropping each head's output, per example and step (GPT-2 trained with "
+                          "dropout 0.1; dropped heads make the model grow backups, such as a second "
+                          "previous-token head); 0 disables it")
     opt.add_argument("--warmup-steps", type=int, help="linear warmup steps (finetune: 0; pretrain: 100)")
     opt.add_argument("--schedule", choices=["linear", "cosine", "constant"],
                      help="after warmup, over all epochs: linear to 0 (finetune), cosine (pretrain), or constant")
@@ -145,8 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "later place (induction-head signal)")
     corpus.add_argument("--random-repeats", type=float, default=0.0,
                         help="fraction of training blocks replaced by a repeated sequence of random tokens")
+    corpus.add_argument("--recall", type=float, default=0.0,
+                        help="fraction of training blocks of associative recall: random (key, value) pairs "
+                             "listed round after round in new orders (previous-token-head signal)")
     corpus.add_argument("--repeat-vocab", type=int, default=0,
-                        help="draw --random-repeats' tokens from this many most frequent tokens of the corpus "
+                        help="draw --random-repeats' and --recall's tokens from this many most frequent tokens of the corpus "
                              "(default 0: the whole vocabulary)")
     corpus.add_argument("--repeat-length", type=int, default=0,
                         help="longest --random-repeats sequence, at least 8 (default 0: half a block); shorter "
@@ -235,8 +245,9 @@ def cross_problem(args) -> str | None:
             return f"--d-model {args.d_model} is not a multiple of --n-head {args.n_head}"
         if args.block_size > args.n_ctx:
             return f"--block-size {args.block_size} exceeds --n-ctx {args.n_ctx}: raise --n-ctx"
-        if args.copy_spans + args.random_repeats > 1:
-            return f"--copy-spans {args.copy_spans} + --random-repeats {args.random_repeats} exceed 1"
+        if args.copy_spans + args.random_repeats + args.recall > 1:
+            return (f"--copy-spans {args.copy_spans} + --random-repeats {args.random_repeats} + --recall "
+                    f"{args.recall} exceed 1")
         if args.repeat_vocab > 50256:
             return f"--repeat-vocab {args.repeat_vocab} exceeds the vocabulary's 50256 tokens (0: all of them)"
         if args.repeat_length and not 8 <= args.repeat_length <= args.block_size // 2:
@@ -291,7 +302,8 @@ def merge_saved_args(parser, argv, args) -> argparse.Namespace:
     args = resolve(parser.parse_args(argv))
     validate(parser, args, source=saved_path)
     may_change = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_AFTER_NON_FINITE if read_non_finite_note(args.out) else set())
-    check_resume_args(saved, vars(args), may_change)
+    added = {k: v for k, v in ADDED_LATER.items() if k in vars(args)}  # flags of this mode only
+    check_resume_args(added | saved, vars(args), may_change)
     return args
 
 
@@ -408,7 +420,8 @@ def build(args):
             model.init_weights(seed=args.seed)
         data, held_out = finetune.pretrain_data(args.corpus, args.block_size, args.fraction, args.eval_size,
                                                 args.repeat_docs, args.copy_spans, args.random_repeats, args.seed,
-                                                getattr(args, "repeat_vocab", 0), getattr(args, "repeat_length", 0))
+                                                getattr(args, "repeat_vocab", 0), getattr(args, "repeat_length", 0),
+                                                args.recall)
         pool = copying_pool(args, data)
         evaluate = pretrain_evaluator(args, data, held_out, pool) if main_rank else None
         meta = {"preset": None, "corpus": args.corpus, "init": args.init, "n_params": sum(p.numel() for p in model.parameters()),
@@ -424,7 +437,8 @@ def train_config(args):
 
     return TrainConfig(
         out=args.out, epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, warmup_steps=args.warmup_steps,
+        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, head_dropout=args.head_dropout,
+        warmup_steps=args.warmup_steps,
         schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps, seed=args.seed,
         log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, device=args.device, dtype=args.dtype, resume=args.resume,

@@ -145,7 +145,8 @@ def frequent_tokens(blocks: np.ndarray, n: int, vocab_size: int = EOT_TOKEN) -> 
 
 
 def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, seed: int,
-                vocab_size: int = EOT_TOKEN, repeat_vocab: int = 0, repeat_length: int = 0) -> dict:
+                vocab_size: int = EOT_TOKEN, repeat_vocab: int = 0, repeat_length: int = 0,
+                recall: float = 0.0) -> dict:
     """Make some blocks predictable only by copying from context (in place); returns what was done.
 
     A ``copy_spans`` fraction of the blocks gets one span of its own text (8 to T/3 tokens)
@@ -156,12 +157,19 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
     instead of the whole vocabulary, so that their embeddings are trained by the text as well.
     ``repeat_length`` L > 0 makes the random sequences 8 to L tokens long instead of 8 to T/2:
     shorter sequences repeat more often per block, a denser signal that forms induction heads sooner.
+
+    A ``recall`` fraction holds associative recall: 4 to L/2 pairs of distinct random tokens
+    (key, value), listed, then listed again in a new random order, round after round. A value
+    follows from its key's earlier pair, while the token before the key changes every round:
+    copying needs exactly the previous token at the value (a previous-token head), where a
+    repeated sequence is also served by a smear over the last few tokens.
     """
-    for flag, v in (("--copy-spans", copy_spans), ("--random-repeats", random_repeats)):
+    for flag, v in (("--copy-spans", copy_spans), ("--random-repeats", random_repeats), ("--recall", recall)):
         if not 0 <= v <= 1:
             raise ValueError(f"{flag} must be a fraction in [0, 1], got {v}")
-    if copy_spans + random_repeats > 1:
-        raise ValueError(f"--copy-spans {copy_spans} + --random-repeats {random_repeats} exceed 1")
+    if copy_spans + random_repeats + recall > 1:
+        raise ValueError(f"--copy-spans {copy_spans} + --random-repeats {random_repeats} + --recall {recall} "
+                         "exceed 1")
     if not isinstance(repeat_vocab, (int, np.integer)) or not 0 <= repeat_vocab <= vocab_size:
         raise ValueError(f"--repeat-vocab must be an integer in [0, {vocab_size}] (0: the whole vocabulary), "
                          f"got {repeat_vocab}")
@@ -184,20 +192,34 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
         n = int(rng.integers(8, longest + 1))
         seq = rng.integers(0, vocab_size, n) if pool is None else pool[rng.integers(0, len(pool), n)]
         blocks[i] = np.resize(seq, T)
+    recalled = np.nonzero((kind >= copy_spans + random_repeats) & (kind < copy_spans + random_repeats + recall))[0]
+    for i in recalled:
+        blocks[i] = recall_block(rng, T, int(rng.integers(4, longest // 2 + 1)), vocab_size, pool)
     return {"copy_spans": copy_spans, "random_repeats": random_repeats, "repeat_vocab": int(repeat_vocab),
             **({"repeat_length": int(repeat_length)} if repeat_length else {}),
             "n_copy_span_blocks": len(copied),
-            "n_random_repeat_blocks": len(randoms)}
+            "n_random_repeat_blocks": len(randoms),
+            **({"recall": recall, "n_recall_blocks": len(recalled)} if recall else {})}
+
+
+def recall_block(rng: np.random.Generator, T: int, n_pairs: int, vocab_size: int = EOT_TOKEN,
+                 pool: np.ndarray | None = None) -> np.ndarray:
+    """[T] tokens: ``n_pairs`` (key, value) pairs of 2 * n_pairs distinct tokens, listed in a new
+    random order each round until T tokens are written (the last round cut short)."""
+    picks = rng.choice(vocab_size if pool is None else len(pool), size=2 * n_pairs, replace=False)
+    pairs = (picks if pool is None else pool[picks]).reshape(n_pairs, 2)
+    rounds = -(-T // (2 * n_pairs))
+    return np.concatenate([pairs[rng.permutation(n_pairs)].ravel() for _ in range(rounds)])[:T]
 
 
 def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_blocks: int = 64, repeat: int = 1,
                   copy_spans: float = 0.0, random_repeats: float = 0.0, seed: int = 0, repeat_vocab: int = 0,
-                  repeat_length: int = 0) -> tuple[TrainData, torch.Tensor]:
+                  repeat_length: int = 0, recall: float = 0.0) -> tuple[TrainData, torch.Tensor]:
     """Training blocks and held-out blocks [eval_blocks, block_size] (the corpus's last ones).
 
     The stream is cut into consecutive non-overlapping blocks; the tail that does
     not fill a block is dropped. ``fraction`` keeps the first part of the training blocks;
-    ``copy_spans`` / ``random_repeats`` (see ``add_repeats``) change training blocks only, so
+    ``copy_spans`` / ``random_repeats`` / ``recall`` (see ``add_repeats``) change training blocks only, so
     the held-out loss is measured on plain text the model never saw.
     """
     if block_size < 1:
@@ -214,8 +236,8 @@ def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_bloc
     train = train[:take_fraction(len(train), fraction, "blocks")].copy()
     info = {"source": corpus, "sources": source_info, "repeat_docs": repeat, "corpus_tokens": int(len(stream)),
             "block_size": block_size, "n_blocks": len(train), "eval_blocks": eval_blocks}
-    if copy_spans or random_repeats:
+    if copy_spans or random_repeats or recall:
         info["repeats"] = add_repeats(train, copy_spans, random_repeats, seed, repeat_vocab=repeat_vocab,
-                                       repeat_length=repeat_length)
+                                       repeat_length=repeat_length, recall=recall)
     train = torch.from_numpy(train)
     return TrainData(train.clone(), train.clone(), None, info=info), torch.from_numpy(held_out.copy())

@@ -68,5 +68,14 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, attention_mask=None):
-        return lm_loss(self.model, input_ids, labels, attention_mask)
+    def forward(self, input_ids, labels, attention_mask=None, head_scale=None):
+        """``head_scale`` [B, n_layer, n_head] (head dropout) multiplies each head's output z."""
+        if head_scale is None:
+            return lm_loss(self.model, input_ids, labels, attention_mask)
+
+        def scale(layer):
+            return lambda z, hook: z * head_scale[:, layer, None, :, None].to(z.dtype)  # z [B, T, H, d_head]
+
+        hooks = [(f"blocks.{layer}.attn.hook_z", scale(layer)) for layer in range(head_scale.shape[1])]
+        with self.model.hooks(fwd_hooks=hooks):
+            return lm_loss(self.model, input_ids, labels, attention_mask)

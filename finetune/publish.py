@@ -77,12 +77,29 @@ def metrics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# What a published model keeps of each stage that made it (its metadata's "lineage"), so that a later
+# run continuing it (--init weights/...) can still say how it was made after the run directories are gone
+STAGE_KEYS = ("command", "mode", "corpus", "init", "steps", "tokens_seen", "data", "data_sha256", "seed")
+
+
+def stage_summary(stage: dict) -> dict:
+    """The part of a stage's metadata that the card's stages table and commands use."""
+    metrics = {k: v for k, v in stage.get("final_metrics", {}).items() if k in ("heldout", "copying")}
+    return {k: stage[k] for k in STAGE_KEYS if k in stage} | {"final_metrics": metrics}
+
+
 def lineage(meta: dict, limit: int = 64) -> list[dict]:
     """The runs that made a model, oldest first: the model's own run and, before it, the run of
     every ``--init`` checkpoint it continued (continued pretraining), read from each checkpoint's
-    metadata.json, which records its run's command and step."""
+    metadata.json, which records its run's command and step. A published model's metadata holds
+    its own lineage, which is used as it stands (its run directories may be gone)."""
     stages = [meta]
-    while stages[-1].get("init"):
+    while True:
+        if stages[-1].get("lineage"):
+            stages[-1:] = stages[-1]["lineage"][::-1]  # newest first here; the recorded one is oldest first
+            break
+        if not stages[-1].get("init"):
+            break
         init = Path(stages[-1]["init"])
         if not (init / "metadata.json").exists():
             raise FileNotFoundError(f"--init {init} of the run {stages[-1].get('command', '?')!r} has no metadata.json, "
@@ -142,7 +159,8 @@ def stages_table(stages: list[dict]) -> str:
         mix = (f"{st.get('corpus')}, block {data.get('block_size')}; random repeats {rep.get('random_repeats', 0):.0%}"
                + (f" (top {rep['repeat_vocab']:,} tokens" if rep.get("repeat_vocab") else " (all tokens")
                + (f", 8-{rep['repeat_length']} long)" if rep.get("repeat_length") else ")")
-               + f", copied spans {rep.get('copy_spans', 0):.0%}")
+               + f", copied spans {rep.get('copy_spans', 0):.0%}"
+               + (f", recall {rep['recall']:.0%}" if rep.get("recall") else ""))
         m = st.get("final_metrics", {})
         held = f"{m['heldout']['loss']:.3f}" if "heldout" in m else "-"
         cp = m.get("copying")
@@ -302,6 +320,9 @@ def main(argv=None) -> None:
                                                        "single_token_eval_size": args.single_token_eval_size,
                                                        "answer_space": answer_space}}
         extra["head_census"] = census
+        stages = lineage(meta)
+        if len(stages) > 1:
+            extra["lineage"] = [stage_summary(st) for st in stages]
         if claims:
             extra["claims"] = {"compare_to": str(args.compare_to), "subset": args.subset, "margins": claims}
         (tmp / "metadata.json").write_text(json.dumps(meta | extra, indent=2) + "\n")

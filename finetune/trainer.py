@@ -49,6 +49,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    head_dropout: float = 0.0  # chance that a head's output is dropped, per row and head (see head_keep)
     warmup_steps: int = 0
     schedule: str = "linear"  # after warmup: "linear" to 0, "cosine" to min_lr_ratio * lr, "constant"
     min_lr_ratio: float = 0.0
@@ -71,6 +72,7 @@ class TrainConfig:
             ("lr", 0 < self.lr < math.inf, "finite and > 0"),
             ("weight_decay", 0 <= self.weight_decay < math.inf, "finite and >= 0"),
             ("grad_clip", 0 <= self.grad_clip < math.inf, "finite and >= 0"),
+            ("head_dropout", 0 <= self.head_dropout < 1, "in [0, 1)"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("log_every", self.log_every >= 1, ">= 1"), ("eval_every", self.eval_every >= 0, ">= 0"),
@@ -293,7 +295,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.dist.world == 1 else self.loss_module.no_sync()
             with sync:
                 with self.autocast():
-                    s, _ = self.loss_module(*self._to_device(part))
+                    s, _ = self.loss_module(*self._to_device(part), head_scale=self.head_scale(part))
                 (s * (weight * self.dist.world / n_targets)).backward()
             loss_sum += s.detach().double() * weight
         if self.dist.world > 1:  # the summed loss, and whether any rank was asked to stop
@@ -313,6 +315,20 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    def head_scale(self, rows: np.ndarray) -> torch.Tensor | None:
+        """[B, n_layer, n_head] factors on the heads' outputs for this step's ``rows``: 0 for a
+        dropped head, 1 / (1 - p) for a kept one; None without head dropout.
+
+        Each row's draw depends only on (seed, step, row), so a resumed run, a run split into
+        micro-batches and one on several ranks drop the same heads."""
+        p = self.cfg.head_dropout
+        if p == 0:
+            return None
+        shape = (self.model.cfg.n_layer, self.model.cfg.n_head)
+        keep = np.stack([np.random.default_rng(np.random.SeedSequence(self.cfg.seed, spawn_key=(11, self.step, int(r))))
+                         .random(shape) >= p for r in rows])
+        return torch.from_numpy(keep / (1 - p)).float().to(self.device)
 
     def _to_device(self, rows: np.ndarray):
         d = self.data

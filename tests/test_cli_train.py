@@ -28,6 +28,8 @@ COMMON = [
     (["--lr", "0"], "--lr"), (["--lr", "-1e-4"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"),
     (["--weight-decay", "-0.1"], "--weight-decay"), (["--weight-decay", "nan"], "--weight-decay"),
     (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--head-dropout", "1"], "--head-dropout"), (["--head-dropout", "-0.1"], "--head-dropout"),
+    (["--head-dropout", "nan"], "--head-dropout"),
     (["--min-lr-ratio", "-0.1"], "--min-lr-ratio"), (["--min-lr-ratio", "1.5"], "--min-lr-ratio"),
     (["--min-lr-ratio", "nan"], "--min-lr-ratio"),
     (["--save-every", "-1"], "--save-every"), (["--eval-every", "-1"], "--eval-every"),
@@ -57,6 +59,8 @@ PRETRAIN = [
     (["--copy-spans", "nan"], "--copy-spans"),
     (["--random-repeats", "2"], "--random-repeats"), (["--random-repeats", "nan"], "--random-repeats"),
     (["--copy-spans", "0.6", "--random-repeats", "0.6"], "--copy-spans"),
+    (["--recall", "1.5"], "--recall"), (["--recall", "nan"], "--recall"),
+    (["--copy-spans", "0.3", "--random-repeats", "0.3", "--recall", "0.5"], "--recall"),
     (["--d-model", "100"], "--d-model"),  # not a multiple of the 12 heads
     (["--block-size", "256", "--n-ctx", "128"], "--block-size"),
     (["--repeat-length", "-1"], "--repeat-length"), (["--repeat-length", "7"], "--repeat-length"),

@@ -115,3 +115,30 @@ def test_repeat_length_shortens_the_random_sequences():
     for bad in (7, 65, 2.5):
         with pytest.raises(ValueError, match=r"--repeat-length must be .* \[8, 64\]"):
             add_repeats(blocks.copy(), 0.0, 0.5, seed=0, repeat_length=bad)
+
+
+def test_recall_blocks_list_the_same_pairs_in_new_orders():
+    rng = np.random.default_rng(3)
+    blocks = np.minimum(rng.geometric(0.01, (300, 128)), 5000)
+    original = blocks.copy()
+    info = add_repeats(blocks, copy_spans=0.1, random_repeats=0.2, seed=4, repeat_vocab=200, repeat_length=32,
+                       recall=0.4)
+    untouched = original.copy()
+    add_repeats(untouched, copy_spans=0.1, random_repeats=0.2, seed=4, repeat_vocab=200, repeat_length=32)
+    recalled = np.nonzero((blocks != untouched).any(axis=1))[0]  # the other kinds are drawn as without --recall
+    assert len(recalled) == info["n_recall_blocks"] > 80 and info["recall"] == 0.4
+    frequent = set(np.argsort(-np.bincount(original.ravel()), kind="stable")[:200].tolist())
+    orders = set()
+    for i in recalled:
+        row = blocks[i]
+        n = len(set(row.tolist())) // 2  # pairs of 2n distinct tokens
+        assert 4 <= n <= 16 and set(row.tolist()) <= frequent
+        rounds = [row[s:s + 2 * n].reshape(-1, 2) for s in range(0, 128, 2 * n)]
+        pairs = {tuple(p) for p in rounds[0]}
+        assert len(pairs) == n and len({k for k, _ in pairs}) == n
+        for r in rounds:  # every round (the last may be cut) lists the same pairs, each once
+            assert {tuple(p) for p in r} <= pairs and len({tuple(p) for p in r}) == len(r)
+        orders.add(all((r == rounds[0][:len(r)]).all() for r in rounds))
+    assert orders == {False}  # in every block the order changes between rounds
+    with pytest.raises(ValueError, match="--recall"):
+        add_repeats(original.copy(), copy_spans=0.5, random_repeats=0.2, seed=0, recall=0.4)

@@ -110,6 +110,67 @@ def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
         torch.testing.assert_close(runs[5][k], runs[None][k], rtol=1e-4, atol=2e-5)
 
 
+def test_a_dropped_head_is_a_zero_ablated_head():
+    """head_scale 0 on a head gives the loss of the model with that head's output zeroed
+    (run_with_head_masks, the masking engine, is the oracle); 1 leaves the loss unchanged."""
+    from finetune.loss import LossModule
+
+    torch.manual_seed(0)
+    model = tiny()
+    ids = torch.randint(0, 99, (3, 10))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -1] = ids[:, -1]  # one target per row: the last token, predicted at position 8
+    keep = torch.ones(3, 2, 4)
+    keep[0, 1, 2] = keep[1, 0, 0] = keep[2, 0, 3] = keep[2, 1, 1] = 0.0
+    loss_module = LossModule(model)
+    mine, n = loss_module(ids, labels, head_scale=keep)
+    logits = torch.cat([model.run_with_head_masks(ids[i:i + 1], keep[i:i + 1], positions=torch.tensor([8]))[0]
+                        for i in range(3)])  # [3, V]: row i with its own heads zeroed
+    expected = torch.nn.functional.cross_entropy(logits, ids[:, -1], reduction="sum")
+    assert n == 3
+    torch.testing.assert_close(mine, expected, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(mine, lm_loss(model, ids, labels)[0])
+    torch.testing.assert_close(loss_module(ids, labels, head_scale=torch.ones(3, 2, 4))[0], lm_loss(model, ids, labels)[0])
+    assert not any(hp.active for hp in model.hook_dict.values())  # the dropout hooks are gone afterwards
+
+
+def test_head_dropout_draws_per_row_and_step_so_micro_batches_and_resume_agree(tmp_path, corpus):
+    data = repeating_data()
+    cfg = TrainConfig(out=str(tmp_path / "t"), batch_size=16, head_dropout=0.25, progress=False, device="cpu")
+    t = Trainer(tiny(), data, cfg)
+    rows = np.arange(16)
+    whole = t.head_scale(rows)
+    assert whole.shape == (16, 2, 4) and whole.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    torch.testing.assert_close(torch.cat([t.head_scale(rows[:5]), t.head_scale(rows[5:])]), whole)
+    assert 0.1 < (whole == 0).float().mean() < 0.4
+    t.step += 1
+    assert not torch.equal(t.head_scale(rows), whole)  # a new draw each step
+    # accumulation over micro-batches gives the whole batch's update, with dropout on
+    runs = {}
+    for micro in (None, 5):
+        c = TrainConfig(out=str(tmp_path / f"m{micro}"), epochs=1, batch_size=16, micro_batch_size=micro, lr=3e-3,
+                        head_dropout=0.25, progress=False, device="cpu")
+        tr = Trainer(tiny(), data, c)
+        tr.train()
+        runs[micro] = tr.model.state_dict()
+    for k in runs[None]:
+        torch.testing.assert_close(runs[5][k], runs[None][k], rtol=1e-4, atol=2e-5)
+    # resumed runs equal one run; runs saved before the flag existed resume with it off
+    train.main(pretrain_argv(corpus, tmp_path / "whole", "--max-steps", "4", "--head-dropout", "0.3"))
+    train.main(pretrain_argv(corpus, tmp_path / "split", "--max-steps", "2", "--head-dropout", "0.3"))
+    train.main(pretrain_argv(corpus, tmp_path / "split", "--max-steps", "4", "--head-dropout", "0.3", "--resume"))
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train.main(pretrain_argv(corpus, tmp_path / "old", "--max-steps", "2"))
+    args_json = tmp_path / "old" / "args.json"
+    saved = json.loads(args_json.read_text())
+    del saved["head_dropout"]
+    args_json.write_text(json.dumps(saved))
+    train.main(pretrain_argv(corpus, tmp_path / "old", "--max-steps", "3", "--resume"))
+    with pytest.raises(SystemExit):
+        train.main(pretrain_argv(corpus, tmp_path / "bad", "--head-dropout", "1"))
+
+
 def test_schedule_warms_up_then_decays():
     s = Schedule(lr=1.0, total_steps=10, warmup_steps=2, kind="linear")
     assert [s(i) for i in (0, 1, 2)] == [0.5, 1.0, 1.0]
@@ -171,6 +232,32 @@ def test_a_model_made_in_stages_is_rebuilt_by_its_cards_commands(tmp_path, corpu
 def _with(argv: list[str], flag: str, value: str) -> list[str]:
     i = argv.index(flag)
     return [*argv[:i + 1], value, *argv[i + 2:]]
+
+
+def test_a_published_model_keeps_its_lineage_after_its_runs_are_gone(tmp_path, corpus):
+    """publish records the stages in the model's metadata; a run continuing the published model
+    gets all of them on its card after the earlier run directories are deleted."""
+    import shutil
+
+    from finetune import publish
+
+    small = ("--block-size", "16", "--n-ctx", "32")
+    train.main(pretrain_argv(corpus, tmp_path / "first", "--max-steps", "4", *small))
+    meta = train.main(pretrain_argv(corpus, tmp_path / "second", "--init", str(tmp_path / "first" / "model"),
+                                    "--max-steps", "3", "--seed", "2", *small))
+    published = tmp_path / "weights"
+    shutil.copytree(tmp_path / "second" / "model", published)
+    recorded = [publish.stage_summary(st) for st in publish.lineage(meta)]  # what publish.main writes
+    (published / "metadata.json").write_text(json.dumps(meta | {"lineage": recorded}))
+    shutil.rmtree(tmp_path / "first")
+    shutil.rmtree(tmp_path / "second")
+    third = train.main(pretrain_argv(corpus, tmp_path / "third", "--init", str(published), "--max-steps", "2", *small))
+    stages = publish.lineage(third)
+    assert [st["steps"] for st in stages] == [4, 3, 2]
+    assert stages[0]["final_metrics"]["heldout"] == json.loads(json.dumps(recorded[0]["final_metrics"]["heldout"]))
+    commands = publish.reproducing_commands(third)
+    assert "--init runs/first/model" in commands[1] and "--init runs/second/model" in commands[2]
+    assert "--max-steps 4" in commands[0] and "--seed 2" in commands[1]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, corpus):
