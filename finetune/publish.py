@@ -85,7 +85,13 @@ STAGE_KEYS = ("command", "mode", "corpus", "init", "steps", "tokens_seen", "data
 def stage_summary(stage: dict) -> dict:
     """The part of a stage's metadata that the card's stages table and commands use."""
     metrics = {k: v for k, v in stage.get("final_metrics", {}).items() if k in ("heldout", "copying")}
-    return {k: stage[k] for k in STAGE_KEYS if k in stage} | {"final_metrics": metrics}
+    dropout = head_dropout_of(stage)
+    return ({k: stage[k] for k in STAGE_KEYS if k in stage} | {"final_metrics": metrics}
+            | ({"train_config": {"head_dropout": dropout}} if dropout else {}))
+
+
+def head_dropout_of(stage: dict) -> float:
+    return stage.get("train_config", {}).get("head_dropout", 0.0)
 
 
 def lineage(meta: dict, limit: int = 64) -> list[dict]:
@@ -160,7 +166,8 @@ def stages_table(stages: list[dict]) -> str:
                + (f" (top {rep['repeat_vocab']:,} tokens" if rep.get("repeat_vocab") else " (all tokens")
                + (f", 8-{rep['repeat_length']} long)" if rep.get("repeat_length") else ")")
                + f", copied spans {rep.get('copy_spans', 0):.0%}"
-               + (f", recall {rep['recall']:.0%}" if rep.get("recall") else ""))
+               + (f", recall {rep['recall']:.0%}" if rep.get("recall") else "")
+               + (f"; head dropout {head_dropout_of(st):.0%}" if head_dropout_of(st) else ""))
         m = st.get("final_metrics", {})
         held = f"{m['heldout']['loss']:.3f}" if "heldout" in m else "-"
         cp = m.get("copying")

@@ -81,9 +81,17 @@ def test_bundled_model_has_the_head_classes_its_card_claims(name, eval_sets):
 def test_the_base_has_attention_sink_heads_on_endoftext():
     """weights/README.md's claim: the base's first-token heads attend to <|endoftext|>, which sets the
     pretraining documents apart; with it before each TPP prompt (TransformerLens's default input) at least 10
-    heads are first-token heads by the paper's rule, against 2 on the prompts as they are."""
+    heads are first-token heads by the paper's rule, against 4 on the prompts as they are."""
     census = json.loads((WEIGHTS / "base" / "metadata.json").read_text())["head_census"]
     assert census["classes_bos"]["first"] >= 10 > census["classes"]["first"]
+
+
+def test_the_base_has_previous_token_heads_as_gpt2_does():
+    """The issue's target (GPT-2 small's circuit has 4): at least 2 previous-token heads by the paper's
+    rule, on the TPP prompts as they are and with <|endoftext|> before each; the card's census is
+    checked against the weights by test_bundled_model_has_the_head_classes_its_card_claims."""
+    census = json.loads((WEIGHTS / "base" / "metadata.json").read_text())["head_census"]
+    assert census["classes"]["previous"] >= 2 and census["classes_bos"]["previous"] >= 2, census["classes"]
 
 
 def test_the_base_copies_with_induction_heads():

@@ -270,13 +270,15 @@ def test_a_batch_of_texts_continues_each_text_as_alone(tl_base):
 
 def test_return_types(tl_base):
     model, _ = tl_base
-    text = model.generate(PROMPTS[1], 4)
-    assert isinstance(text, str) and text.startswith(PROMPTS[1]) and "<|endoftext|>" not in text
-    ids = model.generate(PROMPTS[1], 4, return_type="tokens")
-    assert ids.shape == (1, model.to_tokens(PROMPTS[1]).shape[1] + 4)
+    prompt = "The Eiffel Tower is in"  # whose 4 greedy tokens hold no <|endoftext|>, so none stops early
+    assert 50256 not in model.generate(prompt, 4, return_type="tokens", stop_at_eos=False)[0, -4:].tolist()
+    text = model.generate(prompt, 4)
+    assert isinstance(text, str) and text.startswith(prompt) and "<|endoftext|>" not in text
+    ids = model.generate(prompt, 4, return_type="tokens")
+    assert ids.shape == (1, model.to_tokens(prompt).shape[1] + 4)
     assert model.generate(ids[:, :-4], 4, return_type="str") == text
     assert torch.equal(model.generate(ids[:, :-4], 4), ids)  # tokens in, tokens out
-    assert model.generate([PROMPTS[1]], 4) == text  # one text in a list: a string, as in TransformerLens
+    assert model.generate([prompt], 4) == text  # one text in a list: a string, as in TransformerLens
 
 
 def test_sampling_switches(model, tokens):

@@ -251,9 +251,12 @@ def test_a_published_model_keeps_its_lineage_after_its_runs_are_gone(tmp_path, c
     (published / "metadata.json").write_text(json.dumps(meta | {"lineage": recorded}))
     shutil.rmtree(tmp_path / "first")
     shutil.rmtree(tmp_path / "second")
-    third = train.main(pretrain_argv(corpus, tmp_path / "third", "--init", str(published), "--max-steps", "2", *small))
+    third = train.main(pretrain_argv(corpus, tmp_path / "third", "--init", str(published), "--max-steps", "2",
+                                     "--head-dropout", "0.2", "--recall", "0.5", *small))
     stages = publish.lineage(third)
     assert [st["steps"] for st in stages] == [4, 3, 2]
+    rows = publish.stages_table(stages).splitlines()[2:]
+    assert ["recall 50%; head dropout 20%" in r for r in rows] == [False, False, True]
     assert stages[0]["final_metrics"]["heldout"] == json.loads(json.dumps(recorded[0]["final_metrics"]["heldout"]))
     commands = publish.reproducing_commands(third)
     assert "--init runs/first/model" in commands[1] and "--init runs/second/model" in commands[2]
