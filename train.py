@@ -56,8 +56,8 @@ WHOLE_AT_LEAST = {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "max_step
                   "repeat_length": 0,
                   "n_layer": 1, "n_head": 1, "d_model": 1, "d_mlp": 1, "n_ctx": 1}
 OPTIONAL = {"micro_batch_size", "max_steps"}
-NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "head_dropout": "[0, 1)", "min_lr_ratio": "[0, 1]",
-             "fraction": "(0, 1]", "copy_spans": "[0, 1]", "random_repeats": "[0, 1]",
+NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "head_dropout": "[0, 1)",
+             "min_lr_ratio": "[0, 1]", "fraction": "(0, 1]", "copy_spans": "[0, 1]", "random_repeats": "[0, 1]",
              "recall": "[0, 1]"}
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -156,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of training blocks of associative recall: random (key, value) pairs "
                              "listed round after round in new orders (previous-token-head signal)")
     corpus.add_argument("--repeat-vocab", type=int, default=0,
-                        help="draw --random-repeats' and --recall's tokens from this many most frequent tokens of the corpus "
+                        help="draw --random-repeats' and --recall's tokens from this many most frequent tokens "
+                             "of the corpus "
                              "(default 0: the whole vocabulary)")
     corpus.add_argument("--repeat-length", type=int, default=0,
                         help="longest --random-repeats sequence, at least 8 (default 0: half a block); shorter "
-                             "sequences repeat more often, a denser copying signal")
+                             "sequences repeat more often, a denser copying signal; --recall lists up to half "
+                             "as many pairs")
     corpus.add_argument("--init", help="start from this checkpoint's weights (continued pretraining) instead of a "
                                        "random initialisation; its shape must equal the model flags")
     arch = pt.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt2 import GPT2
+from minigpt2.engine import head_edit
 
 from .data import IGNORE
 
@@ -73,8 +74,9 @@ class LossModule(nn.Module):
         if head_scale is None:
             return lm_loss(self.model, input_ids, labels, attention_mask)
 
-        def scale(layer):
-            return lambda z, hook: z * head_scale[:, layer, None, :, None].to(z.dtype)  # z [B, T, H, d_head]
+        def scale(layer):  # each row its own variant of the masking engine's head edit, z' = m z
+            edit = head_edit(head_scale[:, layer], None, n_variants=head_scale.shape[0])
+            return lambda z, hook: edit(z)
 
         hooks = [(f"blocks.{layer}.attn.hook_z", scale(layer)) for layer in range(head_scale.shape[1])]
         with self.model.hooks(fwd_hooks=hooks):

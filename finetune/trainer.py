@@ -49,7 +49,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    head_dropout: float = 0.0  # chance that a head's output is dropped, per row and head (see head_keep)
+    head_dropout: float = 0.0  # chance that a head's output is dropped, per row and head (see Trainer.head_scale)
     warmup_steps: int = 0
     schedule: str = "linear"  # after warmup: "linear" to 0, "cosine" to min_lr_ratio * lr, "constant"
     min_lr_ratio: float = 0.0
