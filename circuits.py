@@ -3,11 +3,11 @@
     python circuits.py baseline                     # Tables 1 and 2
     python circuits.py sweep                        # every head ablated alone, heatmaps
     python circuits.py search --threshold 0.03      # the attention-focused search (section 5.3)
-    python circuits.py transfer --circuits reports/search/circuit_*.json   # Table 3
+    python circuits.py transfer --circuits reports/search/circuit_*.json   # Table 3 (after search; the study: reports/study/)
     python circuits.py classify                     # head classes, attention to c (Figure 2)
     python circuits.py generate                     # the forgetting probe (section 6.1)
     python circuits.py study --out reports/study    # all of it, one report
-    python circuits.py acdc / eap                   # edge circuits (circuitlab.edge_cli)
+    python circuits.py acdc / eap                   # edge circuits: ACDC; eap --method NAME for the others
 
 Each command writes JSON, PNG and markdown to --out (replaced whole, only once
 complete) and prints its table. Models default to the bundled ones in weights/.
@@ -18,6 +18,10 @@ A bad flag, model directory or circuit file is refused before any work, in one l
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
 
 import argparse
 import signal
@@ -32,7 +36,7 @@ from circuitlab.search import DROPS, ORDERS
 from circuitlab.sweep import ABLATIONS
 from tpp.encoding import SPACES
 from tpp.examples import EVAL_SIZE, MAX_EXAMPLES, SINGLE_TOKEN_EVAL_SIZE
-from tpp.flags import Parser, blame, default_device, device, fail, integer, number, text
+from tpp.flags import HelpFormatter, Parser, blame, default_device, device, fail, integer, number, text
 
 # ---------------------------------------------------------------- arguments
 # Each flag's type refuses an impossible value while the command line is parsed (one line, exit 2);
@@ -42,7 +46,7 @@ DRAW = integer(1, EVAL_SIZE, why=f"a draw from the {EVAL_SIZE}-example eval set"
 SEED = integer(0, why="seeds are non-negative")
 ATTENTION = number(0, 1, why="an attention weight")
 
-parser = Parser(prog="circuits.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = Parser(prog="circuits.py", description=__doc__, formatter_class=HelpFormatter)
 commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
 common = argparse.ArgumentParser(add_help=False)
@@ -61,7 +65,10 @@ g = common.add_argument_group("output and machine")
 g.add_argument("--out", type=Path, default=None,
                help="output directory (default: reports/COMMAND); replaced when done, so it must be new, empty "
                     "or an earlier report")
-g.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's choice)")
+g.add_argument("--threads", type=integer(1), default=None,
+               help="torch CPU threads (default: the CPUs this process may use, within a container's quota)")
+g.add_argument("--no-progress", dest="progress", action="store_false",
+               help="no progress bars (on a terminal) or progress lines (in a log)")
 g.add_argument("--device", type=device, default=None,
                help="where the models run: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
 
@@ -78,8 +85,8 @@ def search_args(p: argparse.ArgumentParser, examples_flag: str = "--examples") -
     g.add_argument("--threshold", type=number(0), default=0.03,
                    help="keep an ablation whose drop is below this (a relative drop: in [0, 1])")
     g.add_argument("--drop", choices=DROPS, default=None,
-                   help="relative: (baseline - value) / |baseline| (default; the paper's reading); absolute: "
-                        "baseline - value (default for kl); signs flip for loss and kl")
+                   help="relative: (baseline - value) / |baseline| (the paper's reading); absolute: baseline - value; "
+                        "signs flip for loss and kl (default: relative, absolute for kl)")
     g.add_argument("--order", choices=ORDERS, default="layer-up", help="layer-up (the paper) or layer-down (as ACDC)")
     g.add_argument("--ablation", choices=ABLATIONS, default="zero", help="what an ablated head outputs (paper: zero)")
     g.add_argument(examples_flag, dest="search_examples", type=EXAMPLES, default=100,
@@ -96,7 +103,9 @@ p.add_argument("--single-examples", type=EXAMPLES, default=1150, help="examples 
 
 p = commands.add_parser("sweep", parents=[common], help="every head ablated alone; heatmaps of the effects")
 p.add_argument("--examples", type=DRAW, default=100, help="examples drawn from the eval set")
-p.add_argument("--metrics", nargs="+", choices=list(S.METRICS), default=["accuracy", "logit_diff", "loss"])
+p.add_argument("--metrics", nargs="+", choices=list(S.METRICS), default=["accuracy", "logit_diff", "loss"],
+               help="one heatmap per metric: accuracy, logit_diff (c minus b), loss (cross-entropy of c), "
+                    "kl (to the unablated model)")
 p.add_argument("--ablation", choices=ABLATIONS, default="zero", help="what an ablated head outputs")
 dtype_arg(p, "the ablated forwards")
 
@@ -117,12 +126,13 @@ p.add_argument("--min-fraction", type=number(0, 1, lo_open=True, why="a share of
                help="fraction of examples needed to assign a class")
 p.add_argument("--c-threshold", type=ATTENTION, default=0.4, help="mean attention to c that makes a c-attending head")
 p.add_argument("--circuits", nargs="*", type=Path, default=[],
-               help="count classes among these circuits' heads (each labelled with one of --models)")
+               help="count classes among these circuits' heads (each labelled with one of --models); default: none")
 
 p = commands.add_parser("generate", parents=[common], help="greedy continuations side by side (section 6.1)")
 p.add_argument("--prompt", action="append", dest="prompts", type=text, default=None,
                help=f"repeatable; default: {DEFAULT_PROMPT!r}")
-p.add_argument("--max-new-tokens", type=integer(1), default=16)
+p.add_argument("--max-new-tokens", type=integer(1), default=16,
+               help="tokens to generate per prompt (greedy); at most the models' context length less the prompt's")
 
 p = commands.add_parser("study", parents=[common], help="everything above into one report directory")
 search_args(p, "--search-examples")
@@ -141,8 +151,7 @@ g.add_argument("--edge-examples", type=integer(1, MAX_EXAMPLES // 2), default=50
                help="examples to find edge circuits on (as many evaluate)")
 g.add_argument("--mib-methods", nargs="*", default=list(S.EdgeOptions.mib_methods), metavar="METHOD",
                help="edge methods compared by MIB's CPR / CMD on every model (none: skip the comparison); "
-                    f"default {' '.join(S.EdgeOptions.mib_methods)}; also acdc, eap-ig-activations, "
-                    "edge-patching, learned-masks (minutes per model on a CPU)")
+                    "also acdc, eap-ig-activations, edge-patching, learned-masks (minutes per model on a CPU)")
 g.add_argument("--mib-examples", type=integer(2, MAX_EXAMPLES // 2), default=S.EdgeOptions.mib_examples,
                help="prompts the methods score edges on (as many held out measure them)")
 dtype_arg(p, "the sweep, the search, ACDC and EAP-IG (the baseline and transfer tables stay fp32)")
@@ -198,6 +207,9 @@ def setup(args) -> tuple[S.Session, dict[str, dict]]:
         circuits = load_circuits(args.circuits, ses.configs, own_model=True)
     if args.command in ("classify", "study"):
         ses.frequent_tokens  # read and checked now, before any work
+    if args.command in ("generate", "study"):
+        check_room(ses, args.prompts if args.command == "generate" and args.prompts else [DEFAULT_PROMPT],
+                   args.max_new_tokens)
     if args.command in ("search", "study"):
         opts = search_options(args)
         opts.check()
@@ -218,6 +230,24 @@ def setup(args) -> tuple[S.Session, dict[str, dict]]:
                     check_methods(edges.mib_methods)
     check_out_dir(out_dir(args))
     return ses, circuits
+
+
+def check_room(ses: S.Session, prompts: list[str], max_new_tokens: int) -> None:
+    """Refuse more new tokens than the models' context holds after the longest prompt: generation
+    would stop there, and the probe would count fewer tokens than asked for."""
+    from minigpt2 import get_tokenizer
+
+    enc = get_tokenizer()
+    longest = max(len(enc.encode_ordinary(p)) for p in prompts)
+    n_ctx = min(cfg.n_ctx for cfg in ses.configs.values())
+    if longest >= n_ctx:
+        raise ValueError(f"--prompt: a prompt of {longest} tokens fills the models' context of {n_ctx} tokens, "
+                         "leaving no room to generate; shorten it")
+    room = n_ctx - longest
+    if max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {max_new_tokens:,}: the models' context holds {n_ctx} tokens and the "
+                         f"longest prompt has {longest}, so at most {room} new tokens fit; pass "
+                         f"--max-new-tokens {room} or less")
 
 
 def out_dir(args) -> Path:
@@ -252,10 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     parsing (argparse exits), anything else found by setup() before any work, or an error while running."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if getattr(args, "edge_command", None):
-        return args.edge_command(args)
+    from minigpt2.progress import set_enabled
+
+    set_enabled(None if args.progress else False)  # --no-progress: no bar, no progress line, in any stage
     try:
+        if getattr(args, "edge_command", None):
+            return args.edge_command(args)
         ses, circuits = setup(args)
+        default = " (the default --models: the bundled ones)" if args.models == S.DEFAULT_MODELS else ""
+        print(f"[{args.command}] models: {', '.join(f'{label}={path}' for label, path in ses.paths.items())}{default}",
+              file=sys.stderr, flush=True)
         # A kill (SIGTERM) unwinds like an error, so no half-built --out directory is left behind.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         if args.threads:
@@ -263,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         sections = run_command(args, ses, circuits, ["circuits.py", *argv])
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a read-only --out or a full disk (minigpt2.fileio.WriteError) too
         return fail(f"{parser.prog} {args.command}", e)
+    except KeyboardInterrupt:  # as train.py: one line, status 130; atomic_dir has removed the partial --out
+        print(f"\n{parser.prog} {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     out = out_dir(args)
     if args.command == "study":
         print("\n".join(f"- {s.title}: {s.summary}" for s in sections))

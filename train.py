@@ -5,6 +5,11 @@
     torchrun --nproc_per_node 4 train.py finetune --preset welterweight --out runs/welterweight
     python train.py finetune --out runs/featherweight --resume        # after a crash or Ctrl-C
 
+A running train.py locks its --out (OUT/.lock, released by the OS when the process ends, however it
+ends): a second one on the same run is refused, naming the first. --resume verifies each file of the
+checkpoint against the sha256 its complete.json records, and the training data against the hash the
+run recorded (an edited corpus is refused unless --accept-data-change, which metadata.json records).
+
 Every setting is a flag below; the resolved values go to OUT/args.json. The loop,
 data, checkpoints and evaluation live in the finetune package. An impossible flag value
 is refused before any work (exit status 2). A NaN or inf stops the run (exit status 3)
@@ -21,6 +26,10 @@ there; finetuning unembeds only the c tokens and is far cheaper per token.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
 
 import argparse
 import json
@@ -41,7 +50,7 @@ MODE_DEFAULTS = {
                      schedule="cosine", eval_size=64),
 }
 # Flags that may differ when resuming a run (they do not change what is computed, or only its speed).
-MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "max_steps", "device", "dtype", "micro_batch_size", "progress",
+MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "accept_data_change", "max_steps", "device", "dtype", "micro_batch_size", "progress",
                         "log_every", "eval_every", "save_every", "keep_checkpoints", "out"}
 # ... and these too, after a stop on a NaN/inf (the change is recorded in args.json, changed_on_resume)
 MAY_CHANGE_AFTER_NON_FINITE = {"lr", "warmup_steps", "grad_clip"}
@@ -62,8 +71,24 @@ NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in --help, by tpp.flags.HelpFormatter's rule (restated here: tpp imports torch)."""
+
+    def _get_help_string(self, action):
+        d, help = action.default, action.help or ""
+        if (d is None or d is argparse.SUPPRESS or d in ("", []) or isinstance(d, bool) or action.required or not action.option_strings
+                or "default:" in help.lower()):
+            return help
+        return f"{help} (default: {d})"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``train.py: error: --flag ...`` (exit status 2)."""
+    """argparse whose errors are one line, ``train.py: error: --flag ...`` (exit status 2), and every
+    option's default in --help (sub-parsers included)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[-1] + ": ", message)
@@ -77,33 +102,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start anew")
     run.add_argument("--seed", type=int, default=0, help="data order (and, for pretraining, initialisation)")
+    run.add_argument("--accept-data-change", action="store_true",
+                     help="with --resume: go on although the training data differs from the data the run "
+                          "started on (an edited corpus file); the change is recorded in metadata.json")
 
     opt = common.add_argument_group("optimization (AdamW)")
-    opt.add_argument("--epochs", type=int, help="passes over the training data (finetune: 3; pretrain: 1)")
-    opt.add_argument("--lr", type=float, help="peak learning rate (finetune: 5e-5; pretrain: 6e-4)")
-    opt.add_argument("--batch-size", type=int, help="examples per optimizer step, over all processes (64)")
+    opt.add_argument("--epochs", type=int, help="passes over the training data (default: finetune the preset's, 3 or 20; pretrain 1)")
+    opt.add_argument("--lr", type=float, help="peak learning rate (default: finetune 5e-5, pretrain 6e-4)")
+    opt.add_argument("--batch-size", type=int, help="examples per optimizer step, over all processes (default: 64)")
     opt.add_argument("--micro-batch-size", type=int,
                      help="examples per forward pass on one process; smaller than a process's share of "
                           "--batch-size means gradient accumulation (default: the whole share)")
-    opt.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (finetune: 0; pretrain: 0.1)")
+    opt.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (default: finetune 0, pretrain 0.1)")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
     opt.add_argument("--head-dropout", type=float, default=0.0,
                      help="chance of dropping each head's output, per example and step (GPT-2 trained with "
                           "dropout 0.1; dropped heads make the model grow backups, such as a second "
                           "previous-token head); 0 disables it")
-    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps (finetune: 0; pretrain: 100)")
+    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: finetune 0, pretrain 100)")
     opt.add_argument("--schedule", choices=["linear", "cosine", "constant"],
-                     help="after warmup, over all epochs: linear to 0 (finetune), cosine (pretrain), or constant")
+                     help="after warmup, over all epochs: linear to 0, cosine, or constant (default: finetune linear, "
+                          "pretrain cosine)")
     opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine schedule's floor, as a fraction of --lr")
     opt.add_argument("--max-steps", type=int,
                      help="stop after this many optimizer steps in all (small runs); the schedule still spans "
-                          "every epoch, so a run stopped here and resumed equals one run")
+                          "every epoch, so a run stopped here and resumed equals one run (default: none, every epoch)")
 
     data = common.add_argument_group("data")
     data.add_argument("--fraction", type=float,
-                      help="finetune: fraction of the master dataset (preset); pretrain: of the corpus's blocks (1)")
+                      help="finetune: fraction of the master dataset; pretrain: of the corpus's blocks (default: finetune the "
+                           "preset's, pretrain 1)")
     data.add_argument("--eval-size", type=int,
-                      help="finetune: examples in the first TPP eval set (3000); pretrain: held-out blocks (64)")
+                      help="finetune: examples in the first TPP eval set; pretrain: held-out blocks (default: finetune 3000, "
+                           "pretrain 64)")
 
     hw = common.add_argument_group("hardware")
     hw.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
@@ -117,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--keep-checkpoints", type=int, default=1, help="how many checkpoints to keep")
     io.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     modes = parser.add_subparsers(dest="mode", required=True)
 
     ft = modes.add_parser("finetune", parents=[common], help="supervised finetuning on TPP (the paper's section 4)")
@@ -158,19 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--repeat-vocab", type=int, default=0,
                         help="draw --random-repeats' and --recall's tokens from this many most frequent tokens "
                              "of the corpus "
-                             "(default 0: the whole vocabulary)")
+                             "(default: 0, the whole vocabulary)")
     corpus.add_argument("--repeat-length", type=int, default=0,
-                        help="longest --random-repeats sequence, at least 8 (default 0: half a block); shorter "
+                        help="longest --random-repeats sequence, at least 8 (default: 0, half a block); shorter "
                              "sequences repeat more often, a denser copying signal; --recall lists up to half "
                              "as many pairs")
     corpus.add_argument("--init", help="start from this checkpoint's weights (continued pretraining) instead of a "
-                                       "random initialisation; its shape must equal the model flags")
+                                       "random initialisation; its shape must equal the model flags (default: none)")
     arch = pt.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")
     arch.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
     arch.add_argument("--n-head", type=int, default=12, help="attention heads per block")
     arch.add_argument("--d-model", type=int, default=96, help="residual width; a multiple of --n-head")
-    arch.add_argument("--d-mlp", type=int, help="MLP width (default 4 x --d-model)")
-    arch.add_argument("--n-ctx", type=int, help="positions (default --block-size)")
+    arch.add_argument("--d-mlp", type=int, help="MLP width (default: 4 x --d-model)")
+    arch.add_argument("--n-ctx", type=int, help="positions (default: --block-size)")
     parser.modes = {"finetune": ft, "pretrain": pt}
     return parser
 
@@ -300,13 +331,23 @@ def merge_saved_args(parser, argv, args) -> argparse.Namespace:
     saved = read_json_object(saved_path, fix="it holds the run's settings: repair it (each checkpoint's "
                                              "metadata.json records the command that started the run), or start "
                                              "the run again with --overwrite")
+    added = {k: v for k, v in ADDED_LATER.items() if k in vars(args)}  # flags of this mode only
+    saved = added | unset_as_default(args, saved)
     parser.modes[args.mode].set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
     args = resolve(parser.parse_args(argv))
     validate(parser, args, source=saved_path)
     may_change = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_AFTER_NON_FINITE if read_non_finite_note(args.out) else set())
-    added = {k: v for k, v in ADDED_LATER.items() if k in vars(args)}  # flags of this mode only
-    check_resume_args(added | saved, vars(args), may_change)
+    check_resume_args(saved, vars(args), may_change)
     return args
+
+
+def unset_as_default(args, saved: dict) -> dict:
+    """``saved`` with each flag that the run's args.json lacks or holds as None (the run predates the
+    flag) set to the flag's default: the value that computes what the run computed. A None that is
+    the flag's own default stays None."""
+    defaults = vars(build_parser().parse_args([args.mode, "--out", str(args.out)]))  # resolve() fills the rest
+    filled = {k: v for k, v in defaults.items() if v is not None and saved.get(k) is None}
+    return saved | filled
 
 
 def record_resume_changes(args) -> None:
@@ -326,7 +367,7 @@ def record_resume_changes(args) -> None:
 
 
 # ---------------------------------------------------------------- advice after a NaN/inf stop
-def settings_argv(args, leave_out=("resume", "overwrite")) -> list[str]:
+def settings_argv(args, leave_out=("resume", "overwrite", "accept_data_change")) -> list[str]:
     """Arguments that reproduce the run's settings: the mode, --out, and every flag whose value
     differs from the one it would get unset."""
     parser = build_parser()
@@ -347,7 +388,8 @@ def advised_commands(args, err) -> str:
     if err.fix == "resume":
         commands = [[args.mode, "--out", str(args.out), "--resume", "--lr", lr]]
     else:
-        commands = [settings_argv(args, leave_out=("resume", "overwrite", "lr")) + ["--overwrite", "--lr", lr]]
+        commands = [settings_argv(args, leave_out=("resume", "overwrite", "accept_data_change", "lr"))
+                    + ["--overwrite", "--lr", lr]]
         if err.bfloat16 and err.checkpoint is not None:
             commands.append([args.mode, "--out", str(args.out), "--resume", "--dtype", "float32"])
     return "\n".join(f"  {shlex.join(['python', 'train.py', *c])}" for c in commands)
@@ -405,6 +447,7 @@ def build(args):
         model = load_base(args.base)
         data, master = finetune.finetune_data(args.fraction, args.label_style, args.master_size, args.data_seed,
                                               args.answer_space)
+        data.check_fits(model.cfg, f"--base {args.base}")  # the TPP rows in GPT-2's tokens: named, not a raw error
         evaluate = finetune.tpp_evaluator(master, args.eval_size, args.single_token_eval_size,
                                           seed=args.data_seed, space=args.answer_space) if main_rank else None
         meta = {"preset": args.preset, "preset_overrides": args.preset_overrides, "base": args.base,
@@ -447,18 +490,23 @@ def train_config(args):
         progress=args.progress)
 
 
-def start_run_dir(args, d) -> None:
-    """Rank 0 prepares --out (recovering, clearing or creating it) and writes or updates args.json."""
+def start_run_dir(args, d, meta: dict, lock) -> None:
+    """Rank 0 prepares --out (recovering, clearing or creating it) and locks it, checks that a resumed
+    run's data is its own (recording an accepted change in ``meta``), and writes or updates args.json."""
     import torch.distributed as dist
 
     from finetune import prepare_run_dir
-    from finetune.checkpoint import write_json
+    from finetune.checkpoint import check_resume_data, write_json
 
     if d.world > 1:  # every rank has checked --out before rank 0 changes it
         dist.barrier()
     if d.main:
         prepare_run_dir(args.out, args.resume, args.overwrite)
+        lock.acquire()  # a no-op if --out existed: it was locked before the slow part
         if args.resume:
+            changes = check_resume_data(Path(args.out), meta, args.accept_data_change)
+            if changes:
+                meta["data_changes"] = changes
             record_resume_changes(args)
         else:
             write_json(Path(args.out) / "args.json", vars(args))
@@ -472,21 +520,26 @@ def main(argv=None, on_step=None) -> dict:
     import torch.distributed as dist
 
     from finetune import Dist, NonFiniteLoss, Trainer, prepare_run_dir
+    from minigpt2.fileio import DirLock
     from finetune.trainer import init_distributed, resolve_device
 
     d = Dist.from_env()
     init_distributed(d, resolve_device(args.device, d))
     prepare_run_dir(args.out, args.resume, args.overwrite, create=False)  # fail before the slow part
-    model, data, evaluate, meta = build(args)
-    meta["command"] = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
-    start_run_dir(args, d)
-    if getattr(args, "changed_on_resume", None):
-        meta["changed_on_resume"] = args.changed_on_resume
+    lock = DirLock(args.out, "run directory")  # a second train.py on this run is refused, naming this one
+    if d.main and Path(args.out).is_dir():
+        lock.acquire()  # else when start_run_dir has made --out: nothing is written before the slow part
     try:
+        model, data, evaluate, meta = build(args)
+        meta["command"] = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
+        start_run_dir(args, d, meta, lock)
+        if getattr(args, "changed_on_resume", None):
+            meta["changed_on_resume"] = args.changed_on_resume
         return Trainer(model, data, train_config(args), evaluate, meta, on_step=on_step).train()
     except NonFiniteLoss as e:
         raise NonFiniteLoss(f"{e}. Run:\n{advised_commands(args, e)}", e.fix, e.checkpoint, e.bfloat16) from None
     finally:
+        lock.release()
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -29,6 +29,10 @@ minigpt2.engine), ``--skip-naive`` (ACDC's batched schedule alone),
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import sys
 import time

@@ -21,6 +21,10 @@ imports the circuitlab of the tree it sits in. The circuit and CPR / CMD must ag
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import statistics
 import sys

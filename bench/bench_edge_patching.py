@@ -30,6 +30,10 @@ with ``--threads 1`` (the default) and read the CPU ones. ``--tiny`` checks the 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import statistics
 import sys

@@ -18,6 +18,10 @@ scales its time to all of them. ``--tiny`` swaps in a 2-layer model to check the
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import statistics
 import sys

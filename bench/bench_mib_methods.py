@@ -12,6 +12,10 @@ of curves per model to ``--out`` and prints the table; the seconds are each meth
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import sys
 import tempfile

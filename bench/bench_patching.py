@@ -29,6 +29,10 @@ Figures and the setting are printed, and written as JSON with --json PATH.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import itertools
 import json

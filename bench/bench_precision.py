@@ -12,6 +12,10 @@ error and how many decisions were re-evaluated in fp32.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import sys
 import time

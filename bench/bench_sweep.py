@@ -45,6 +45,10 @@ script. :func:`main` returns the figures (bench/device_suite.py reads them).
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import json
 import subprocess

@@ -31,13 +31,16 @@ minute here. BENCHMARKS.md ("GPU (device suite)") says what the GPU image lacks 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
+
 import argparse
 import contextlib
 import gc
 import importlib
 import importlib.util
 import json
-import os
 import platform
 import signal
 import subprocess

@@ -65,10 +65,10 @@ from typing import Sequence
 
 import torch
 
-from minigpt2.engine import Precision, batch_metric
+from minigpt2.engine import MetricError, Precision, batch_metric, progress_bar
 from minigpt2.engine import higher_is_better as metric_direction
 
-from .graph import Circuit, EdgeRunner, Graph, Metric, Trace
+from .graph import Circuit, EdgeRunner, Graph, Metric, Trace, check_runner
 
 THRESHOLD_MODES = ("absolute", "relative")
 
@@ -131,8 +131,8 @@ def metric_values(metric: Metric, logits: torch.Tensor) -> list[float]:
     values = metric(logits)
     if not torch.is_tensor(values) or values.shape != logits.shape[:1]:
         shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
-        raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got {shape} for "
-                         f"V={logits.shape[0]}. Fix: average over examples, e.g. lambda l: per_example(l).mean(-1)")
+        raise MetricError(f"metric must map logits [V, B, vocab] to one value per variant [V], got {shape} for "
+                          f"V={logits.shape[0]}. Fix: average over examples, e.g. lambda l: per_example(l).mean(-1)")
     return values.detach().double().cpu().tolist()
 
 
@@ -191,6 +191,7 @@ def acdc(runner: EdgeRunner, metric: Metric, threshold: float, *, threshold_mode
 
     Returns an ACDCResult whose ``circuit`` holds the kept edges.
     """
+    check_runner(runner, "acdc")
     check_threshold(threshold, threshold_mode)
     higher_is_better = metric_direction(metric, higher_is_better)
     step = getattr(metric, "step", 0.0) / runner.tokens.shape[0]  # a right-or-wrong metric's least change
@@ -210,9 +211,7 @@ def acdc(runner: EdgeRunner, metric: Metric, threshold: float, *, threshold_mode
             steps[-1][1].append(r)
         else:
             steps.append((kind, [r]))
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="ACDC steps", unit="step")
+    steps = progress_bar(steps, "ACDC steps", "step", progress)
     with torch.no_grad():
         for kind, rows in steps:
             if kind == "input":

@@ -22,6 +22,8 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from minigpt2.fileio import FileError, load_json
+
 HEAD_LISTS = ("ablated_heads", "kept_heads")
 REGENERATE = "regenerate it with `circuits.py search --out DIR` (it writes DIR/circuit_<model>.json)"
 
@@ -145,15 +147,13 @@ def load_circuit(path: str | Path, model_cfg=None, model_name: str = "the model"
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"circuit file {path} is a folder. Fix: pass the circuit_<model>.json files in it")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"no circuit file at {path}. Fix: write one with `circuits.py search --out DIR` "
                                 "(it writes DIR/circuit_<model>.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise _error(str(path), None, f"is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise _error(str(path), None, f"is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    try:  # a FIFO, a byte-order mark, 10^5 levels of nesting: each named
+        data = load_json(path, "")
+    except FileError as e:
+        raise _error(str(path), None, str(e).removeprefix(str(path)).strip()) from None
     circuit = check_circuit(data, str(path), model_cfg, model_name)
     circuit.setdefault("source", str(path))
     return circuit

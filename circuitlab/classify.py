@@ -16,17 +16,23 @@ An example shows a class when its score exceeds ``score_threshold`` (0.4); a hea
 is given the class when at least ``fraction`` (80 %) of the examples where the
 score is defined show it. A head may get several classes, or none.
 
+A count depends on the examples drawn: a head whose share of examples lies near 80 % is
+in or out by chance. Each count comes with its bootstrap interval (the examples resampled
+with replacement, :data:`BOOTSTRAP_RESAMPLES` times, the central 95 %) and each head's
+share with its standard error sqrt(f (1 - f) / n).
+
 Target attention (the paper's Figure 2): attention from each example's final
 position to marked key positions (the c tokens), per head, averaged over examples.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from minigpt2 import GPT2
+from minigpt2.engine import check_model
 
 CLASSES = ("first", "self", "previous", "induction")
 
@@ -82,9 +88,54 @@ def class_scores(patterns: torch.Tensor, tokens: torch.Tensor, attention_mask: t
     return out
 
 
+# ---------------------------------------------------------------- uncertainty over the examples drawn
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_LEVEL = 1000, 0.95
+
+
+def bootstrap_weights(n_examples: int, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> torch.Tensor:
+    """[R, B]: how often each of B examples is drawn in each of R resamples with replacement (rows sum to B).
+    The same seed and sizes give the same resamples, so models classified on the same prompts share them."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n_examples, (n_resamples, n_examples), generator=g)
+    return torch.zeros(n_resamples, n_examples).scatter_add_(1, draws, torch.ones(n_resamples, n_examples))
+
+
+def resampled_assignment(shown: torch.Tensor, defined: torch.Tensor, weights: torch.Tensor,
+                         min_fraction: float) -> torch.Tensor:
+    """[R, L, H] bool: the class assignment (shown in >= min_fraction of the defined examples) in each
+    resample. shown, defined [B, L, H] bool; weights [R, B] (:func:`bootstrap_weights`)."""
+    B, L, H = shown.shape
+    n = weights @ defined.reshape(B, -1).float()  # [R, L*H]
+    frac = (weights @ (shown & defined).reshape(B, -1).float()) / n.clamp(min=1)
+    return ((frac >= min_fraction) & (n > 0)).view(-1, L, H)
+
+
+def resampled_attending(per_example: torch.Tensor, threshold: float, weights: torch.Tensor) -> torch.Tensor:
+    """[R, L, H] bool: heads whose mean target attention over each resample exceeds ``threshold``;
+    per_example [B, L, H] (:func:`target_attention`), weights [R, B]."""
+    B, L, H = per_example.shape
+    mean = (weights @ per_example.reshape(B, -1).float().cpu()) / weights.sum(dim=1, keepdim=True)
+    return (mean > threshold).view(-1, L, H)
+
+
+def count_interval(assigned: torch.Tensor, among: list[tuple[int, int]] | None = None,
+                   level: float = BOOTSTRAP_LEVEL) -> tuple[int, int]:
+    """The central ``level`` interval of a head count over resamples: assigned [R, L, H] bool, counted
+    among the heads ``among`` (a circuit's; None: all)."""
+    if among is not None:
+        keep = torch.zeros(assigned.shape[1:], dtype=torch.bool)
+        for l, h in among:
+            keep[l, h] = True
+        assigned = assigned & keep
+    counts = assigned.flatten(1).sum(dim=1).double()
+    lo, hi = torch.quantile(counts, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return int(round(lo)), int(round(hi))
+
+
 @dataclass
 class HeadClasses:
-    """Per class: mean score [L, H], fraction of examples over the threshold [L, H], and the heads assigned."""
+    """Per class: mean score [L, H], fraction of examples over the threshold [L, H] and its standard error,
+    the heads assigned, and the assignment in each bootstrap resample of the examples [R, L, H]."""
 
     mean: dict[str, torch.Tensor]
     fraction: dict[str, torch.Tensor]
@@ -92,6 +143,20 @@ class HeadClasses:
     score_threshold: float
     min_fraction: float
     n_examples: int
+    sem: dict[str, torch.Tensor] = field(default_factory=dict)  # sqrt(f (1 - f) / n): the share's standard error
+    resampled: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def interval(self, name: str, among: list[tuple[int, int]] | None = None,
+                 level: float = BOOTSTRAP_LEVEL) -> tuple[int, int]:
+        """The bootstrap interval of how many heads (of ``among``) class ``name`` has."""
+        return count_interval(self.resampled[name], among, level)
+
+    def borderline(self, name: str, z: float = 2.0) -> list[tuple[int, int]]:
+        """Heads whose share lies within ``z`` standard errors of min_fraction: the ones another draw of
+        examples may classify otherwise."""
+        f, se = self.fraction[name], self.sem[name]
+        near = ((f - self.min_fraction).abs() <= z * se) & (se > 0)
+        return [tuple(x) for x in near.nonzero().tolist()]
 
     def classes_of(self, layer: int, head: int) -> list[str]:
         return [c for c, hs in self.heads.items() if (layer, head) in hs]
@@ -108,6 +173,9 @@ class HeadClasses:
     def to_json(self) -> dict:
         return {"score_threshold": self.score_threshold, "min_fraction": self.min_fraction,
                 "n_examples": self.n_examples, "heads": self.head_lists(),
+                **({"count_interval": {c: list(self.interval(c)) for c in self.resampled},
+                    "interval_level": BOOTSTRAP_LEVEL, "fraction_sem": {c: v.tolist() for c, v in self.sem.items()}}
+                   if self.resampled else {}),
                 "mean": {c: v.tolist() for c, v in self.mean.items()},
                 "fraction": {c: v.tolist() for c, v in self.fraction.items()}}
 
@@ -124,23 +192,31 @@ def check_class_args(score_threshold: float, min_fraction: float, c_threshold: f
 
 def classify_heads(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    score_threshold: float = 0.4, min_fraction: float = 0.8,
-                   patterns: torch.Tensor | None = None) -> HeadClasses:
-    """Classify every head of ``model`` on the prompts ``tokens`` [B, T] (see the module docstring)."""
+                   patterns: torch.Tensor | None = None, bootstrap_seed: int = 0) -> HeadClasses:
+    """Classify every head of ``model`` on the prompts ``tokens`` [B, T] (see the module docstring), with
+    each count's bootstrap interval over the prompts (resamples seeded by ``bootstrap_seed``)."""
     check_class_args(score_threshold, min_fraction)
+    check_model(model, "classify_heads")
+    tokens = tokens if isinstance(tokens, torch.Tensor) else model.as_tokens(tokens).cpu()
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"classify_heads needs a non-empty [B, T] batch of prompts, got shape {tuple(tokens.shape)}")
+    attention_mask = model.check_attention_mask(attention_mask, tokens)
     if patterns is None:
         patterns = attention_patterns(model, tokens, attention_mask)
     scores = class_scores(patterns, tokens, attention_mask)
-    mean, fraction, heads = {}, {}, {}
+    weights = bootstrap_weights(tokens.shape[0], seed=bootstrap_seed)
+    mean, fraction, sem, heads, resampled = {}, {}, {}, {}, {}
     for name, s in scores.items():
+        s = s.cpu()
         defined = ~s.isnan()  # [B, L, H]
         n = defined.sum(dim=0)
         mean[name] = torch.where(defined, s, torch.zeros_like(s)).sum(dim=0) / n.clamp(min=1)
         fraction[name] = ((s > score_threshold) & defined).sum(dim=0) / n.clamp(min=1)
+        sem[name] = (fraction[name] * (1 - fraction[name]) / n.clamp(min=1)).sqrt()
         assigned = (fraction[name] >= min_fraction) & (n > 0)
         heads[name] = [tuple(x) for x in assigned.nonzero().tolist()]
-    return HeadClasses(mean, fraction, heads, score_threshold, min_fraction, tokens.shape[0])
+        resampled[name] = resampled_assignment(s > score_threshold, defined, weights, min_fraction)
+    return HeadClasses(mean, fraction, heads, score_threshold, min_fraction, tokens.shape[0], sem, resampled)
 
 
 def target_attention(patterns: torch.Tensor, query_positions: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -237,7 +313,8 @@ def head_census(model: GPT2, batch, n_examples: int = 100, seed: int = 0, pool: 
     hb = classify_heads(model, *prepend_bos(sub.tokens, sub.attention_mask), score_threshold, min_fraction)
     rep_len = induction_seq_len(model)
     census = {"n_examples": n_examples, "seed": seed, "score_threshold": score_threshold, "min_fraction": min_fraction,
-              "classes": hc.counts(), "heads": hc.head_lists(), "classes_bos": hb.counts(), "heads_bos": hb.head_lists()}
+              "classes": hc.counts(), "heads": hc.head_lists(), "classes_bos": hb.counts(), "heads_bos": hb.head_lists(),
+              "classes_interval": {c: list(hc.interval(c)) for c in CLASSES}, "interval_level": BOOTSTRAP_LEVEL}
     probes = {"induction_random": {}, **({"induction_frequent": {"pool": pool}} if pool is not None else {})}
     for key, extra in probes.items():
         s = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=seed, **extra).cpu()

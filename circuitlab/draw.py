@@ -67,20 +67,20 @@ def draw_circuit(circuit: Circuit, path: str | os.PathLike | None = None, title:
     for n in nodes:
         x, y = pos[n]
         face = "#f2e6ff" if n.startswith("m") else "#fff3cc" if n in ("input", "logits") else "#e6f0ff"
-        ax.text(x, y, n, ha="center", va="center", fontsize=8,
+        ax.text(x, y, n, ha="center", va="center", fontsize=9,
                 bbox=dict(boxstyle="round,pad=0.25", facecolor=face, edgecolor="gray"))
     ax.set_xlim(-0.8, g.n_head - 0.2)
     ax.set_ylim(-0.7, n_rows - 0.3)
     labels = {y: _row_label(n) for n, (_, y) in sorted(pos.items(), key=lambda kv: kv[1][0])}
-    ax.set_yticks(list(labels), list(labels.values()), fontsize=7)
+    ax.set_yticks(list(labels), list(labels.values()), fontsize=9)
     ax.set_xticks([])
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     counts = circuit.node_counts()
     ax.set_title(title or f"{counts['edges']} edges, {counts['heads']} heads, {counts['mlps']} MLPs, "
-                          f"{counts['nodes']} nodes", fontsize=10)
+                          f"{counts['nodes']} nodes", fontsize=11)
     ax.legend(handles=[Line2D([], [], color=c, label=k) for k, c in COLORS.items()], loc="upper right",
-              fontsize=7, frameon=False, title="input fed", title_fontsize=7)
+              fontsize=9, frameon=False, title="input fed", title_fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

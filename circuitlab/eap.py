@@ -90,13 +90,16 @@ the ablated input) or a task metric such as a logit difference is needed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from minigpt2.engine import BatchMetric, Metric, batch_metric
+from minigpt2.engine import BatchMetric, Metric, MetricError, batch_metric, check_batch, check_model
 from minigpt2.masking import last_positions, replacement_values
 from minigpt2.model import GPT2
+from minigpt2.progress import progress as progress_bar
 
-from .graph import Circuit, EdgeRunner, Graph, check_ablation
+from .graph import Circuit, EdgeRunner, Graph, check_ablation, check_runner
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted")
 IG_METHODS = ("eap-ig", "eap-ig-activations")  # the methods that take steps and a rule
@@ -163,15 +166,17 @@ def _check_scale(scale: str) -> str:
 
 def _scalar(metric, logits: torch.Tensor) -> torch.Tensor:
     value = metric(logits[None])
-    if value.shape != (1,):
-        raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got shape "
-                         f"{tuple(value.shape)} for V=1. Fix: average over examples, "
-                         "e.g. lambda l: per_example(l).mean(-1), or pass a minigpt2.engine.Metric")
+    if not isinstance(value, torch.Tensor) or value.shape != (1,):
+        got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise MetricError(f"metric must map logits [V, B, vocab] to one value per variant [V], got "
+                          f"{got} for V=1. Fix: average over examples, "
+                          "e.g. lambda l: per_example(l).mean(-1), or pass a minigpt2.engine.Metric")
     return value[0]
 
 
 def edge_attribution(runner: EdgeRunner, metric: Metric | BatchMetric, method: str = "eap", steps: int = 5,
-                     rule: str | None = None, scale: str = "metric") -> torch.Tensor:
+                     rule: str | None = None, scale: str = "metric", *, max_rows: int | None = None,
+                     progress: bool = False) -> torch.Tensor:
     """Scores [R, S] for every edge of ``runner.graph`` (0 where there is no edge).
 
     metric: a :class:`minigpt2.engine.Metric` (its batch mean is attributed) or a callable
@@ -185,15 +190,29 @@ def edge_attribution(runner: EdgeRunner, metric: Metric | BatchMetric, method: s
     (averaged over the method's gradient points); "reference": divided by the number of examples,
     as hannamw/EAP-IG reports its scores. Every method's score is the metric's change when the
     edge is ablated (EAP's sign: negative for a needed edge of a higher-is-better metric).
+
+    Memory: a differentiated trace keeps its activations for the backward pass (about 45 MB an
+    example on the bundled models); examples are taken ``max_rows`` at a time (default: what the
+    memory budget allows, EdgeRunner.grad_rows), the metric's gradient at the logits coming from one
+    forward of the whole batch, so the scores are those of the whole batch at once (to float
+    rounding; bit for bit when one chunk holds it). ``progress``: a bar (or log lines) over the
+    forward and backward passes.
     """
+    check_runner(runner, "edge_attribution")
     alphas = _alphas(method, steps, rule)
     scale = _check_scale(scale)
     metric = batch_metric(metric)
     g, model = runner.graph, runner.model
-    if method == "eap-ig-activations":
-        grads = _activation_gradients(runner, metric, alphas)
-    else:
-        grads = _input_gradients(runner, metric, alphas)
+    B = runner.tokens.shape[0]
+    per = max(1, min(B, max_rows if max_rows is not None else runner.grad_rows()))
+    per = math.ceil(B / math.ceil(B / per))  # the fewest chunks, of even sizes
+    chunks = [slice(i, min(B, i + per)) for i in range(0, B, per)]
+    runs = len(alphas) * (len(layer_nodes(g)) if method == "eap-ig-activations" else 1)
+    with progress_bar(total=runs * len(chunks), desc=f"{method} gradients", unit="pass", enabled=progress) as bar:
+        if method == "eap-ig-activations":
+            grads = _activation_gradients(runner, metric, alphas, chunks, bar)
+        else:
+            grads = _input_gradients(runner, metric, alphas, chunks, bar)
     scores = torch.zeros(g.n_receivers, g.n_senders, dtype=model.dtype, device=model.device)
     D = runner.clean.effect  # out_u - abl_u  [S, B, T, d]
     for st, grad in zip(g.stages, grads):
@@ -205,22 +224,60 @@ def edge_attribution(runner: EdgeRunner, metric: Metric | BatchMetric, method: s
     return scores.detach()
 
 
-def _input_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float | None]) -> list[torch.Tensor]:
+def _add_by_rows(grads: list[torch.Tensor], runner: EdgeRunner, metric: BatchMetric, chunks: list[slice],
+                 forward, backward, bar) -> None:
+    """Add one run's gradients per stage to ``grads`` ([R_st, B, (T,) d] each; filled with zeros if
+    empty), chunk of examples by chunk.
+
+    ``forward(sub, rows)``: the run's trace on the runner ``sub`` of examples ``rows``; ``backward(sub,
+    trace, scalar)``: its gradients, of ``scalar(trace.logits)``. One chunk: the metric itself. Several:
+    dM/dlogits from one forward of the whole batch without autograd, then each chunk's backward of
+    sum(logits * dM/dlogits), the same vector-Jacobian product (an example's forward reads its own row).
+    Added in place, so that no run's gradients are held beside the sum (0 + x is x exactly, and the
+    runs are added in order: the sums of adding them up one by one).
+    """
+    B = runner.tokens.shape[0]
+    if len(chunks) == 1:
+        scalars = [(chunks[0], runner, lambda logits: _scalar(metric, logits))]
+    else:
+        with torch.no_grad():
+            logits = forward(runner, slice(0, B)).logits.detach().requires_grad_()
+        with torch.enable_grad():
+            dlogits = torch.autograd.grad(_scalar(metric, logits), logits)[0]  # [B, vocab]
+        scalars = [(rows, runner.select(rows), lambda l, g=dlogits[rows]: (l * g).sum()) for rows in chunks]
+    for rows, sub, scalar in scalars:
+        with torch.enable_grad():
+            step = backward(sub, forward(sub, rows), scalar)
+        if not grads:
+            grads += [x.new_zeros(x.shape[0], B, *x.shape[2:]) for x in step]
+        for total, x in zip(grads, step):
+            total[:, rows] += x
+        del step
+        bar.update()
+
+
+def _input_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float | None], chunks: list[slice],
+                     bar) -> list[torch.Tensor]:
     """The mean over ``alphas`` of dM/d in_r per stage, with the input embedding at abl + alpha (x - abl)
     (None: the clean input)."""
     model = runner.model
     ones = runner.graph.ones(model.dtype).to(model.device)
     with torch.no_grad():
-        clean_embed = model.embed(runner.tokens, attention_mask=runner.attention_mask)
+        clean_embed = model.embed_input(runner.tokens, attention_mask=runner.attention_mask)
         abl_embed = runner.ablated[0].expand_as(clean_embed)
-    grads = None
+
+    def backward(sub, tr, scalar):
+        return torch.autograd.grad(scalar(tr.logits), tr.inputs)
+
+    grads: list[torch.Tensor] = []
     for alpha in alphas:
         embed = None if alpha is None else abl_embed + alpha * (clean_embed - abl_embed)
-        with torch.enable_grad():
-            tr = runner.trace(ones, embed=embed, keep_inputs=True)
-            step = torch.autograd.grad(_scalar(metric, tr.logits), tr.inputs)
-        grads = step if grads is None else [a + b for a, b in zip(grads, step)]
-    return [grad / len(alphas) for grad in grads]
+
+        def forward(sub, rows, embed=embed):
+            return sub.trace(ones, embed=None if embed is None else embed[rows], keep_inputs=torch.is_grad_enabled())
+
+        _add_by_rows(grads, runner, metric, chunks, forward, backward, bar)
+    return [grad.div_(len(alphas)) for grad in grads]
 
 
 def layer_nodes(graph: Graph) -> list[range]:
@@ -230,7 +287,8 @@ def layer_nodes(graph: Graph) -> list[range]:
     return [range(0, 1)] + [st.outs for st in graph.stages if st.kind != "logits"]
 
 
-def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float]) -> list[torch.Tensor]:
+def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float], chunks: list[slice],
+                          bar) -> list[torch.Tensor]:
     """EAP-IG-activations' mean over layer nodes n and ``alphas`` of dM/d in_r per stage, with n's
     outputs held at abl_n + alpha (out_n - abl_n) and no gradient through n (see the module's docstring).
 
@@ -242,9 +300,8 @@ def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[
     """
     g, model = runner.graph, runner.model
     ones = g.ones(model.dtype).to(model.device)
-    B = runner.tokens.shape[0]
-    rows = torch.arange(B, device=model.device)
-    grads, runs = None, 0
+    grads: list[torch.Tensor] = []
+    runs = 0
     for group in layer_nodes(g):
         cols = list(group)
         own = next((i for i, st in enumerate(g.stages) if st.outs == group), None)  # the stage computing n
@@ -252,20 +309,23 @@ def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[
         for alpha in alphas:
             mask = ones.clone()
             mask[:, cols] = mask[:, cols] * alpha
-            with torch.enable_grad():
-                tr = runner.trace(mask, keep_inputs=True)
-                step = list(torch.autograd.grad(_scalar(metric, tr.logits), tr.inputs,
-                                                retain_graph=bool(upstream)))
+
+            def forward(sub, rows, mask=mask):
+                return sub.trace(mask, keep_inputs=torch.is_grad_enabled())
+
+            def backward(sub, tr, scalar, mask=mask, cols=cols, own=own, upstream=upstream, group=group):
+                step = list(torch.autograd.grad(scalar(tr.logits), tr.inputs, retain_graph=bool(upstream)))
                 if own is not None:
                     step[own] = torch.zeros_like(step[own])
                 if upstream:
+                    rows = torch.arange(sub.tokens.shape[0], device=model.device)
                     c = torch.zeros_like(tr.effect[cols])  # [n, B, T, d]: dM/dD_u for u in the node
                     for st, grad in zip(g.stages, step):
                         if st.n_in <= group.start:
                             continue
                         w = mask[st.rows.start:st.rows.stop, cols]  # [R_st, n]
                         if st.kind == "logits":
-                            c[:, rows, runner.positions] += torch.einsum("rn,rbd->nbd", w, grad)
+                            c[:, rows, sub.positions] += torch.einsum("rn,rbd->nbd", w, grad)
                         else:
                             c += torch.einsum("rn,rbtd->nbtd", w, grad)
                     via = torch.autograd.grad(tr.effect[cols], [tr.inputs[i] for i in upstream], grad_outputs=c,
@@ -273,10 +333,11 @@ def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[
                     for i, v in zip(upstream, via):
                         if v is not None:
                             step[i] = step[i] - v
-            step = [s.detach() for s in step]
-            grads = step if grads is None else [a + b for a, b in zip(grads, step)]
+                return [s.detach() for s in step]
+
+            _add_by_rows(grads, runner, metric, chunks, forward, backward, bar)
             runs += 1
-    return [grad / runs for grad in grads]
+    return [grad.div_(runs) for grad in grads]
 
 
 def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMetric, method: str = "eap",
@@ -300,7 +361,9 @@ def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMe
     alphas = _alphas(method, steps, rule)
     metric = batch_metric(metric)
     ablation = check_ablation(ablation)
-    tokens = tokens.to(model.device)
+    check_model(model, "head_attribution")
+    tokens = check_batch(model, tokens)
+    attention_mask = model.check_attention_mask(attention_mask, tokens)
     B, T = tokens.shape
     positions = last_positions(tokens, attention_mask) if positions is None else positions
     mode = _HEAD_MODES[ablation]
@@ -367,14 +430,16 @@ def threshold_circuit(graph: Graph, scores: torch.Tensor, threshold: float, info
 
 def eap(runner: EdgeRunner, metric: Metric | BatchMetric, method: str = "eap", steps: int = 5,
         top_k: int | None = None, threshold: float | None = None, rule: str | None = None,
-        scale: str = "metric") -> Circuit:
-    """Score every edge (:func:`edge_attribution`, with its ``rule`` and ``scale``) and keep the top
+        scale: str = "metric", *, max_rows: int | None = None, progress: bool = False) -> Circuit:
+    """Score every edge (:func:`edge_attribution`, with its ``rule``, ``scale``, ``max_rows`` and
+    ``progress``) and keep the top
     k (or those with |score| >= threshold); the circuit's ``scores`` hold all edge scores, and its
     ``info`` the method, steps (gradient points per run: 1 for eap, 2 for clean-corrupted), rule
     (the EAP-IG methods', as resolved), scale and ablation."""
     if (top_k is None) == (threshold is None):
         raise ValueError("pass exactly one of top_k (keep the k highest |scores|) or threshold (keep |score| >= it)")
-    scores = edge_attribution(runner, metric, method, steps, rule=rule, scale=scale)
+    scores = edge_attribution(runner, metric, method, steps, rule=rule, scale=scale, max_rows=max_rows,
+                              progress=progress)
     info = {"method": method, "steps": check_method(method, steps), "ablation": runner.ablation, "scale": scale}
     if method in IG_METHODS:
         info["rule"] = resolve_rule(method, rule)

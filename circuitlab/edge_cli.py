@@ -3,8 +3,13 @@
     python circuits.py acdc --model weights/welterweight --metric kl --threshold 0.7 --ablation zero
     python circuits.py eap --model weights/welterweight --metric logit_diff --method eap-ig --top-k 200
 
+``eap --method NAME`` runs any edge method the study ranks but ACDC (:func:`circuitlab.methods.edge_circuit`),
+and every output (the printed summary, circuit.png's title, the MIB block) names the method. With no
+``--model``, the bundled welterweight is used, and said so before any work.
+
 circuits.py calls :func:`add_subcommands` on its subparsers; each command's handler is
-set as ``edge_command`` and takes the parsed arguments. Data come from tpp: ``--examples``
+set as ``edge_command`` and takes the parsed arguments (--help shows ACDC_DESCRIPTION /
+EAP_DESCRIPTION, not this docstring). Data come from tpp: ``--examples``
 prompts to discover the circuit on and as many held-out ones to evaluate it on (the
 paper: 100 examples, 50 for evaluation). For resample ablation every prompt is paired
 with a corrupted one: the same template with other random nouns, at the same token
@@ -29,23 +34,48 @@ import tpp
 from minigpt2.engine import ABLATIONS
 from tpp.encoding import SPACES
 from tpp.examples import MAX_EXAMPLES
-from tpp.flags import blame, default_device, device as device_type, fail, integer, number
+from tpp.flags import HelpFormatter, blame, default_device, device as device_type, fail, integer, number
 
 from .acdc import THRESHOLD_MODES, acdc, check_threshold
 from .compare import circuit_faithfulness
 from .draw import draw_circuit
-from .eap import IG_RULES, METHODS, eap
+from .eap import IG_RULES
 from .faithfulness import mib_faithfulness
 from .graph import Circuit, EdgeRunner
+from .methods import SCORING_METHODS, MethodSettings, edge_circuit
 from .mib import write_mib_json
+from .paper import METHODS as METHOD_LINES
 from .task import (DTYPES, METRICS, answer_space_of, build_data, corrupted_partners,  # noqa: F401 (re-exported)
                    edge_runner, finetuning_master, make_metric, torch_dtype)
 
+DEFAULT_MODEL = "weights/welterweight"
+
+
+ACDC_DESCRIPTION = """ACDC (Conmy et al. 2023) on the edge graph of one model (the paper's section 5.2):
+from the logits down, each edge is ablated and removed for good when the metric worsens by less
+than --threshold.
+
+    python circuits.py acdc --model weights/welterweight --metric kl --threshold 0.05 --ablation zero
+"""
+EAP_DESCRIPTION = """An edge circuit from edge scores: every edge of one model scored by --method, then
+the top --top-k edges kept (or those with |score| >= --threshold). The methods are those the study
+compares by MIB's faithfulness (mib.md): eap, eap-ig, eap-ig-activations, clean-corrupted,
+information-flow, edge-patching, learned-masks.
+
+    python circuits.py eap --model weights/welterweight --metric logit_diff --method eap-ig --top-k 200
+"""
+EPILOG = """Data: --examples prompts to find the circuit on and as many held-out ones to evaluate it on;
+under resample ablation each prompt is paired with the same template with other random nouns, at
+the same token length (prompts without such a partner are dropped).
+Output (--out): circuit.json (edges, scores, node counts), mib_graph.json (the circuit in the graph
+format of hannamw/EAP-IG and MIB), circuit.png, summary.json (metrics of the full model and of the
+circuit alone, MIB's CPR / CMD and faithfulness curve of the scores, sizes, timings, arguments)."""
+
 
 def add_subcommands(subparsers) -> None:
-    """Register "acdc" and "eap" on an argparse subparsers object."""
-    p = subparsers.add_parser("acdc", help="ACDC edge circuit (section 5.2)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Register "acdc" and "eap" on an argparse subparsers object; each handler is set as ``edge_command``."""
+    p = subparsers.add_parser("acdc", help="ACDC edge circuit (section 5.2)", description=ACDC_DESCRIPTION,
+                              epilog=EPILOG, formatter_class=HelpFormatter)
     _common(p, default_out="reports/acdc")
     g = p.add_argument_group("ACDC")
     g.add_argument("--threshold", type=number(0), default=0.05,
@@ -56,27 +86,32 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--naive", action="store_true", help="one forward per edge (the plain schedule; slow)")
     p.set_defaults(edge_command=run_acdc)
 
-    p = subparsers.add_parser("eap", help="edge attribution patching circuit (EAP / EAP-IG)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("eap", help="edge circuit from edge scores: EAP, EAP-IG, information flow, ... "
+                              "(every method the study ranks but ACDC)", description=EAP_DESCRIPTION,
+                              epilog=EPILOG, formatter_class=HelpFormatter)
     _common(p, default_out="reports/eap")
-    g = p.add_argument_group("edge attribution")
-    g.add_argument("--method", choices=METHODS, default="eap-ig",
-                   help="eap: one gradient; eap-ig: integrated gradients from the input embedding; "
-                        "eap-ig-activations: integrated gradients at each sender's activation; clean-corrupted: "
-                        "the gradient at the two ends only")
-    g.add_argument("--steps", type=integer(1), default=5, help="EAP-IG interpolation steps")
+    g = p.add_argument_group("edge scores")
+    g.add_argument("--method", choices=SCORING_METHODS, default="eap-ig", metavar="METHOD",
+                   help="; ".join(f"{m}: {METHOD_LINES[m]}" for m in SCORING_METHODS))
+    g.add_argument("--steps", type=integer(1), default=5, help="interpolation steps of eap-ig and eap-ig-activations")
     g.add_argument("--ig-rule", choices=IG_RULES, default=None,
                    help="EAP-IG's points: mib (alpha = k/m, k = 0..m-1: hannamw/EAP-IG since Feb 2025, the code "
                         "MIB pins) or hanna2024 (k = 1..m, the older rule); default: the reference's rule for the "
                         "method (mib for eap-ig, hanna2024 for eap-ig-activations)")
-    g.add_argument("--top-k", type=integer(1), default=None, help="keep the k edges of largest |score| (default: 100)")
-    g.add_argument("--threshold", type=number(0), default=None, help="or keep the edges with |score| >= this")
+    keep = g.add_mutually_exclusive_group()
+    keep.add_argument("--top-k", type=integer(1), default=None,
+                      help="keep the k edges of largest |score| (information-flow: k edges grown from the logits "
+                           "up, MIB's selection); default: 100 unless --threshold is given")
+    keep.add_argument("--threshold", type=number(0), default=None,
+                      help="instead of --top-k, keep the edges with |score| >= this (default: none, --top-k 100)")
     p.set_defaults(edge_command=run_eap)
 
 
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="weights/welterweight", help="model directory (config.json + model.safetensors)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model directory (config.json + model.safetensors); default: the bundled "
+                        f"{DEFAULT_MODEL} (the best finetune), announced before any work")
     g.add_argument("--examples", type=integer(1, MAX_EXAMPLES // 2), default=50,
                    help="prompts to find the circuit on; as many more evaluate it")
     g.add_argument("--seed", type=integer(0), default=0, help="seed of the eval set and of the corrupted nouns")
@@ -95,7 +130,10 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="torch device: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="the edge runner's arithmetic: fp32, or bf16 (bf16 matmuls, fp32 residual stream and metric)")
-    g.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=integer(1), default=None,
+                   help="torch CPU threads (default: the CPUs this process may use, within a container's quota)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (on a terminal) or progress lines (in a log)")
 
 
 def check_args(args) -> tuple[str, str, int, int]:
@@ -120,6 +158,9 @@ def _setup(args):
     import torch
 
     device, space, size, data_seed = check_args(args)
+    default = " (the default --model; pass --model DIR for another)" if args.model == DEFAULT_MODEL else ""
+    print(f"[{args.command}] model {args.model}{default}, {args.metric}, {args.ablation} ablation, "
+          f"{args.examples} + {args.examples} held-out prompts", file=sys.stderr, flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch_dtype(args.dtype)
@@ -140,8 +181,10 @@ def _setup(args):
 
 
 def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner, metric) -> int:
+    """Measure the circuit, write --out, print the summary; every label is the method's own name."""
     from .report import atomic_dir, provenance, write_json
 
+    method = summary["method"]
     summary["dtype"] = args.dtype
     summary["found_on"] = circuit_faithfulness(runner, metric.mean, circuit) | {"examples": runner.tokens.shape[0]}
     if evaluate is not None:
@@ -151,7 +194,9 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
     # MIB's faithfulness of the method's edge scores (CPR, CMD, the curve) on the held-out prompts
     mib_runner, mib_metric = evaluate if evaluate is not None else (runner, metric)
     if circuit.scores is not None:
-        summary["mib"] = mib_faithfulness(mib_runner, mib_metric, circuit, name=args.command).to_json()
+        summary["mib"] = mib_faithfulness(mib_runner, mib_metric, circuit, name=method,
+                                          select="greedy" if method == "information-flow" else "top",
+                                          progress=args.progress).to_json()
     summary["node_counts"] = circuit.node_counts()
     # without edges that cannot matter (dead ends; under resample also components that read nothing)
     summary["pruned_node_counts"] = circuit.pruned(resample=args.ablation == "resample").node_counts()
@@ -161,10 +206,10 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
         write_json(tmp / "summary.json", summary)
         write_json(tmp / "provenance.json", provenance(args={k: str(v) for k, v in vars(args).items()
                                                              if k != "edge_command"}))
-        draw_circuit(circuit, tmp / "circuit.png", title=f"{args.command} on {Path(args.model).name}: "
-                                                          f"{summary['node_counts']['edges']} edges")
+        draw_circuit(circuit, tmp / "circuit.png", title=f"{method} on {Path(args.model).name}: "
+                                                    f"{summary['node_counts']['edges']} edges")
     counts = summary["node_counts"]
-    print(f"{args.command}: {counts['edges']} edges, {counts['nodes']} nodes ({counts['acdc_nodes']} ACDC hook nodes), "
+    print(f"{method}: {counts['edges']} edges, {counts['nodes']} nodes ({counts['acdc_nodes']} ACDC hook nodes), "
           f"{counts['heads']} heads, {counts['mlps']} MLPs; {summary['pruned_node_counts']['edges']} edges after "
           "pruning those that cannot matter")
     for where in ("found_on", "held_out"):
@@ -186,7 +231,7 @@ def run_acdc(args) -> int:
             check_threshold(args.threshold, args.threshold_mode)
         model, runner, metric, evaluate = _setup(args)
         res = acdc(runner, metric, args.threshold, threshold_mode=args.threshold_mode,
-                   higher_is_better=metric.higher_is_better, batched=not args.naive, progress=sys.stderr.isatty())
+                   higher_is_better=metric.higher_is_better, batched=not args.naive, progress=args.progress)
         summary = {"method": "acdc", "metric": args.metric, "threshold": args.threshold,
                    "threshold_mode": args.threshold_mode, "ablation": args.ablation, **res.summary()}
         return _finish(args, res.circuit, summary, evaluate, runner, metric)
@@ -202,8 +247,9 @@ def run_eap(args) -> int:
             print("warning: the KL to the clean model has zero gradient at the clean input, so plain EAP scores "
                   "are noise; use --method eap-ig or a task metric", file=sys.stderr)
         t0 = time.perf_counter()
-        circuit = eap(runner, metric, args.method, args.steps, top_k=top_k, threshold=args.threshold,
-                      rule=args.ig_rule)
+        settings = MethodSettings(ig_steps=args.steps, progress=args.progress)
+        circuit = edge_circuit(args.method, runner, metric, top_k=top_k, threshold=args.threshold,
+                               settings=settings, rule=args.ig_rule)
         summary = {"method": args.method, "steps": args.steps, "ig_rule": circuit.info.get("rule"), "metric": args.metric,
                    "top_k": top_k,
                    "threshold": args.threshold, "ablation": args.ablation,

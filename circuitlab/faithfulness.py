@@ -157,7 +157,7 @@ def top_edges(graph: Graph, ranking: torch.Tensor, k: int, prune: bool = True) -
 
 def mib_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, scores, *, sign: float | None = None,
                      prune: bool = True, fractions: Sequence[float] = PERCENTAGES, log_scale: bool = False,
-                     name: str | None = None, select: str = "top") -> FaithfulnessCurve:
+                     name: str | None = None, select: str = "top", progress: bool = False) -> FaithfulnessCurve:
     """MIB's CPR, CMD and faithfulness curve of edge ``scores`` (any method's), in one batched run.
 
     runner: the data and the ablation (MIB's default: ablation="resample" with corrupted prompts);
@@ -167,7 +167,8 @@ def mib_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, scores, *
     prune, fractions, log_scale: as MIB (see the module's docstring); name: the legend's label
     (default: the circuit's info["method"]). select: "top" (the k best edges, MIB's ``apply_topn``)
     or "greedy" (grown from the logits up, MIB's ``apply_greedy``, which MIB uses for
-    information-flow routes; :func:`circuitlab.info_flow.greedy_edges`).
+    information-flow routes; :func:`circuitlab.info_flow.greedy_edges`). progress: a bar (or log
+    lines) over the batched run's chunks.
     """
     if select not in ("top", "greedy"):
         raise ValueError(f"select={select!r}: choose 'top' (MIB's apply_topn) or 'greedy' (its apply_greedy)")
@@ -198,7 +199,9 @@ def mib_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, scores, *
     masks = torch.stack([g.ones(dtype), torch.zeros(g.n_receivers, g.n_senders, dtype=dtype)]
                         + [e.to(dtype) for e in cpr_edges + cmd_edges])
     with torch.no_grad():
-        values = runner.run(masks, metric=batch_metric(metric)).double().cpu()
+        # (only an EdgeRunner takes progress; any object with run(masks, metric=) works without it)
+        bar = {"progress": True, "desc": f"MIB faithfulness{f' of {name}' if name else ''}"} if progress else {}
+        values = runner.run(masks, metric=batch_metric(metric), **bar).double().cpu()
     if values.shape != (len(masks),):
         raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got shape "
                          f"{tuple(values.shape)}")

@@ -54,14 +54,16 @@ inputs in ``head_inputs`` [R]; its counts include them, as ACDC's do.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
 
 import torch
 
-from minigpt2.engine import (BatchMetric, ablation_mode, autocast, batch_metric, check_variant_masks, join_schedule,
-                             last_positions, resolve_dtype, rows_per_chunk, weighted_mean)
+from minigpt2.engine import (BatchMetric, ablation_mode, autocast, batch_metric, check_batch, check_model,
+                             check_variant_masks, join_schedule, last_positions, progress_bar, resolve_dtype,
+                             rows_per_chunk, weighted_mean)
 from minigpt2.model import GPT2
 
 Metric = BatchMetric  # logits [V, B, vocab] -> [V]; a minigpt2.engine.Metric is taken by its batch mean
@@ -412,6 +414,12 @@ def run_with_edge_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     return EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)
 
 
+def check_runner(runner, what: str) -> None:
+    if not isinstance(runner, EdgeRunner):
+        raise TypeError(f"{what} takes an EdgeRunner(model, tokens, ablation, ...), the batch and the ablation to "
+                        f"decide edges on, got {type(runner).__name__}")
+
+
 class EdgeRunner:
     """Edge-masked forwards of one batch under one ablation.
 
@@ -434,15 +442,14 @@ class EdgeRunner:
                  corrupted: torch.Tensor | None = None, reference: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None, max_rows: int | None = None, dtype=None):
+        check_model(model, "EdgeRunner")
         self.model, self.graph = model, Graph.from_model(model)
         self.ablation = ablation_mode(ablation)
         self.dtype = resolve_dtype(dtype)
         dev = model.device
-        self.tokens = tokens.to(dev)
-        model.check_tokens(self.tokens)
+        self.tokens = check_batch(model, tokens)
         B, T = self.tokens.shape
-        self.attention_mask = None if attention_mask is None else attention_mask.to(dev)
-        model.check_attention_mask(self.attention_mask, self.tokens)
+        self.attention_mask = model.check_attention_mask(attention_mask, self.tokens)
         self.positions = (last_positions(self.tokens, self.attention_mask) if positions is None
                           else model.check_positions(torch.as_tensor(positions).to(dev), B, T))
         self.attn = model.attention_mask(self.attention_mask, T, T)  # [B, 1, T, T] or None
@@ -461,6 +468,38 @@ class EdgeRunner:
     @property
     def low_precision(self) -> bool:
         return self.dtype is not None and self.dtype != self.model.dtype
+
+    def grad_rows(self, budget: int | None = None) -> int:
+        """Examples per chunk of a differentiated trace (EAP's gradients) within the memory budget
+        (minigpt2.engine.memory_budget). A row keeps, for the backward pass, about 4 vectors of
+        d_model per receiver input (the input, its layer norm, the head's share) and 3 per sender at
+        each position, and its logits (measured: 46 MB a row at T = 34 on the bundled 12 x 12
+        models; this gives 43 MB)."""
+        g, cfg = self.graph, self.model.cfg
+        T = self.tokens.shape[1]
+        per_row = T * cfg.d_model * 4 * (4 * g.n_receivers + 3 * g.n_senders) + 4 * cfg.vocab_size * 4
+        return rows_per_chunk(per_row, self.model.device, budget=budget)
+
+    def select(self, rows: slice) -> "EdgeRunner":
+        """This runner on the examples ``rows`` (a slice) only: the same ablated values, floors and
+        answer positions, row by row; what a differentiated trace takes chunk by chunk. A trace of
+        it equals the rows of this runner's trace (each example's forward reads only its own row)."""
+        B = self.tokens.shape[0]
+        start, stop, _ = rows.indices(B)
+
+        def cut(x: torch.Tensor, dim: int) -> torch.Tensor:  # a batch dimension, or 1 (shared by every row)
+            return x if x.shape[dim] == 1 and B != 1 else x.narrow(dim, start, stop - start)
+
+        sub = copy.copy(self)
+        sub.tokens, sub.positions = self.tokens[start:stop], self.positions[start:stop]
+        sub.attention_mask = None if self.attention_mask is None else self.attention_mask[start:stop]
+        sub.attn = None if self.attn is None else cut(self.attn, 0)
+        sub.ablated = cut(self.ablated, 1)  # [S, B | 1, T | 1, d]
+        sub.floor = [cut(f, -3) for f in self.floor]  # [B | 1, T | 1, d]
+        sub.floor_at = [f[start:stop] for f in self.floor_at]  # [B, d]
+        c = self.clean
+        sub.clean = Trace(c.mask, c.effect[:, start:stop], c.effect_at[:, start:stop], c.logits[start:stop])
+        return sub
 
     @torch.no_grad()
     def exact_values(self, masks: list[torch.Tensor], metric) -> list[float]:
@@ -523,7 +562,7 @@ class EdgeRunner:
         model, g = self.model, self.graph
         mask = self.check_masks(mask[None])[0]
         B, T = self.tokens.shape
-        x0 = model.embed(self.tokens, attention_mask=self.attention_mask) if embed is None else embed
+        x0 = model.embed_input(self.tokens, attention_mask=self.attention_mask) if embed is None else embed
         # out_u - abl_u per sender: stacked anew at each stage for autograd, else written in place
         effects = [x0 - self.ablated[0]]  # [B, T, d] each
         buffer = None if torch.is_grad_enabled() else x0.new_empty(g.n_senders, *x0.shape)
@@ -557,7 +596,8 @@ class EdgeRunner:
         return Trace(mask, D, self.at(D), logits.to(model.dtype), inputs if keep_inputs else None)
 
     # --- many variants, as differences from a base trace --------------------------------------------
-    def run(self, masks: torch.Tensor, base: Trace | None = None, metric: Metric | None = None) -> torch.Tensor:
+    def run(self, masks: torch.Tensor, base: Trace | None = None, metric: Metric | None = None,
+            progress: bool = False, desc: str = "edge variants") -> torch.Tensor:
         """Evaluate V edge masks [V, R, S] in batched passes (ACDC's graph's [V, R, S + 1] are folded
         to [V, R, S] first, Graph.fold).
 
@@ -568,6 +608,7 @@ class EdgeRunner:
 
         Returns logits [V, B, vocab] at the answer positions, or ``metric(logits)`` [V, ...]
         applied chunk by chunk. Equals ``trace(mask)`` for each mask, to float tolerance.
+        ``progress``: a bar (or log lines) over the chunks, named ``desc``.
         """
         g = self.graph
         masks = self.check_masks(masks)
@@ -584,7 +625,8 @@ class EdgeRunner:
                                                                                           dtype=torch.long)).tolist()
         outputs: dict[int, torch.Tensor] = {}
         with torch.set_grad_enabled(grad), autocast(self.model.device, self.dtype):
-            for chunk in join_schedule(join, self.max_rows // self.tokens.shape[0]):
+            chunks = join_schedule(join, self.max_rows // self.tokens.shape[0])
+            for chunk in progress_bar(chunks, desc, "chunk", progress):
                 logits, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
                 logits = logits.to(self.model.dtype)
                 values = metric(logits) if metric is not None else logits

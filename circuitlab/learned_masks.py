@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpt2.engine import Metric as EngineMetric, batch_metric
+from minigpt2.progress import progress as progress_bar
 
 from .graph import Circuit, EdgeRunner, Metric
 
@@ -227,10 +228,7 @@ def learn_edge_mask(runner: EdgeRunner, metric: Metric | None = None, *, target_
     target_frac = None if target_edges is None else target_edges / n_edges
     n_warm = int(round(warmup * steps))
 
-    bar = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(bar, desc="edge masks", unit="step")
+    bar = progress_bar(range(steps), desc="edge masks", unit="step", enabled=progress)
     history = []
     for step in bar:
         noise = torch.rand(samples, g.n_receivers, g.n_senders, generator=gen, dtype=torch.float64)
@@ -256,8 +254,7 @@ def learn_edge_mask(runner: EdgeRunner, metric: Metric | None = None, *, target_
             lam_opt.step()
         rec["loss"] = float(loss.detach())
         history.append(rec)
-        if progress:
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", edges=f"{rec['expected_edges']:.1f}")
+        bar.set_postfix(loss=f"{rec['loss']:.4g}", edges=f"{rec['expected_edges']:.1f}")
 
     final = log_alpha.detach().cpu().masked_fill(~g.valid, 0)
     if target_edges is not None:

@@ -1,7 +1,17 @@
 """Every edge method by name, scored the one way MIB scores them (circuitlab.faithfulness).
 
-    from circuitlab.methods import EDGE_METHODS, compare_methods
-    curves = compare_methods(runner, metric, held_runner, held_metric, EDGE_METHODS)
+    from minigpt2 import load_pretrained
+    from circuitlab.methods import edge_circuit
+    from circuitlab.task import build_data, edge_runner, make_metric
+    model = load_pretrained("weights/welterweight")
+    batch, corrupted = build_data(8, seed=0, ablation="resample", space=model.answer_space)
+    runner, metric = edge_runner(model, batch, corrupted, "resample"), make_metric("logit_diff", batch)
+    for method in ("eap", "information-flow"):
+        counts = edge_circuit(method, runner, metric, top_k=50).node_counts()
+        print(f"{method}: {counts['edges']} edges, {counts['heads']} heads")
+
+``compare_methods(runner, metric, held_runner, held_metric, EDGE_METHODS)`` scores every method
+on ``runner``'s prompts and measures its MIB curve on the held-out ones (minutes on a CPU).
 
 Each method gives edge scores [R, S] (or a circuit with scores) on ``runner``'s prompts; its MIB
 curve, CPR and CMD are measured on ``held_runner``'s (held-out) prompts. The methods:
@@ -17,7 +27,8 @@ curve, CPR and CMD are measured on ``held_runner``'s (held-out) prompts. The met
                         keep probability P(z > 0), in the order of the learned logits
 
 Information-flow routes are selected greedily from the logits up, as MIB does for them; every
-other method by its top edges. Scores that are importances (higher = needed: ACDC's worsenings, information flow, learned mask
+other method by its top edges. :func:`edge_circuit` gives any method but ACDC (which decides edge by
+edge) as a circuit of its top edges: ``circuits.py eap --method NAME`` runs it. Scores that are importances (higher = needed: ACDC's worsenings, information flow, learned mask
 keep probabilities) enter MIB's ranking as they are; the others are the metric's change when the edge is
 ablated and are flipped for a higher-is-better metric (faithfulness.importance_sign).
 """
@@ -34,6 +45,7 @@ from .faithfulness import FaithfulnessCurve, mib_faithfulness
 EDGE_METHODS = ("acdc", "eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "information-flow",
                 "edge-patching", "learned-masks")
 IMPORTANCE = ("acdc", "information-flow", "learned-masks")  # scores already high for needed edges
+SCORING_METHODS = tuple(m for m in EDGE_METHODS if m != "acdc")  # scores, then a circuit of the top edges
 
 
 @dataclass
@@ -74,7 +86,7 @@ def edge_scores(method: str, runner, metric, settings: MethodSettings | None = N
         return acdc(runner, metric, s.acdc_threshold, progress=s.progress).circuit
     if method in ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted"):
         from .eap import edge_attribution
-        return edge_attribution(runner, metric, method, steps=s.ig_steps)
+        return edge_attribution(runner, metric, method, steps=s.ig_steps, progress=s.progress)
     if method == "information-flow":
         from .info_flow import information_flow_scores
         return information_flow_scores(runner)
@@ -104,6 +116,40 @@ def compare_methods(runner, metric, held_runner, held_metric, methods=EDGE_METHO
         if isinstance(scores, torch.Tensor):
             scores = scores.detach().cpu()
         curve = mib_faithfulness(held_runner, held_metric, scores, sign=sign, name=method,
-                                 select="greedy" if method == "information-flow" else "top")
+                                 select="greedy" if method == "information-flow" else "top",
+                                 progress=settings is not None and settings.progress)
         out.append(MethodResult(method, curve, seconds))
     return out
+
+
+def edge_circuit(method: str, runner, metric, top_k: int | None = None, threshold: float | None = None,
+                 settings: MethodSettings | None = None, rule: str | None = None):
+    """The circuit of a scoring method (any of :data:`SCORING_METHODS`): every edge scored on ``runner``'s
+    prompts, then the ``top_k`` edges of largest |score| (information flow: ``top_k`` edges grown from the
+    logits up, MIB's selection, then pruned) or those with |score| >= ``threshold``; exactly one of the two.
+    The circuit's ``scores`` hold every edge's score and ``info["method"]`` the method's name here."""
+    from .eap import METHODS, eap, threshold_circuit, top_k_circuit
+
+    if method not in SCORING_METHODS:
+        raise ValueError(f"method {method!r} is not a scoring method; choose from {list(SCORING_METHODS)}"
+                         + (" (ACDC has its own command: circuits.py acdc)" if method == "acdc" else ""))
+    if (top_k is None) == (threshold is None):
+        raise ValueError("pass exactly one of top_k (keep the k highest |scores|) or threshold (keep |score| >= it)")
+    s = settings or MethodSettings()
+    if method in METHODS:
+        return eap(runner, metric, method, s.ig_steps, top_k=top_k, threshold=threshold, rule=rule,
+                   progress=s.progress)
+    if method == "information-flow":
+        from .info_flow import information_flow_routes
+        circuit = information_flow_routes(runner, threshold=threshold, greedy=top_k)
+        circuit.info["method"] = method
+        return circuit
+    scores = edge_scores(method, runner, metric, s).detach().cpu()
+    info = {"method": method, "ablation": runner.ablation}
+    if method in IMPORTANCE:
+        info["score_convention"] = "importance"
+    elif getattr(metric, "higher_is_better", None) is not None:  # edge patching: the metric's change, as EAP's
+        info.update(metric=getattr(metric, "name", None), higher_is_better=metric.higher_is_better)
+    if top_k is not None:
+        return top_k_circuit(runner.graph, scores, top_k, info)
+    return threshold_circuit(runner.graph, scores, threshold, info)

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from minigpt2.fileio import atomic_write_text, load_json
+
 from .faithfulness import importance_sign
 from .graph import Circuit, Graph
 
@@ -130,7 +132,7 @@ def write_mib_json(circuit, path: str | Path, graph: Graph | None = None, **kwar
     ``run_evaluation.py --circuit-files`` read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_mib_json(circuit, graph, **kwargs)))
+    atomic_write_text(path, json.dumps(to_mib_json(circuit, graph, **kwargs)))  # never half-written
     return path
 
 
@@ -141,7 +143,13 @@ def from_mib_json(source) -> Circuit:
     ``score_sign`` if circuitlab wrote it, else as the file has them (MIB's direction:
     ``info["score_convention"] = "importance"``); info: the exported circuit's, or the source's.
     """
-    d = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+    if not isinstance(source, dict):  # a file: read as every JSON file is, and named in any error
+        d = load_json(source, "graph JSON", max_bytes=1 << 31, kind=dict)
+        try:
+            return from_mib_json(d)
+        except ValueError as e:
+            raise ValueError(f"graph JSON {source}: {e}") from None
+    d = source
     missing = [k for k in ("cfg", "nodes", "edges") if k not in d]
     if missing:
         raise ValueError(f"not a hannamw/EAP-IG graph JSON: missing {missing} (it needs 'cfg', 'nodes', 'edges')")

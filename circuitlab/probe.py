@@ -1,6 +1,8 @@
 """The forgetting probe (the paper's section 6.1): greedy continuations of the same
-prompts by several models, side by side, each with how many of its words are English
-(``english_words``: in WordNet, any part of speech and inflection, or a closed-class word)."""
+prompts by several models, side by side, each with how many *distinct* English words it
+uses (``distinct_english``: in WordNet, any part of speech and inflection, or a closed-class
+word; a lemma of one letter, as "ys" -> "y", is no word) and, apart, how repetitive it is
+(``repeated``: words that repeat an earlier one; " men men men" uses 1 distinct word, 2 repeated)."""
 
 from __future__ import annotations
 
@@ -51,15 +53,41 @@ def _wordnet():
 
 def is_english(word: str) -> bool:
     """A closed-class word, or a lemma of WordNet (of any part of speech) after its inflections
-    are undone ("humans" -> "human", "ran" -> "run"); case is ignored."""
+    are undone ("humans" -> "human", "ran" -> "run"); case is ignored. WordNet's one-letter lemmas
+    (the letters as nouns) do not count, so neither does "ys" (-> "y")."""
     w = word.lower()
-    return w in FUNCTION_WORDS or _wordnet().morphy(w) is not None
+    if w in FUNCTION_WORDS:
+        return True
+    lemma = _wordnet().morphy(w)
+    return lemma is not None and len(lemma) > 1
 
 
 def english_words(text: str) -> tuple[int, int]:
-    """(English words, words) of ``text``; a word is a maximal run of ASCII letters."""
+    """(English words, words) of ``text``, repeats counted each time; a word is a maximal run of ASCII letters."""
     words = WORD.findall(text)
     return sum(map(is_english, words)), len(words)
+
+
+@dataclass(frozen=True)
+class WordCount:
+    """A continuation's words: how many, how many distinct English ones, and how repetitive it is."""
+
+    words: int  # runs of letters
+    english: int  # of them English, each repeat counted (english_words)
+    distinct_english: int  # distinct English words (case ignored)
+    repeated: int  # words equal to an earlier word of the text (case ignored)
+    longest_run: int  # the longest run of one word said again and again (" alive alive alive": 3)
+
+
+def count_words(text: str) -> WordCount:
+    """:class:`WordCount` of ``text``."""
+    words = [w.lower() for w in WORD.findall(text)]
+    english = [w for w in words if is_english(w)]
+    run = longest = 0
+    for i, w in enumerate(words):
+        run = run + 1 if i and w == words[i - 1] else 1
+        longest = max(longest, run)
+    return WordCount(len(words), len(english), len(set(english)), len(words) - len(set(words)), longest)
 
 
 @dataclass
@@ -71,6 +99,9 @@ class Continuation:
     stopped: bool  # True if the model emitted <|endoftext|> (the paper's "chose to end the sequence")
     english_words: int  # of the continuation's words, those that are English (see english_words)
     words: int
+    distinct_english_words: int = 0  # distinct English words (count_words)
+    repeated_words: int = 0  # words repeating an earlier one
+    longest_run: int = 0  # the longest run of one word
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -89,9 +120,12 @@ def continuations(models: dict[str, GPT2], prompts: list[str], max_new_tokens: i
     for prompt in prompts:
         ids = enc.encode_ordinary(prompt)
         for name, model in models.items():
-            tokens = model.generate(torch.tensor([ids]), max_new_tokens)[0, len(ids):].tolist()
+            # greedy, as the paper's probe (generate's default may sample)
+            tokens = model.generate(torch.tensor([ids]), max_new_tokens, do_sample=False)[0, len(ids):].tolist()
             stopped = EOT_TOKEN in tokens
             new = tokens[:tokens.index(EOT_TOKEN)] if stopped else tokens
             text = enc.decode(new)
-            out.append(Continuation(name, prompt, text, new, stopped, *english_words(text)))
+            n = count_words(text)
+            out.append(Continuation(name, prompt, text, new, stopped, n.english, n.words, n.distinct_english,
+                                    n.repeated, n.longest_run))
     return out

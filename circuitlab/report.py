@@ -7,12 +7,12 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from minigpt2 import fileio
 
 
 def fmt(x, digits: int = 4) -> str:
@@ -40,8 +40,10 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_json(path: str | Path, obj) -> Path:
+    """``obj`` as JSON at ``path``, written atomically (minigpt2.fileio: a full disk leaves no part)."""
     path = Path(path)
-    path.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
+    text = json.dumps(obj, indent=1, default=_jsonable) + "\n"
+    fileio.atomic_write_text(path, text)
     return path
 
 
@@ -72,23 +74,12 @@ def check_out_dir(out: str | Path) -> Path:
 @contextlib.contextmanager
 def atomic_dir(out: str | Path):
     """Yield a fresh temporary directory beside ``out``; on success it replaces ``out``,
-    on any error it is deleted, so ``out`` is either the complete new result or untouched.
-    ``out`` must be new, empty or an earlier report directory (:func:`check_out_dir`)."""
-    out = check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    on any error (Ctrl-C and a full disk included) it is deleted, so ``out`` is either the complete
+    new result or untouched; ``.OUT.partial-PID-*`` directories left by a killed process are removed.
+    ``out`` must be new, empty or an earlier report directory (:func:`check_out_dir`). The directory
+    gets an ordinary mode (0777 less the umask), as run directories do. See minigpt2.fileio.atomic_dir."""
+    with fileio.atomic_dir(check_out_dir(out)) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / "previous")
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _git_commit() -> str | None:

@@ -51,10 +51,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minigpt2 import GPT2
-from minigpt2.engine import HeadMaskRunner, Precision, resolve_dtype
+from minigpt2.engine import HeadMaskRunner, Metric, Precision, check_model, per_example, resolve_dtype
 from minigpt2.masking import run_with_head_masks_loop
 
-from .sweep import Metric, Prompts, rows_per_block
+from .sweep import Prompts, check_prompts, rows_per_block
 
 ORDERS = ("layer-up", "layer-down")
 DROPS = ("relative", "absolute")
@@ -168,6 +168,14 @@ def _mean_perf(values: torch.Tensor) -> list[float]:
 
 def _validate(model: GPT2, prompts: Prompts, metric: Metric, rigorous, rigorous_metric, threshold, order, drop):
     check_search_args(threshold, order, drop)
+    check_model(model, "search")
+    for name, value in (("prompts", prompts), ("rigorous_prompts", rigorous)):
+        if value is not None or name == "prompts":
+            check_prompts(value, f"search ({name}=)")
+    for name, value in (("metric", metric), ("rigorous_metric", rigorous_metric)):
+        if (value is not None or name == "metric") and not isinstance(value, Metric):
+            raise TypeError(f"search ({name}=) takes one minigpt2.engine.Metric (Metric(name, fn), fn(logits "
+                            f"[V, B, vocab]) -> [V, B]), got {type(value).__name__}")
     if len(prompts) == 0:
         raise ValueError("search needs at least one prompt; the eval set is empty")
     if (rigorous is None) != (rigorous_metric is None):
@@ -254,7 +262,7 @@ class _Runner:
             total = torch.zeros(len(todo), dtype=torch.float64)
             mv = torch.stack([masks[i] for i in todo])  # [n, L, H]
             for rows, engine in self.blocks:
-                values = engine.run(mv, metric=lambda logits, rows=rows: self.metric(logits, rows=rows),
+                values = engine.run(mv, metric=lambda logits, rows=rows: per_example(self.metric, logits, rows),
                                     max_rows=self.max_rows)  # [n, b]
                 total += values.to(torch.float64).sum(dim=1).cpu()
             for i, v in zip(todo, total.tolist()):
@@ -328,8 +336,8 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=L * H, desc=f"search ({metric.name})", unit="head")
+        from minigpt2.progress import progress as progress_bar
+        bar = progress_bar(total=L * H, desc=f"search ({metric.name})", unit="head")
     checks: list[Check] = []
     predicted = True  # each head is predicted to be decided like the one before it
     for heads in search_order(L, H, order):

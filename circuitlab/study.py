@@ -21,10 +21,11 @@ import tpp
 from minigpt2 import GPT2, GPT2Config, load_pretrained
 from tpp.flags import blame
 
-from . import plots
+from . import paper, plots
 from .circuitfile import check_circuit, check_own_models
-from .classify import (INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, attending_heads, attention_patterns, check_class_args,
-                       classify_heads, induction_scores, induction_seq_len, prepend_bos, target_attention)
+from .classify import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, attending_heads,
+                       attention_patterns, bootstrap_weights, check_class_args, classify_heads, count_interval,
+                       induction_scores, induction_seq_len, prepend_bos, resampled_attending, target_attention)
 from .probe import DEFAULT_PROMPT, continuations
 from .report import atomic_dir, fmt, markdown_table, pm, provenance, write_json
 from .search import DROPS, ORDERS, check_search_args, search
@@ -186,13 +187,48 @@ class Session:
 
     @cached_property
     def eval_batch(self) -> tpp.EvalBatch:
-        return tpp.encode_eval(tpp.make_eval_set(n=self.n_eval, seed=self.seed, exclude=self.exclude),
-                               space=self.answer_space)
+        return self.check_holds(tpp.encode_eval(tpp.make_eval_set(n=self.n_eval, seed=self.seed, exclude=self.exclude),
+                                                space=self.answer_space), "TPP eval")
 
     @cached_property
     def single_batch(self) -> tpp.EvalBatch:
-        return tpp.encode_eval(tpp.make_single_token_eval_set(n=self.n_single, seed=self.seed, exclude=self.exclude),
-                               single_token=True)
+        return self.check_holds(tpp.encode_eval(tpp.make_single_token_eval_set(n=self.n_single, seed=self.seed,
+                                                                               exclude=self.exclude),
+                                                single_token=True), "single-token eval")
+
+    def check_holds(self, batch: tpp.EvalBatch, what: str) -> tpp.EvalBatch:
+        """``batch``, once every model can take it: GPT-2's token ids below its vocabulary size, the
+        longest prompt within its n_ctx; else a ValueError naming the model and the reason."""
+        top, length = int(batch.tokens.max()), batch.tokens.shape[1]
+        for label, cfg in self.configs.items():
+            name = f"model {label} ({self.paths[label]})"
+            if cfg.vocab_size <= top:
+                raise ValueError(f"{name} cannot read the {what} prompts: its vocabulary has {cfg.vocab_size} tokens, "
+                                 f"the prompts are GPT-2 tokens with ids up to {top}. Fix: pass a model with GPT-2's "
+                                 "vocabulary (vocab_size 50257)")
+            if cfg.n_ctx < length:
+                raise ValueError(f"{name} cannot read the {what} prompts: its n_ctx is {cfg.n_ctx}, the prompts are up "
+                                 f"to {length} tokens long. Fix: pass a model with n_ctx >= {length}")
+        return batch
+
+    @cached_property
+    def census_batch(self) -> tpp.EvalBatch:
+        """The eval set of tpp's full size (3000), from which ``circuits.py classify`` and the model cards'
+        head census draw: the eval set itself when it has that size."""
+        if self.n_eval == tpp.examples.EVAL_SIZE:
+            return self.eval_batch
+        return self.check_holds(tpp.encode_eval(tpp.make_eval_set(n=tpp.examples.EVAL_SIZE, seed=self.seed,
+                                                                  exclude=self.exclude), space=self.answer_space),
+                                "TPP eval")
+
+    def census_sample(self, n: int) -> tpp.EvalBatch:
+        """n examples drawn as circuitlab.classify.head_census draws them (a model card's census): the first n
+        of a seeded permutation of :attr:`census_batch`, whatever the size of this session's eval set."""
+        size = tpp.examples.EVAL_SIZE
+        if not 1 <= n <= size:
+            raise ValueError(f"--examples {n} must be between 1 and the eval set's {size} examples. Fix: ask for fewer")
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
+        return self.census_batch.select(order[:n])
 
     def sample(self, n: int, what: str) -> tpp.EvalBatch:
         """n examples of the eval set drawn at random (seeded); the same n always gives the same rows."""
@@ -215,6 +251,15 @@ class Section:
     data: dict = field(default_factory=dict)
 
 
+def paper_setup(session: Session, examples: str, answer_space: str | None = None) -> str:
+    """The line under a table with the paper's figures: how our setup differs from the paper's."""
+    cfg = next(iter(session.configs.values()))
+    n_params = None
+    if "models" in session.__dict__:  # loaded already: count its parameters (the unembedding is tied)
+        n_params = sum(p.numel() for p in next(iter(session.models.values())).parameters())
+    return paper.setup_difference(cfg.n_layer, cfg.n_head, cfg.d_model, n_params, examples, answer_space)
+
+
 def _label_file(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_").lower() or "model"
 
@@ -229,9 +274,12 @@ def baseline(session: Session, out: Path, eval_set_values: dict[str, dict[str, t
     """
     sets = {f"Table 1: the {len(session.eval_batch)}-example eval set": session.eval_batch,
             f"Table 2: the {len(session.single_batch)}-example single-token eval set": session.single_batch}
+    papers = [(paper.TABLE1, f"{paper.TABLE1_EXAMPLES}", session.answer_space),
+              (paper.TABLE2, f"{paper.TABLE2_EXAMPLES} (its caption says 1500)", None)]
     results, md = {}, []
     for k, (title, batch) in enumerate(sets.items()):
         rows = []
+        table, paper_n, space = papers[k]
         metrics = [make_metric(n, batch) for n in TABLE_METRICS]
         for label, model in session.models.items():
             if k == 0 and eval_set_values is not None:
@@ -239,12 +287,16 @@ def baseline(session: Session, out: Path, eval_set_values: dict[str, dict[str, t
             else:
                 log(f"[baseline] {label} on {len(batch)} examples")
                 values = evaluate_masks(model, to_prompts(batch), torch.ones(1, model.cfg.n_layer, model.cfg.n_head),
-                                        metrics)[0]  # [B, M]
+                                        metrics, progress=True)[0]  # [B, M]
                 mean, sem = tpp.metrics.mean_sem(values.T)
             results.setdefault(title, {})[label] = {n: {"mean": float(mean[i]), "sem": float(sem[i])}
                                                     for i, n in enumerate(TABLE_METRICS)}
-            rows.append([label, *(pm(mean[i], sem[i]) for i in range(len(TABLE_METRICS)))])
-        md += [f"**{title}**", "", markdown_table(["Model", *(METRICS[n][1] for n in TABLE_METRICS)], rows), ""]
+            theirs = table.get(paper.paper_model(label, session.paths[label]))
+            rows.append([label, *(cell for i in range(len(TABLE_METRICS))
+                                  for cell in (pm(mean[i], sem[i]), paper.cell(None if theirs is None else theirs[i])))])
+        headers = [h for n in TABLE_METRICS for h in (METRICS[n][1], f"{METRICS[n][1]} (paper)")]
+        md += [f"**{title}**", "", markdown_table(["Model", *headers], rows), "",
+               paper_setup(session, f"examples: ours {len(batch)}, the paper's {paper_n}", space), ""]
     write_json(out / "baseline.json", results)
     text = "\n".join(md)
     (out / "baseline.md").write_text(text + "\n")
@@ -281,11 +333,14 @@ def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list
     md = [f"Each of the {n_heads} heads ablated alone ({ablation} ablation{', bf16' if precision else ''}) on "
           f"{len(batch)} examples. Table: the "
           f"intact model's value, then the {top} heads whose ablation hurts most (the change in brackets). "
-          "Heatmaps: ablated minus intact (blue: the metric rises, red: it falls).", "",
+          f"Heatmaps: ablated minus intact, one colour convention on every map: **{plots.HARM} = the ablation hurts** "
+          f"(accuracy or logit difference falls, loss rises), {plots.HELP} = it helps.", "",
           markdown_table(["Model", *metrics], rows), ""]
     for m in metrics:
-        png = plots.heatmaps(effects[m], out / f"sweep_{m}.png", title=f"Single-head ablation: change in {m}",
-                             diverging=True, colorbar=f"Δ {m}")
+        better = METRICS[m][0]
+        png = plots.heatmaps(effects[m], out / f"sweep_{m}.png", title=f"Single-head ablation: change in {m} "
+                             f"({plots.HARM}: the ablation hurts)", diverging=True, higher_is_better=better,
+                             colorbar=plots.harm_label(m, better))
         md += [f"![sweep {m}]({png.name})", ""]
     text = "\n".join(md)
     (out / "sweep.md").write_text(text + "\n")
@@ -370,17 +425,23 @@ def find_circuits(session: Session, out: Path, opts: SearchOptions,
         circuits[label] = c
         masks[label] = r.mask()
         write_json(out / f"circuit_{_label_file(label)}.json", c)
-        rows.append([label, len(r.ablated), len(r.kept_heads), fmt(r.clean_value), fmt(r.final_value),
-                     *full, f"{r.seconds:.1f}"])
-    png = plots.circuit_map(masks, out / "circuits.png", title="Circuits: heads kept (dark) and ablated (light)")
+        theirs = paper.TABLE3.get((paper.paper_model(label, session.paths[label]),) * 2)
+        rows.append([label, len(r.ablated), paper.cell(None if theirs is None else theirs[0]), len(r.kept_heads),
+                     fmt(r.clean_value), fmt(r.final_value), *full, f"{r.seconds:.1f}"])
+    png = plots.circuit_map(masks, out / "circuits.png", title="Circuits found by the search: each model's heads, "
+                            "kept or ablated")
     rig_text = f", each kept ablation re-checked on {opts.rigorous_examples} examples" if rig is not None else ""
     md = [f"Layer-by-layer search ({opts.order}), metric {opts.metric}, {opts.resolved_drop()} drop < "
           f"{opts.threshold} against each layer's baseline, {opts.ablation} ablation, {opts.n_examples} "
           f"examples{rig_text}{', bf16 matmuls' if precision else ''}.", "",
-          markdown_table(["Model", "Heads removed", "Heads kept", f"{opts.metric} clean (search set)",
+          markdown_table(["Model", "Heads removed", "Heads removed (paper)", "Heads kept",
+                          f"{opts.metric} clean (search set)",
                           f"{opts.metric} with circuit (search set)",
                           *([f"Accuracy with circuit ({len(session.eval_batch)} examples)", "Accuracy intact"]
                             if evaluate else []), "search seconds"], rows), "",
+          *paper.method_lines(["search"]), "",
+          paper_setup(session, f"search examples: ours {opts.n_examples}, the paper's 100; the paper's setting: "
+                               f"accuracy, threshold {paper.TABLE3_THRESHOLD}, zero ablation, layer-up"), "",
           f"![circuits]({png.name})", ""]
     text = "\n".join(md)
     (out / "search.md").write_text(text + "\n")
@@ -403,14 +464,22 @@ def cross_evaluate(session: Session, out: Path, circuits: dict[str, dict],
     rows = []
     for j, cname in enumerate(r.circuits):
         for i, mname in enumerate(r.models):
+            theirs = paper.TABLE3.get((paper.paper_model(mname, session.paths.get(mname)),
+                                       paper.paper_model(cname, circuits[cname].get("model"))))
             rows.append([mname, cname, fmt(circuits[cname].get("threshold")), r.n_ablated[j],
+                         paper.cell(None if theirs is None else theirs[0]),
                          pm(r.values["accuracy"][i, j], r.sem["accuracy"][i, j]),
+                         paper.cell(None if theirs is None else theirs[1]),
                          fmt(r.values["logit_diff"][i, j]), fmt(r.clean["accuracy"][i])])
     write_json(out / "transfer.json", r.to_json() | {"circuit_files": {k: c.get("source") for k, c in circuits.items()}})
     text = "\n".join([f"Accuracy on the {len(batch)}-example eval set of each model (rows) with the heads ablated "
                       "that the search removed on another (Constructed on).", "",
-                      markdown_table(["Model", "Constructed on Model", "Threshold", "Heads Removed", "Accuracy",
-                                      "Logit Diff", "Accuracy intact"], rows), ""])
+                      markdown_table(["Model", "Constructed on Model", "Threshold", "Heads Removed",
+                                      "Heads Removed (paper)", "Accuracy", "Accuracy (paper)", "Logit Diff",
+                                      "Accuracy intact"], rows), "",
+                      paper_setup(session, f"examples: ours {len(batch)}, the paper's {paper.TABLE1_EXAMPLES}; "
+                                           f"the paper's circuits: threshold {paper.TABLE3_THRESHOLD} on accuracy",
+                                  session.answer_space), ""])
     (out / "transfer.md").write_text(text + "\n")
     best = max(((r.values["accuracy"][i, j].item(), m, c) for i, m in enumerate(r.models)
                 for j, c in enumerate(r.circuits)), default=(0, "", ""))
@@ -423,131 +492,236 @@ def cross_evaluate(session: Session, out: Path, circuits: dict[str, dict],
 # 3 induction heads; 6 of the circuit's heads attend strongly to c.
 
 
-def c_attending_nesting(heads: dict[str, list[tuple[int, int]]]) -> list[dict]:
+def c_attending_nesting(heads: dict[str, list[tuple[int, int]]],
+                        resampled: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """The paper's claim (section 5.4): each model's c-attending heads are a subset of the next one's
     (Featherweight's within Lightweight's within Welterweight's). For each consecutive pair of models,
-    in the order given: the fraction of the first's heads found in the second, and their Jaccard overlap."""
+    in the order given: the fraction of the first's heads found in the second, and their Jaccard overlap.
+    With ``resampled`` ({model: [R, L, H] bool}, the c-attending heads in each bootstrap resample of the
+    same examples): "subset_share", the share of resamples in which the subset holds."""
     labels, out = list(heads), []
     for a, b in zip(labels, labels[1:]):
         A, B = set(heads[a]), set(heads[b])
         out.append({"from": a, "to": b, "n_from": len(A), "n_to": len(B), "shared": len(A & B),
                     "subset_fraction": len(A & B) / len(A) if A else None,
                     "jaccard": len(A & B) / len(A | B) if A | B else None, "is_subset": A <= B})
+        if resampled is not None:
+            holds = ~(resampled[a] & ~resampled[b]).flatten(1).any(dim=1)  # [R]
+            out[-1]["subset_share"] = float(holds.double().mean())
     return out
 
 
-def nesting_markdown(nested: list[dict]) -> list[str]:
+def nesting_markdown(nested: list[dict], paper_verdicts: list[bool | None] | None = None) -> list[str]:
     if not nested:
         return []
     fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    verdicts = paper_verdicts or [None] * len(nested)
     rows = [[f"{n['from']} ⊆ {n['to']}", n["n_from"], n["n_to"], n["shared"], fmt(n["subset_fraction"]),
-             fmt(n["jaccard"]), "yes" if n["is_subset"] else "no"] for n in nested]
+             fmt(n["jaccard"]), "yes" if n["is_subset"] else "no", fmt(n.get("subset_share")),
+             "–" if v is None else ("yes" if v else "no")] for n, v in zip(nested, verdicts)]
     return ["c-attending heads nested across models (the paper: all of Featherweight's are in Lightweight's, "
-            "all of Lightweight's in Welterweight's):", "",
+            "all of Lightweight's in Welterweight's). *Subset in resamples*: the share of bootstrap resamples of "
+            "the examples in which the subset holds, so a verdict that a few examples can flip reads as such:", "",
             markdown_table(["Pair", "Heads (first)", "Heads (second)", "Shared", "Share of first in second",
-                            "Jaccard", "Subset"], rows), ""]
+                            "Jaccard", "Subset", "Subset in resamples", "Subset (paper)"], rows), ""]
+
+
+def _count(point: int, interval: tuple[int, int]) -> str:
+    """A head count with its bootstrap interval: "3 [2–4]"."""
+    return f"{point} [{interval[0]}–{interval[1]}]"
+
+
+LETTERS = {"first": "F", "self": "S", "previous": "P", "induction": "I"}
+
+
+@dataclass
+class _ModelClasses:
+    """One model's classes, c-attending heads and induction scores, with their resamples."""
+
+    hc: object  # classify.HeadClasses on the prompts as they are
+    hb: object  # the same with <|endoftext|> first
+    c_att: torch.Tensor  # [L, H] mean attention to c
+    c_heads: list[tuple[int, int]]
+    c_resampled: torch.Tensor  # [R, L, H] bool
+    ind: torch.Tensor  # [L, H] induction score on repeated random tokens
+    frequent: dict  # the same on the base's frequent tokens ({} without them)
+    kept: list[tuple[int, int]] | None  # the model's circuit's heads, if given
+    rep_len: int  # |s| of the induction probe's [BOS, s, s]
+
+
+def _classify_model(session: Session, model: GPT2, batch: tpp.EvalBatch, keys: torch.Tensor, weights: torch.Tensor,
+                    thresholds: tuple[float, float, float], circuit: dict | None) -> _ModelClasses:
+    score_threshold, min_fraction, c_threshold = thresholds
+    patterns = attention_patterns(model, batch.tokens, batch.attention_mask).cpu()  # the scores: with the CPU masks
+    hc = classify_heads(model, batch.tokens, batch.attention_mask, score_threshold, min_fraction, patterns)
+    # the same prompts as TransformerLens feeds them by default: <|endoftext|> first
+    hb = classify_heads(model, *prepend_bos(batch.tokens, batch.attention_mask), score_threshold, min_fraction)
+    per_example = target_attention(patterns, batch.answer_pos, keys)  # [B, L, H]
+    c_att = per_example.mean(dim=0)
+    kept = [tuple(h) for h in check_circuit(circuit)["kept_heads"]] if circuit else None
+    # TransformerLens's induction score on repeated random tokens [BOS, s, s], |s| = 50 (or what n_ctx holds)
+    rep_len = induction_seq_len(model)
+    ind = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed).cpu()
+    frequent = {}
+    if session.frequent_tokens is not None:  # the same on tokens the models were pretrained on
+        source, pool = session.frequent_tokens
+        ind_f = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed,
+                                 pool=pool).cpu()
+        frequent = {"scores": ind_f.tolist(), "pool_from": source, "pool_size": len(pool),
+                    "heads": [list(h) for h in (ind_f > score_threshold).nonzero().tolist()]}
+    return _ModelClasses(hc, hb, c_att, attending_heads(c_att, c_threshold),
+                         resampled_attending(per_example, c_threshold, weights), ind, frequent, kept, rep_len)
+
+
+def _class_row(label: str, m: _ModelClasses, score_threshold: float) -> list:
+    """The class table's row: each count with its bootstrap interval; among the circuit's heads when given
+    (all heads in brackets)."""
+    def cell(resampled, heads):
+        heads = [tuple(h) for h in heads]
+        every = _count(len(heads), count_interval(resampled))
+        if m.kept is None:
+            return every
+        return f"{_count(len([h for h in heads if h in set(m.kept)]), count_interval(resampled, m.kept))} ({every})"
+
+    def plain(heads):
+        n_in = len([h for h in map(tuple, heads) if m.kept is None or h in set(m.kept)])
+        return str(len(heads)) if m.kept is None else f"{n_in} ({len(heads)})"
+    ind_heads = (m.ind > score_threshold).nonzero().tolist()
+    row = [label, "–" if m.kept is None else len(m.kept), *(cell(m.hc.resampled[c], m.hc.heads[c]) for c in LETTERS),
+           plain(ind_heads), f"{m.ind.max().item():.2f}"]
+    if m.frequent:
+        row += [plain(m.frequent["heads"]), f"{torch.tensor(m.frequent['scores']).max().item():.2f}"]
+    return row + [cell(m.c_resampled, m.c_heads)]
+
+
+def _borderline_lines(done: dict[str, _ModelClasses]) -> list[str]:
+    """Heads whose share of examples lies within 2 standard errors of the 80 % rule, per model."""
+    parts = []
+    for label, m in done.items():
+        heads = [f"{LETTERS[c]} L{l}H{h} ({m.hc.fraction[c][l, h]:.2f} ± {m.hc.sem[c][l, h]:.2f})"
+                 for c in LETTERS for l, h in m.hc.borderline(c)]
+        parts.append(f"{label}: {', '.join(heads) if heads else 'none'}")
+    return ["Heads whose share of examples lies within 2 standard errors of the rule's "
+            f"{next(iter(done.values())).hc.min_fraction:.0%} (share ± s.e.; another draw of examples may classify "
+            "them otherwise): " + "; ".join(parts) + ".", ""]
+
+
+def _two_digits(x: float) -> str:
+    """An attention weight in a heatmap cell, three characters: ".58", "1.0"."""
+    text = f"{x:.2f}"
+    return text[1:] if text.startswith("0.") else text[:3]
+
+
+def _class_figures(out: Path, done: dict[str, _ModelClasses], c_threshold: float) -> tuple[Path, Path]:
+    c_marks = {label: {h: _two_digits(float(m.c_att[h])) for h in m.c_heads} for label, m in done.items()}
+    fig2 = plots.heatmaps({label: m.c_att for label, m in done.items()}, out / "c_attention.png",
+                          title=f"Mean attention from the final position to c (the paper's Figure 2); numbers: "
+                                f"heads above {c_threshold}", vmin=0, vmax=1, cmap="magma", marks=c_marks,
+                          colorbar="attention to c", size=5.0)
+    marks = {}
+    for label, m in done.items():
+        marks[label] = {}
+        for c, letter in LETTERS.items():
+            for h in m.hc.heads[c]:
+                marks[label][h] = marks[label].get(h, "") + letter
+    class_maps = {label: torch.stack([m.hc.fraction[c] for c in LETTERS]).max(dim=0).values for label, m in done.items()}
+    png = plots.heatmaps(class_maps, out / "head_classes.png", cmap="Blues", vmin=0, vmax=1, marks=marks, size=5.0,
+                         title="Head classes (letters): F first-token, S self, P previous-token, I induction",
+                         colorbar="share of examples showing the head's most frequent class")
+    return fig2, png
 
 
 def classify(session: Session, out: Path, n_examples: int = 100, score_threshold: float = 0.4,
              min_fraction: float = 0.8, c_threshold: float = 0.4, circuits: dict[str, dict] | None = None) -> Section:
-    """Head classes (first, self, previous, induction) and c-attending heads, per model; with
-    ``circuits`` ({model label: circuit}), counted among each model's circuit's heads too."""
+    """Head classes (first, self, previous, induction) and c-attending heads, per model, each count with its
+    bootstrap interval over the examples; with ``circuits`` ({model label: circuit}), counted among each
+    model's circuit's heads too. The examples: ``n_examples`` of the 3000-example eval set, drawn as
+    ``circuits.py classify`` and the model cards' census draw them (:meth:`Session.census_sample`)."""
     check_class_args(score_threshold, min_fraction, c_threshold)
     session.check_same_shape()  # the heatmaps share one grid
     if circuits:
         check_own_models(circuits, session.configs)
-    batch = session.sample(n_examples, "--examples")
+    batch = session.census_sample(n_examples)
     keys = c_key_mask(batch)
-    rows, bos_rows, results, c_maps, class_maps, marks = [], [], {}, {}, {}, {}
-    letters = {"first": "F", "self": "S", "previous": "P", "induction": "I"}
+    weights = bootstrap_weights(len(batch), seed=session.seed)  # the same resamples for every model
+    done: dict[str, _ModelClasses] = {}
     for label, model in session.models.items():
         log(f"[classify] {label} on {len(batch)} examples")
-        patterns = attention_patterns(model, batch.tokens, batch.attention_mask).cpu()  # the scores: with the CPU masks
-        hc = classify_heads(model, batch.tokens, batch.attention_mask, score_threshold, min_fraction, patterns)
-        # the same prompts as TransformerLens feeds them by default: <|endoftext|> first
-        hb = classify_heads(model, *prepend_bos(batch.tokens, batch.attention_mask), score_threshold, min_fraction)
-        bos_rows.append([label, *(str(hb.counts()[c]) for c in letters)])
-        c_att = target_attention(patterns, batch.answer_pos, keys).mean(dim=0)  # [L, H]
-        c_heads = attending_heads(c_att, c_threshold)
-        circuit = circuits.get(label) if circuits else None
-        kept = [tuple(h) for h in check_circuit(circuit)["kept_heads"]] if circuit else None
-        every, among = hc.counts(), hc.counts(kept)
-        c_in = [h for h in c_heads if kept is None or h in set(kept)]
-        # TransformerLens's induction score on repeated random tokens [BOS, s, s], |s| = 50 (or what n_ctx holds)
-        rep_len = induction_seq_len(model)
-        ind = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed).cpu()
-        ind_heads = [tuple(h) for h in (ind > score_threshold).nonzero().tolist()]
-        frequent = {}
-        if session.frequent_tokens is not None:  # the same on tokens the models were pretrained on
-            source, pool = session.frequent_tokens
-            ind_f = induction_scores(model, seq_len=rep_len, n_examples=INDUCTION_EXAMPLES, seed=session.seed,
-                                     pool=pool).cpu()
-            frequent = {"scores": ind_f.tolist(), "pool_from": source, "pool_size": len(pool), "heads":
-                        [list(h) for h in (ind_f > score_threshold).nonzero().tolist()]}
-        results[label] = hc.to_json() | {"c_attention": c_att.tolist(), "c_attending_heads": [list(h) for h in c_heads],
-                                         "circuit_kept_heads": None if kept is None else [list(h) for h in kept],
-                                         "induction_score": {"seq_len": rep_len, "n_examples": INDUCTION_EXAMPLES,
-                                                             "scores": ind.tolist(),
-                                                             "heads": [list(h) for h in ind_heads]},
-                                         **({"induction_score_frequent_tokens": frequent} if frequent else {}),
-                                         "classes_bos": hb.counts(),  # as head_census names them
-                                         "heads_bos": hb.head_lists()}
-
-        def cell(n_in, n_all):
-            return str(n_all) if kept is None else f"{n_in} ({n_all})"
-        ind_in = [h for h in ind_heads if kept is None or h in set(kept)]
-        rows.append([label, "–" if kept is None else len(kept), *(cell(among[c], every[c]) for c in letters),
-                     cell(len(ind_in), len(ind_heads)), f"{ind.max().item():.2f}", cell(len(c_in), len(c_heads))])
-        if frequent:
-            f_in = [h for h in map(tuple, frequent["heads"]) if kept is None or h in set(kept)]
-            rows[-1][8:8] = [cell(len(f_in), len(frequent["heads"])), f"{ind_f.max().item():.2f}"]
-        c_maps[label] = c_att
-        class_maps[label] = torch.stack([hc.fraction[c] for c in letters]).max(dim=0).values
-        marks[label] = {}
-        for c, letter in letters.items():
-            for h in hc.heads[c]:
-                marks[label][h] = marks[label].get(h, "") + letter
-    rows.append(["paper (GPT-2 small's circuit)", "–", *(str(PAPER_CLASS_COUNTS[c]) for c in letters), "–", "–",
-                 *(["–", "–"] if session.frequent_tokens is not None else []), str(PAPER_CLASS_COUNTS["c-attending"])])
-    freq_cols, freq_text = [], ""
-    if session.frequent_tokens is not None:
-        source, pool = session.frequent_tokens
-        freq_cols = ["Induction (frequent tokens)", "Largest (frequent tokens)"]
-        freq_text = (f" The same on random tokens drawn from the {len(pool):,} most frequent tokens of {source}'s "
-                     "pretraining data (its metadata.json's frequent_tokens), which a model pretrained here knows; "
-                     "GPT-2 small saw every token.")
-    nested = c_attending_nesting({label: [tuple(h) for h in r["c_attending_heads"]] for label, r in results.items()})
+        done[label] = _classify_model(session, model, batch, keys, weights, (score_threshold, min_fraction, c_threshold),
+                                      circuits.get(label) if circuits else None)
+    results = {label: _classify_json(m) for label, m in done.items()}
+    rows = [_class_row(label, m, score_threshold) for label, m in done.items()]
+    freq = session.frequent_tokens is not None
+    rows.append(["paper (GPT-2 small's circuit)", "58", *(str(PAPER_CLASS_COUNTS[c]) for c in LETTERS), "–", "–",
+                 *(["–", "–"] if freq else []), str(paper.C_ATTENDING_HEADS)])
+    nested = c_attending_nesting({label: m.c_heads for label, m in done.items()},
+                                 {label: m.c_resampled for label, m in done.items()})
+    verdicts = [paper.C_ATTENDING_NESTED.get((paper.paper_model(n["from"], session.paths.get(n["from"])),
+                                              paper.paper_model(n["to"], session.paths.get(n["to"])))) for n in nested]
     write_json(out / "classify.json", results)
     write_json(out / "c_attending_nesting.json", nested)
-    fig2 = plots.heatmaps(c_maps, out / "c_attention.png", title="Mean attention from the final position to c "
-                          "(the paper's Figure 2)", vmin=0, vmax=1, cmap="magma", colorbar="attention to c")
-    class_png = plots.heatmaps(class_maps, out / "head_classes.png", cmap="Greys", vmin=0, vmax=1, marks=marks,
-                               title="Head classes: F first-token, S self, P previous-token, I induction",
-                               colorbar="share of examples (best class)")
-    md = [f"Classes over {len(batch)} examples: mean score > {score_threshold} in at least {min_fraction:.0%} of "
-          f"examples; c-attending: mean attention from the final position to c > {c_threshold}. Induction "
-          f"(repeated random tokens): TransformerLens's induction score (circuitlab.classify.induction_scores) "
-          f"> {score_threshold} on {INDUCTION_EXAMPLES} sequences [BOS, s, s] of random tokens, and the "
-          f"largest score of any head.{freq_text}", "",
-          *(["Counts are heads of the model's circuit (of all heads in brackets).", ""] if circuits else []),
+    fig2, class_png = _class_figures(out, done, c_threshold)
+    md = [*_classify_intro(session, len(batch), score_threshold, min_fraction, c_threshold, bool(circuits)),
           markdown_table(["Model", "Circuit heads", "First-token", "Self", "Previous-token", "Induction",
-                          "Induction (repeated random tokens)", "Largest induction score", *freq_cols, "c-attending"],
-                         rows), "",
+                          "Induction (repeated random tokens)", "Largest induction score",
+                          *(["Induction (frequent tokens)", "Largest (frequent tokens)"] if freq else []),
+                          "c-attending"], rows), "",
+          paper_setup(session, f"examples: ours {len(batch)}, the paper's 100; the paper counts among the 58 heads "
+                               "of its circuit (found on Lightweight: 86 of 144 heads removed)", session.answer_space), "",
+          *_borderline_lines(done),
           "The same prompts with <|endoftext|> before each, as TransformerLens's `to_tokens` gives them by default "
           "(`prepend_bos=True`; the models here were finetuned and are evaluated without it), all heads:", "",
           markdown_table(["Model", "First-token", "Self", "Previous-token", "Induction"],
-                         bos_rows + [["paper (GPT-2 small's circuit)", *(str(PAPER_CLASS_COUNTS[c]) for c in letters)]]),
-          "",
-          *nesting_markdown(nested),
+                         [[label, *(_count(len(m.hb.heads[c]), m.hb.interval(c)) for c in LETTERS)]
+                          for label, m in done.items()]
+                         + [["paper (GPT-2 small's circuit)", *(str(PAPER_CLASS_COUNTS[c]) for c in LETTERS)]]), "",
+          *nesting_markdown(nested, verdicts),
           f"![c attention]({fig2.name})", "", f"![head classes]({class_png.name})", ""]
     text = "\n".join(md)
     (out / "classify.md").write_text(text + "\n")
     summary = ", ".join(f"{r[0]}: {r[2]} first-token, {r[6]} induction (random tokens)"
-                        + (f", {r[8]} (frequent tokens)" if freq_cols else "") + f", {r[-1]} c-attending" for r in rows)
+                        + (f", {r[8]} (frequent tokens)" if freq else "") + f", {r[-1]} c-attending" for r in rows[:-1])
     return Section("Head classes and attention to c (section 5.4, Figure 2)", text, summary, results)
 
 
+def _classify_intro(session: Session, n: int, score_threshold: float, min_fraction: float, c_threshold: float,
+                    with_circuits: bool) -> list[str]:
+    freq_text = ""
+    if session.frequent_tokens is not None:
+        source, pool = session.frequent_tokens
+        freq_text = (f" The same on random tokens drawn from the {len(pool):,} most frequent tokens of {source}'s "
+                     "pretraining data (its metadata.json's frequent_tokens), which a model pretrained here knows; "
+                     "GPT-2 small saw every token.")
+    return [f"Classes over {n} examples: mean score > {score_threshold} in at least {min_fraction:.0%} of "
+            f"examples; c-attending: mean attention from the final position to c > {c_threshold}. Each count comes "
+            f"with its {BOOTSTRAP_LEVEL:.0%} bootstrap interval over the examples ([low–high], {BOOTSTRAP_RESAMPLES} "
+            f"resamples). The examples are the first {n} of a permutation (seed {session.seed}) of the "
+            f"{tpp.examples.EVAL_SIZE}-example eval set, whatever the study's --examples: the draw of "
+            f"`circuits.py classify --seed {session.seed} --examples {n}` and of the model cards' head census, so the "
+            f"three agree. Induction (repeated random tokens): TransformerLens's induction score "
+            f"(circuitlab.classify.induction_scores) > {score_threshold} on {INDUCTION_EXAMPLES} sequences "
+            f"[BOS, s, s] of random tokens, and the largest score of any head.{freq_text}", "",
+            *(["Counts are heads of the model's circuit (of all heads in brackets).", ""] if with_circuits else [])]
+
+
+def _classify_json(m: _ModelClasses) -> dict:
+    return m.hc.to_json() | {
+        "c_attention": m.c_att.tolist(), "c_attending_heads": [list(h) for h in m.c_heads],
+        "c_attending_interval": list(count_interval(m.c_resampled)),
+        "circuit_kept_heads": None if m.kept is None else [list(h) for h in m.kept],
+        "induction_score": {"seq_len": m.rep_len, "n_examples": INDUCTION_EXAMPLES,
+                            "scores": m.ind.tolist(), "heads": (m.ind > m.hc.score_threshold).nonzero().tolist()},
+        **({"induction_score_frequent_tokens": m.frequent} if m.frequent else {}),
+        "classes_bos": m.hb.counts(),  # as head_census names them
+        "heads_bos": m.hb.head_lists()}
+
+
 # ---------------------------------------------------------------- 6. generate
+def _cell_text(text: str) -> str:
+    """Text for a markdown table cell: pipes escaped, newlines shown."""
+    return text.replace("|", "\\|").replace("\n", "⏎") or "(nothing)"
+
+
 def generate(session: Session, out: Path, prompts: list[str] = (DEFAULT_PROMPT,), max_new_tokens: int = 16) -> Section:
     """The forgetting probe: greedy continuations side by side."""
     log(f"[generate] {len(prompts)} prompt(s) x {len(session.models)} models")
@@ -555,15 +729,24 @@ def generate(session: Session, out: Path, prompts: list[str] = (DEFAULT_PROMPT,)
     write_json(out / "generate.json", [c.to_json() for c in conts])
     md = []
     for prompt in prompts:
-        rows = [[c.model, (c.continuation.replace("|", "\\|").replace("\n", "⏎") or "(nothing)")
-                 + (" ⟨end of text⟩" if c.stopped else ""), f"{c.english_words}/{c.words}"]
+        rows = [[c.model, _cell_text(c.continuation) + (" ⟨end of text⟩" if c.stopped else ""),
+                 f"{c.distinct_english_words} of {c.words}", f"{c.repeated_words} (run of {c.longest_run})",
+                 _cell_text(paper.CONTINUATIONS.get(paper.paper_model(c.model, session.paths.get(c.model)), "–")
+                            if prompt == DEFAULT_PROMPT else "–")]
                 for c in conts if c.prompt == prompt]
-        md += [f"Prompt: *{prompt}*", "", markdown_table(["Model", "Greedy continuation", "English words"], rows), ""]
-    md.append("English words: of the continuation's words (runs of letters), those in WordNet (any part of "
-              "speech, inflections undone) or in English's closed classes (the, of, are, ...).")
+        md += [f"Prompt: *{prompt}*", "", markdown_table(["Model", "Greedy continuation", "Distinct English words",
+                                                           "Repeated words", "Paper's continuation"], rows), ""]
+    md += ["Distinct English words: how many different words (runs of letters, case ignored) of the continuation are "
+           "in WordNet (any part of speech, inflections undone; not its one-letter lemmas, so 'ys' is no word) or in "
+           "English's closed classes (the, of, are, ...), of all its words. Repeated words: words equal to an "
+           "earlier one (a sign of forgetting that the paper shows in Welterweight's 'alive alive alive ...'), with "
+           "the longest run of one word.", "",
+           paper_setup(session, f"{max_new_tokens} new tokens, greedy; the paper's continuations run to the end of "
+                                "their sequence")]
     text = "\n".join(md)
     (out / "generate.md").write_text(text + "\n")
-    summary = ", ".join(f"{c.model}: {c.english_words}/{c.words} English words" for c in conts)
+    summary = ", ".join(f"{c.model}: {c.distinct_english_words} distinct English words of {c.words}, "
+                        f"{c.repeated_words} repeated" for c in conts)
     return Section("Signs of forgetting (section 6.1)", text, f"{len(conts)} continuations ({summary})",
                    {"continuations": [c.to_json() for c in conts]})
 
@@ -602,6 +785,48 @@ class EdgeOptions:
         return chosen
 
 
+RECOVERS_NOTHING = 0.1  # a circuit whose normalised faithfulness is below this recovers nothing of the model
+
+
+def recovers_nothing(faith: dict) -> bool:
+    """Whether a circuit's held-out faithfulness (circuitlab.compare.circuit_faithfulness) says it recovers
+    nothing: normalised below RECOVERS_NOTHING (or undefined, when ablating everything changes nothing)."""
+    f = faith["normalized"]
+    return f != f or f < RECOVERS_NOTHING
+
+
+def nothing_to_recover(full: float, empty: float, higher_is_better: bool) -> bool:
+    """Whether the full model does no better on the metric than with every edge ablated: then a circuit's
+    normalised faithfulness divides by (almost) nothing and says nothing (a base that fails the task)."""
+    gain = (full - empty) if higher_is_better else (empty - full)
+    return not gain > 0
+
+
+def not_a_finding(faith: dict, higher_is_better: bool) -> bool:
+    """A circuit that recovers nothing, or one of a model with nothing to recover: not drawn as a finding."""
+    return recovers_nothing(faith) or nothing_to_recover(faith["full"], faith["empty"], higher_is_better)
+
+
+def _faithfulness_cell(faith: dict, higher_is_better: bool) -> str:
+    f = faith["normalized"]
+    if nothing_to_recover(faith["full"], faith["empty"], higher_is_better):
+        return "– (the full model does no better than all ablated)"
+    if not -1 <= f <= 2:
+        return f"{fmt(f, 3)} (unstable: the full model barely beats all ablated)"
+    return fmt(f, 3)
+
+
+def _edge_row(label, method, metric, setting, counts, paper_nodes, faith, seconds, stem) -> list:
+    better = "higher" if METRICS[metric][0] else "lower"
+    why = ("nothing to recover" if nothing_to_recover(faith["full"], faith["empty"], METRICS[metric][0])
+           else "recovers nothing")
+    figure = (f"{why}; not drawn as a finding ([graph]({stem}.png))" if not_a_finding(faith, METRICS[metric][0])
+              else f"![{stem}]({stem}.png)")
+    return [label, method, f"{METRICS[metric][1]} ({better} is better)", setting, counts["edges"],
+            counts["acdc_nodes"], paper.cell(paper_nodes), counts["heads"], fmt(faith["full"]), fmt(faith["value"]),
+            fmt(faith["empty"]), _faithfulness_cell(faith, METRICS[metric][0]), f"{seconds:.1f}", figure]
+
+
 def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) -> list[Section]:
     """Edge-level circuits by ACDC and EAP-IG (circuitlab.acdc, circuitlab.eap) on the session's models."""
     from .acdc import acdc
@@ -631,11 +856,11 @@ def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) 
         t = time.perf_counter()
         if method == "ACDC":
             circuit = acdc(r, metric.mean, opts.acdc_threshold, threshold_mode="absolute",
-                           higher_is_better=metric.higher_is_better, progress=sys.stderr.isatty()).circuit
+                           higher_is_better=metric.higher_is_better, progress=True).circuit
             setting = f"{name}, threshold {opts.acdc_threshold}"
         else:
             k = min(opts.eap_top_k, r.graph.n_edges)
-            circuit = eap(r, metric.mean, "eap-ig", top_k=k)
+            circuit = eap(r, metric.mean, "eap-ig", top_k=k, progress=True)
             setting = f"{name}, top {k} of {r.graph.n_edges} edges"
         seconds = time.perf_counter() - t
         faith = circuit_faithfulness(rh, held_metric.mean, circuit)
@@ -644,19 +869,53 @@ def edge_sections(session: Session, out: Path, opts: EdgeOptions | None = None) 
         write_json(out / f"{stem}.json", circuit.to_json() | {"model": session.paths[label], "label": label,
                                                                 "method": method, "setting": setting,
                                                                 "held_out": faith, "seconds": seconds})
-        draw_circuit(circuit, out / f"{stem}.png", title=f"{method} on {label}: {counts['edges']} edges")
-        results[f"{method} {label}"] = {"node_counts": counts, "held_out": faith, "seconds": seconds}
-        rows.append([label, method, setting, counts["edges"], counts["acdc_nodes"], counts["heads"],
-                     fmt(faith["full"]), fmt(faith["value"]), f"{seconds:.1f}", f"![{stem}]({stem}.png)"])
-    text = "\n".join([
-        f"Edge-level circuits ({opts.ablation} ablation{', bf16' if precision else ''}) found on {n} examples and evaluated on {len(held)} others: "
-        "the metric of the full model and of the circuit alone (every other edge ablated). Nodes counts ACDC's "
-        "hook nodes, as the paper's table does.", "",
-        markdown_table(["Model", "Method", "Setting", "Edges", "Nodes", "Heads", "Full model (held out)",
-                        "Circuit (held out)", "seconds", "Figure"], rows), ""])
+        nothing = not_a_finding(faith, METRICS[name][0])
+        draw_circuit(circuit, out / f"{stem}.png", title=f"{method} on {label}: {counts['edges']} edges"
+                     + (f" — not a finding (faithfulness {faith['normalized']:.2f})" if nothing else ""))
+        results[f"{method} {label}"] = {"node_counts": counts, "held_out": faith, "seconds": seconds,
+                                        "metric": name, "not_a_finding": nothing}
+        paper_nodes = (paper.ACDC_NODES.get((paper.paper_model(label, session.paths[label]), name, opts.acdc_threshold))
+                       if method == "ACDC" else None)
+        rows.append(_edge_row(label, method, name, setting, counts, paper_nodes, faith, seconds, stem))
+    text = _edges_markdown(session, opts, rows, [method for _, method in jobs], n, len(held), precision)
     (out / "edges.md").write_text(text + "\n")
-    summary = ", ".join(f"{k}: {v['node_counts']['edges']} edges" for k, v in results.items())
+    summary = ", ".join(f"{k}: {v['node_counts']['edges']} edges"
+                        + (" (not a finding)" if v["not_a_finding"] else "")
+                        for k, v in results.items())
     return [Section("Edge circuits: ACDC (section 5.2) and EAP-IG", text, summary, results)]
+
+
+def _edges_markdown(session: Session, opts: EdgeOptions, rows: list, methods: list[str], n: int, n_held: int,
+                    precision) -> str:
+    """The edge section's text: the table, a line per method, how the setup differs from the paper's."""
+    return "\n".join([
+        f"Edge-level circuits ({opts.ablation} ablation{', bf16' if precision else ''}) found on {n} examples and "
+        f"evaluated on {n_held} others. Each method is scored on its own metric (Metric): its value for the full "
+        "model, for the circuit alone (every other edge ablated) and with every edge ablated, and the normalised "
+        "faithfulness (circuit − all ablated) / (full − all ablated): 1 recovers the full model, 0 no more than "
+        f"ablating everything. A circuit under {RECOVERS_NOTHING} recovers nothing and is marked so, not drawn as a "
+        "finding. Nodes counts ACDC's hook nodes, as the paper's table does.", "",
+        markdown_table(["Model", "Method", "Metric", "Setting", "Edges", "Nodes", "Nodes (paper)", "Heads",
+                        "Full model", "Circuit alone", "All ablated", "Faithfulness (normalised)", "seconds",
+                        "Figure"], rows), "",
+        *paper.method_lines(methods), "",
+        paper_setup(session, f"examples: ours {n} + {n_held} held out, the paper's 50 + 50; the paper's ACDC: "
+                             "KL threshold 0.7, zero ablation (section 5.2)", session.answer_space), ""])
+
+
+def _mib_caveats(results: dict, higher_is_better: bool) -> list[str]:
+    """A line naming the models whose full model does no better than all ablated on the held-out prompts:
+    their CPR and CMD are ratios of noise, not findings."""
+    bad = []
+    for label, methods in results.items():
+        curve = next(iter(methods.values()))["curve"]
+        if nothing_to_recover(curve["full"], curve["empty"], higher_is_better):
+            bad.append(f"{label} (full model {fmt(curve['full'])}, all ablated {fmt(curve['empty'])})")
+    if not bad:
+        return []
+    return ["**Nothing to recover**: on " + ", ".join(bad) + " the full model does no better than with every edge "
+            "ablated, so faithfulness divides by (almost) nothing: these CPR and CMD values and ranks are noise, "
+            "not findings.", ""]
 
 
 def mib_section(session: Session, out: Path, opts: EdgeOptions) -> Section:
@@ -671,7 +930,7 @@ def mib_section(session: Session, out: Path, opts: EdgeOptions) -> Section:
     n = len(batch) // 2
     find, held = batch.select(slice(0, n)), batch.select(slice(n, len(batch)))
     c_find, c_held = (None, None) if corrupted is None else (corrupted[:n], corrupted[n:])
-    settings = MethodSettings(progress=sys.stderr.isatty())
+    settings = MethodSettings(progress=True)  # a bar on a terminal, lines in a log; --no-progress: none
     rows, results, figures = [], {}, []
     for label in session.labels:
         model = session.models[label]
@@ -701,6 +960,9 @@ def mib_section(session: Session, out: Path, opts: EdgeOptions) -> Section:
         "CMD: the area under |1 - f| with edges ranked by |score| (lower is better). Ranks are within each "
         "model; seconds: the method's own time on this machine.", "",
         markdown_table(["Model", "Method", "CPR", "CPR rank", "CMD", "CMD rank", "seconds"], rows), "",
+        *paper.method_lines(opts.mib_methods), "",
+        *_mib_caveats(results, METRICS[opts.mib_metric][0]),
+        "The paper compares no edge methods this way (MIB came later); its ACDC circuits are in the table above.", "",
         *figures, ""])
     (out / "mib.md").write_text(text + "\n")
     best = ", ".join(f"{label}: {max(v, key=lambda m: v[m]['cpr'])}" for label, v in results.items())

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from minigpt2 import GPT2
-from minigpt2.engine import ABLATIONS, Metric, ablation_mode, head_mask_bytes_per_row, rows_per_chunk
+from minigpt2.engine import (ABLATIONS, Metric, ablation_mode, check_metrics, check_model, head_mask_bytes_per_row,
+                             per_example, rows_per_chunk)
 from minigpt2.masking import single_head_masks
 
 __all__ = ["ABLATIONS", "BLOCK_ROWS", "Metric", "Prompts", "SweepResult", "evaluate_masks", "resample_partners",
@@ -53,9 +54,19 @@ class Prompts:
 
     def __post_init__(self):
         object.__setattr__(self, "ablation", ablation_mode(self.ablation))
+        if not isinstance(self.tokens, torch.Tensor):
+            try:
+                object.__setattr__(self, "tokens", torch.as_tensor(self.tokens))
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"Prompts needs token ids [B, T] (a tensor or nested list of ints), got "
+                                f"{type(self.tokens).__name__}") from None
         if self.tokens.ndim != 2 or self.tokens.shape[0] == 0:
             raise ValueError(f"Prompts needs a non-empty [B, T] batch of token ids, got shape {tuple(self.tokens.shape)}; "
                              "is the eval set empty?")
+        if self.tokens.dtype.is_floating_point or self.tokens.dtype.is_complex or self.tokens.dtype == torch.bool:
+            raise TypeError(f"Prompts needs integer token ids, got {self.tokens.dtype}")
+        if self.attention_mask is not None:
+            object.__setattr__(self, "attention_mask", GPT2.check_attention_mask(self.attention_mask, self.tokens))
         if self.positions is None:
             last = (self.attention_mask.long().cumsum(1).argmax(1) if self.attention_mask is not None
                     else torch.full((len(self),), self.tokens.shape[1] - 1))
@@ -111,6 +122,12 @@ class Prompts:
         return kw | dict(mode="resample", reference=self.reference)
 
 
+def check_prompts(prompts, what: str) -> None:
+    if not isinstance(prompts, Prompts):
+        raise TypeError(f"{what} takes circuitlab.sweep.Prompts(tokens, attention_mask=..., ablation=...), got "
+                        f"{type(prompts).__name__}")
+
+
 def resample_partners(lengths: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """For each row, another row to take ablated activations from: a random derangement
     within each group of equal length; a row alone in its group pairs with any other row."""
@@ -153,11 +170,11 @@ def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: 
     out = torch.empty(0)
     blocks = prompts.blocks(max_rows, n_variants=masks.shape[0])
     if progress:
-        from tqdm.auto import tqdm
-        blocks = tqdm(blocks, desc=f"{masks.shape[0]} variants x {len(prompts)} prompts", unit="block")
+        from minigpt2.progress import progress as progress_bar
+        blocks = progress_bar(blocks, f"{masks.shape[0]} variants x {len(prompts)} prompts", "block")
     for rows, p in blocks:
         def all_metrics(logits, rows=rows):  # [Vc, b, vocab] -> [Vc, b, M]
-            return torch.stack([m(logits, rows=rows).to(torch.float64) for m in metrics], dim=-1)
+            return torch.stack([per_example(m, logits, rows).to(torch.float64) for m in metrics], dim=-1)
 
         values = model.run_with_head_masks(p.tokens, masks, metric=all_metrics, max_rows=max_rows, dtype=dtype,
                                            **p.masking_kwargs())  # [V, b, M]
@@ -209,8 +226,9 @@ def sweep(model: GPT2, prompts: Prompts, metrics: list[Metric], max_rows: int | 
     all L*H variants, sharing each variant's clean prefix (the layers below its
     ablated head).
     """
-    if not metrics:
-        raise ValueError("sweep needs at least one metric")
+    check_model(model, "sweep")
+    check_prompts(prompts, "sweep")
+    metrics = check_metrics(metrics, "sweep")
     L, H = model.cfg.n_layer, model.cfg.n_head
     masks = single_head_masks(L, H, dtype=model.dtype)  # [1 + L*H, L, H], clean first
     with torch.no_grad():

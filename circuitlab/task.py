@@ -25,6 +25,7 @@ import torch
 
 import tpp
 from minigpt2.engine import Metric
+from minigpt2.fileio import FileError, load_json
 from tpp.encoding import SPACES
 
 from .circuitfile import json_kind
@@ -64,10 +65,10 @@ def read_metadata(path) -> dict:
     if not meta.is_file():
         return {}
     fix = "Fix: restore it from the run that wrote it (train.py, finetune.publish), or delete it"
-    try:
-        d = json.loads(meta.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta} is not valid JSON ({e}). {fix}") from None
+    try:  # minigpt2.fileio: bounded size and depth, strict JSON, a byte-order mark refused
+        d = load_json(meta, "")
+    except FileError as e:
+        raise ValueError(f"{e}. {fix}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{meta} holds a JSON {json_kind(d)}, not an object of run metadata. {fix}")
     for key in ("data", "eval_data"):

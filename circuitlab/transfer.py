@@ -10,9 +10,10 @@ from typing import Callable
 import torch
 
 from minigpt2 import GPT2
+from minigpt2.engine import check_metrics
 
 from .circuitfile import check_circuit
-from .sweep import Metric, Prompts, evaluate_masks
+from .sweep import Metric, Prompts, check_prompts, evaluate_masks
 
 
 def circuit_mask(circuit: dict, model: GPT2, model_name: str = "the model") -> torch.Tensor:
@@ -57,6 +58,19 @@ class TransferResult:
                 "clean_sem": {k: v.tolist() for k, v in self.clean_sem.items()}}
 
 
+def _check_transfer_args(models, circuits, prompts) -> None:
+    if not isinstance(models, Mapping) or not all(isinstance(m, GPT2) for m in models.values()):
+        raise TypeError(f"transfer takes models as a dict name -> minigpt2 GPT2, got {type(models).__name__}"
+                        + ("" if not isinstance(models, Mapping) else " holding "
+                           + ", ".join(sorted({type(m).__name__ for m in models.values()}))))
+    if not isinstance(circuits, Mapping) or not all(isinstance(c, Mapping) for c in circuits.values()):
+        raise TypeError("transfer takes circuits as a dict name -> circuit (the dict of a circuit file, "
+                        f"circuitlab.circuitfile), got {type(circuits).__name__}"
+                        + ("" if not isinstance(circuits, Mapping) else " holding "
+                           + ", ".join(sorted({type(c).__name__ for c in circuits.values()}))))
+    check_prompts(prompts, "transfer")
+
+
 def transfer(models: dict[str, GPT2], circuits: dict[str, dict], prompts: Prompts,
              metrics: list[Metric] | Callable[[GPT2], list[Metric]], max_rows: int | None = None,
              progress: bool = False) -> TransferResult:
@@ -64,6 +78,7 @@ def transfer(models: dict[str, GPT2], circuits: dict[str, dict], prompts: Prompt
 
     ``metrics`` may depend on the model (a KL to its clean run): pass ``fn(model) -> metrics``.
     """
+    _check_transfer_args(models, circuits, prompts)
     if not models or not circuits:
         raise ValueError("transfer needs at least one model and one circuit")
     check_same_shape(models)
@@ -73,7 +88,7 @@ def transfer(models: dict[str, GPT2], circuits: dict[str, dict], prompts: Prompt
         model = models[name]
         masks = torch.stack([torch.ones(model.cfg.n_layer, model.cfg.n_head)] +
                             [circuit_mask(c, model, name) for c in circuits.values()])  # [1 + C, L, H]
-        ms = metrics(model) if callable(metrics) else metrics
+        ms = check_metrics(metrics(model) if callable(metrics) else metrics, "transfer")
         unique, index = torch.unique(masks, dim=0, return_inverse=True)  # circuits that ablate the same heads run once
         with torch.no_grad():
             per_model.append(evaluate_masks(model, prompts, unique, ms, max_rows, progress)[index])  # [1 + C, B, M]

@@ -1,8 +1,14 @@
 """finetune: the training library behind train.py (finetuning on TPP, pretraining on text).
 
-    from finetune import Trainer, TrainConfig, pretrain_data
-    data, held_out = pretrain_data("wordnet", block_size=128)
-    Trainer(model, data, TrainConfig(out="runs/x"), evaluate=heldout_evaluator(held_out)).train()
+    from minigpt2 import load_pretrained
+    from finetune import Trainer, TrainConfig, finetune_data, tpp_evaluator
+    model = load_pretrained("weights/base")
+    data, master = finetune_data(0.01, master_size=15_800, space="answer")   # 158 TPP examples, ' c'
+    evaluate = tpp_evaluator(master, eval_size=64, single_token_eval_size=64, space="answer")
+    Trainer(model, data, TrainConfig(out="runs/x", max_steps=2, progress=False), evaluate=evaluate).train()
+
+Pretraining is the same loop on text: ``pretrain_data("wordnet", block_size=128)`` gives training
+blocks and held-out blocks for ``heldout_evaluator``.
 
 Modules: data (rows and their order), loss (the position-gathered next-token loss),
 trainer (the loop, DDP, resume), checkpoint (atomic run directories without pickle),
@@ -11,6 +17,12 @@ evaluate (TPP and held-out metrics), presets (the paper's three runs).
 Everything but the presets is imported on first use, so that train.py can check its
 flags (which need only the presets) without importing torch.
 """
+
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules:  # OpenMP's wait policy, read once when torch loads (minigpt2/threads.py)
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from importlib import import_module
 

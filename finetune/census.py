@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from minigpt2 import load_pretrained
-from minigpt2.weights import atomic_write
+from minigpt2.fileio import MARKER, atomic_write, seal
 
 from circuitlab.classify import head_census
+from tpp.flags import HelpFormatter
 
 from .checkpoint import read_json_object
 from .publish import census_lines, eval_sets, frequent_tokens_of
@@ -57,11 +58,13 @@ def refresh(dest: Path, base: Path | None = None) -> dict:
     text = json.dumps(meta | {"head_census": census}, indent=2) + "\n"
     atomic_write(dest / "metadata.json", lambda tmp: Path(tmp).write_text(text))
     atomic_write(dest / "README.md", lambda tmp: Path(tmp).write_text(card))
+    if (dest / MARKER).exists():
+        seal(dest)  # its checksums again, the files changed on purpose
     return census
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("models", nargs="+", type=Path, help="published model directories, e.g. weights/base")
     p.add_argument("--base", type=Path, default=None,
                    help="the base whose frequent_tokens a finetune's induction probe draws from (default: "
@@ -72,5 +75,21 @@ def main(argv=None) -> None:
         print(f"{dest}: {census['classes']} as they are, {census['classes_bos']} with <|endoftext|> first")
 
 
+def cli(argv=None) -> int:
+    """The command line: 0, or one line ``python -m finetune.census: error: ...`` and status 2 (130 on Ctrl-C)."""
+    import sys
+
+    from tpp.flags import fail
+
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:  # a damaged file, a full disk: named; nothing half-written
+        return fail("python -m finetune.census", e)
+    except KeyboardInterrupt:
+        print("\npython -m finetune.census: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -10,15 +10,17 @@ A run directory holds::
                                 metadata.json, complete.json (the completeness marker)
     model/                      the final model: model.safetensors, config.json, metadata.json, complete.json
     non_finite.json             only after a stop on a NaN/inf: where it happened (see train.py)
+    .lock                       held (fcntl.flock) by the train.py running the run: a second one is refused
 
 Committing a directory (a checkpoint, model/): it is filled in a temporary directory
-``.NAME.tmp-*``, every file fsynced, then ``complete.json`` (each file's size) is written
+``.NAME.tmp-*``, every file fsynced, then ``complete.json`` (each file's size and sha256) is written
 last; then an older NAME is renamed aside to ``.NAME.old-PID``, the new one renamed to
 NAME, and the old one deleted. A kill at any instant leaves NAME complete, or (between
 the two renames) a complete ``.NAME.old-*`` and a complete ``.NAME.tmp-*``:
 ``recover_run`` (run by --resume, and by every commit) puts the newest complete one
 back under NAME and deletes the rest, so --resume always finds a complete checkpoint
-if one was ever committed. Pruned checkpoints are renamed to ``.NAME.del-PID`` before
+if one was ever committed. --resume then verifies every file against the marker's size and
+sha256, so a file missing, truncated or corrupted in place (same size) is refused, named. Pruned checkpoints are renamed to ``.NAME.del-PID`` before
 being deleted, so a half-deleted one is never visible.
 
 Tensors go to safetensors, everything else to JSON; nothing is pickled, nothing is
@@ -27,7 +29,6 @@ read with torch.load. Every file is written with ordinary permissions (0666 less
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -40,75 +41,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from minigpt2 import GPT2, save_pretrained
-from minigpt2.weights import CheckpointError, atomic_write, load_state_dict_strict, read_safetensors, read_state_dict
+from minigpt2 import fileio
+from minigpt2.fileio import MARKER, FileError, checksum_problems, fsync_dir, load_json, read_marker, seal
+from minigpt2.weights import (CheckpointError, load_state_dict_strict, read_safetensors, read_state_dict,
+                              save_safetensors)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-[^/]+$")  # directories left by a killed commit
+LOCK = fileio.DirLock.NAME  # the run's lock file (train.py holds it while it runs)
 STALE_FILE = re.compile(r"^\..+\.tmp$")  # files left by a killed write_atomic
-MARKER = "complete.json"
 NON_FINITE_NOTE = "non_finite.json"
 FORMAT = 1
 
 
-# ---------------------------------------------------------------- atomic files
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-write_atomic = atomic_write  # write(tmp) on a temporary file, fsynced, 0644, renamed onto the path
-
-
-def write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+# ---------------------------------------------------------------- atomic files (minigpt2.fileio's)
+write_atomic = fileio.atomic_write  # write(tmp) on a temporary file, fsynced, 0644, renamed onto the path
+write_json = fileio.write_json
 
 
 def read_json_object(path: Path, fix: str) -> dict:
-    """A JSON object from ``path``; a missing, unreadable or malformed file is a ValueError
-    naming the file and ``fix``."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing. Fix: {fix}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}). Fix: {fix}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object. Fix: {fix}")
-    return obj
+    """A JSON object from ``path``; a missing, unreadable, malformed or absurdly nested file is a
+    ValueError (minigpt2.fileio.JSONFileError) naming the file and ``fix``."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise FileError(f"{path} is missing. Fix: {fix}")
+    return load_json(path, "", fix, kind=dict)
 
 
 # ---------------------------------------------------------------- committed directories
-def seal(d: Path) -> None:
-    """fsync every file of ``d``, then write the completeness marker: the size of each file."""
-    sizes = {}
-    for f in sorted(d.iterdir()):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            sizes[f.name] = f.stat().st_size
-    write_json(d / MARKER, {"files": sizes})
-    fsync_dir(d)
-
-
-def damaged_files(d: Path) -> list[str] | None:
-    """The files of ``d`` missing or not of the size its marker records; None without a readable marker."""
+def damaged_files(d: Path, hashes: bool = False) -> list[str] | None:
+    """What is wrong with the files of ``d`` against its marker, one phrase each (missing, another
+    size, with ``hashes`` another sha256); None without a readable marker."""
     try:
-        sizes = json.loads((d / MARKER).read_text())["files"]
-        return [n for n, size in sizes.items() if not ((d / n).is_file() and (d / n).stat().st_size == size)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if read_marker(d) is None:
+            return None
+        return checksum_problems(d, hashes=hashes)
+    except (OSError, ValueError):
         return None
 
 
@@ -195,14 +165,21 @@ def commit_dir(parent: Path, name: str, fill) -> Path:
     """Build directory ``parent/name`` atomically: ``fill(tmp_dir)`` writes into a temporary
     directory, sealed with the completeness marker, that then replaces ``name`` (see the
     module docstring for why a kill at any point leaves a complete copy)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(parent, name)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the published directory private
+        parent.mkdir(parents=True, exist_ok=True)
+        recover_dir(parent, name)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
+    except OSError as e:
+        raise fileio.WriteError(parent / name, e) from None
+    try:
+        os.chmod(tmp, 0o777 & ~fileio.umask())  # mkdtemp's 0700 would make the published directory private
         fill(tmp)
         seal(tmp)
         swap_in(tmp, parent / name)
+    except OSError as e:  # a full disk, say: named; the earlier NAME is untouched (swap_in puts it back)
+        if isinstance(e, fileio.WriteError):
+            raise
+        raise fileio.WriteError(parent / name, e) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -251,7 +228,7 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool, creat
     if resume:
         _prepare_resume(out, create)
         return out
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()):
         if not is_run_dir(out):
             raise FileExistsError(f"--out {out} exists, is not empty and is not a run directory (no args.json): "
                                   "choose another --out; nothing outside a run directory is ever deleted")
@@ -259,10 +236,22 @@ def prepare_run_dir(out: str | os.PathLike, resume: bool, overwrite: bool, creat
             raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, "
                                   "--overwrite to replace it, or choose another --out")
         if create:
-            shutil.rmtree(out)
+            clear_run_dir(out)
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def clear_run_dir(out: Path) -> None:
+    """--overwrite: delete everything in ``out`` but its lock file (which this process may hold:
+    deleting it would let a second process lock a new file of the same name)."""
+    for p in out.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def check_resume_args(saved: dict, now: dict, may_change: set[str]) -> None:
@@ -275,6 +264,29 @@ def check_resume_args(saved: dict, now: dict, may_change: set[str]) -> None:
                          "Fix: pass the run's own values (see args.json), or start a new run with another --out")
 
 
+def check_resume_data(out: Path, meta: dict, accept: bool) -> list[dict]:
+    """--resume: the training data (``meta["data_sha256"]``, this process's) must be the data the run's
+    latest checkpoint was trained on; else a ValueError naming both, unless ``accept`` (--accept-data-change).
+    Returns the run's record of data changes (carried from checkpoint to checkpoint), this one added."""
+    path = latest_checkpoint(out)
+    if path is None:
+        return []
+    saved = read_json_object(path / "metadata.json", _damage_fix(path))
+    changes = saved.get("data_changes") if isinstance(saved.get("data_changes"), list) else []
+    was, now = saved.get("data_sha256"), meta.get("data_sha256")
+    if was is None or now is None or was == now:
+        return changes
+    source = meta.get("corpus") or "the training data"
+    if not accept:
+        raise ValueError(f"--resume: {source} is not the data run {out} trained on: its sha256 is {now[:12]}…, the "
+                         f"run's checkpoint {path.name} records {was[:12]}… (was a corpus file edited?). Fix: restore "
+                         "the data, or pass --accept-data-change to train the rest of the run on the new data "
+                         "(recorded in metadata.json), or start a new run with another --out")
+    step = read_state(path)["step"]
+    return changes + [{"step": step, "from_sha256": was, "to_sha256": now, "from_data": saved.get("data"),
+                       "to_data": meta.get("data")}]
+
+
 def write_non_finite_note(out: Path, note: dict) -> None:
     """Record a stop on a NaN/inf (train.py then lets --resume change the learning-rate flags)."""
     write_json(Path(out) / NON_FINITE_NOTE, note)
@@ -282,9 +294,11 @@ def write_non_finite_note(out: Path, note: dict) -> None:
 
 def read_non_finite_note(out: Path) -> dict | None:
     path = Path(out) / NON_FINITE_NOTE
+    if not path.exists():
+        return None
     try:
-        note = json.loads(path.read_text())
-    except (OSError, ValueError):
+        note = load_json(path)
+    except ValueError:
         return None
     return note if isinstance(note, dict) else None
 
@@ -417,8 +431,8 @@ def save_checkpoint(out: Path, model: GPT2, optimizer, state: dict, metadata: di
 
     def fill(tmp: Path):
         save_pretrained(model, tmp)
-        write_atomic(tmp / "optimizer.safetensors", lambda f: save_file(opt_tensors, f))
-        write_atomic(tmp / "rng.safetensors", lambda f: save_file(rng_tensors, f))
+        write_atomic(tmp / "optimizer.safetensors", lambda f: save_safetensors(opt_tensors, f))
+        write_atomic(tmp / "rng.safetensors", lambda f: save_safetensors(rng_tensors, f))
         write_json(tmp / "state.json", {**state, "format": FORMAT, "optimizer": opt_meta, "rng": rng_meta})
         write_json(tmp / "metadata.json", metadata)
 
@@ -473,10 +487,12 @@ def load_checkpoint(path: Path, model: GPT2, optimizer) -> dict:
     """Restore model, optimizer and RNG from a checkpoint directory; return its state.json.
     A damaged or foreign file is a ValueError naming it and the fix."""
     path, fix = Path(path), _damage_fix(Path(path))
-    if (path / MARKER).exists() and not is_complete(path):
-        damaged = damaged_files(path)
-        what = f"the size of {', '.join(damaged)} differs from" if damaged else "its files cannot be checked against"
-        raise ValueError(f"{path}: {what} what its {MARKER} records (truncated or replaced). Fix: {fix}")
+    try:
+        damaged = checksum_problems(path)  # sizes and sha256: a file corrupted in place is caught here
+    except ValueError as e:
+        raise ValueError(f"{e}. Fix: {fix}") from None
+    if damaged:
+        raise ValueError(f"checkpoint {path} is damaged: {'; '.join(damaged)}. Fix: {fix}")
     state = read_state(path)
     read_json_object(path / "metadata.json", fix)
     try:

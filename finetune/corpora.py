@@ -20,9 +20,10 @@ text came from, its license and the sha256 of the file read.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import re
 from pathlib import Path
+
+from minigpt2.fileio import read_text, sha256_file
 
 GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
 LICENSES = {"wordnet": "WordNet 3.0 license (Princeton University; BSD-like)",
@@ -81,12 +82,6 @@ def gcide_documents(path: Path | str = GCIDE_PATH, min_words: int = 6) -> list[s
     return [d for d in docs if len(d.split()) >= min_words]
 
 
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wordnet_file() -> Path | None:
@@ -116,13 +111,9 @@ def sources(spec: str) -> list[tuple[str, list[str], dict]]:
                     "sha256": sha256_file(GCIDE_PATH)}
         else:
             path = Path(name)
-            if not path.is_file():
+            if not path.exists() and not path.is_symlink():
                 raise FileNotFoundError(f"--corpus {name}: no such file; pass a UTF-8 text file, 'wordnet' or 'gcide'")
-            try:
-                docs = [path.read_text(encoding="utf-8")]
-            except UnicodeDecodeError as e:
-                raise ValueError(f"--corpus {name}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                                 "convert it to UTF-8") from None
+            docs = [read_text(path, name=f"--corpus {name}")]  # every text input alike: UTF-8, no byte-order mark
             info = {"source": str(path), "license": "as stated by the file's owner", "sha256": sha256_file(path)}
         out.append((name, docs, info | {"documents": len(docs)}))
     return out

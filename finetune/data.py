@@ -57,6 +57,18 @@ class TrainData:
         """How many labelled next-token predictions ``rows`` hold (the loss's denominator)."""
         return int((self.labels[rows, 1:] != IGNORE).sum())
 
+    def check_fits(self, cfg, name: str) -> None:
+        """Refuse a model (config ``cfg``, called ``name``) that cannot take these rows: a token id
+        beyond its vocabulary, or rows longer than its n_ctx; the message names the model and why."""
+        top, length = int(self.input_ids.max()), self.input_ids.shape[1]
+        what = f"the training rows ({self.info.get('source', 'data')})"
+        if cfg.vocab_size <= top:
+            raise ValueError(f"{name} cannot read {what}: its vocabulary has {cfg.vocab_size} tokens, the data holds "
+                             f"GPT-2 token ids up to {top}. Fix: use a model with GPT-2's vocabulary (vocab_size 50257)")
+        if cfg.n_ctx < length:
+            raise ValueError(f"{name} cannot read {what}: its n_ctx is {cfg.n_ctx}, the rows are up to {length} "
+                             f"tokens long. Fix: use a model with n_ctx >= {length}")
+
     def sha256(self) -> str:
         """A digest of exactly what training sees: ids, labels, mask."""
         h = hashlib.sha256()

@@ -25,19 +25,21 @@ from pathlib import Path
 import torch
 
 from minigpt2 import load_pretrained, save_pretrained
+from minigpt2.fileio import load_json, seal, umask
 from tpp.encoding import SPACES
+from tpp.flags import HelpFormatter
 
 from circuitlab.classify import INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, head_census
 
 from .checkpoint import swap_in, recover_dir
 from .evaluate import tpp_eval_sets, tpp_metrics
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("run", type=Path, help="run directory of train.py (its model/ is published)")
 parser.add_argument("dest", type=Path, help="destination directory, e.g. weights/featherweight")
 parser.add_argument("--title", required=True, help="the card's heading")
 parser.add_argument("--about", required=True, help="one sentence on what the model is")
-parser.add_argument("--scale", default="", help="how the run was scaled down from the paper's, for the card")
+parser.add_argument("--scale", default="", help="how the run was scaled down from the paper's, for the card (default: none)")
 parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
 parser.add_argument("--master-size", type=int, default=158_000, help="master dataset of the finetuning runs, "
                     "excluded from the eval sets (the same sets score every bundled model)")
@@ -50,7 +52,8 @@ parser.add_argument("--answer-space", choices=SPACES, default=None,
                          "when publishing their base, so that every card is scored alike")
 parser.add_argument("--compare-to", type=Path, default=None,
                     help="a published base model: the card then claims margins over it on a fixed subset "
-                         "(the first --subset examples of each eval set), which tests/test_bundled.py checks")
+                         "(the first --subset examples of each eval set), which tests/test_bundled.py checks; "
+                         "default: none, no claims")
 parser.add_argument("--subset", type=int, default=200, help="examples of each eval set in the claimed comparison")
 
 
@@ -79,7 +82,8 @@ def metrics_table(results: dict) -> str:
 
 # What a published model keeps of each stage that made it (its metadata's "lineage"), so that a later
 # run continuing it (--init weights/...) can still say how it was made after the run directories are gone
-STAGE_KEYS = ("command", "mode", "corpus", "init", "steps", "tokens_seen", "data", "data_sha256", "seed")
+STAGE_KEYS = ("command", "mode", "corpus", "init", "steps", "tokens_seen", "data", "data_sha256", "data_changes",
+              "seed")
 
 
 def stage_summary(stage: dict) -> dict:
@@ -110,7 +114,7 @@ def lineage(meta: dict, limit: int = 64) -> list[dict]:
         if not (init / "metadata.json").exists():
             raise FileNotFoundError(f"--init {init} of the run {stages[-1].get('command', '?')!r} has no metadata.json, "
                                     "so the card cannot say how it was made: publish on the machine that holds it")
-        stages.append(json.loads((init / "metadata.json").read_text()))
+        stages.append(load_json(init / "metadata.json", "metadata", kind=dict))
         if len(stages) > limit:
             raise ValueError(f"more than {limit} --init stages from {meta.get('command')!r}: a cycle?")
     return stages[::-1]
@@ -202,7 +206,7 @@ def frequent_tokens_of(meta: dict, compare_to: Path | None) -> torch.Tensor | No
     those of the base it is compared to; None when neither has them."""
     ids = meta.get("frequent_tokens")
     if ids is None and compare_to is not None and (compare_to / "metadata.json").exists():
-        ids = json.loads((compare_to / "metadata.json").read_text()).get("frequent_tokens")
+        ids = load_json(compare_to / "metadata.json", "metadata", kind=dict).get("frequent_tokens")
     return None if ids is None else torch.tensor(ids, dtype=torch.long)
 
 
@@ -213,10 +217,18 @@ def census_lines(census: dict) -> list[str]:
     """The card's head classes: what ``circuits.py classify`` counts (tests/test_bundled.py checks them)."""
     counts = ", ".join(f"{census['classes'][c]} {name}" for c, name in CLASS_NAMES.items())
     paper = ", ".join(f"{PAPER_CLASS_COUNTS[c]} {name}" for c, name in CLASS_NAMES.items())
+    spans = census.get("classes_interval", {})  # the bootstrap interval over the prompts, when measured
+    level = ""
+    if spans:
+        level = (f" The {census.get('interval_level', 0.95):.0%} bootstrap interval of each count over the prompts "
+                 "(another draw of prompts may count otherwise): "
+                 + ", ".join(f"{name} {spans[c][0]}–{spans[c][1]}" for c, name in CLASS_NAMES.items() if c in spans)
+                 + ".")
     lines = ["## Head classes", "",
-             f"On {census['n_examples']} prompts of the TPP eval set (`circuits.py classify --seed {census['seed']}`), by "
+             f"On {census['n_examples']} prompts of the TPP eval set (`circuits.py classify --seed {census['seed']}`, "
+             f"and the study's classify section, which draws the same prompts), by "
              f"the paper's rule (score > {census['score_threshold']} in at least {census['min_fraction']:.0%} of the "
-             f"prompts): {counts} heads (the paper, in GPT-2 small's circuit: {paper}).", ""]
+             f"prompts): {counts} heads (the paper, in GPT-2 small's circuit: {paper}).{level}", ""]
     if "classes_bos" in census:
         bos = ", ".join(f"{census['classes_bos'][c]} {name}" for c, name in CLASS_NAMES.items())
         lines += [f"The same prompts with <|endoftext|> before each (TransformerLens's default input, "
@@ -305,7 +317,7 @@ def main(argv=None) -> None:
     meta_path = model_dir / "metadata.json"
     if not meta_path.exists():
         raise SystemExit(f"error: {model_dir} has no finished model (metadata.json); finish the run first")
-    meta = json.loads(meta_path.read_text())
+    meta = load_json(meta_path, "metadata", kind=dict)
     dtype = getattr(torch, args.dtype)
     args.dest.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(args.dest.parent, args.dest.name)  # a copy left aside by an interrupted publish comes back
@@ -335,7 +347,8 @@ def main(argv=None) -> None:
         (tmp / "metadata.json").write_text(json.dumps(meta | extra, indent=2) + "\n")
         n_params = sum(p.numel() for p in stored.parameters())
         (tmp / "README.md").write_text(card(args, meta, results, n_params, claims, answer_space, census))
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the directory private
+        seal(tmp)  # complete.json: each file's size and sha256, verified by load_pretrained
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would make the directory private
         swap_in(tmp, args.dest)  # the old copy is moved aside, never deleted before the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -344,5 +357,21 @@ def main(argv=None) -> None:
     print(f"published {args.dest}")
 
 
+def cli(argv=None) -> int:
+    """The command line: 0, or one line ``python -m finetune.publish: error: ...`` and status 2 (130 on Ctrl-C)."""
+    import sys
+
+    from tpp.flags import fail
+
+    try:
+        main(argv)
+    except (ValueError, OSError) as e:  # a damaged file, a full disk: named; nothing half-written
+        return fail("python -m finetune.publish", e)
+    except KeyboardInterrupt:
+        print("\npython -m finetune.publish: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from minigpt2 import GPT2
+from minigpt2.fileio import FileError, parse_json
 
 from . import checkpoint as ckpt
 from .data import TrainData, batch_order, shard
@@ -173,9 +174,10 @@ def make_optimizer(model: GPT2, cfg: TrainConfig) -> torch.optim.AdamW:
 def _logged_step(line: str) -> float:
     """The step of a log.jsonl line; inf for a line cut short by a crash (so it is dropped)."""
     try:
-        return json.loads(line).get("step", 0) if line.strip() else math.inf
-    except json.JSONDecodeError:
+        row = parse_json(line, "log.jsonl") if line.strip() else None
+    except FileError:
         return math.inf
+    return row.get("step", 0) if isinstance(row, dict) else math.inf
 
 
 # ---------------------------------------------------------------- the trainer

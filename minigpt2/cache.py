@@ -72,8 +72,8 @@ class ActivationCache:
         return device
 
     @property
-    def _W_U(self) -> torch.Tensor:  # [d_model, V]
-        return self.model.wte.weight.T
+    def _W_U(self) -> torch.Tensor:  # [d_model, V]; the model's own once its weights are processed
+        return self.model.W_U
 
     def _accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
         """[d_model]: the biases of every layer output (b_O, b_out) up to the input of ``layer``."""
@@ -266,7 +266,7 @@ class ActivationCache:
         return [l for l in range(self._n_layers) if f"blocks.{l}.attn.hook_result" not in self.cache_dict]
 
     def _ensure_head_results(self) -> None:
-        # minigpt2's run_with_cache() caches hook_result already: no warning each time a stack needs it
+        # a default cache has no hook_result (use_attn_result is off): made here without a warning, as TransformerLens
         for l in self._missing_head_results():
             z = self[("z", l, "attn")]
             W_O = self.model.blocks[l].attn.W_O  # [H, d_head, d_model]

@@ -29,11 +29,14 @@ bf16 error is re-evaluated in fp32.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+from .progress import progress
 
 # How an ablated component's output is replaced: "zero"; "mean": its mean over a reference batch;
 # "resample": its value on a paired (corrupted) prompt, row by row. "patch" is an old name of "resample".
@@ -47,6 +50,8 @@ CUDA_SHARE = 0.5  # the share of a GPU's free memory a chunk may use
 
 def ablation_mode(name: str) -> str:
     """The canonical ablation name; refuses an unknown one, naming the choices."""
+    if not isinstance(name, str):
+        raise TypeError(f"the ablation must be a name, one of {ABLATIONS}, got {name!r} ({type(name).__name__})")
     name = _ALIASES.get(name, name)
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}; choose one of {ABLATIONS} (resample: the value on paired "
@@ -106,6 +111,50 @@ class Metric:
 
 
 BatchMetric = Callable[[torch.Tensor], torch.Tensor]  # logits [V, B, vocab] -> [V]
+
+
+class MetricError(TypeError, ValueError):
+    """A metric that returned something other than the values asked of it (a scalar where one value per
+    variant is due, a vector where a scalar is, None, a string): a TypeError and a ValueError both."""
+
+
+def check_metric_values(values, n: int, what: str, contract: str) -> torch.Tensor:
+    """``values``, what a metric returned for n variants, as a tensor [n, ...]; else :class:`MetricError`
+    naming ``what`` and its ``contract`` (e.g. "logits [n, B, vocab] -> [n]")."""
+    if not isinstance(values, torch.Tensor):
+        try:
+            values = torch.as_tensor(values, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise MetricError(f"{what} returned {type(values).__name__}; it must return a tensor: {contract}") from None
+    if values.ndim == 0 or values.shape[0] != n:
+        raise MetricError(f"{what} returned shape {tuple(values.shape)} for {n} variants; it must return one value "
+                          f"(or row) per variant, {contract}: reduce over examples, not over variants")
+    return values
+
+
+def check_metrics(metrics, what: str) -> list[Metric]:
+    """A non-empty list of :class:`Metric` (what the sweep and the search take), else a TypeError/ValueError."""
+    if isinstance(metrics, Metric):
+        raise TypeError(f"{what} takes a list of metrics: pass [metric]")
+    if not isinstance(metrics, (list, tuple)) or not all(isinstance(m, Metric) for m in metrics):
+        bad = next((m for m in metrics if not isinstance(m, Metric)), metrics) if isinstance(metrics, (list, tuple)) \
+            else metrics
+        raise TypeError(f"{what} takes minigpt2.engine.Metric objects (Metric(name, fn), fn(logits [V, B, vocab]) "
+                        f"-> [V, B]), got {type(bad).__name__}")
+    if not metrics:
+        raise ValueError(f"{what} needs at least one metric")
+    return list(metrics)
+
+
+def per_example(metric: Metric, logits: torch.Tensor, rows=None) -> torch.Tensor:
+    """``metric(logits [V, b, vocab], rows)``, checked to be per-example values [V, b] (else :class:`MetricError`)."""
+    values = metric(logits, rows=rows)
+    if not isinstance(values, torch.Tensor) or values.shape != logits.shape[:2]:
+        got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
+        raise MetricError(f"metric {metric.name!r} returned {got} for logits {tuple(logits.shape)}; a Metric's fn "
+                          f"maps logits [V, B, vocab] to one value per variant and example, [V, B] = "
+                          f"{list(logits.shape[:2])}: do not reduce over the examples (the algorithms average)")
+    return values
 
 
 def batch_metric(metric) -> BatchMetric:
@@ -185,10 +234,11 @@ def join_schedule(first: Sequence[int], per_chunk: int) -> list[list[int]]:
 
 
 def progress_bar(items, desc: str, unit: str, enabled: bool) -> Iterator:
+    """``items`` with the library's progress display (minigpt2.progress: tqdm on a terminal, a line
+    per step with its time in a log, nothing when ``enabled`` is False or --no-progress was given)."""
     if not enabled:
         return iter(items)
-    from tqdm.auto import tqdm
-    return iter(tqdm(items, desc=desc, unit=unit))
+    return iter(progress(items, desc, unit, enabled=True))
 
 
 # ---------------------------------------------------------------- head masks
@@ -231,6 +281,24 @@ def check_batch(model, tokens) -> torch.Tensor:
     tokens = model.as_tokens(tokens)
     model.check_tokens(tokens)
     return tokens
+
+
+def check_model(model, what: str) -> None:
+    """Refuse, up front, what is not a minigpt2 GPT2 (a TransformerLens model, a path, None)."""
+    from .model import GPT2  # the model module does not import the engine: no cycle, but keep it local
+
+    if not isinstance(model, GPT2):
+        raise TypeError(f"{what} needs a minigpt2 GPT2 model (e.g. minigpt2.load_pretrained(path)), got "
+                        f"{type(model).__name__}")
+
+
+def check_max_rows(max_rows) -> int | None:
+    """None (the device's memory budget decides) or a whole number of rows >= 1."""
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral)
+                                 or max_rows < 1):
+        raise ValueError(f"max_rows must be a whole number of rows >= 1 (variants x examples per chunk), or None "
+                         f"for the device's memory budget; got {max_rows!r}")
+    return max_rows
 
 
 def refuse_hooks(model, what: str) -> None:
@@ -316,14 +384,13 @@ class HeadMaskRunner:
                  attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None, mean_over: str = "position", dtype=None,
                  budget: int | None = None):
+        check_model(model, "batched head masking")
         refuse_hooks(model, "batched head masking")
         self.model, cfg = model, model.cfg
         self.tokens = check_batch(model, tokens)
         B, T = self.tokens.shape
         dev = model.device
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask).to(dev)
-        model.check_attention_mask(attention_mask, self.tokens)
+        attention_mask = model.check_attention_mask(attention_mask, self.tokens)
         self.attention_mask = attention_mask
         self.positions = (last_positions(self.tokens, attention_mask) if positions is None
                           else model.check_positions(torch.as_tensor(positions).to(dev), B, T))
@@ -331,7 +398,8 @@ class HeadMaskRunner:
         self.dtype = resolve_dtype(dtype)
         self.r = replacement_values(model, self.ablation, self.tokens,
                                     None if reference is None else torch.as_tensor(reference).to(dev),
-                                    attention_mask, None if reference_mask is None else reference_mask.to(dev),
+                                    attention_mask,
+                                    None if reference_mask is None else torch.as_tensor(reference_mask).to(dev),
                                     mean_over)
         rows = torch.arange(B, device=dev)
         # The last layer's replacement at the answer positions (its query is computed there only).
@@ -369,7 +437,7 @@ class HeadMaskRunner:
         """The base's z of layers <= l and residual stream entering layers <= l + 1 (l <= n_layer - 2)."""
         model = self.model
         if not self._resid:
-            self._resid.append(model.embed(self.tokens, attention_mask=self.attention_mask))
+            self._resid.append(model.embed_input(self.tokens, attention_mask=self.attention_mask))
         while len(self._z) <= l:
             k = len(self._z)
             keep = self._keep(self._edit(self.base[k][None], k, 1))
@@ -402,6 +470,10 @@ class HeadMaskRunner:
         (``metric``: any callable logits [n, B, vocab] -> [n, ...], e.g. a Metric)."""
         model, L = self.model, self.model.cfg.n_layer
         masks = check_masks(model, masks)
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric must be None (return the logits) or a callable logits [n, B, vocab] -> "
+                            f"[n, ...], got {type(metric).__name__}")
+        check_max_rows(max_rows)
         B = self.tokens.shape[0]
         differs = (masks != self.base).any(dim=2)  # [V, L]
         first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1),
@@ -413,7 +485,8 @@ class HeadMaskRunner:
             for chunk in progress_bar(chunks, "head-mask variants", "chunk", progress):
                 x = self._chunk(masks, chunk, [first[v] for v in chunk])  # [n * B, d_model], in chunk order
                 logits = model.unembed(model.ln_final(x)).view(len(chunk), B, -1).to(model.dtype)
-                values = metric(logits) if metric is not None else logits
+                values = logits if metric is None else check_metric_values(metric(logits), len(chunk), "metric",
+                                                                            "logits [n, B, vocab] -> [n, ...]")
                 outputs.update(zip(chunk, values))
         return torch.stack([outputs[v] for v in range(masks.shape[0])])
 

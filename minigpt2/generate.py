@@ -3,20 +3,18 @@
 ``model.generate(input, max_new_tokens, ...)`` takes TransformerLens 3.x's arguments
 (``stop_at_eos``, ``eos_token_id``, ``do_sample``, ``top_k``, ``top_p``, ``temperature``,
 ``freq_penalty``, ``use_past_kv_cache``, ``prepend_bos``, ``padding_side``, ``return_type``,
-``verbose``) and computes what TransformerLens computes with them: greedy generation gives
-its tokens, and sampling draws as its ``utils.sample_logits`` does (with ``seed=None`` from
-torch's global generator, so ``torch.manual_seed(s)`` before either gives the same draws).
+``verbose``) with its defaults, and computes what TransformerLens computes with them: it samples by
+default (``do_sample=True``, ``temperature=1.0``), drawing as its ``utils.sample_logits`` does (with
+``seed=None`` from torch's global generator, so ``torch.manual_seed(s)`` before either gives the same
+tokens), and ``do_sample=False`` is greedy.
 
-Where minigpt2 differs, it keeps what this repository's callers rely on:
-  * greedy by default: with neither ``do_sample`` nor ``temperature`` given it takes the
-    most likely token (TransformerLens samples at temperature 1 by default); a
-    ``temperature`` > 0 alone, or ``do_sample=True``, samples;
-  * ``verbose=False`` by default (no progress bar);
+Where minigpt2 differs:
+  * ``verbose=False`` by default (no progress bar; TransformerLens shows one);
   * ``stop_token`` (minigpt2's older keyword: one token id, or None for no stop) still works;
     ``seed`` samples from a generator of its own; ``attention_mask`` [B, T] (1 = real token)
     generates from a left-padded tensor batch;
-  * generation stops at the context length instead of failing past it, and ``max_new_tokens=0``
-    returns the prompt;
+  * generation stops at the context length (with a warning saying how many tokens it made)
+    instead of failing past it, and ``max_new_tokens=0`` returns the prompt;
   * token ids are taken as they are: TransformerLens also masks trailing <|endoftext|> tokens
     of a tensor prompt as right padding (then continues from a masked position); here a
     prompt's last token is always real, and a left-padded batch says so (``attention_mask``,
@@ -29,18 +27,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
-from .model import GPT2, KVCache
+from .model import GPT2, AttentionMaskError, KVCache
 
 _UNSET = object()
 
 
 @torch.no_grad()
 def generate(model: GPT2, input="", max_new_tokens: int = 10, stop_at_eos: bool = True,
-             eos_token_id: int | list[int] | None = None, do_sample: bool | None = None, top_k: int | None = None,
-             top_p: float | None = None, temperature: float | None = None, freq_penalty: float = 0.0,
+             eos_token_id: int | list[int] | None = None, do_sample: bool = True, top_k: int | None = None,
+             top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
              use_past_kv_cache: bool = True, prepend_bos: bool | None = None, padding_side: str | None = None,
              return_type: str = "input", verbose: bool = False, seed: int | None = None,
              attention_mask: torch.Tensor | None = None, stop_token=_UNSET):
@@ -51,11 +50,13 @@ def generate(model: GPT2, input="", max_new_tokens: int = 10, stop_at_eos: bool 
     ``padding_side="left"`` and no mask, leading <|endoftext|> tokens are taken as padding,
     as TransformerLens does).
 
-    Each step takes the most likely token (greedy) or, when sampling, draws from
-    softmax((logits - freq_penalty * counts) / temperature) restricted to the ``top_k``
-    most likely tokens or else to the smallest set of mass >= ``top_p``; temperature 0 is
-    greedy. A row that emits a stop token (``eos_token_id``, <|endoftext|> by default, when
-    ``stop_at_eos``) is padded with it afterwards; generation ends once every row has stopped.
+    Each step draws from softmax(logits / temperature - freq_penalty * counts) restricted to the
+    ``top_k`` most likely tokens or else to the smallest set of mass >= ``top_p`` (TransformerLens's
+    default: sampling at temperature 1); temperature 0 or ``do_sample=False`` takes the most likely
+    token (greedy). A prompt that leaves fewer than ``max_new_tokens`` positions of the context
+    gets as many as fit, with a warning. A row that emits a stop token (``eos_token_id``, <|endoftext|>
+    by default, when ``stop_at_eos``) is padded with it afterwards; generation ends once every row has
+    stopped.
 
     Returns, by ``return_type``: "tokens", the ids [B, T + n] (prompt included); "str", the
     decoded text without special tokens (a string for one row, else a list); "input"
@@ -64,12 +65,16 @@ def generate(model: GPT2, input="", max_new_tokens: int = 10, stop_at_eos: bool 
     _check_args(max_new_tokens, temperature, top_k, top_p, freq_penalty, do_sample, return_type)
     tokens, mask, from_text = _prompt(model, input, attention_mask, prepend_bos, padding_side)
     stops, pad = _stop_tokens(model, stop_at_eos, eos_token_id, stop_token)
-    sample = do_sample if do_sample is not None else (temperature is not None and temperature > 0)
-    temperature = 1.0 if temperature is None else float(temperature)
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an integer (or None: torch's global generator), got {seed!r}")
+    sample, temperature = bool(do_sample), float(temperature)
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
 
     B, T = tokens.shape
     n = max(0, min(max_new_tokens, model.cfg.n_ctx - T))
+    if n < max_new_tokens:
+        warnings.warn(f"generate: max_new_tokens={max_new_tokens}, but the context of {model.cfg.n_ctx} positions "
+                      f"leaves room for {n} after the {T}-token prompt: generating {n} new tokens", stacklevel=3)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=model.device)
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
     cache = KVCache(model.cfg.n_layer) if use_past_kv_cache else None
@@ -138,7 +143,7 @@ def _is_number(x) -> bool:
 def _check_args(max_new_tokens, temperature, top_k, top_p, freq_penalty, do_sample, return_type) -> None:
     if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if temperature is not None and (not _is_number(temperature) or math.isnan(temperature) or temperature < 0):
+    if not _is_number(temperature) or math.isnan(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -146,8 +151,8 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, freq_penalty, do_samp
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not _is_number(freq_penalty) or math.isnan(freq_penalty):
         raise ValueError(f"freq_penalty must be a number, got {freq_penalty!r}")
-    if do_sample not in (None, True, False):
-        raise ValueError(f"do_sample must be True, False or None, got {do_sample!r}")
+    if do_sample not in (True, False):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     if return_type not in ("input", "str", "tokens"):
         why = " (minigpt2 generates from text or tokens, not embeddings)" if return_type == "embeds" else ""
         raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}{why}")
@@ -179,7 +184,11 @@ def _prompt(model: GPT2, input, attention_mask, prepend_bos, padding_side):
     if attention_mask is None and model._side(padding_side) == "left":
         _, attention_mask = model.input_to_tokens(tokens, None, prepend_bos, "left")
     if attention_mask is not None:
-        attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
+        try:
+            attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise AttentionMaskError(f"attention_mask must be a [B, T] tensor (or list) of 1 (real token) and 0 "
+                                     f"(padding), got {type(attention_mask).__name__}") from None
         if attention_mask.ndim == 1:
             attention_mask = attention_mask[None]
         model.check_attention_mask(attention_mask, tokens)
@@ -195,11 +204,14 @@ def _prompt(model: GPT2, input, attention_mask, prepend_bos, padding_side):
 
 
 def _stop_tokens(model: GPT2, stop_at_eos: bool, eos_token_id, stop_token) -> tuple[list[int], int | None]:
-    """(the ids that stop a row, the id that pads a stopped row)."""
+    """(the ids that stop a row, the id that pads a stopped row); ids given are checked (:func:`_token_id`)."""
     if stop_token is not _UNSET:
         if eos_token_id is not None:
             raise ValueError("give eos_token_id= or stop_token= (its older name), not both")
-        return ([], None) if stop_token is None else ([int(stop_token)], int(stop_token))
+        if stop_token is None:
+            return [], None
+        stop = _token_id(model, stop_token, "stop_token")
+        return [stop], stop
     if not stop_at_eos:
         return [], None
     eos = model.tokenizer.eos_token_id
@@ -207,13 +219,26 @@ def _stop_tokens(model: GPT2, stop_at_eos: bool, eos_token_id, stop_token) -> tu
         return [eos], eos
     if isinstance(eos_token_id, torch.Tensor):
         eos_token_id = eos_token_id.tolist()
-    if isinstance(eos_token_id, numbers.Integral):
-        return [int(eos_token_id)], int(eos_token_id)
-    ids = [int(i) for i in eos_token_id]
+    if not isinstance(eos_token_id, (list, tuple)):
+        eos = _token_id(model, eos_token_id, "eos_token_id")
+        return [eos], eos
+    ids = [_token_id(model, i, "eos_token_id") for i in eos_token_id]
     if not ids:
         raise ValueError("eos_token_id is an empty list: give at least one id, or stop_at_eos=False")
     # TransformerLens pads with the tokenizer's eos when given several; a tiny vocabulary may not have it.
     return ids, eos if eos < model.cfg.vocab_size else ids[0]
+
+
+def _token_id(model: GPT2, value, name: str) -> int:
+    """A stop token id given by the caller: an int of the model's vocabulary (another could never stop a row)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a token id (an int) or a list of them, got {value!r}")
+    if not 0 <= value < model.cfg.vocab_size:
+        raise ValueError(f"{name}: token id {value} is outside the vocabulary [0, {model.cfg.vocab_size}), so it "
+                         "could never stop a row; give an id of this model's vocabulary")
+    return int(value)
 
 
 __all__ = ["generate", "sample_logits"]

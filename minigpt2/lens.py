@@ -2,8 +2,10 @@
 
 GPT2 inherits this mixin, so a TransformerLens notebook's calls work on it:
 ``model.to_tokens("...")``, ``model.to_str_tokens(...)``, ``model("text", return_type="loss")``,
-``model.W_Q`` [L, H, d_model, d_head], ``model.OV`` (a FactoredMatrix) ...
-Everything here is thin over the model and the tokenizer; nothing changes what the forward computes.
+``model.W_Q`` [L, H, d_model, d_head], ``model.OV`` (a FactoredMatrix), ``from_pretrained`` with
+TransformerLens's weight processing (minigpt2.processing) ...
+Everything here is thin over the model and the tokenizer; nothing changes what the forward computes
+(the weight processing changes the weights, as TransformerLens's does).
 Semantics are TransformerLens 3.x's for GPT-2 (default_prepend_bos True, padding on the right
 unless ``model.tokenizer.padding_side`` or ``padding_side=`` says otherwise); where TransformerLens
 asserts, the error raised here is a :class:`TokenError`, both a ValueError and an AssertionError.
@@ -82,7 +84,8 @@ class LensMixin:
 
     @property
     def tokenizer(self):
-        """GPT-2's tokenizer with Hugging Face's interface (minigpt2.tokens.LensTokenizer)."""
+        """GPT-2's tokenizer with Hugging Face's interface, as TransformerLens's model.tokenizer (add_bos_token=True:
+        encode and the call put <|endoftext|> first; minigpt2.tokens.LensTokenizer)."""
         from .tokens import LensTokenizer
 
         if getattr(self, "_lens_tokenizer", None) is None:
@@ -148,7 +151,7 @@ class LensMixin:
         """The id of a string that is exactly one token (no BOS); a TokenError naming the string otherwise."""
         if not isinstance(string, str):
             raise TypeError(f"to_single_token takes a string, got {type(string).__name__}")
-        ids = self.tokenizer.encode(string)
+        ids = self.tokenizer.encode(string, add_special_tokens=False)
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([t]) for t in ids]
             raise TokenError(f"Input string: {string!r} is not a single token! It is {len(ids)} tokens: {pieces}")
@@ -224,9 +227,7 @@ class LensMixin:
         logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
         loss = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]  # [B, T - 1]
         if attention_mask is not None:
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask must have the same shape as tokens, got "
-                                 f"{tuple(attention_mask.shape)} and {tuple(tokens.shape)}")
+            attention_mask = self.check_attention_mask(attention_mask, tokens)  # [B, T] of 0/1, else named
             real = attention_mask[:, 1:].to(loss.device).bool() & attention_mask[:, :-1].to(loss.device).bool()
             if per_token:
                 return loss.masked_fill(~real, 0.0)
@@ -251,13 +252,13 @@ class LensMixin:
 
     @property
     def W_U(self) -> torch.Tensor:
-        """[d_model, V] unembedding: W_E transposed (GPT-2 ties them), a view."""
-        return self.wte.weight.T
+        """[d_model, V] unembedding: W_E transposed (GPT-2 ties them; a view), its own once processed."""
+        return self.unembed.W_U
 
     @property
     def b_U(self) -> torch.Tensor:
-        """[V] zeros: GPT-2 has no unembedding bias (TransformerLens's b_U is zeros too)."""
-        return torch.zeros(self.wte.weight.shape[0], dtype=self.dtype, device=self.device)
+        """[V]: zeros for GPT-2 (as TransformerLens's b_U), its own once processed (fold_ln, center_unembed)."""
+        return self.unembed.b_U
 
     def _stack(self, part: str, name: str) -> torch.Tensor:
         return torch.stack([getattr(getattr(block, part), name) for block in self.blocks], dim=0)
@@ -289,6 +290,73 @@ class LensMixin:
         from .factored import FactoredMatrix
 
         return FactoredMatrix(self.W_V, self.W_O)
+
+    # ---------------------------------------------------------------- TransformerLens's loading and processing
+    @classmethod
+    def from_pretrained(cls, model_name, fold_ln: bool = True, center_writing_weights: bool = True,
+                        center_unembed: bool = True, refactor_factored_attn_matrices: bool = False, **kwargs):
+        """TransformerLens's from_pretrained, from a local directory ("gpt2" is weights/gpt2, a bundled model's
+        name its directory; nothing is downloaded), with its keywords and defaults: the weights are
+        processed as TransformerLens processes them (minigpt2.processing). ``load_pretrained`` and
+        :meth:`from_pretrained_no_processing` load them as they are. Also: fold_value_biases=True,
+        device (TransformerLens's default: cuda if available), dtype="float32", default_prepend_bos,
+        default_padding_side, move_to_device, and n_head for a checkpoint without config.json."""
+        from .processing import from_pretrained
+
+        return from_pretrained(cls, model_name, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                               center_unembed=center_unembed,
+                               refactor_factored_attn_matrices=refactor_factored_attn_matrices, **kwargs)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, model_name, fold_ln: bool = False, center_writing_weights: bool = False,
+                                      center_unembed: bool = False, refactor_factored_attn_matrices: bool = False,
+                                      fold_value_biases: bool = False, **kwargs):
+        """from_pretrained with every processing step off by default (the weights as they are)."""
+        return cls.from_pretrained(model_name, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                                   center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                                   refactor_factored_attn_matrices=refactor_factored_attn_matrices, **kwargs)
+
+    def load_and_process_state_dict(self, state_dict, fold_ln: bool = True, center_writing_weights: bool = True,
+                                    center_unembed: bool = True, fold_value_biases: bool = True,
+                                    refactor_factored_attn_matrices: bool = False) -> None:
+        """Process ``state_dict`` (TransformerLens's layout, or minigpt2's) as TransformerLens does and load it."""
+        from .processing import load_and_process_state_dict
+
+        load_and_process_state_dict(self, state_dict, fold_ln, center_writing_weights, center_unembed,
+                                    fold_value_biases, refactor_factored_attn_matrices)
+
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True,
+                         center_unembed: bool = True, refactor_factored_attn_matrices: bool = False) -> None:
+        """Process this model's weights in place, as TransformerLens's process_weights_."""
+        from .processing import process_weights_
+
+        process_weights_(self, fold_ln, center_writing_weights, center_unembed, refactor_factored_attn_matrices)
+
+    # TransformerLens's per-step methods: a state dict in its layout -> the processed one (minigpt2.processing).
+    def fold_layer_norm(self, state_dict, fold_biases: bool = True, center_weights: bool = True):
+        from .processing import fold_layer_norm
+
+        return fold_layer_norm(state_dict, self.cfg, fold_biases, center_weights)
+
+    def center_writing_weights(self, state_dict):
+        from .processing import center_writing_weights
+
+        return center_writing_weights(state_dict, self.cfg)
+
+    def center_unembed(self, state_dict):
+        from .processing import center_unembed
+
+        return center_unembed(state_dict, self.cfg)
+
+    def fold_value_biases(self, state_dict):
+        from .processing import fold_value_biases
+
+        return fold_value_biases(state_dict, self.cfg)
+
+    def refactor_factored_attn_matrices(self, state_dict):
+        from .processing import refactor_factored_attn_matrices
+
+        return refactor_factored_attn_matrices(state_dict, self.cfg)
 
     def all_head_labels(self) -> list[str]:
         """["L0H0", "L0H1", ...], layer-major."""

@@ -18,10 +18,12 @@ points, so the call refuses a model with hooks on.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
-from .engine import (ABLATIONS, HeadMaskRunner, Metric, ablation_mode, check_batch, check_masks, head_edit,
-                     last_positions, replacement_values)
+from .engine import (ABLATIONS, HeadMaskRunner, Metric, ablation_mode, check_batch, check_masks, check_metric_values,
+                     check_model, head_edit, last_positions, replacement_values)
 from .model import GPT2
 
 MODES = ABLATIONS + ("patch",)  # every name run_with_head_masks accepts
@@ -65,8 +67,13 @@ def run_with_head_masks_loop(model: GPT2, tokens: torch.Tensor, masks: torch.Ten
                              attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                              mean_over: str = "position", metric=None) -> torch.Tensor:
     """The plain reference: one forward per variant, heads edited through hook_z hooks."""
+    check_model(model, "run_with_head_masks_loop")
     masks = check_masks(model, masks)
     tokens = check_batch(model, tokens)
+    if metric is not None and not callable(metric):
+        raise TypeError(f"metric must be None or a callable logits [n, B, vocab] -> [n, ...], got "
+                        f"{type(metric).__name__}")
+    attention_mask = model.check_attention_mask(attention_mask, tokens)
     B, T = tokens.shape
     positions = last_positions(tokens, attention_mask) if positions is None else positions
     r = replacement_values(model, ablation_mode(mode), tokens, reference, attention_mask, reference_mask, mean_over)
@@ -80,11 +87,30 @@ def run_with_head_masks_loop(model: GPT2, tokens: torch.Tensor, masks: torch.Ten
                     return z * m if rl is None else z * m + (1 - m) * rl
                 hooks.append((f"blocks.{l}.attn.hook_z", hook))
         logits = model.run_with_hooks(tokens, attention_mask=attention_mask, positions=positions, fwd_hooks=hooks)
-        results.append(metric(logits[None])[0] if metric is not None else logits)
+        results.append(logits if metric is None else
+                       check_metric_values(metric(logits[None]), 1, "metric", "logits [n, B, vocab] -> [n, ...]")[0])
     return torch.stack(results)
+
+
+def _size(name: str, n) -> int:
+    """A model size (n_layer, n_head) given to single_head_masks: an integer >= 1, else a TypeError/ValueError."""
+    try:
+        value = operator.index(n)  # ints, numpy and torch integers; not floats
+    except TypeError:
+        value = None
+    if value is None or isinstance(n, bool):
+        raise TypeError(f"single_head_masks: {name} must be an integer >= 1, got {n!r} ({type(n).__name__}); "
+                        "pass model.cfg.n_layer, model.cfg.n_head")
+    if value < 1:
+        raise ValueError(f"single_head_masks: {name} must be >= 1, got {value}: a model has at least one layer of "
+                         "at least one head; pass model.cfg.n_layer, model.cfg.n_head")
+    return value
 
 
 def single_head_masks(n_layer: int, n_head: int, include_clean: bool = True, dtype=torch.float32) -> torch.Tensor:
     """[1 + L*H, L, H] masks: the clean run first, then each head ablated alone (layer-major)."""
+    n_layer, n_head = _size("n_layer", n_layer), _size("n_head", n_head)
+    if not isinstance(dtype, torch.dtype) or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"single_head_masks: dtype must be a real torch dtype such as torch.float32, got {dtype!r}")
     eye = 1 - torch.eye(n_layer * n_head, dtype=dtype).view(-1, n_layer, n_head)
     return torch.cat([torch.ones(1, n_layer, n_head, dtype=dtype), eye]) if include_clean else eye

@@ -15,6 +15,13 @@ inputs (hook_attn_in, hook_q_input, ...) exist only when someone hooks them. Pad
 follows TransformerLens too: with an attention_mask, positions count from each row's
 first real token and a query with no real key attends nothing (z = 0).
 The TransformerLens model API (to_tokens, W_Q, loss_fn, ...) lives in lens.py.
+
+Parameters keep Hugging Face's layout (wte, wpe, blocks.{l}.attn.c_attn, ...; state_dict() and the
+safetensors on disk), and TransformerLens's modules are views of them: model.embed (W_E; called,
+W_E[tokens]), model.pos_embed (W_pos), model.unembed (W_U, b_U), blocks[l].ln1.w / .b,
+attn.W_Q [H, d_model, d_head] ... tl_state_dict() gives TransformerLens's layout and load_state_dict
+takes either (minigpt2/processing.py, which also folds the layer norms and unties the unembedding when
+TransformerLens's weight processing asks for it).
 """
 
 from __future__ import annotations
@@ -35,21 +42,50 @@ from .lens import LensMixin
 ZEdit = Callable[[torch.Tensor], torch.Tensor]
 
 
+class AttentionMaskError(ValueError):
+    """An attention_mask that is not [B, T] of 1 (real token) and 0 (padding)."""
+
+
+class KVCacheError(ValueError):
+    """A KVCache used with a model, or a batch, other than the one it was made for and filled by."""
+
+
 class LayerNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
-        self.eps = eps
+        self.d, self.eps = d, eps
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d))
         self.hook_scale = HookPoint()  # [..., 1]: sqrt(var + eps)
         self.hook_normalized = HookPoint()  # [..., d_model]: (x - mean) / scale, before weight and bias
+
+    # TransformerLens's names for the gain and bias (None once folded).
+    w = property(lambda self: self.weight)
+    b = property(lambda self: self.bias)
+
+    @property
+    def folded(self) -> bool:
+        """True once the weight and bias were folded into the next layer (minigpt2.processing.fold_layer_norm)."""
+        return self.weight is None
+
+    def fold(self) -> None:
+        """Drop the weight and bias: this becomes TransformerLens's LayerNormPre, (x - mean) / scale."""
+        self.weight = self.bias = None
+
+    def unfold(self, like: torch.Tensor) -> None:
+        """Weight 1 and bias 0 again, as parameters on ``like``'s device and dtype (to load a state dict
+        that has them)."""
+        if self.folded:
+            self.weight = nn.Parameter(torch.ones(self.d, device=like.device, dtype=like.dtype))
+            self.bias = nn.Parameter(torch.zeros(self.d, device=like.device, dtype=like.dtype))
 
     def forward(self, x):
         if not (self.hook_scale.active or self.hook_normalized.active):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         x = x - x.mean(dim=-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(dim=-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale) * self.weight + self.bias
+        x = self.hook_normalized(x / scale)
+        return x if self.folded else x * self.weight + self.bias
 
 
 class Attention(nn.Module):
@@ -187,6 +223,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPT2Config):
         super().__init__()
+        self.cfg = cfg  # the model's own: TransformerLens's use_* switches are read at forward time
         self.n_head = cfg.n_head
         self.ln1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.attn = Attention(cfg)
@@ -204,12 +241,17 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # [B, T, d_model]
 
     def attn_input(self, x):
-        """ln1 of the attention's input: shared [B, T, d_model], or per head and per q/k/v when those are hooked."""
+        """ln1 of the attention's input: shared [B, T, d_model], or per head and per q/k/v when those are hooked,
+        or when ln1 is hooked while cfg.use_split_qkv_input or cfg.use_attn_in is on (TransformerLens's ln1 is
+        then per head: its hooks are [B, T, H, ...])."""
         per_head = (self.hook_attn_in, self.hook_q_input, self.hook_k_input, self.hook_v_input)
-        if not any(hp.active for hp in per_head):
+        ln1_per_head = (self.cfg.use_split_qkv_input or self.cfg.use_attn_in) and (
+            self.ln1.hook_scale.active or self.ln1.hook_normalized.active)
+        if not (ln1_per_head or any(hp.active for hp in per_head)):
             return self.ln1(x)
         x = self.hook_attn_in(x[:, :, None].repeat(1, 1, self.n_head, 1))  # [B, T, H, d_model]
-        return tuple(self.ln1(hp(_copy_if_hooked(x, hp))) for hp in per_head[1:])
+        inputs = [hp(_copy_if_hooked(x, hp)) for hp in per_head[1:]]  # all three before ln1, as TransformerLens
+        return tuple(self.ln1(xi) for xi in inputs)
 
     def forward(self, x, mask=None, z_edit: ZEdit | None = None, kv=None, at: torch.Tensor | None = None):
         """x [B, T, d_model] -> the residual stream after the block [B, T, d_model], or [B, d_model] at one
@@ -238,8 +280,46 @@ def _copy_if_hooked(x: torch.Tensor, hp: HookPoint) -> torch.Tensor:
     return x.clone() if hp.active else x
 
 
+class Embed(nn.Module):
+    """TransformerLens's embed: tokens [B, T] -> W_E[tokens] [B, T, d_model], the token embedding alone
+    (the model's wte; a view, registered once, as wte)."""
+
+    def __init__(self, wte: nn.Embedding):
+        super().__init__()
+        self._wte = [wte]
+
+    W_E = property(lambda self: self._wte[0].weight)  # [V, d_model]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._wte[0](tokens)
+
+
+class PosEmbed(nn.Module):
+    """TransformerLens's pos_embed: tokens [B, T] -> their position embeddings [B, T, d_model]
+    (the model's wpe, registered once, as wpe)."""
+
+    def __init__(self, wpe: nn.Embedding):
+        super().__init__()
+        self._wpe = [wpe]
+
+    W_pos = property(lambda self: self._wpe[0].weight)  # [n_ctx, d_model]
+
+    def forward(self, tokens: torch.Tensor, past_kv_pos_offset: int = 0,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions count from ``past_kv_pos_offset`` (the KV cache's length) or, with ``attention_mask``
+        [B, past_kv_pos_offset + T], from each row's first real token; padding gets zeros."""
+        B, T = tokens.shape[0], tokens.shape[-1]
+        wpe, start = self._wpe[0], past_kv_pos_offset
+        if attention_mask is None:
+            return wpe(torch.arange(start, start + T, device=tokens.device)).expand(B, -1, -1)
+        real = attention_mask.bool()
+        pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:start + T]  # [B, T]
+        return wpe(pos) * real[:, start:start + T, None].to(wpe.weight.dtype)
+
+
 class Unembed(nn.Module):
-    """The unembedding, tied to the token embedding (GPT-2 has no unembedding bias)."""
+    """The unembedding: tied to the token embedding (GPT-2: W_U = W_E^T, no bias), or, once weight
+    processing changed it (minigpt2.processing), its own parameters W_U [d_model, V] and b_U [V]."""
 
     def __init__(self, wte: nn.Embedding):
         super().__init__()
@@ -247,8 +327,29 @@ class Unembed(nn.Module):
         self.hook_in = HookPoint()  # [B, T, d_model], after ln_final
         self.hook_out = HookPoint()  # [B, T, V]: the logits
 
+    @property
+    def tied(self) -> bool:
+        return "W_U" not in self._parameters
+
+    def __getattr__(self, name):
+        if name in ("W_U", "b_U") and "W_U" not in self._parameters:  # tied: views of wte, and zeros
+            wte = self._wte[0].weight
+            return wte.T if name == "W_U" else torch.zeros(wte.shape[0], dtype=wte.dtype, device=wte.device)
+        return super().__getattr__(name)
+
+    def untie(self) -> None:
+        """Give the unembedding its own W_U (a copy of W_E^T) and b_U (zeros), to be changed apart from W_E."""
+        if self.tied:
+            wte = self._wte[0].weight
+            # straight into _parameters: register_parameter would refuse names that __getattr__ answers
+            self._parameters["W_U"] = nn.Parameter(wte.detach().T.clone())
+            self._parameters["b_U"] = nn.Parameter(torch.zeros(wte.shape[0], dtype=wte.dtype, device=wte.device))
+
     def forward(self, x):
-        return self.hook_out(self.hook_in(x) @ self._wte[0].weight.T)
+        x = self.hook_in(x)
+        if self.tied:
+            return self.hook_out(x @ self._wte[0].weight.T)
+        return self.hook_out(F.linear(x, self.W_U.T, self.b_U))
 
 
 def causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
@@ -271,21 +372,25 @@ class GPT2(LensMixin, HookedModule):
         self.cfg = dataclasses.replace(cfg)  # this model's own copy: cfg.device follows the model
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.embed = Embed(self.wte)  # TransformerLens's modules: tokens -> W_E[tokens], and W_pos by position
+        self.pos_embed = PosEmbed(self.wpe)
         self.hook_tokens = HookPoint()  # [B, T] token ids
         self.hook_embed = HookPoint()  # [B, T, d_model]
         self.hook_pos_embed = HookPoint()  # [B, T, d_model]; zero at padding
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(self.cfg) for _ in range(cfg.n_layer))
         self.ln_final = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.unembed = Unembed(self.wte)
         self.init_weights()
         self.setup_hooks()
+        if self.cfg.dtype != self.wte.weight.dtype:  # HookedTransformerConfig(dtype=...): TransformerLens's weights' dtype
+            self.to(self.cfg.dtype)
 
     def init_weights(self, seed: int | None = None) -> None:
         """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             with torch.no_grad():
-                if name.endswith("bias"):
+                if name.endswith(("bias", "b_U")):
                     p.zero_()
                 elif isinstance(self.get_submodule(name.rsplit(".", 1)[0]), LayerNorm):
                     p.fill_(1.0)
@@ -296,6 +401,7 @@ class GPT2(LensMixin, HookedModule):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         object.__setattr__(self.cfg, "device", str(self.wte.weight.device))
+        object.__setattr__(self.cfg, "dtype", self.wte.weight.dtype)  # TransformerLens's cfg.dtype
         return out
 
     @property
@@ -307,8 +413,9 @@ class GPT2(LensMixin, HookedModule):
         return self.wte.weight.dtype
 
     # The forward in three parts, so that batched interventions can run part of it.
-    def embed(self, tokens: torch.Tensor, start: int = 0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] -> the residual stream entering block 0 [B, T, d_model].
+    def embed_input(self, tokens: torch.Tensor, start: int = 0,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> the residual stream entering block 0 [B, T, d_model]: token plus position embedding.
 
         Positions count from ``start`` (the KV cache's length) or, with ``attention_mask``
         [B, start + T], from each row's first real token, as in TransformerLens; padding gets
@@ -316,14 +423,7 @@ class GPT2(LensMixin, HookedModule):
         """
         tokens = self.hook_tokens(tokens)
         self.check_tokens(tokens, start)
-        if attention_mask is None:
-            pos_embed = self.wpe(torch.arange(start, start + tokens.shape[1], device=tokens.device)).expand(
-                tokens.shape[0], -1, -1)
-        else:
-            real = attention_mask.bool()
-            pos = (real.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]  # [B, T]
-            pos_embed = self.wpe(pos) * real[:, start:, None].to(self.dtype)
-        return self.hook_embed(self.wte(tokens)) + self.hook_pos_embed(pos_embed)
+        return self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens, start, attention_mask))
 
     def to_logits(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The final residual stream [B, T, d_model] -> logits [B, T, V], or [B, V] at ``positions`` [B]."""
@@ -347,18 +447,32 @@ class GPT2(LensMixin, HookedModule):
     def forward(self, input, return_type: str | None = "logits", loss_per_token: bool = False,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: "KVCache | None" = None, stop_at_layer: int | None = None,
-                prepend_bos: bool | None = None, padding_side: str | None = None):
+                prepend_bos: bool | None = None, padding_side: str | None = None,
+                start_at_layer: int | None = None, tokens: torch.Tensor | None = None):
         """tokens [B, T] (or text) -> logits [B, T, V] ([B, V] with positions [B]).
 
         ``attention_mask`` [B, T] (1 = real token) masks padded keys and shifts positions of
         left-padded rows; right padding needs none. ``cache`` (a KVCache) makes this call continue
         its sequences. ``return_type``: "logits", "loss" (mean next-token cross-entropy), "both"
         (logits, loss) or None. ``stop_at_layer`` l returns the residual stream entering block l.
+        ``start_at_layer`` l (TransformerLens's): ``input`` is the residual stream entering block l
+        [B, T, d_model] and blocks l, l+1, ... run on it (negative l counts from the end); the
+        ``attention_mask`` then only masks keys (positions are in the residual already), and a loss
+        needs ``tokens`` [B, T].
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        tokens, attention_mask = self.input_to_tokens(input, attention_mask, prepend_bos, padding_side)
-        x = self.residual(tokens, attention_mask, cache, stop_at_layer)
+        if start_at_layer is None:
+            tokens, attention_mask = self.input_to_tokens(input, attention_mask, prepend_bos, padding_side)
+            x = self.residual(tokens, attention_mask, cache, stop_at_layer)
+        else:
+            if cache is not None:
+                raise ValueError("start_at_layer= runs blocks on a given residual stream; a KVCache needs every "
+                                 "block from the embedding: run without cache=")
+            x, attention_mask = self.run_blocks(input, start_at_layer, stop_at_layer, attention_mask)
+            if tokens is None and return_type in ("loss", "both"):
+                raise ValueError("a loss from start_at_layer= needs tokens= [B, T]: the input is a residual stream")
+            tokens = None if tokens is None else self.as_tokens(tokens)
         if stop_at_layer is not None or return_type is None:
             return x if stop_at_layer is not None else None
         if positions is not None and return_type != "logits":
@@ -370,20 +484,41 @@ class GPT2(LensMixin, HookedModule):
         loss = self.loss_fn(logits, tokens, attention_mask=attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
+    def run_blocks(self, x: torch.Tensor, start_at_layer: int, stop_at_layer: int | None = None,
+                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the residual stream after blocks[start_at_layer:stop_at_layer] [B, T, d_model], the checked mask)
+        from x [B, T, d_model], the residual stream entering block ``start_at_layer``."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.cfg.d_model \
+                or not x.dtype.is_floating_point:
+            what = f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"with start_at_layer=, the input is the residual stream [B, T, {self.cfg.d_model}] "
+                             f"(floats) entering that block, got {what}")
+        for name, layer in (("start_at_layer", start_at_layer), ("stop_at_layer", stop_at_layer)):
+            if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool)):
+                raise TypeError(f"{name} must be an int (a block index), got {layer!r}")
+        attention_mask = self.check_attention_mask(attention_mask, x[..., 0])
+        mask = self.attention_mask(attention_mask, x.shape[1], x.shape[1])
+        for block in self.blocks[start_at_layer:stop_at_layer]:
+            x = block(x, mask)
+        return x, attention_mask
+
     def residual(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  cache: "KVCache | None" = None, stop_at_layer: int | None = None) -> torch.Tensor:
         """tokens [B, T] -> the final residual stream [B, T, d_model], before ln_final and the unembedding
         (or the one entering block ``stop_at_layer``)."""
         tokens = self.as_tokens(tokens)
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a minigpt2 KVCache (KVCache(model.cfg.n_layer)) or None, got "
+                            f"{type(cache).__name__}")
         start = cache.length if cache is not None else 0
         if cache is not None:
             cache.check(self, tokens.shape[0])
-        self.check_attention_mask(attention_mask, tokens)
+        attention_mask = self.check_attention_mask(attention_mask, tokens)
         if cache is not None and (attention_mask is not None or cache.mask is not None):
             attention_mask = cache.extend_mask(attention_mask, tokens.shape[1])
-        x = self.embed(tokens, start, attention_mask)  # [B, T, d_model]
+        x = self.embed_input(tokens, start, attention_mask)  # [B, T, d_model]
         mask = self.attention_mask(attention_mask, tokens.shape[1], start + tokens.shape[1])
-        blocks = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+        blocks = self.blocks if stop_at_layer is None else self.blocks[:self.check_stop_at_layer(stop_at_layer)]
         for i, block in enumerate(blocks):
             x = block(x, mask, kv=cache.layer(i) if cache is not None else None)
         if cache is not None:
@@ -424,14 +559,52 @@ class GPT2(LensMixin, HookedModule):
             )
 
     @staticmethod
-    def check_attention_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
-        if attention_mask is not None and attention_mask.shape != tokens.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(tokens.shape)}, "
-                             "the shape of tokens (1 = real token, 0 = padding)")
+    def check_attention_mask(attention_mask, tokens: torch.Tensor) -> torch.Tensor | None:
+        """``attention_mask`` as a tensor on the tokens' device, refused (:class:`AttentionMaskError`) unless it
+        is [B, T] like ``tokens`` and binary: bool, or integers or floats that are exactly 0 or 1."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            try:
+                attention_mask = torch.as_tensor(attention_mask)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise AttentionMaskError(f"attention_mask must be a [B, T] tensor (or list) of 1 (real token) and 0 "
+                                         f"(padding), got {type(attention_mask).__name__}: {e}") from None
+        if attention_mask.shape != tokens.shape:
+            raise AttentionMaskError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                     f"{tuple(tokens.shape)}, the shape of tokens (1 = real token, 0 = padding)")
+        if attention_mask.dtype.is_complex:
+            raise AttentionMaskError(f"attention_mask must be bool or 0/1 numbers, got {attention_mask.dtype}")
+        if attention_mask.dtype != torch.bool:
+            bad = ~((attention_mask == 0) | (attention_mask == 1))  # NaN is bad too
+            if bool(bad.any()):
+                at = tuple(bad.nonzero()[0].tolist())
+                raise AttentionMaskError(
+                    f"attention_mask{list(at)} is {attention_mask[at].item()!r}: a mask holds only 1 (real token) "
+                    "and 0 (padding), exactly. Make it binary, e.g. (attention_mask > 0.5) or attention_mask.bool() "
+                    "(nonzero = real)")
+        return attention_mask.to(tokens.device)
+
+    def check_stop_at_layer(self, stop_at_layer) -> int:
+        """As TransformerLens: the residual stream entering block l (negative l counts from the end)."""
+        L, given = self.cfg.n_layer, stop_at_layer
+        try:
+            stop_at_layer = int(stop_at_layer.__index__())  # ints, numpy's and torch's integers
+        except (AttributeError, TypeError, RuntimeError):
+            stop_at_layer = None
+        if stop_at_layer is None or isinstance(given, bool):
+            raise TypeError(f"stop_at_layer must be an integer (a block index) or None, got {given!r}")
+        if not -L <= stop_at_layer <= L:
+            raise ValueError(f"stop_at_layer must be an integer in [-{L}, {L}] (the residual stream entering that "
+                             f"block; {L}: after the last), got {stop_at_layer!r}")
+        return stop_at_layer
 
     @staticmethod
     def check_positions(positions: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        positions = torch.as_tensor(positions)
+        try:
+            positions = torch.as_tensor(positions)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"positions must be integer indices [B], one per row, got {positions!r}") from None
         if positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise TypeError(f"positions must be integer indices, got {positions.dtype}: pass positions.long()")
         if positions.shape != (B,):
@@ -456,12 +629,31 @@ class GPT2(LensMixin, HookedModule):
 
         return generate(self, input, max_new_tokens, **kwargs)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, **kwargs) -> "GPT2":
-        """A checkpoint directory (Hugging Face layout); see :func:`minigpt2.weights.load_pretrained`."""
-        from .weights import load_pretrained
+    # State dicts: minigpt2's own layout (Hugging Face's names, as on disk) out; that or TransformerLens's in.
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load minigpt2's own layout (``state_dict()``'s: wte.weight, blocks.0.attn.c_attn.weight, ...) or
+        TransformerLens's (``tl_state_dict()``'s: embed.W_E, blocks.0.attn.W_Q, ...; see minigpt2.processing)."""
+        from .processing import is_tl_layout, load_tl_state_dict
 
-        return load_pretrained(path, dtype=dtype, device=device, **kwargs)
+        if is_tl_layout(state_dict):
+            return load_tl_state_dict(self, state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def tl_state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """The weights under TransformerLens's names and shapes (HookedTransformer.load_state_dict takes it)."""
+        from .processing import tl_state_dict
+
+        return tl_state_dict(self, destination, prefix, keep_vars)
+
+    def hf_layout_error(self) -> str | None:
+        """Why Hugging Face's GPT-2 layout cannot hold these weights (they were processed), or None."""
+        folded = [n for n, m in self.named_modules() if isinstance(m, LayerNorm) and m.folded]
+        if folded or not self.unembed.tied:
+            what = f"layer norms folded ({folded[0]}, ...)" if folded else "the unembedding untied from W_E"
+            return (f"the weights were processed ({what}: minigpt2.processing, from_pretrained's defaults), and "
+                    "GPT-2's Hugging Face layout cannot hold them; save the model before processing, or load it "
+                    "with from_pretrained_no_processing")
+        return None
 
     def save_pretrained(self, path) -> None:
         from .weights import save_pretrained
@@ -473,19 +665,33 @@ class KVCache:
     """Keys and values of the positions seen so far, per layer, for generation."""
 
     def __init__(self, n_layer: int):
+        if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+            raise TypeError(f"KVCache(n_layer) takes the model's number of layers, an int >= 1: "
+                            f"KVCache(model.cfg.n_layer); got {n_layer!r}")
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.mask: torch.Tensor | None = None  # [B, Tk] real-token mask, when one was given
         self.length = 0
 
     def check(self, model: GPT2, batch: int) -> None:
-        if len(self.k) != model.cfg.n_layer:
-            raise ValueError(f"this KVCache has {len(self.k)} layers, the model {model.cfg.n_layer}: "
-                             f"make one with KVCache(model.cfg.n_layer)")
-        rows = None if self.k[0] is None else self.k[0].shape[0]
-        if rows is not None and rows != batch:
-            raise ValueError(f"this KVCache holds {rows} sequences, the tokens {batch}: a cache continues the batch "
-                             "it was filled with; make a new KVCache for another batch")
+        """Refuse (:class:`KVCacheError`) a cache made for another model, or filled by one, or by another batch."""
+        if not isinstance(self.k, list) or len(self.k) != model.cfg.n_layer:
+            raise KVCacheError(f"this KVCache has {len(self.k)} layers, the model {model.cfg.n_layer}: "
+                               f"make one with KVCache(model.cfg.n_layer)")
+        k = self.k[0]
+        if k is None:
+            return
+        cfg = model.cfg
+        dtype_differs = k.dtype != model.dtype and not torch.is_autocast_enabled(model.device.type)  # autocast: bf16 k
+        if k.shape[2:] != (cfg.n_head, cfg.d_head) or k.device != model.device or dtype_differs:
+            raise KVCacheError(
+                f"this KVCache was filled by another model: its keys are [B, T, {k.shape[2]}, {k.shape[3]}] "
+                f"{str(k.dtype).removeprefix('torch.')} on {k.device}, this model's [B, T, {cfg.n_head}, {cfg.d_head}] "
+                f"(n_head, d_head) {str(model.dtype).removeprefix('torch.')} on {model.device}: a cache continues "
+                "the model and the sequences that filled it; make a new KVCache(model.cfg.n_layer) for this model")
+        if k.shape[0] != batch:
+            raise KVCacheError(f"this KVCache holds {k.shape[0]} sequences, the tokens {batch}: a cache continues "
+                               "the batch it was filled with; make a new KVCache for another batch")
 
     def layer(self, i: int) -> "_LayerCache":
         return _LayerCache(self, i)

@@ -3,7 +3,14 @@
 The functions of ``transformer_lens.patching`` (3.x) with the same names, arguments, output
 shapes and index orders::
 
+    from minigpt2 import load_pretrained
     from minigpt2.patching import get_act_patch_resid_pre, get_act_patch_attn_head_out_by_pos
+    model = load_pretrained("weights/welterweight")
+    clean_tokens = model.to_tokens("if all kings are rulers and rulers are tyrants then all kings are")
+    corrupted_tokens = model.to_tokens("if all kings are rulers and rulers are liars then all kings are")
+    ty, li = model.to_single_token(" ty"), model.to_single_token(" li")   # " tyrants", " liars"
+    def patching_metric(logits):                  # [B, T, V] -> the clean answer's lead at the end
+        return logits[0, -1, ty] - logits[0, -1, li]
     _, clean_cache = model.run_with_cache(clean_tokens)
     out = get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, patching_metric)   # [n_layers, pos]
 
@@ -37,7 +44,8 @@ no hooks of its own while patching.
 The metric keeps TransformerLens's contract: it is called once per patch, on a fresh tensor of
 that patch's logits [B, T, V] (every position; those before s copied from the corrupted run), and
 must return a scalar; a patch that changes nothing gets the value of one call on the corrupted
-run's logits. Two opt-in keywords make it cheaper, both accepted by every function here:
+run's logits, the call made first, before any patched run, so that a metric returning anything else
+(a vector, None) fails at once with a MetricError. Two opt-in keywords make it cheaper, both accepted by every function here:
 
 - ``batched_metric=True``: the metric is instead called on many patches' logits at once,
   [n, B, T, V], and must return [n] (one value per patch);
@@ -47,18 +55,23 @@ run's logits. Two opt-in keywords make it cheaper, both accepted by every functi
   not keep it). For a metric that reads only these positions the values are the same.
 
 The accepted ``clean_cache`` is anything indexable by hook name: minigpt2's ``run_with_cache``
-cache (a dict or an ActivationCache), a plain dict name -> tensor, or TransformerLens's cache.
+cache (a dict or an ActivationCache), a plain dict name -> tensor, or TransformerLens's cache. Its
+activations must have the corrupted run's shapes (a batch of 1 broadcasts, as in TransformerLens): one
+from clean tokens of another length or batch, or from another model, is refused up front
+(CleanCacheError, naming the activation, both shapes and which of the three it is).
 """
 
 from __future__ import annotations
 
 import itertools
+import numbers
 import re
 from functools import partial
 from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .engine import MetricError, check_metric_values
 from .model import GPT2
 from .utils import get_act_name
 
@@ -67,7 +80,7 @@ AxisNames = str  # "layer", "pos", "head_index", "head", "src_pos", "dest_pos"
 PatchSetter = Callable[[torch.Tensor, Sequence[int], torch.Tensor], torch.Tensor]
 
 __all__ = [
-    "get_act_name", "make_df_from_ranges", "generic_activation_patch",
+    "CleanCacheError", "MetricError", "get_act_name", "make_df_from_ranges", "generic_activation_patch",
     "layer_pos_patch_setter", "layer_pos_head_vector_patch_setter", "layer_head_vector_patch_setter",
     "layer_head_pattern_patch_setter", "layer_head_pos_pattern_patch_setter",
     "layer_head_dest_src_pos_pattern_patch_setter",
@@ -84,6 +97,10 @@ MEMORY_BUDGET = 2**30  # bytes of activations per chunk (default of max_rows)
 LOGIT_BUDGET = 2**28  # bytes of logits computed at once
 PATCH_BUDGET = 2**28  # bytes of patched activations kept between planning and running (the rest are recomputed)
 VOCAB_BLOCK = 2048  # columns of the unembedding per matmul
+
+
+class CleanCacheError(ValueError):
+    """A clean cache that does not pair with the corrupted run: another model's, or another batch's or length's."""
 
 
 # ----------------------------------------------------------------------------- names and indices
@@ -117,8 +134,64 @@ def _clean_activation(clean_cache, name: str, tl_name: str) -> torch.Tensor:
             return clean_cache[key]
         except KeyError:
             pass
+    layers = {int(m.group(1)) for k in _keys(clean_cache) if (m := re.match(r"blocks\.(\d+)\.", str(k)))}
+    if layers and int(name.split(".")[1]) > max(layers):
+        raise CleanCacheError(f"clean_cache has no activation {name!r}: it holds layers 0..{max(layers)} only, so it "
+                              f"comes from another model (of {max(layers) + 1} layers?); make it with this model: "
+                              "model.run_with_cache(clean_tokens)")
     raise KeyError(f"clean_cache has no activation {name!r}: make it with model.run_with_cache(clean_tokens) "
                    f"(every hook), or with names=[..., {name!r}]")
+
+
+def _keys(clean_cache) -> list:
+    try:
+        return list(clean_cache.keys())
+    except (AttributeError, TypeError):
+        return []
+
+
+def _check_clean(name: str, clean: torch.Tensor, corrupted: torch.Tensor) -> None:
+    """The clean activation must have the corrupted run's shape (a batch of 1 broadcasts, as in TransformerLens)."""
+    if not isinstance(clean, torch.Tensor):
+        raise CleanCacheError(f"clean_cache[{name!r}] is a {type(clean).__name__}, not a tensor: pass the cache "
+                              "of model.run_with_cache(clean_tokens)")
+    if clean.shape == corrupted.shape or (clean.ndim == corrupted.ndim and clean.shape[0] == 1
+                                          and clean.shape[1:] == corrupted.shape[1:]):
+        return
+    axis = _pos_axis(name)
+    positions = (2, 3) if axis == 2 else (1,)  # patterns [B, H, dest, src]; else [B, T, ...]
+    widths = [i for i in range(1, corrupted.ndim) if i not in positions]
+    if clean.ndim != corrupted.ndim or any(clean.shape[i] != corrupted.shape[i] for i in widths):
+        why = "it comes from another model (other widths or head counts): make it with this model"
+    elif clean.shape[axis] != corrupted.shape[axis]:
+        why = (f"the clean tokens have {clean.shape[axis]} positions, the corrupted {corrupted.shape[axis]}: pad or "
+               "trim the prompts to one length (patching pairs position p of one run with position p of the other)")
+    else:
+        why = (f"the clean batch has {clean.shape[0]} prompts, the corrupted {corrupted.shape[0]}: pair them one to "
+               "one (or give one clean prompt, batch 1, for all)")
+    raise CleanCacheError(f"clean_cache[{name!r}] has shape {tuple(clean.shape)}, the corrupted run's "
+                          f"{tuple(corrupted.shape)}: {why}")
+
+
+def _metric_value(patching_metric, logits: torch.Tensor, batched: bool, n: int = 1) -> list[float]:
+    """The metric on n patches' logits ([n, B, T, V] if ``batched``, else [B, T, V] with n = 1), checked: one
+    number per patch, else :class:`MetricError`."""
+    if batched:
+        values = check_metric_values(patching_metric(logits), n, "patching_metric (batched_metric=True)",
+                                     "logits [n, B, T, V] -> [n]")
+        if values.numel() != n:
+            raise MetricError(f"patching_metric (batched_metric=True) returned shape {tuple(values.shape)} for {n} "
+                              "patches: return one value per patch, [n] (reduce over the batch and positions)")
+        return [float(v) for v in values.reshape(-1).tolist()]
+    value = patching_metric(logits)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return [value.item()]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's scalars too
+        return [float(value)]
+    what = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise MetricError(f"patching_metric returned {what} for one patch's logits {tuple(logits.shape)} [B, T, V]; it "
+                      "must return a scalar (reduce over the batch, e.g. .mean()), or take many patches at once "
+                      "with batched_metric=True: [n, B, T, V] -> [n]")
 
 
 def _pos_axis(name: str) -> int:
@@ -225,10 +298,6 @@ def _unembed(model: GPT2, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _scalar(value) -> float:
-    return value.item() if isinstance(value, torch.Tensor) else float(value)
-
-
 class _Patch:
     __slots__ = ("i", "index", "name", "layer", "start")
 
@@ -246,7 +315,10 @@ def _run_patches(model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric
     wanted = ([f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_{kv}" for l in range(L)
               for kv in "kv"] + [f"blocks.{L - 1}.hook_resid_post"] + names)
     corrupted_logits, cache = model.run_with_cache(tokens, names=list(dict.fromkeys(wanted)))
-    clean = {n: _clean_activation(clean_cache, n, tl_names[n]).to(model.device) for n in names}
+    clean = {n: _clean_activation(clean_cache, n, tl_names[n]) for n in names}
+    for n in names:
+        _check_clean(n, clean[n], cache[n])
+        clean[n] = clean[n].to(model.device)
 
     if logit_positions is not None:
         given = torch.as_tensor(logit_positions).reshape(-1).tolist()
@@ -334,27 +406,22 @@ def _run_patches(model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric
 
     def evaluate(logits: torch.Tensor, group: list[_Patch]):
         if batched_metric:
-            values = torch.as_tensor(patching_metric(logits)).reshape(-1)
-            if values.numel() != len(group):
-                raise ValueError(f"with batched_metric=True the metric must return one value per patch: "
-                                 f"got {values.numel()} values for logits {tuple(logits.shape)}")
-            for p, v in zip(group, values.tolist()):
-                results[p.i] = float(v)
+            for p, v in zip(group, _metric_value(patching_metric, logits, True, len(group))):
+                results[p.i] = v
         else:
             for j, p in enumerate(group):
-                results[p.i] = _scalar(patching_metric(logits[j]))
+                results[p.i] = _metric_value(patching_metric, logits[j], False)[0]
 
-    # Patches that change nothing: the corrupted run's metric.
-    idle = [p for p in patches if p.start is None]
-    if idle:
-        if logit_positions is None:
-            logits = corrupted_logits[None]
-        else:
-            logits = nan_buffer_for(1)
-            logits[:, :, lp] = corrupted_logits[:, lp]
-        value = (_scalar(torch.as_tensor(patching_metric(logits)).reshape(-1)[0]) if batched_metric
-                 else _scalar(patching_metric(logits[0])))
-        for p in idle:
+    # The corrupted run's metric: what patches that change nothing get, and a check of the metric's contract
+    # before any patched run.
+    if logit_positions is None:
+        logits = corrupted_logits[None]
+    else:
+        logits = nan_buffer_for(1)
+        logits[:, :, lp] = corrupted_logits[:, lp]
+    value = _metric_value(patching_metric, logits if batched_metric else logits[0], batched_metric)[0]
+    for p in patches:
+        if p.start is None:
             results[p.i] = value
 
     # Chunks: patches of one start position, at most max_rows rows (default: MEMORY_BUDGET of activations).
@@ -368,8 +435,8 @@ def _run_patches(model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric
         n = max(1, rows // B)
         chunks += [group[i:i + n] for i in range(0, len(group), n)]
     if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="activation patching", unit="chunk")
+        from .progress import progress as progress_bar
+        chunks = progress_bar(chunks, "activation patching", "chunk")
 
     def block_rows(l: int, x: torch.Tensor, s: int, hooks) -> torch.Tensor:
         """Block l on rows x [N, T - s, d_model] (positions s..; the corrupted keys and values before s)."""
@@ -432,6 +499,21 @@ def _run_patches(model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric
     return results
 
 
+def _check_args(model, clean_cache, patching_metric, patch_setter) -> None:
+    """Wrong types, named up front (TypeError) rather than deep inside the batched forward."""
+    if not isinstance(model, GPT2):
+        raise TypeError(f"model must be a minigpt2 GPT2 (e.g. load_pretrained(path)), got {type(model).__name__}")
+    if not hasattr(clean_cache, "__getitem__") or isinstance(clean_cache, (str, bytes, torch.Tensor)):
+        raise TypeError(f"clean_cache must map hook names to activations (the cache of "
+                        f"model.run_with_cache(clean_tokens)), got {type(clean_cache).__name__}")
+    if not callable(patching_metric):
+        raise TypeError(f"patching_metric must be a callable logits [B, T, V] -> scalar, got "
+                        f"{type(patching_metric).__name__}")
+    if not callable(patch_setter):
+        raise TypeError(f"patch_setter must be a callable (corrupted_activation, index, clean_activation) -> "
+                        f"activation, got {type(patch_setter).__name__}")
+
+
 def generic_activation_patch(
     model: GPT2,
     corrupted_tokens: torch.Tensor,
@@ -476,6 +558,7 @@ def generic_activation_patch(
     Returns:
         float32 [*ranges of index_axis_names] (or [len(index_df)]), and the index DataFrame if asked.
     """
+    _check_args(model, clean_cache, patching_metric, patch_setter)
     if index_df is None:
         if index_axis_names is None:
             raise ValueError("give index_axis_names (axes to iterate over, e.g. ('layer', 'pos')) or index_df")

@@ -5,9 +5,10 @@
 defaults, the vocabulary (``vocab``, ``convert_ids_to_tokens`` ...), and the pad / eos / bos
 ids, all <|endoftext|> as TransformerLens sets them for GPT-2 (Hugging Face's own GPT-2
 tokenizer has no pad token). ``padding_side`` ("right") is the default side of padding for
-this tokenizer and for ``model.to_tokens``. Nothing adds a BOS here: GPT-2's tokenizer
-adds no special tokens (``model.to_tokens`` prepends one itself). It wraps the offline
-tiktoken Encoding of minigpt2.tokenizer, so ids are GPT-2's.
+this tokenizer and for ``model.to_tokens``. As TransformerLens's ``model.tokenizer`` (loaded
+with ``add_bos_token=True``), ``encode`` and the call prepend <|endoftext|> unless
+``add_special_tokens=False``; ``LensTokenizer(add_bos_token=False)`` is GPT-2's own tokenizer,
+which adds nothing. It wraps the offline tiktoken Encoding of minigpt2.tokenizer, so ids are GPT-2's.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ class LensTokenizer:
     all_special_tokens = ["<|endoftext|>"]
     model_max_length = 1024
     name_or_path = "gpt2"
-    add_bos_token = False
     truncation_side = "right"
 
-    def __init__(self, padding_side: str = "right"):
+    def __init__(self, padding_side: str = "right", add_bos_token: bool = True):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.padding_side = padding_side
+        self.add_bos_token = bool(add_bos_token)
         self._enc = None
         self._vocab = None
 
@@ -94,17 +95,18 @@ class LensTokenizer:
         return [self.vocab.get(t, self.unk_token_id) for t in tokens]
 
     def tokenize(self, text: str) -> list[str]:
-        """Text -> token strings in the vocabulary's form, as Hugging Face's ``tokenize``."""
-        return self.convert_ids_to_tokens(self.encode(text))
+        """Text -> token strings in the vocabulary's form, as Hugging Face's ``tokenize`` (no BOS)."""
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=False))
 
     # ---------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_special_tokens: bool = True, truncation: bool = False,
                max_length: int | None = None, **kwargs) -> list[int]:
-        """Text -> ids; "<|endoftext|>" written in the text is the special token, as in Hugging Face's.
-        ``add_special_tokens`` is accepted and changes nothing: GPT-2's tokenizer adds none."""
+        """Text -> ids, <|endoftext|> first when ``add_bos_token`` and ``add_special_tokens`` (TransformerLens's
+        tokenizer); "<|endoftext|>" written in the text is the special token, as in Hugging Face's."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a string, got {type(text).__name__}")
-        ids = self.enc.encode(text, allowed_special="all")
+        ids = ([self.bos_token_id] if add_special_tokens and self.add_bos_token else []) + \
+            self.enc.encode(text, allowed_special="all")
         return ids[:max_length] if truncation and max_length is not None else ids
 
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False,
@@ -134,7 +136,7 @@ class LensTokenizer:
         texts = [input] if isinstance(input, str) else list(input) if isinstance(input, (list, tuple)) else None
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"expected a string or a non-empty list of strings, got {_describe(input)}")
-        rows = [([EOT_TOKEN] if prepend_bos else []) + self.encode(t) for t in texts]
+        rows = [([EOT_TOKEN] if prepend_bos else []) + self.encode(t, add_special_tokens=False) for t in texts]
         if any(not r for r in rows):
             raise ValueError("an empty string with prepend_bos=False has no tokens: give text, or prepend_bos=True")
         return [r[:max_length] for r in rows] if max_length else rows
@@ -181,7 +183,7 @@ class LensTokenizer:
         texts = [text] if single else text
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"text must be a string or a list of strings, got {_describe(text)}")
-        rows = [self.encode(t) for t in texts]
+        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
         if truncation not in (False, "do_not_truncate") and max_length is not None:
             rows = [r[:max_length] for r in rows]
         side = padding_side or self.padding_side
@@ -214,7 +216,8 @@ class LensTokenizer:
         return out
 
     def __repr__(self) -> str:
-        return f"LensTokenizer(name_or_path='gpt2', vocab_size={N_VOCAB}, padding_side={self.padding_side!r})"
+        return (f"LensTokenizer(name_or_path='gpt2', vocab_size={N_VOCAB}, padding_side={self.padding_side!r}, "
+                f"add_bos_token={self.add_bos_token})")
 
 
 def _describe(x) -> str:

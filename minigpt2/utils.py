@@ -1,8 +1,9 @@
 """The helpers TransformerLens notebooks import from ``transformer_lens.utils``, for minigpt2.
 
 ``from transformer_lens import utils`` becomes ``from minigpt2 import utils``: ``utils.get_act_name``,
-``utils.to_numpy``, ``utils.test_prompt``, ``utils.Slice`` ... behave as TransformerLens 3's.
-(``tokenize_and_concatenate`` and the dataset helpers, which need ``datasets``, are not here.)
+``utils.to_numpy``, ``utils.test_prompt``, ``utils.Slice``, ``utils.tokenize_and_concatenate`` (on a
+``datasets`` Dataset, imported only there), ``utils.composition_scores`` ... behave as TransformerLens 3's.
+(The helpers that download, ``get_dataset`` and ``download_file_from_hf``, are not here.)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ __all__ = [
     "get_act_name", "to_numpy", "get_corner", "remove_batch_dim", "transpose", "is_square", "is_lower_triangular",
     "lm_cross_entropy_loss", "lm_accuracy", "gelu_new", "gelu_fast", "get_offset_position_ids",
     "get_cumsum_along_dim", "repeat_along_head_dimension", "test_prompt", "Slice", "SliceInput",
+    "tokenize_and_concatenate", "keep_single_column", "override_or_use_default_value", "composition_scores",
+    "get_device", "filter_dict_by_prefix",
 ]
 
 
@@ -269,3 +272,88 @@ class Slice:
             slice_input = [slice_input]
         return Slice(slice_input)
 
+
+
+# ---------------------------------------------------------------------------------------- data and odds and ends
+def override_or_use_default_value(default_flag, override=None):
+    """``override`` unless it is None, else ``default_flag``."""
+    return override if override is not None else default_flag
+
+
+def get_device() -> str:
+    """"cuda" when there is a GPU, else "cpu" (TransformerLens's choice; MPS is never picked unasked)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def filter_dict_by_prefix(dictionary: dict, prefix: str) -> dict:
+    """The entries whose keys start with ``prefix`` (a dot added if it has none), the prefix stripped."""
+    prefix = prefix if prefix.endswith(".") else prefix + "."
+    return {k[len(prefix):]: v for k, v in dictionary.items() if k.startswith(prefix)}
+
+
+def composition_scores(left, right, broadcast_dims: bool = True) -> torch.Tensor:
+    """||left @ right|| / (||left|| ||right||) of two FactoredMatrix stacks (Frobenius norms), broadcast over
+    their leading dims (left's first) unless ``broadcast_dims=False``: HookedTransformer.all_composition_scores."""
+    if broadcast_dims:
+        r_leading, l_leading = right.ndim - 2, left.ndim - 2
+        for i in range(l_leading):
+            right = right.unsqueeze(i)
+        for i in range(r_leading):
+            left = left.unsqueeze(i + l_leading)
+    if left.rdim != right.ldim:
+        raise ValueError(f"Composition scores require left.rdim==right.ldim, shapes were left: {left.shape}, "
+                         f"right:{right.shape}")
+    new_right, new_left = right.collapse_r(), left.collapse_l()
+    comp_norms = (new_left @ new_right).norm(dim=[-2, -1])
+    return comp_norms / new_right.norm(dim=[-2, -1]) / new_left.norm(dim=[-2, -1])
+
+
+def keep_single_column(dataset, col_name: str):
+    """A Hugging Face dataset with every column but ``col_name`` removed."""
+    for key in dataset.features:
+        if key != col_name:
+            dataset = dataset.remove_columns(key)
+    return dataset
+
+
+def _concatenated_rows(texts: list[str], tokenizer, seq_len: int, add_bos_token: bool) -> np.ndarray:
+    """[rows, seq_len (+1 with BOS)]: the documents' tokens joined by EOS, cut into rows (the tail dropped;
+    one short row padded with EOS)."""
+    pieces: list[np.ndarray] = []
+    for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        pieces.append(np.asarray(ids, dtype=np.int64))
+        if i < len(texts) - 1:
+            pieces.append(np.array([tokenizer.eos_token_id], dtype=np.int64))
+    tokens = np.concatenate(pieces) if pieces else np.array([], dtype=np.int64)
+    if len(tokens) < seq_len:
+        tokens = np.concatenate([tokens, np.full(seq_len - len(tokens), tokenizer.eos_token_id)])
+    rows = len(tokens) // seq_len
+    tokens = tokens[:rows * seq_len].reshape(rows, seq_len)
+    if add_bos_token:
+        tokens = np.concatenate([np.full((rows, 1), tokenizer.bos_token_id), tokens], axis=1)
+    return tokens
+
+
+def tokenize_and_concatenate(dataset, tokenizer, streaming: bool = False, max_length: int = 1024,
+                             column_name: str = "text", add_bos_token: bool = True, num_proc: Optional[int] = 10,
+                             set_format: bool = True):
+    """A Hugging Face dataset of texts -> one column "tokens" of rows of ``max_length`` ids: each batch of
+    documents tokenized, joined with EOS, cut into rows, BOS first (``add_bos_token``); TransformerLens's,
+    for a GPT-2 tokenizer (``model.tokenizer`` or Hugging Face's). ``num_proc``: processes for ``map``
+    (None: this one)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenize_and_concatenate joins documents with EOS: the tokenizer must have an EOS token")
+    dataset = keep_single_column(dataset, column_name)
+    seq_len = max_length - 1 if add_bos_token else max_length
+
+    def tokenize_function(examples):
+        texts = examples[column_name]
+        if not texts:
+            return {"tokens": np.array([], dtype=np.int64)}
+        return {"tokens": _concatenated_rows(texts, tokenizer, seq_len, add_bos_token)}
+
+    tokenized = dataset.map(tokenize_function, batched=True, remove_columns=[column_name],
+                            **({"num_proc": num_proc} if not streaming else {}))
+    if set_format:
+        tokenized.set_format(type="torch", columns=["tokens"])
+    return tokenized

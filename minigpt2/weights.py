@@ -22,13 +22,13 @@ table below, present once; the config (config.json, or the shapes plus an explic
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import stat
 import struct
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_FIX, ConfigError, GPT2Config, check_int, parse_json, read_json
+from .fileio import WriteError, atomic_write, checksum_problems, load_json
 from .model import GPT2
 
 
@@ -314,8 +315,9 @@ def _header_bytes(file: Path) -> tuple[bytes, int]:
                 return f.read(n), size - 8 - n
     except OSError as e:
         raise CheckpointError(f"cannot read {file}: {e.strerror}") from None
-    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
-        raise CheckpointError(f"{file} is a pickle (torch.save), not safetensors. {PICKLE_HINT}")
+    what = _foreign_kind(file, head)
+    if what is not None:
+        raise CheckpointError(f"{file} is {what}")
     if n is None:
         raise _corrupt(file, f"{size} bytes, fewer than the 8 of a safetensors header length")
     if n > MAX_HEADER_BYTES:
@@ -323,6 +325,32 @@ def _header_bytes(file: Path) -> tuple[bytes, int]:
     if n > size - 8:
         raise _corrupt(file, f"its header length {n} exceeds the file's {size} bytes")
     raise _corrupt(file, f"its header (length {n}) does not start with a JSON object")
+
+
+LFS_POINTER = b"version https://git-lfs"
+
+
+def _foreign_kind(file: Path, head: bytes) -> str | None:
+    """What a file that is not safetensors is, when it is something recognisable, with the fix."""
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return f"a pickle (torch.save), not safetensors. {PICKLE_HINT}"
+    try:
+        with open(file, "rb") as f:
+            start = f.read(200)
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+    except OSError:
+        return None
+    if start.startswith(LFS_POINTER):
+        return ("a Git LFS pointer (a small text file standing for the weights), not the weights themselves: "
+                "fetch them with `git lfs pull` in the repository that holds it (git lfs install first), "
+                "or download the file again")
+    if start[:1] in (b"(", b"}", b"]") and last == b".":  # pickle protocols 0 and 1 end with STOP, "."
+        return f"a pickle (protocol 0 or 1), not safetensors. {PICKLE_HINT}"
+    if start.lstrip()[:1] in (b"{", b"["):
+        return ("a JSON file (a config.json or an index?), not safetensors weights: pass the directory that "
+                "holds model.safetensors and config.json, or the .safetensors file itself")
+    return None
 
 
 def _tensor_info(file: Path, key: str, d) -> TensorInfo:
@@ -452,9 +480,26 @@ def _check_index(layout: Layout, headers: dict[Path, dict[str, TensorInfo]]) -> 
                                   "the index and the shards disagree: restore them together")
 
 
+def verify_checksums(layout: Layout) -> None:
+    """Where complete.json (what train.py and finetune.publish write beside the weights) records
+    sha256 checksums, the weights and config must match them: a file corrupted in place, at its
+    own size, is refused, named. (Hashing costs about 1.7 ms per MB here: 0.04 s for a bundled model,
+    0.9 s for GPT-2 small's 548 MB; see BENCHMARKS.md.)"""
+    folder = layout.files[0].parent
+    names = [f.name for f in layout.files] + ([layout.config.name] if layout.config else [])
+    try:
+        bad = checksum_problems(folder, names)
+    except ValueError as e:
+        raise CheckpointError(f"{e}. Fix: restore the directory, or remove its complete.json") from None
+    if bad:
+        raise CheckpointError(f"{folder}: {'; '.join(bad)} (corrupted or replaced since it was written). "
+                              f"{RESTORE_HINT}")
+
+
 def scan(path: str | os.PathLike) -> Scan:
     """Locate a checkpoint and validate every header; each tensor must be one of GPT-2's, present once, float."""
     layout = locate(path)
+    verify_checksums(layout)
     headers = {file: read_header(file) for file in layout.files}
     s = Scan(Path(path), layout, weights={}, lm_head=None, unknown=[])
     for file, tensors in headers.items():
@@ -582,11 +627,20 @@ def _check_tied(s: Scan, sd: dict[str, torch.Tensor], lm_head: torch.Tensor | No
         )
 
 
+def _check_finite(s: Scan, sd: dict[str, torch.Tensor]) -> None:
+    """Weights holding NaN or inf are refused, named (by their name in the file): such a model
+    computes NaN everywhere, and a load that succeeds would hide where it came from."""
+    bad = [_hf_name(k) for k in non_finite(sd)]
+    _refuse_non_finite(bad, str(s.layout.files[0] if len(s.layout.files) == 1 else s.source),
+                       "Fix: restore the file, or an earlier checkpoint of the run (the training diverged)")
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path | None]:
     """All tensors of a checkpoint, under minigpt2's names and layout, plus its config path."""
     s = scan(path)
     sd, lm_head = _read_tensors(s)
     _check_tied(s, sd, lm_head)
+    _check_finite(s, sd)
     return sd, s.layout.config
 
 
@@ -599,7 +653,7 @@ def _hf_name(key: str) -> str:
 
 def load_state_dict_strict(model: GPT2, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Copy ``sd`` into ``model``; every missing, unexpected, mis-shaped or non-float tensor is named."""
-    own = model.state_dict()
+    own = torch.nn.Module.state_dict(model)  # minigpt2's own layout, also for a HookedTransformer
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     problems = []
@@ -629,6 +683,25 @@ def _check_dtype(dtype, what: str) -> None:
                               f"{', '.join(map(str, FLOAT_DTYPES))}")
 
 
+def _check_path_and_device(path, device, what: str) -> None:
+    """Before anything is read: ``path`` must be a path, ``device`` one that torch knows and this machine has."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: path must be a str or os.PathLike (a checkpoint directory or .safetensors file), "
+                        f"got {path!r} ({type(path).__name__})")
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what}(device={device!r}): not a device torch knows; use 'cpu', 'cuda', 'cuda:1', "
+                         "'mps' or a torch.device") from None
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # torch raises AssertionError or RuntimeError, by backend
+        raise ValueError(f"{what}(device={device!r}): this machine cannot use it ({str(e).splitlines()[0]}); "
+                         "use device='cpu' or one it has") from None
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
                     n_head: int | None = None, *, config: GPT2Config | None = None) -> GPT2:
     """Load a GPT-2 from a Hugging Face directory (one file or shards) or a single .safetensors file.
@@ -644,64 +717,70 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     also a FileNotFoundError, when there is no checkpoint), naming the file and the fix.
     """
     _check_dtype(dtype, "load_pretrained")
+    _check_path_and_device(path, device, "load_pretrained")
     s = scan(path)
     cfg = resolve_config(s, config, n_head)
     check_config(cfg, s, "config=" if config is not None else str(s.layout.config or "the tensor shapes"))
     sd, lm_head = _read_tensors(s)
     _check_tied(s, sd, lm_head)
+    _check_finite(s, sd)
     with torch.device("meta"):  # no random init of weights that the checkpoint overwrites
         model = GPT2(cfg)
     model = model.to(dtype=dtype or torch.float32).to_empty(device="cpu")
     load_state_dict_strict(model, sd, source=str(path))
+    model.answer_space = _answer_space(s.layout.files[0].parent)
     return model.to(device=device).eval()
+
+
+def _answer_space(folder: Path) -> str | None:
+    """The TPP answer format the model was finetuned (or its card evaluated) in, from metadata.json
+    beside the weights (train.py and finetune.publish write it): "prompt" or "answer"; None when
+    unrecorded. tpp's evaluation helpers read it as ``model.answer_space`` (minigpt2 knows no task)."""
+    try:
+        meta = load_json(folder / "metadata.json", "metadata")
+    except (OSError, ValueError):  # none, or damaged: the weights load all the same
+        return None
+    if not isinstance(meta, dict):
+        return None
+    card = meta.get("eval_data") if isinstance(meta.get("eval_data"), dict) else {}
+    space = meta.get("answer_space") or card.get("answer_space")
+    return space if isinstance(space, str) else None
 
 
 # ------------------------------------------------------------------------------ writing
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# The writers below use minigpt2.fileio's atomic_write (a temporary file, fsynced, renamed), shared by the
+# whole codebase; atomic_write stays importable from here.
 
 
-def _fsync_dir(path: Path) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], file: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its write errors (a full disk) raised as the OSError they are."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not every platform opens directories
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        save_file(tensors, file, metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"(?:os error |Os \{ code: )(\d+)", str(e))  # io::Error's Display, or its Debug
+        code = int(m[1]) if m else errno.EIO
+        raise OSError(code, os.strerror(code) if m else str(e), file) from None
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, rename it onto ``path``:
-    ``path`` is the old file or the whole new one, never a part. The file gets an ordinary file's
-    mode (0666 less the umask: 0644 usually), not mkstemp's private 0600."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(path.parent)
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _refuse_non_finite(names: list[str], where: str, fix: str) -> None:
+    if names:
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        raise CheckpointError(f"{where}: tensors holding NaN or inf values: {shown}. {fix}")
 
 
 def hf_tensors(model: GPT2, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors under transformers' keys and layout (Conv1D [in, out]), on the CPU, in ``dtype``."""
     _check_dtype(dtype, "save_pretrained")
+    if (why := model.hf_layout_error()) is not None:
+        raise CheckpointError(f"save_pretrained: {why}")
     tensors = {}
-    for k, v in model.state_dict().items():
+    for k, v in torch.nn.Module.state_dict(model).items():  # minigpt2's own layout, also for a HookedTransformer
         if v.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"save_pretrained: {k} is {v.dtype}, not floating point; convert the model "
                                   "with model.float() first")
@@ -716,12 +795,33 @@ def save_pretrained(model: GPT2, path: str | os.PathLike, dtype: torch.dtype | N
 
     Keys are written as transformers writes them (``transformer.`` prefix, Conv1D
     layout, lm_head left out as tied). ``dtype`` must be a floating-point one (float32,
-    float16, bfloat16, float64); everything is checked before anything is written. Each
-    file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    float16, bfloat16, float64); everything is checked before anything is written: a weight
+    holding NaN or inf (named), a ``path`` that is a file, or a directory holding a sharded
+    checkpoint (the two models would be ambiguous) raise CheckpointError. Each file is written
+    to a temporary name and renamed, so a crash or a full disk never leaves a half-written file
+    (a full disk raises minigpt2.fileio.WriteError, an OSError naming the file).
     """
     tensors = hf_tensors(model, dtype)
+    _refuse_non_finite(non_finite(tensors), f"save_pretrained({str(path)!r})",
+                       "Fix: find where training diverged (a lower learning rate), or restore an earlier checkpoint; "
+                       "weights that are not finite are never saved")
     config = json.dumps(model.cfg.to_hf_dict(), indent=2) + "\n"
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    path = _save_target(Path(path))
+    atomic_write(path / "model.safetensors", lambda tmp: save_safetensors(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(config))
+
+
+def _save_target(path: Path) -> Path:
+    """The directory save_pretrained writes into, made if missing; a file, or a sharded checkpoint there, refused."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"save_pretrained: {path} is a file, not a directory: a checkpoint is a directory "
+                              "of model.safetensors and config.json. Fix: pass a directory path")
+    if (path / INDEX).exists():
+        raise CheckpointError(f"save_pretrained: {path} holds a sharded checkpoint ({INDEX} and its shards); a "
+                              "model.safetensors beside it would make two models in one directory, which no loader "
+                              f"accepts. Fix: save into a new directory, or remove {INDEX} and its shards first")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(path, e) from None
+    return path

@@ -72,10 +72,13 @@ def test_ours_is_an_activation_cache_with_every_key_of_theirs(caches):
     assert isinstance(ours, ActivationCache) and ours.has_batch_dim
     for name in set(theirs.keys()) - NOT_IN_MINIGPT2:
         same(ours[name], theirs[name])  # ln1 / ln2 names are found under the model's own module names
-    assert len(ours) == len(list(ours.keys())) == len(list(ours)) >= len(theirs)
+    assert len(ours) == len(list(ours.keys())) == len(list(ours)) == len(theirs)
+    assert list(ours.keys()) == list(theirs.keys())  # the same hooks, in the same order (a default model's)
     assert "blocks.0.attn.hook_pattern" in ours and "pattern" not in ours
     assert dict(ours.items()).keys() == ours.keys() and len(list(ours.values())) == len(ours)
-    assert repr(ours).startswith("ActivationCache with keys ['hook_tokens', 'hook_embed'")
+    assert repr(ours).startswith("ActivationCache with keys ['hook_embed', 'hook_pos_embed'")
+    assert sum(t.numel() * t.element_size() for t in ours.values()) == sum(
+        t.numel() * t.element_size() for t in theirs.values())  # a default cache costs what TransformerLens's does
 
 
 @pytest.mark.parametrize("key", [

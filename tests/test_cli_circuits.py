@@ -153,6 +153,10 @@ CASES = [  # argv (placeholders {name} are fixture paths), what the error line m
     # generate
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "--prompt", "  "], "--prompt"),
+    # more new tokens than the context holds after the prompt (n_ctx 64): refused with the count that fits
+    (["generate", "--max-new-tokens", "1000000000"], "at most 51 new tokens fit"),
+    (["generate", "--prompt", "one " * 70], "--prompt"),
+    (["study", "--max-new-tokens", "100"], "--max-new-tokens 100"),
     # study
     (["study", "--examples", "0"], "--examples"),
     (["study", "--sweep-examples", "5000"], "--sweep-examples"),
@@ -186,6 +190,8 @@ CASES = [  # argv (placeholders {name} are fixture paths), what the error line m
     (["eap", "--top-k", "0"], "--top-k"),
     (["eap", "--threshold", "nan"], "--threshold"),
     (["eap", "--method", "guess"], "--method"),
+    (["eap", "--method", "acdc"], "--method"),  # ACDC is its own command
+    (["eap", "--top-k", "5", "--threshold", "0.1"], "not allowed with"),
     # --device on every command that loads a model; --dtype where the batched engine runs
     *[([cmd, "--device", dev], "--device") for cmd in ("baseline", "sweep", "search", "classify", "generate", "study",
                                                         "acdc", "eap") for dev in ("nonsense", "cuda:99", "meta")],

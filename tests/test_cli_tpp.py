@@ -142,3 +142,16 @@ def test_bad_flags_exit_2_in_a_subprocess():
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "python -m tpp show: error: argument --n: 1,000,000,000,000 is out of range; pass an integer from 1 to "
         "1,000,000 (at most tpp.examples.MAX_EXAMPLES, so that the examples fit in memory)"]
+
+
+def test_templates_say_that_the_appendix_repeats_one(capsys):
+    """Two default templates share a text; the listing says it is the paper's appendix's repetition."""
+    from tpp.__main__ import main
+    from tpp.templates import DEFAULT_TEMPLATE_NAMES, TEMPLATES
+
+    assert main(["templates"]) in (0, None)
+    out = capsys.readouterr().out
+    assert len(set(TEMPLATES[n] for n in DEFAULT_TEMPLATE_NAMES)) == len(DEFAULT_TEMPLATE_NAMES) - 1
+    note = [line for line in out.splitlines() if line.startswith("note:")]
+    assert note == ["note: implies-transitive and implies-transitive-repeat have the same text: the paper's appendix "
+                    "lists it twice, so drawing templates uniformly gives it the paper's weight, 2/7"]

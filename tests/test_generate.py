@@ -31,7 +31,7 @@ def greedy_without_cache(model, tokens, n):
 @given(seed=st.integers(0, 2**16), B=st.integers(1, 4), T=st.integers(1, 12), n=st.integers(1, 11))
 def test_kv_cache_greedy_equals_recomputing_the_forward(new_model, seed, B, T, n, device):
     model, tokens = new_model(seed=seed), make_tokens(B, T, seed=seed, device=device)
-    assert torch.equal(model.generate(tokens, n, stop_token=None), greedy_without_cache(model, tokens, n))
+    assert torch.equal(model.generate(tokens, n, stop_token=None, do_sample=False), greedy_without_cache(model, tokens, n))
 
 
 @PROPERTY
@@ -68,7 +68,7 @@ def test_rows_stop_at_the_stop_token(new_model, seed, step, device):
     """Take as stop token the token row 0 emits at ``step``: every row stops after its first
     stop token and is padded with it; generation ends when all rows have stopped."""
     model, tokens, n = new_model(seed=seed), make_tokens(5, SEQ, seed=seed, device=device), 8
-    free = model.generate(tokens, n, stop_token=None)
+    free = model.generate(tokens, n, stop_token=None, do_sample=False)
     stop = free[0, SEQ + step].item()
     want = free.clone()
     for row in want:
@@ -76,7 +76,7 @@ def test_rows_stop_at_the_stop_token(new_model, seed, step, device):
         if len(hits):
             row[SEQ + hits[0].item():] = stop
     all_stop = max(((r[SEQ:] == stop).nonzero()[0].item() + 1 if (r[SEQ:] == stop).any() else n) for r in free)
-    got = model.generate(tokens, n, stop_token=stop)
+    got = model.generate(tokens, n, stop_token=stop, do_sample=False)
     assert torch.equal(got, want[:, :SEQ + all_stop])
 
 
@@ -86,13 +86,13 @@ def test_sampling_with_a_seed_is_reproducible(model, tokens):
     c = model.generate(tokens, 10, temperature=1.5, seed=4, stop_token=None)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    assert not torch.equal(a, model.generate(tokens, 10, stop_token=None))  # it did sample
+    assert not torch.equal(a, model.generate(tokens, 10, stop_token=None, do_sample=False))  # it did sample
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
 def test_top_k_1_equals_greedy(model, tokens, temperature):
     sampled = model.generate(tokens, 10, temperature=temperature, top_k=1, seed=0, stop_token=None)
-    assert torch.equal(sampled, model.generate(tokens, 10, stop_token=None))
+    assert torch.equal(sampled, model.generate(tokens, 10, stop_token=None, do_sample=False))
 
 
 def test_top_k_samples_only_the_k_most_likely(model, tokens):
@@ -106,13 +106,16 @@ def test_top_k_samples_only_the_k_most_likely(model, tokens):
 
 def test_generation_stops_at_the_context_length(model, device):
     tokens = make_tokens(2, TINY.n_ctx - 3, device=device)
-    out = model.generate(tokens, 10, stop_token=None)
+    with pytest.warns(UserWarning, match=f"max_new_tokens=10, but the context of {TINY.n_ctx} positions leaves "
+                                         f"room for 3 after the {TINY.n_ctx - 3}-token prompt: generating 3"):
+        out = model.generate(tokens, 10, stop_token=None, do_sample=False)
     assert out.shape == (2, TINY.n_ctx)
     assert torch.equal(out, greedy_without_cache(model, tokens, 3))
 
 
 def test_one_dimensional_prompt(model, tokens):
-    assert torch.equal(model.generate(tokens[0], 4, stop_token=None), model.generate(tokens[:1], 4, stop_token=None))
+    assert torch.equal(model.generate(tokens[0], 4, stop_token=None, do_sample=False),
+                       model.generate(tokens[:1], 4, stop_token=None, do_sample=False))
 
 
 def test_bad_sampling_arguments(model, tokens):
@@ -193,11 +196,11 @@ def test_greedy_equals_transformer_lens_on_tokens(tl_tiny, use_past_kv_cache, de
 
 def test_greedy_on_text_equals_transformer_lens(tl_base):
     model, tl = tl_base
-    assert model.generate(PROMPTS[0], 6, prepend_bos=False) == tl_generate(tl, PROMPTS[0], 6, do_sample=False,
+    assert model.generate(PROMPTS[0], 6, prepend_bos=False, do_sample=False) == tl_generate(tl, PROMPTS[0], 6, do_sample=False,
                                                                             prepend_bos=False)
     want = tl_generate(tl, PROMPTS, 6, do_sample=False, return_type="tokens")  # left-padded by TransformerLens
-    assert torch.equal(model.generate(PROMPTS, 6, return_type="tokens"), want)  # greedy is the default here
-    assert model.generate(PROMPTS, 6) == [tl.tokenizer.decode(row, skip_special_tokens=True) for row in want]
+    assert torch.equal(model.generate(PROMPTS, 6, return_type="tokens", do_sample=False), want)
+    assert model.generate(PROMPTS, 6, do_sample=False) == [tl.tokenizer.decode(row, skip_special_tokens=True) for row in want]
 
 
 def test_left_padded_token_batch_equals_transformer_lens(tl_base):
@@ -205,7 +208,7 @@ def test_left_padded_token_batch_equals_transformer_lens(tl_base):
     model, tl = tl_base
     tokens = model.to_tokens(PROMPTS, padding_side="left")
     want = tl_generate(tl, tokens, 6, do_sample=False, padding_side="left")
-    assert torch.equal(model.generate(tokens, 6, padding_side="left"), want)
+    assert torch.equal(model.generate(tokens, 6, padding_side="left", do_sample=False), want)
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(top_p=0.8),
@@ -221,19 +224,37 @@ def test_sampling_equals_transformer_lens_under_one_seed(tl_tiny, kwargs, device
     assert torch.equal(model.generate(tokens, 10, do_sample=True, stop_at_eos=False, **kwargs), want)
 
 
+def test_default_generation_samples_as_transformer_lens(tl_tiny, tl_base, device):
+    """No do_sample, no temperature: both sample at temperature 1, the same tokens after the same manual_seed."""
+    model, tl = tl_tiny
+    tokens = make_tokens(3, SEQ, seed=6, device=device)
+    torch.manual_seed(5)
+    want = tl_generate(tl, tokens, 10, stop_at_eos=False)
+    torch.manual_seed(5)
+    got = model.generate(tokens, 10, stop_at_eos=False)
+    assert torch.equal(got, want) and not torch.equal(got, model.generate(tokens, 10, stop_at_eos=False,
+                                                                          do_sample=False))
+    model, tl = tl_base
+    for prompt in (PROMPTS[1], PROMPTS):
+        torch.manual_seed(2)
+        want = tl_generate(tl, prompt, 8)
+        torch.manual_seed(2)
+        assert model.generate(prompt, 8) == want
+
+
 def test_stopping_at_eos_equals_transformer_lens(tl_tiny, tl_base, device):
     model, tl = tl_tiny
     tokens = make_tokens(5, SEQ, seed=3, device=device)
-    eos = model.generate(tokens, 8, stop_at_eos=False)[0, SEQ + 2].item()
-    assert torch.equal(model.generate(tokens, 8, eos_token_id=eos), tl_generate(tl, tokens, 8, do_sample=False,
+    eos = model.generate(tokens, 8, stop_at_eos=False, do_sample=False)[0, SEQ + 2].item()
+    assert torch.equal(model.generate(tokens, 8, eos_token_id=eos, do_sample=False), tl_generate(tl, tokens, 8, do_sample=False,
                                                                                eos_token_id=eos))
     # several stop ids: stopped rows are padded with <|endoftext|> (needs GPT-2's vocabulary)
     model, tl = tl_base
     tokens = model.to_tokens(PROMPTS, padding_side="left")
     T = tokens.shape[1]
-    free = model.generate(tokens, 8, stop_at_eos=False, padding_side="left")
+    free = model.generate(tokens, 8, stop_at_eos=False, padding_side="left", do_sample=False)
     eos = [free[0, T + 2].item(), free[1, T + 3].item()]
-    got = model.generate(tokens, 8, eos_token_id=eos, padding_side="left")
+    got = model.generate(tokens, 8, eos_token_id=eos, padding_side="left", do_sample=False)
     assert torch.equal(got, tl_generate(tl, tokens, 8, do_sample=False, eos_token_id=eos, padding_side="left"))
     assert got[0, T + 3:].eq(50256).all()
 
@@ -251,19 +272,20 @@ def test_each_row_of_a_left_padded_batch_continues_its_own_prompt(new_model, dev
     for i, length in enumerate(lengths):
         mask[i, T - length:] = 1
     tokens = tokens.masked_fill(~mask.bool(), 0)
-    batch = model.generate(tokens, n, attention_mask=mask, stop_token=None, use_past_kv_cache=use_past_kv_cache)
+    batch = model.generate(tokens, n, attention_mask=mask, stop_token=None, use_past_kv_cache=use_past_kv_cache,
+                           do_sample=False)
     for i, length in enumerate(lengths):
-        alone = model.generate(tokens[i:i + 1, T - length:], n, stop_token=None)
+        alone = model.generate(tokens[i:i + 1, T - length:], n, stop_token=None, do_sample=False)
         assert torch.equal(batch[i, T:], alone[0, length:])
 
 
 def test_a_batch_of_texts_continues_each_text_as_alone(tl_base):
     """A list of texts is left-padded (whatever padding_side says, as in TransformerLens): each row is its prompt's."""
     model, _ = tl_base
-    ids = model.generate(PROMPTS, 6, padding_side="right", return_type="tokens", stop_at_eos=False)
+    ids = model.generate(PROMPTS, 6, padding_side="right", return_type="tokens", stop_at_eos=False, do_sample=False)
     T = ids.shape[1] - 6
     for row, p in zip(ids, PROMPTS):
-        alone = model.generate(p, 6, return_type="tokens", stop_at_eos=False)[0]
+        alone = model.generate(p, 6, return_type="tokens", stop_at_eos=False, do_sample=False)[0]
         assert torch.equal(row[T - (len(alone) - 6):], alone)
         assert torch.equal(row[:T - (len(alone) - 6)], torch.full_like(row[:T - (len(alone) - 6)], 50256))
 
@@ -271,23 +293,25 @@ def test_a_batch_of_texts_continues_each_text_as_alone(tl_base):
 def test_return_types(tl_base):
     model, _ = tl_base
     prompt = "The Eiffel Tower is in"  # whose 4 greedy tokens hold no <|endoftext|>, so none stops early
-    assert 50256 not in model.generate(prompt, 4, return_type="tokens", stop_at_eos=False)[0, -4:].tolist()
-    text = model.generate(prompt, 4)
+    greedy = dict(do_sample=False)
+    assert 50256 not in model.generate(prompt, 4, return_type="tokens", stop_at_eos=False, **greedy)[0, -4:].tolist()
+    text = model.generate(prompt, 4, **greedy)
     assert isinstance(text, str) and text.startswith(prompt) and "<|endoftext|>" not in text
-    ids = model.generate(prompt, 4, return_type="tokens")
+    ids = model.generate(prompt, 4, return_type="tokens", **greedy)
     assert ids.shape == (1, model.to_tokens(prompt).shape[1] + 4)
-    assert model.generate(ids[:, :-4], 4, return_type="str") == text
-    assert torch.equal(model.generate(ids[:, :-4], 4), ids)  # tokens in, tokens out
-    assert model.generate([prompt], 4) == text  # one text in a list: a string, as in TransformerLens
+    assert model.generate(ids[:, :-4], 4, return_type="str", **greedy) == text
+    assert torch.equal(model.generate(ids[:, :-4], 4, **greedy), ids)  # tokens in, tokens out
+    assert model.generate([prompt], 4, **greedy) == text  # one text in a list: a string, as in TransformerLens
 
 
 def test_sampling_switches(model, tokens):
-    greedy = model.generate(tokens, 6, stop_token=None)
+    greedy = model.generate(tokens, 6, stop_token=None, do_sample=False)
     assert torch.equal(model.generate(tokens, 6, do_sample=False, temperature=2.0, stop_token=None), greedy)
     assert torch.equal(model.generate(tokens, 6, do_sample=True, temperature=0.0, seed=1, stop_token=None), greedy)
     assert not torch.equal(model.generate(tokens, 6, temperature=1.0, seed=1, stop_token=None), greedy)
-    sampled = model.generate(tokens, 6, do_sample=True, seed=1, stop_token=None)  # temperature 1 by default
-    assert torch.equal(sampled, model.generate(tokens, 6, temperature=1.0, seed=1, stop_token=None))
+    sampled = model.generate(tokens, 6, seed=1, stop_token=None)  # TransformerLens's default: sampling at temperature 1
+    assert torch.equal(sampled, model.generate(tokens, 6, do_sample=True, temperature=1.0, seed=1, stop_token=None))
+    assert not torch.equal(sampled, greedy)
 
 
 def test_max_new_tokens_zero_returns_the_prompt(model, tokens):

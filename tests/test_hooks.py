@@ -9,7 +9,8 @@ import torch
 
 from conftest import BATCH, SEQ, TINY, make_tokens
 from minigpt2 import GPT2, KVCache
-from minigpt2.hooks import PER_HEAD_INPUT_HOOKS
+from minigpt2.config import SWITCHES
+from minigpt2.hooks import PER_HEAD_INPUT_HOOKS, switch_of
 
 ATOL = 1e-5
 
@@ -53,6 +54,17 @@ DOCUMENTED = {"hook_tokens": "B Tq", "hook_embed": "B Tq D", "hook_pos_embed": "
     f"blocks.{l}.{name}": shape for l in range(TINY.n_layer) for name, shape in PER_LAYER.items()
 }
 PER_HEAD = {n for n in DOCUMENTED if n.endswith(PER_HEAD_INPUT_HOOKS)}
+# What a default model (TransformerLens's switches off) caches and filters see: no hook_tokens, hook_result,
+# hook_mlp_in or per-head inputs.
+DEFAULT_LIVE = {n for n in DOCUMENTED if switch_of(n) is None}
+NOT_PER_HEAD_SWITCHES = ("use_attn_result", "use_hook_mlp_in", "use_hook_tokens")
+
+
+def switch_on(model, *names: str):
+    """Turn TransformerLens's switches on (all of them by default): their hook points become live."""
+    for name in names or SWITCHES:
+        setattr(model.cfg, name, True)
+    return model
 
 # The shared fixtures (model, tokens, new_model, hf_model) live on the test device (conftest's
 # MINIGPT2_TEST_DEVICE, default cpu).
@@ -80,12 +92,16 @@ def record(calls):
 
 
 def test_the_advertised_hooks_are_exactly_the_hook_points(model):
+    """hook_dict lists what TransformerLens's does: every point, hook_tokens only with use_hook_tokens."""
+    assert set(model.hook_dict) == set(DOCUMENTED) - {"hook_tokens"}
+    switch_on(model)
     assert set(model.hook_dict) == set(DOCUMENTED)
     assert all(hp.name == name for name, hp in model.hook_dict.items())
 
 
 def test_every_hook_fires_once_with_its_documented_shape(model, tokens):
     """Everything but the per-head inputs hooked: each hook fires once, ln1 without a head axis."""
+    switch_on(model, *NOT_PER_HEAD_SWITCHES)
     calls = []
     model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n not in PER_HEAD, record(calls))])
     assert Counter(name for name, _ in calls) == expected_calls(set(DOCUMENTED) - PER_HEAD, per_head=False)
@@ -94,6 +110,7 @@ def test_every_hook_fires_once_with_its_documented_shape(model, tokens):
 
 
 def test_with_the_per_head_inputs_hooked_ln1_runs_per_head_and_per_input(model, tokens):
+    switch_on(model)
     calls = []
     model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, record(calls))])
     assert Counter(name for name, _ in calls) == expected_calls(DOCUMENTED, per_head=True)
@@ -113,6 +130,7 @@ def test_one_per_head_input_hooked_switches_only_its_own_layer(model, tokens):
 
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared-input", "per-head-inputs"])
 def test_hook_shapes_when_continuing_from_a_kv_cache(model, tokens, per_head):
+    switch_on(model, *(SWITCHES if per_head else NOT_PER_HEAD_SWITCHES))
     cache = KVCache(TINY.n_layer)
     model(tokens, cache=cache)
     calls = []
@@ -199,6 +217,7 @@ def test_a_hook_returning_the_wrong_shape_is_named(model, tokens):
 
 def test_head_results_sum_to_the_attention_output(model, tokens):
     names = lambda n: n.endswith(("hook_result", "hook_attn_out"))  # noqa: E731
+    model.set_use_attn_result(True)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names=names)
     for l, block in enumerate(model.blocks):
@@ -238,9 +257,9 @@ def test_positions_give_the_full_logits_gathered(model, tokens, device):
 
 def test_run_with_cache_detaches_unless_asked(model, tokens):
     logits, cache = model.run_with_cache(tokens, names=lambda n: n.startswith("blocks.2"))
-    assert set(cache) == {n for n in DOCUMENTED if n.startswith("blocks.2")}
+    assert set(cache) == {n for n in DEFAULT_LIVE if n.startswith("blocks.2")}
     logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.2"))
-    assert set(cache) == {n for n in DOCUMENTED if n.startswith("blocks.2")}
+    assert set(cache) == {n for n in DEFAULT_LIVE if n.startswith("blocks.2")}
     assert not cache["blocks.2.hook_resid_post"].requires_grad
     logits, cache = model.run_with_cache(tokens, names=["blocks.2.hook_resid_post"], detach=False)
     cache["blocks.2.hook_resid_post"].sum().backward()  # the graph is kept
@@ -364,14 +383,18 @@ def test_run_with_cache_names_filter_forms(model, tokens):
         model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_zz")
 
 
-def test_run_with_cache_by_default_caches_all_but_the_per_head_inputs(model, tokens):
-    """A default TransformerLens model has no per-head inputs; caching them would change ln1's shapes."""
-    _, cache = model.run_with_cache(tokens)
-    assert set(cache) == set(DOCUMENTED) - PER_HEAD
-    assert cache[f"blocks.0.{LN1}.hook_scale"].shape == (BATCH, SEQ, 1)
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: True)
-    assert set(cache) == set(DOCUMENTED)
-    assert cache[f"blocks.0.{LN1}.hook_scale"].shape == (BATCH, SEQ, TINY.n_head, 1)
+def test_run_with_cache_by_default_caches_the_live_hooks(model, tokens):
+    """A default TransformerLens model's cache: no hook_tokens, hook_result, hook_mlp_in or per-head inputs
+    (a filter sees the same), ln1 shared; with every switch on, all of them, ln1 per head."""
+    for names_filter in (None, lambda n: True):
+        _, cache = model.run_with_cache(tokens, names_filter=names_filter)
+        assert set(cache) == DEFAULT_LIVE
+        assert cache[f"blocks.0.{LN1}.hook_scale"].shape == (BATCH, SEQ, 1)
+    switch_on(model)
+    for names_filter in (None, lambda n: True):
+        _, cache = model.run_with_cache(tokens, names_filter=names_filter)
+        assert set(cache) == set(DOCUMENTED)
+        assert cache[f"blocks.0.{LN1}.hook_scale"].shape == (BATCH, SEQ, TINY.n_head, 1)
 
 
 def test_run_with_cache_options(model, tokens):
@@ -405,3 +428,50 @@ def test_run_with_cache_incl_bwd_caches_gradients(model, tokens):
     with pytest.raises(ValueError, match="scalar"):
         model.run_with_cache(tokens, names_filter=names, incl_bwd=True)
     assert no_hooks_left(model)
+
+
+# ---------------------------------------------------------------------- hooks given or behaving wrongly: named errors
+def _float64(x, hp):
+    return x.double()
+
+
+BAD_HOOKS = [  # (run_with_hooks keywords, the message); every case raises HookError, naming the culprit and the fix
+    (dict(fwd_hooks={"blocks.0.attn.hook_z": lambda x, hp: None}), r"fwd_hooks is a dict.*list\(fwd_hooks.items\(\)\)"),
+    (dict(bwd_hooks={"blocks.0.attn.hook_z": lambda g, hp: None}), r"bwd_hooks is a dict"),
+    (dict(fwd_hooks=[("blocks.0.attn.hook_z",)]), r"fwd_hooks\[0\] is tuple of length 1.*without its function"),
+    (dict(fwd_hooks=["blocks.0.attn.hook_z"]), r"fwd_hooks\[0\] is 'blocks.0.attn.hook_z'.*without its function"),
+    (dict(fwd_hooks=("blocks.0.attn.hook_z", lambda x, hp: None)), r"fwd_hooks is one \(name, fn\) pair.*\[fwd_hooks\]"),
+    (dict(fwd_hooks=[("blocks.0.attn.hook_z", None)]), r"fwd_hooks\[0\]: the hook for blocks.0.attn.hook_z is a "
+                                                      r"NoneType, not a function"),
+    (dict(fwd_hooks=[(3, lambda x, hp: None)]), r"fwd_hooks\[0\]: the target 3 is neither a hook name nor a filter"),
+    (dict(fwd_hooks=[("blocks.0.attn.hook_z", _float64)]), r"hook on blocks.0.attn.hook_z returned dtype float64, "
+                                                           r"the activation is float32: return out.to"),
+    (dict(fwd_hooks=[("blocks.1.mlp.hook_post", lambda x, hp: x[..., :3])]),
+     r"hook on blocks.1.mlp.hook_post returned shape \(13, 7, 3\), expected \(13, 7, 37\)"),
+    (dict(fwd_hooks=[("hook_embed", lambda x, hp: x.tolist())]), r"hook on hook_embed returned list"),
+    (dict(fwd_hooks=[("hook_tokens", lambda x, hp: x.float())]), r"hook on hook_tokens returned dtype float32, "
+                                                                 r"the activation is int64"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_HOOKS, ids=[m[:30] for _, m in BAD_HOOKS])
+def test_a_bad_hook_is_a_named_error(model, tokens, kwargs, message):
+    from minigpt2 import HookError
+
+    with pytest.raises(HookError, match=message):
+        model.run_with_hooks(tokens, **kwargs)
+    assert no_hooks_left(model)
+    with pytest.raises(HookError, match=message):  # the same through the context manager and run_with_cache
+        with model.hooks(**kwargs):
+            model.run_with_cache(tokens, names_filter="hook_embed")
+    assert no_hooks_left(model)
+
+
+def test_a_backward_hook_returning_a_bad_gradient_is_named(model, tokens):
+    from minigpt2 import HookError
+
+    loss = model.run_with_hooks(tokens, return_type="loss", reset_hooks_end=False,
+                                bwd_hooks=[("blocks.1.hook_resid_mid", lambda g, hp: g.double())])
+    with pytest.raises(HookError, match="hook on blocks.1.hook_resid_mid returned a gradient of dtype float64"):
+        loss.backward()
+    model.reset_hooks()

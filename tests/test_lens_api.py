@@ -24,6 +24,7 @@ import torch
 from conftest import TINY, make_model, make_tokens
 from minigpt2.factored import FactoredMatrix
 from minigpt2.lens import TokenError
+from minigpt2.tokens import LensTokenizer
 
 pytest.importorskip("transformer_lens")
 
@@ -218,22 +219,48 @@ def test_tokens_to_residual_directions_equals_transformer_lens(base, tl_base):
 
 # ------------------------------------------------------------------ the tokenizer
 def test_tokenizer_equals_hugging_face(base, hf_tok):
-    tok = base.tokenizer
+    """Without its BOS (add_special_tokens=False, or add_bos_token=False), model.tokenizer is GPT-2's own."""
+    tok, plain = base.tokenizer, LensTokenizer(add_bos_token=False)
     for text in TEXTS:
-        assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False)
+        assert tok.encode(text, add_special_tokens=False) == plain.encode(text) == hf_tok.encode(text)
         assert tok.tokenize(text) == hf_tok.tokenize(text)
-        ids = tok.encode(text)
+        ids = plain.encode(text)
         assert tok.decode(ids) == hf_tok.decode(ids)
         assert tok.decode(torch.tensor(ids)) == hf_tok.decode(ids)
         assert tok.convert_ids_to_tokens(ids) == hf_tok.convert_ids_to_tokens(ids)
         assert tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(ids)) == ids
-    rows = [[50256] + tok.encode(t) for t in TEXTS[:3]]
+    rows = [[50256] + plain.encode(t) for t in TEXTS[:3]]
     assert tok.batch_decode(rows) == hf_tok.batch_decode(rows)
     assert tok.batch_decode(rows, skip_special_tokens=True) == hf_tok.batch_decode(rows, skip_special_tokens=True)
+    assert tok.batch_decode(torch.tensor(rows[:1])) == hf_tok.batch_decode(torch.tensor(rows[:1]))
     assert tok.decode(995) == hf_tok.decode(995)
     assert tok.get_vocab() == hf_tok.get_vocab() and len(tok) == len(hf_tok) == tok.vocab_size
     assert (tok.eos_token_id, tok.bos_token_id, tok.eos_token) == (hf_tok.eos_token_id, hf_tok.bos_token_id,
                                                                    hf_tok.eos_token)
+
+
+def test_tokenizer_equals_transformer_lens_s(base, tl_base):
+    """model.tokenizer is TransformerLens's model.tokenizer: GPT-2's loaded with add_bos_token=True, so encode
+    and the call put <|endoftext|> first (TransformerLens 3.9 with transformers 5), pad with it, right side."""
+    tok, tl_tok = base.tokenizer, tl_base.tokenizer
+    for text in TEXTS + [""]:
+        assert tok.encode(text) == tl_tok.encode(text)
+        assert tok(text).input_ids == tl_tok(text)["input_ids"]
+        assert tok.tokenize(text) == tl_tok.tokenize(text)
+    assert tok.encode(TEXTS[0], truncation=True, max_length=3) == tl_tok.encode(TEXTS[0], truncation=True,
+                                                                                 max_length=3)
+    for kwargs in [dict(padding=True, return_tensors="pt"), dict(padding="max_length", max_length=30),
+                   dict(truncation=True, max_length=4), dict(padding=True, padding_side="left", return_tensors="pt")]:
+        ours, theirs = tok(TEXTS, **kwargs), tl_tok(TEXTS, **kwargs)
+        for key in ("input_ids", "attention_mask"):
+            same = torch.equal if isinstance(theirs[key], torch.Tensor) else (lambda a, b: a == b)
+            assert same(ours[key], theirs[key]), (kwargs, key)
+    for name in ("bos_token", "eos_token", "pad_token", "bos_token_id", "eos_token_id", "pad_token_id",
+                 "padding_side", "add_bos_token", "all_special_ids", "all_special_tokens", "vocab_size"):
+        assert getattr(tok, name) == getattr(tl_tok, name), name
+    batch = tl_base.to_tokens(TEXTS[:3])
+    assert tok.batch_decode(batch) == tl_tok.batch_decode(batch)
+    assert base.to_string(batch) == tl_base.to_string(batch) == tl_tok.batch_decode(batch)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -246,14 +273,15 @@ def test_tokenizer_call_pads_as_hugging_face(base, hf_tok, side):
         for kwargs in [dict(padding=True, return_tensors="pt"), dict(padding="longest"),
                        dict(padding="max_length", max_length=30), dict(truncation=True, max_length=4),
                        dict(padding=True, truncation=True, max_length=5, return_tensors="pt"), {}]:
-            ours, theirs = tok(TEXTS, padding_side=side, **kwargs), hf_tok(TEXTS, padding_side=side, **plain, **kwargs)
+            ours = tok(TEXTS, padding_side=side, **plain, **kwargs)
+            theirs = hf_tok(TEXTS, padding_side=side, **plain, **kwargs)
             for key in ("input_ids", "attention_mask"):
                 if isinstance(theirs[key], torch.Tensor):
                     assert torch.equal(ours[key], theirs[key]), (kwargs, key)
                 else:
                     assert ours[key] == theirs[key], (kwargs, key)
-        assert tok(TEXTS[0]).input_ids == hf_tok(TEXTS[0], **plain)["input_ids"]  # one text: flat lists
-        assert torch.equal(tok(TEXTS[0], return_tensors="pt")["input_ids"],
+        assert tok(TEXTS[0], **plain).input_ids == hf_tok(TEXTS[0], **plain)["input_ids"]  # one text: flat lists
+        assert torch.equal(tok(TEXTS[0], return_tensors="pt", **plain)["input_ids"],
                            hf_tok(TEXTS[0], return_tensors="pt", **plain)["input_ids"])
         with pytest.raises(ValueError, match="padding=True"):
             tok(TEXTS, return_tensors="pt")

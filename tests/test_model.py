@@ -53,7 +53,7 @@ def test_gpt2_small_size_matches_transformers(gpt2_small, device):
         got = model(tokens)
     assert want.std() > 0.5  # logits far from zero, so the tolerance below means something
     assert (got - want).abs().max() <= 1e-4
-    assert torch.equal(model.generate(tokens[:1], 5, stop_token=None), greedy_transformers(hf, tokens[:1], 5))
+    assert torch.equal(model.generate(tokens[:1], 5, stop_token=None, do_sample=False), greedy_transformers(hf, tokens[:1], 5))
 
 
 def test_tiny_matches_transformers(tmp_path, hf_model, tokens, device):
@@ -65,7 +65,7 @@ def test_tiny_matches_transformers(tmp_path, hf_model, tokens, device):
         got = model(tokens)
     assert want.std() > 0.5
     assert (got - want).abs().max() <= 1e-4
-    assert torch.equal(model.generate(tokens, 9, stop_token=None), greedy_transformers(hf_model, tokens, 9))
+    assert torch.equal(model.generate(tokens, 9, stop_token=None, do_sample=False), greedy_transformers(hf_model, tokens, 9))
 
 
 def test_right_padding_matches_transformers(tmp_path, hf_model, tokens, device):

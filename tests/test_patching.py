@@ -318,7 +318,7 @@ def test_batched_equals_one_forward_per_patch(new_model, device, n_layer, n_head
     def metric(logits):  # [B, T, V] -> scalar
         return logits[:, positions].log_softmax(-1).gather(-1, targets[:, positions, None]).mean()
     act_name, setter, axes = CASES[case]
-    _, cache = model.run_with_cache(clean, names=lambda name: True)  # per-head inputs too
+    _, cache = model.run_with_cache(clean, names=list(model.hook_dict))  # every point by name: per-head inputs too
     kwargs = dict(max_rows=max_rows, logit_positions=positions if tell else None, batched_metric=batched)
     ours = mp.generic_activation_patch(model, corrupted, cache, torch.vmap(metric) if batched else metric, setter,
                                        act_name, axes, **kwargs)

@@ -8,7 +8,7 @@ import json
 import torch
 
 from finetune import publish
-from minigpt2 import GPT2, GPT2Config, load_pretrained, save_pretrained
+from minigpt2 import GPT2, GPT2Config, fileio, load_pretrained, save_pretrained
 
 
 def run_dir(tmp_path, seed: int):
@@ -100,7 +100,9 @@ def test_a_census_refreshed_in_place_adds_the_new_measurement_and_changes_nothin
     assert (dest / "README.md").read_text() == card
     assert (dest / "model.safetensors").read_bytes() == weights
     assert "with <|endoftext|> before each" in card and fresh["classes_bos"].keys() == fresh["classes"].keys()
-    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "config.json", "metadata.json", "model.safetensors"]
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "complete.json", "config.json", "metadata.json",
+                                                      "model.safetensors"]
+    assert fileio.checksum_problems(dest) == []  # the checksums follow the refreshed files
 
 
 def test_a_census_refresh_refuses_a_card_without_its_section(tmp_path):

@@ -55,7 +55,9 @@ def test_study_writes_a_complete_report(study, capsys):
     assert "Alpha" in report and "Beta" in report
     continuations = json.loads((study / "generate.json").read_text())  # each with its English-word count
     assert continuations and all(0 <= c["english_words"] <= c["words"] for c in continuations)
-    assert re.search(r"\| Greedy continuation +\| English words +\|", report)
+    assert all(c["distinct_english_words"] <= c["english_words"] for c in continuations)
+    # issue 24: distinct English words, repetition apart (" men men men" is one word, not three)
+    assert re.search(r"\| Greedy continuation +\| Distinct English words +\| Repeated words +\|", report)
     acdc = json.loads((study / "acdc_beta.json").read_text())  # ACDC on the last model, EAP-IG on each
     assert acdc["method"] == "ACDC" and "held_out" in acdc and (study / "eap_ig_alpha.json").exists()
     info = json.loads((study / "provenance.json").read_text())
@@ -211,7 +213,7 @@ def test_classify_scores_induction_on_the_bases_frequent_tokens_too(models, tmp_
     for label in ("Alpha", "Beta"):
         freq = table[label]["induction_score_frequent_tokens"]
         assert freq["pool_from"] == "Alpha" and freq["pool_size"] == len(pool)
-        want = induction_scores(GPT2.from_pretrained(dirs[label]), seq_len=31, n_examples=10, seed=1,
+        want = induction_scores(GPT2.from_pretrained_no_processing(dirs[label], device="cpu"), seq_len=31, n_examples=10, seed=1,
                                 pool=torch.tensor(pool))
         torch.testing.assert_close(torch.tensor(freq["scores"]), want)
         assert freq["heads"] == (want > 0.4).nonzero().tolist()
@@ -223,7 +225,7 @@ def test_classify_scores_induction_on_the_bases_frequent_tokens_too(models, tmp_
 
     batch = Session([f"{k}={v}" for k, v in dirs.items()], seed=1).eval_batch
     for label in ("Alpha", "Beta"):  # a model card's census counts what classify counts
-        census = head_census(GPT2.from_pretrained(dirs[label]), batch, n_examples=8, seed=1, pool=torch.tensor(pool))
+        census = head_census(GPT2.from_pretrained_no_processing(dirs[label], device="cpu"), batch, n_examples=8, seed=1, pool=torch.tensor(pool))
         assert census["heads"] == table[label]["heads"]
         assert census["classes"] == {c: len(h) for c, h in table[label]["heads"].items()}
         assert census["heads_bos"] == table[label]["heads_bos"]  # and with <|endoftext|> first
@@ -432,3 +434,28 @@ def test_sweep_runs_on_the_test_device(models, device, tmp_path, capsys):
     assert circuits.main(["sweep", "--models", *models, "--examples", "6", "--metrics", "accuracy", "loss",
                           "--device", str(device), "--out", str(out), "--seed", "1"]) == 0
     assert json.loads((out / "sweep.json").read_text())["Alpha"]["n_examples"] == 6
+
+
+def test_every_method_of_the_edge_tables_is_explained_and_named_by_its_metric(study):
+    """Issue 24: each method a table ranks gets one line saying what it is; each edge circuit names its own
+    metric and shows the normalised faithfulness beside the raw values."""
+    report = (study / "report.md").read_text()
+    for method in (*EDGE_METHODS, "ACDC", "EAP-IG", "search"):
+        assert re.search(rf"^- \*\*{re.escape(method)}\*\*: \S", report, re.M), method
+    edges = (study / "edges.md").read_text()
+    header = next(line for line in edges.splitlines() if line.startswith("| Model"))
+    for col in ("Metric", "Full model", "Circuit alone", "All ablated", "Faithfulness (normalised)"):
+        assert f"| {col} " in header, col
+    acdc = next(line for line in edges.splitlines() if line.startswith("| Beta ") and "| ACDC " in line)
+    eap = next(line for line in edges.splitlines() if line.startswith("| Beta ") and "| EAP-IG " in line)
+    assert "KL to clean (lower is better)" in acdc and "Logit Diff (higher is better)" in eap
+    from circuitlab.study import not_a_finding
+
+    for stem, lower in (("acdc_beta", True), ("eap_ig_alpha", False), ("eap_ig_beta", False)):
+        faith = json.loads((study / f"{stem}.json").read_text())["held_out"]
+        line = next(line for line in edges.splitlines() if f"({stem}.png)" in line)
+        # flagged exactly when it recovers nothing (or the model has nothing to recover)
+        assert ("not drawn as a finding" in line) == not_a_finding(faith, higher_is_better=not lower), (stem, faith)
+        assert ("not drawn as a finding" in line) == (f"![{stem}]" not in line)
+        if faith["normalized"] < 0.1:
+            assert "not drawn as a finding" in line

@@ -5,7 +5,8 @@ Both models compute the same function from the same weights: a GPT-2-small-shape
 heads, d_model 768, vocabulary 50257) with random weights and non-trivial layer norms (gains far from 1,
 biases far from 0, so that a hook_normalized taken after the affine would differ), and the bundled
 weights/base. TransformerLens runs with every optional hook on (use_attn_result, use_split_qkv_input,
-use_attn_in, use_hook_mlp_in, use_hook_tokens), minigpt2 with every hook hooked; their caches are compared
+use_attn_in, use_hook_mlp_in, use_hook_tokens), minigpt2 with the same switches and every hook hooked (each
+setting of the switches: test_tl_switches.py); their caches are compared
 name by name: shapes, -inf entries, values (<= 1e-5 absolute, plus 1e-5 relative for large values),
 without an attention mask and with one holding right- and left-padded rows, at every position
 (padding included: both define every padded position the same way, zero position embedding and, for a
@@ -14,7 +15,7 @@ query with no real key, an all-zero pattern row and z = 0).
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from unittest import mock
 
 import pytest
@@ -39,6 +40,19 @@ EOT = 50256
 # TransformerLens 3.9's hooks minigpt2 lacks: the unembedding's input and output (see the xfail below);
 # empty this set when minigpt2/model.py gains them.
 NOT_IN_MINIGPT2: set[str] = set()  # every hook TransformerLens 3.9 has for GPT-2 is here
+
+
+@contextmanager
+def switches(model: GPT2, **flags):
+    """TransformerLens's switches set on ``model.cfg`` for the block (the bundled model is shared by modules)."""
+    old = {k: getattr(model.cfg, k) for k in flags}
+    for k, v in flags.items():
+        setattr(model.cfg, k, v)
+    try:
+        yield model
+    finally:
+        for k, v in old.items():
+            setattr(model.cfg, k, v)
 
 
 def ln_names(model: GPT2) -> tuple[str, str]:
@@ -133,7 +147,7 @@ def test_every_transformer_lens_activation_is_here_with_the_same_value(pair, pad
     model, tl = pair
     tokens, mask = batch(model.cfg.vocab_size, 8 if model.cfg.d_model > 100 else 11, seed=1, device=model.device)
     mask = mask if padded else None
-    with torch.no_grad():
+    with torch.no_grad(), switches(model, **TL_FLAGS):
         logits, ours_cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: True)
         tl_logits, tl_cache = tl.run_with_cache(tokens, attention_mask=mask)
     assert NOT_IN_MINIGPT2 <= set(tl_cache.keys())
@@ -147,16 +161,18 @@ def test_every_transformer_lens_activation_is_here_with_the_same_value(pair, pad
 
 def test_the_default_cache_matches_a_default_transformer_lens_model(bundled_pair, tl_twin):
     """run_with_cache() with no names is what a notebook on a default TransformerLens model gets (no
-    per-head inputs, so ln1's scale is [B, T, 1]), plus hook_result / hook_mlp_in / hook_tokens."""
+    per-head inputs, so ln1's scale is [B, T, 1]; no hook_result, hook_mlp_in or hook_tokens), and so is
+    a filter that takes every name."""
     model, _ = bundled_pair
     tl = tl_twin(model)
     tokens, mask = batch(model.cfg.vocab_size, 9, seed=2, device=model.device)
     with torch.no_grad():
         _, ours_cache = model.run_with_cache(tokens, attention_mask=mask)
         _, tl_cache = tl.run_with_cache(tokens, attention_mask=mask)
-    extra = {n for n in ours_cache.keys() if n.endswith(("hook_result", "hook_mlp_in", "hook_tokens"))}
+        _, filtered = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: True)
     assert not any(n.endswith(PER_HEAD_INPUT_HOOKS) for n in ours_cache.keys())
-    assert_same_caches(model, ours_cache, tl_cache, skip=extra)
+    assert_same_caches(model, ours_cache, tl_cache)
+    assert list(ours_cache.keys()) == list(filtered.keys()) == list(tl_cache.keys())
 
 
 def test_a_row_of_scores_set_to_minus_inf_gives_a_zero_pattern_row_in_both(bundled_pair):
@@ -171,7 +187,7 @@ def test_a_row_of_scores_set_to_minus_inf_gives_a_zero_pattern_row_in_both(bundl
         return scores
 
     hooks = [(f"blocks.{layer}.attn.hook_attn_scores", block_row)]
-    with torch.no_grad():
+    with torch.no_grad(), switches(model, **TL_FLAGS):
         with model.hooks(fwd_hooks=hooks):
             logits, ours_cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: True)
         with tl.hooks(fwd_hooks=hooks):
@@ -184,21 +200,38 @@ def test_a_row_of_scores_set_to_minus_inf_gives_a_zero_pattern_row_in_both(bundl
 
 
 def test_gradients_cached_with_incl_bwd_match(bundled_pair):
-    """run_with_cache(incl_bwd=True): each "<name>_grad" is TransformerLens's. (ln1 runs three times under one
-    name, on the q, k and v inputs in that order in both, so both cache the gradient the backward pass reaches
-    last.) Left out: hook_attn_in's, which TransformerLens (with use_split_qkv_input) computes but does not
-    use, while minigpt2 derives the q / k / v inputs from it, so that its gradient is theirs summed (checked)."""
+    """run_with_cache(incl_bwd=True): each "<name>_grad" is TransformerLens's, but two kinds, both checked:
+    ln1 runs three times under one name (on the q, k and v inputs) in both; TransformerLens caches the gradient
+    of the call the backward pass reaches last, minigpt2 the sum of the three (the gradient of a change made
+    at every call; test_tl_switches checks it by finite differences): it equals TransformerLens's three shares
+    summed. And hook_attn_in's, which TransformerLens (with use_split_qkv_input) computes but does not use,
+    while minigpt2 derives the q / k / v inputs from it, so that its gradient is theirs summed."""
     model, tl = bundled_pair
     tokens, _ = batch(model.cfg.vocab_size, 9, seed=4, device=model.device)
-    loss, ours_cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=lambda n: True)
+    with switches(model, **TL_FLAGS):
+        loss, ours_cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True, names_filter=lambda n: True)
     tl_loss, tl_cache = tl.run_with_cache(tokens, return_type="loss", incl_bwd=True)
+    shares: dict[str, torch.Tensor] = {}
+
+    def add_share(grad, hook):
+        shares[hook.name] = shares.get(hook.name, 0) + grad.detach()
+
+    tl_loss2 = tl.run_with_hooks(tokens, return_type="loss", bwd_hooks=[(lambda n: ".ln1." in n, add_share)],
+                                 reset_hooks_end=False)
+    tl_loss2.backward()
+    tl.reset_hooks()
     model.zero_grad(set_to_none=True)
     tl.zero_grad(set_to_none=True)
     assert_same(loss.detach(), tl_loss.detach(), "loss")
+    ln1 = {n + "_grad" for n in shares}
+    assert len(ln1) == 2 * model.cfg.n_layer
     skip = {f"blocks.{l}.hook_attn_in_grad" for l in range(model.cfg.n_layer)} | {n + "_grad" for n in NOT_IN_MINIGPT2}
-    grads = {n for n in tl_cache.keys() if n.endswith("_grad") and n not in skip}
+    grads = {n for n in tl_cache.keys() if n.endswith("_grad") and n not in skip | ln1}
     assert len(grads) > 200
-    assert_same_caches(model, ours_cache, tl_cache, skip=skip)
+    assert_same_caches(model, ours_cache, tl_cache, skip=skip | ln1)
+    for name, total in shares.items():
+        assert_same(ours_cache[ours(model, name) + "_grad"], total, name + "_grad")
+        assert not torch.allclose(tl_cache[name + "_grad"], total)  # TransformerLens's: one share
     for l in range(model.cfg.n_layer):
         summed = sum(ours_cache[f"blocks.{l}.hook_{x}_input_grad"] for x in "qkv")
         torch.testing.assert_close(ours_cache[f"blocks.{l}.hook_attn_in_grad"], summed, atol=ATOL, rtol=RTOL)

@@ -1,13 +1,16 @@
 """Metrics against hand-computed values, and [V, B, vocab] stacks against per-variant loops."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpp import Example, encode_eval, metrics
+import tpp
+from tpp import Example, encode_eval, make_examples, metrics
 
 LN2 = math.log(2)
 
@@ -96,3 +99,71 @@ def test_low_precision_logits_are_scored_in_float32():
     logits = torch.tensor([[0.0, 0.0, LN2]], dtype=torch.bfloat16)
     assert metrics.cross_entropy(logits, torch.tensor([2])).dtype == torch.float32
     assert metrics.cross_entropy(logits, torch.tensor([2])).item() == pytest.approx(LN2, abs=1e-2)
+
+
+# ---------------------------------------------------------------- the answer format travels with the model
+class _Model:
+    """Stands in for a model: tpp reads only its answer_space (minigpt2.load_pretrained sets it)."""
+
+    def __init__(self, answer_space):
+        self.answer_space = answer_space
+
+
+def test_encode_eval_takes_the_models_format():
+    examples = make_examples(4, seed=1)
+    assert encode_eval(examples, model=_Model("answer")).space == "answer"
+    assert encode_eval(examples, model=_Model("prompt")).space == "prompt"
+    assert encode_eval(examples, model=_Model(None)).space == "prompt"  # unrecorded: the paper's
+    assert encode_eval(examples).space == "prompt"
+    same = encode_eval(examples, model=_Model("answer"))
+    assert torch.equal(same.tokens, encode_eval(examples, space="answer").tokens)
+    assert same.select([1, 0]).space == same.to("cpu").space == "answer"
+    assert encode_eval(examples, single_token=True, model=_Model("prompt")).single_token
+
+
+def test_a_format_the_model_was_not_finetuned_in_is_refused_naming_both():
+    examples = make_examples(4, seed=1)
+    with pytest.raises(ValueError, match=r"space='prompt', but the model was finetuned in 'answer'"):
+        encode_eval(examples, space="prompt", model=_Model("answer"))
+    paper = encode_eval(examples)
+    logits = torch.zeros(len(paper), 50257)
+    with pytest.raises(ValueError, match=r"batch is in the 'prompt' format .* finetuned in 'answer'"):
+        metrics.summarize(logits, paper, model=_Model("answer"))
+    with pytest.raises(ValueError, match=r"'answer_space' is 'sideways'|answer_space is 'sideways'"):
+        metrics.summarize(logits, paper, model=_Model("sideways"))
+    metrics.summarize(logits, paper, model=_Model("prompt"))  # the same format, an unknown one: scored
+    metrics.summarize(logits, paper, model=_Model(None))
+    single = encode_eval(make_examples(4, seed=1), single_token=True)
+    metrics.summarize(logits, single, model=_Model("prompt"))  # the paper's second set: ' c' on every model
+
+
+def test_a_loaded_model_knows_its_format(tmp_path):
+    """load_pretrained records metadata.json's answer_space (or a card's eval_data.answer_space)."""
+    from minigpt2 import GPT2, GPT2Config, load_pretrained
+
+    root = Path(__file__).resolve().parents[1] / "weights"
+    assert load_pretrained(root / "welterweight").answer_space == "answer"
+    assert load_pretrained(root / "base").answer_space == "answer"  # its card's eval format
+    GPT2(GPT2Config(n_layer=1, n_head=2, d_model=8, d_mlp=12, n_ctx=16, vocab_size=50257)).save_pretrained(tmp_path)
+    assert load_pretrained(tmp_path).answer_space is None
+    (tmp_path / "metadata.json").write_text(json.dumps({"answer_space": "prompt"}))
+    assert load_pretrained(tmp_path).answer_space == "prompt"
+    (tmp_path / "metadata.json").write_text("{broken")
+    assert load_pretrained(tmp_path).answer_space is None  # the weights load all the same
+
+
+def test_the_recipe_scores_a_bundled_finetune_in_its_format():
+    """The docstring's recipe, on welterweight: the model's format scores well; the paper's is refused."""
+    from minigpt2 import load_pretrained
+
+    model = load_pretrained(Path(__file__).resolve().parents[1] / "weights" / "welterweight")
+    ev = encode_eval(tpp.make_eval_set(40, seed=5), model=model)
+    with torch.no_grad():
+        final = model(ev.tokens, positions=ev.answer_pos)
+    assert metrics.summarize(final, ev, model=model)["accuracy"][0] > 0.6
+    paper = encode_eval(ev.examples, space="prompt")
+    with torch.no_grad():
+        wrong = model(paper.tokens, positions=paper.answer_pos)
+    assert metrics.summarize(wrong, paper)["accuracy"][0] < 0.2  # the silent near-0 this refusal prevents
+    with pytest.raises(ValueError, match="'prompt' format"):
+        metrics.summarize(wrong, paper, model=model)

@@ -4,6 +4,7 @@ every bad file is refused with a message that names the culprit."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import stat
 import threading
@@ -455,10 +456,25 @@ def test_an_index_that_disagrees_with_its_shards_is_refused(checkpoint):
     refused(checkpoint, f"{first} holds {key}, but {index} does not list it")
 
 
-def test_both_a_single_file_and_an_index_is_ambiguous(checkpoint, model):
+def test_both_a_single_file_and_an_index_is_ambiguous(checkpoint, model, tmp_path):
     index, _ = shard(checkpoint)
-    save_pretrained(model, checkpoint)
+    save_pretrained(model, tmp_path / "single")  # save_pretrained itself refuses to make the mixture (below)
+    shutil.copy(tmp_path / "single" / "model.safetensors", checkpoint / "model.safetensors")
     refused(checkpoint, "holds both model.safetensors and model.safetensors.index.json", "remove the stale one")
+
+
+def test_save_pretrained_refuses_a_sharded_directory_and_a_file(checkpoint, model, tmp_path):
+    """Saving over a sharded checkpoint would make the mixture above; onto a file, a named error (not
+    pathlib's FileExistsError). Nothing is written either way."""
+    shard(checkpoint)
+    before = sorted(p.name for p in checkpoint.iterdir())
+    with pytest.raises(CheckpointError, match=r"holds a sharded checkpoint.*Fix: save into a new directory"):
+        save_pretrained(model, checkpoint)
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"a_file is a file, not a directory.*Fix: pass a directory"):
+        save_pretrained(model, tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 @pytest.mark.parametrize("shard_name", ["../outside.safetensors", "{outside}", "sub/../../outside.safetensors",

@@ -246,8 +246,13 @@ def test_header_json_edited(edits, offsets, length, pad):
 
 @st.composite
 def tensor_edit(draw):
-    kind = draw(st.sampled_from(["drop", "extra", "hub duplicate", "lm_head", "mask buffer", "cast", "reshape"]))
+    kind = draw(st.sampled_from(["drop", "extra", "hub duplicate", "lm_head", "mask buffer", "cast", "reshape",
+                                 "values_nan", "values_inf"]))
     k = draw(key)
+    if kind.startswith("values_"):  # a weight holding NaN or +-inf: refused, named, never loaded
+        value = draw(st.sampled_from([math.nan] if kind == "values_nan" else [math.inf, -math.inf]))
+        at = draw(st.integers(0, TENSORS[k].numel() - 1))
+        return lambda sd: sd[k].view(-1).__setitem__(at, value) if k in sd else None
     if kind == "drop":
         return lambda sd: sd.pop(k, None)
     if kind == "extra":
@@ -276,7 +281,9 @@ def test_tensors_edited(edits):
     sd = {k: v.clone() for k, v in TENSORS.items()}
     for edit in edits:
         edit(sd)
-    outcome(files_with(save(sd, metadata={"format": "pt"})))
+    result = outcome(files_with(save(sd, metadata={"format": "pt"})))
+    if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in sd.values()):
+        assert result == "refused"
 
 
 @settings(FUZZ, max_examples=15)

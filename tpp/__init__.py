@@ -5,14 +5,33 @@ A TPP prompt states a->b and b->c and stops where c is to be predicted:
 This package knows nothing of the model: it makes Examples, encodes them into
 token ids, labels and masks, and scores final-position logits (tpp.metrics).
 
+The answer format travels with the model: where the space before c goes, the
+paper's trailing space in the prompt ("prompt") or " c" ("answer", the bundled
+models'). A model loaded by minigpt2.load_pretrained carries it as
+model.answer_space (from its metadata.json); encode_eval(..., model=model)
+encodes in it, and metrics.summarize(..., model=model) refuses a batch in the
+other format, which would score about 0.
+
+    import torch
+    from minigpt2 import load_pretrained
     from tpp import master_dataset, make_eval_set, encode_for_training, encode_eval, metrics
-    train = master_dataset(seed=0)[:15_800]           # the paper's 10% run
-    batch = encode_for_training(train)                 # input_ids / attention_mask / labels
-    ev = encode_eval(make_eval_set(3000, seed=0, exclude=train))
-    metrics.summarize(metrics.final_position(logits, ev), ev)
+    train = master_dataset(seed=0)[:15_800]            # the paper's 10% run
+    batch = encode_for_training(train, space="answer") # input_ids / attention_mask / labels, ' c' format
+    model = load_pretrained("weights/welterweight")    # finetuned in ' c': model.answer_space == "answer"
+    ev = encode_eval(make_eval_set(200, seed=0, exclude=train), model=model)
+    with torch.no_grad():                              # logits [B, vocab] at each prompt's last token
+        logits = model(ev.tokens, positions=ev.answer_pos)  # (all positions: metrics.final_position)
+    mean, sem = metrics.summarize(logits, ev, model=model)["accuracy"]
+    print(f"accuracy {mean:.2f} ± {sem:.2f}")          # about 0.9
 
 CLI: python -m tpp --help
 """
+
+import os as _os
+import sys as _sys
+
+if "torch" not in _sys.modules:  # OpenMP's wait policy, read once when torch loads (minigpt2/threads.py)
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tpp import metrics
 from tpp.encoding import EOT_TOKEN, IGNORE_INDEX, EvalBatch, encode_eval, encode_for_training

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from tpp.examples import MAX_EXAMPLES
-from tpp.flags import Parser, blame, fail, integer, number
+from tpp.flags import HelpFormatter, Parser, blame, fail, integer, number
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 OUTPUTS = ("train.jsonl", "eval.jsonl", "eval_single_token.jsonl", "args.json")  # what build writes
@@ -26,7 +26,7 @@ COUNT = integer(1, MAX_EXAMPLES, why="at most tpp.examples.MAX_EXAMPLES, so that
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m tpp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m tpp", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_source(p, n_default):
@@ -53,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="folder for the JSONL files and args.json")
     g.add_argument("--overwrite", action="store_true", help="replace the files of a dataset already in --out")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (on a terminal) or progress lines (in a log)")
 
     for name, n_default, what in (("show", 5, "print examples and their GPT-2 tokens"),
                                   ("stats", 158_000, "print token-length, single-token and template statistics")):
         p = sub.add_parser(name, help=what)
         add_source(p, n_default)
-        p.add_argument("--file", type=Path, default=None, help="read examples from a JSONL file instead")
+        p.add_argument("--file", type=Path, default=None, help="read examples from a JSONL file instead (default: none, generate them)")
         if name == "show":
             p.add_argument("--single-token", action="store_true",
                            help="show the single-token scheme (trailing space moved onto ' c')")
@@ -133,7 +135,9 @@ def _examples(args):
 
 def cmd_build(args) -> None:
     from tpp.examples import (make_eval_set, make_single_token_eval_set, master_dataset, split_nouns)
-    from tpp.jsonl import jsonl_text, write_atomic
+    from minigpt2.fileio import write_files
+    from minigpt2.progress import progress
+    from tpp.jsonl import jsonl_text
     from tpp.nouns import load_nouns
 
     nouns = load_nouns(args.nouns)
@@ -141,20 +145,27 @@ def cmd_build(args) -> None:
     if args.disjoint_nouns:
         with blame("--eval-noun-fraction", args.eval_noun_fraction):
             train_nouns, eval_nouns = split_nouns(nouns, args.eval_noun_fraction, args.seed)
-    with blame("--n", args.n):
-        train = master_dataset(seed=args.seed, n=args.n, templates=args.templates, nouns=train_nouns)
-    with blame("--eval-n", args.eval_n):
-        evals = make_eval_set(args.eval_n, seed=args.seed, exclude=train, templates=args.templates, nouns=eval_nouns)
-    with blame("--single-n", args.single_n):
-        single = make_single_token_eval_set(args.single_n, seed=args.seed, exclude=train,
-                                            templates=args.templates, nouns=eval_nouns)
-    # Everything is built and serialized before the first write, so a failure leaves no partial dataset.
-    texts = {"train.jsonl": jsonl_text(train), "eval.jsonl": jsonl_text(evals),
-             "eval_single_token.jsonl": jsonl_text(single),
-             "args.json": json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                     indent=2) + "\n"}
-    for name, text in texts.items():
-        write_atomic(args.out / name, text)
+    # each part takes seconds (the train set's tokens about half of it): a bar, or a line per part in a log
+    with progress(total=5, desc="tpp build", unit="part", enabled=args.progress) as bar:
+        with blame("--n", args.n):
+            train = master_dataset(seed=args.seed, n=args.n, templates=args.templates, nouns=train_nouns)
+        bar.update(1, f"{len(train):,} train examples")
+        with blame("--eval-n", args.eval_n):
+            evals = make_eval_set(args.eval_n, seed=args.seed, exclude=train, templates=args.templates,
+                                  nouns=eval_nouns)
+        bar.update(1, f"{len(evals):,} eval examples")
+        with blame("--single-n", args.single_n):
+            single = make_single_token_eval_set(args.single_n, seed=args.seed, exclude=train,
+                                                templates=args.templates, nouns=eval_nouns)
+        bar.update(1, f"{len(single):,} single-token eval examples")
+        # Everything is built and serialized before the first write, so a failure leaves no partial dataset.
+        texts = {"train.jsonl": jsonl_text(train), "eval.jsonl": jsonl_text(evals),
+                 "eval_single_token.jsonl": jsonl_text(single),
+                 "args.json": json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                                          if k != "progress"}, indent=2) + "\n"}
+        bar.update(1, "tokens and JSONL text")
+        write_files(args.out, texts)  # all or none: a full disk leaves neither a part nor an empty --out
+        bar.update(1, f"written to {args.out}")
     print(f"wrote {len(train)} train, {len(evals)} eval and {len(single)} single-token eval examples to {args.out}")
 
 
@@ -204,6 +215,14 @@ def cmd_templates(args) -> None:
 
     for name, text in TEMPLATES.items():
         print(f"{'*' if name in DEFAULT_TEMPLATE_NAMES else ' '} {name}: {text}")
+    names_of: dict[str, list[str]] = {}
+    for name in DEFAULT_TEMPLATE_NAMES:
+        names_of.setdefault(TEMPLATES[name], []).append(name)
+    for names in names_of.values():
+        if len(names) > 1:
+            print(f"note: {' and '.join(names)} have the same text: the paper's appendix lists it "
+                  f"{'twice' if len(names) == 2 else f'{len(names)} times'}, so drawing templates uniformly gives it the paper's weight, {len(names)}/"
+                  f"{len(DEFAULT_TEMPLATE_NAMES)}")
 
 
 def cmd_build_nouns(args) -> int:
@@ -238,6 +257,9 @@ def main(argv=None) -> int:
         return commands[args.command](args) or 0
     except (ValueError, LookupError, OSError) as e:
         return fail(f"{parser.prog} {args.command}", e)
+    except KeyboardInterrupt:  # as train.py and circuits.py: one line, status 130; writes are all-or-none
+        print(f"\n{parser.prog} {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

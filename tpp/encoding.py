@@ -72,11 +72,38 @@ def _check_nonempty(examples, fn: str) -> list[Example]:
 
 
 SPACES = ("prompt", "answer")  # where the space before c goes: the paper's trailing space, or ' c'
+FORMATS = {"prompt": "the paper's: trailing space in the prompt, c on its own",
+           "answer": "the space on the answer: ' c'"}
 
 
 def check_space(space: str) -> None:
     if space not in SPACES:
         raise ValueError(f"space={space!r} is unknown. Fix: use 'prompt' (the paper's) or 'answer'.")
+
+
+def model_space(model) -> str | None:
+    """The answer format a model was finetuned in: its ``answer_space`` attribute ("prompt" or "answer"),
+    which minigpt2.load_pretrained reads from the directory's metadata.json; None when unrecorded
+    (a model built in code, GPT-2's own files). tpp never imports the model: any object will do."""
+    space = getattr(model, "answer_space", None)
+    if space is not None and space not in SPACES:
+        raise ValueError(f"the model's answer_space is {space!r}, not one of {list(SPACES)}. "
+                         "Fix: correct answer_space in its metadata.json, or set model.answer_space.")
+    return space
+
+
+def resolve_space(space: str | None, model=None, fn: str = "encode_eval") -> str:
+    """``space`` if given, else the model's format, else the paper's "prompt"; a ``space`` that
+    contradicts the model's recorded format is refused, naming both."""
+    own = model_space(model)
+    if space is None:
+        return own or "prompt"
+    check_space(space)
+    if own is not None and own != space:
+        raise ValueError(f"{fn}: space={space!r}, but the model was finetuned in {own!r} ({FORMATS[own]}); "
+                         "data in one format scores about 0 on a model of the other. "
+                         f"Fix: drop space= (the model's format is then used) or pass space={own!r}.")
+    return space
 
 
 def encode_for_training(examples: Sequence[Example], label_style: str = "teacher-forced",
@@ -150,6 +177,9 @@ class EvalBatch:
     c_token: [N] long, c's first token (the target). b_token: [N] long, b's
         first token, encoded the same way (for the logit difference).
     examples: the N Examples, in row order.
+    space: the answer format the rows are in, "prompt" (the paper's) or "answer" (' c'); a model
+        finetuned in the other one is refused by tpp.metrics.summarize(..., model=model).
+    single_token: the paper's second eval set (' c', scored on every model whatever its format).
     """
 
     tokens: torch.Tensor
@@ -158,6 +188,8 @@ class EvalBatch:
     c_token: torch.Tensor
     b_token: torch.Tensor
     examples: list[Example]
+    space: str = "prompt"
+    single_token: bool = False
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -165,7 +197,7 @@ class EvalBatch:
     def to(self, device) -> "EvalBatch":
         """A copy with every tensor on `device`."""
         return EvalBatch(self.tokens.to(device), self.attention_mask.to(device), self.answer_pos.to(device),
-                         self.c_token.to(device), self.b_token.to(device), self.examples)
+                         self.c_token.to(device), self.b_token.to(device), self.examples, self.space, self.single_token)
 
     def select(self, index) -> "EvalBatch":
         """Rows `index` (a slice, or a sequence / tensor of row numbers) as a new EvalBatch.
@@ -175,28 +207,44 @@ class EvalBatch:
         rows = list(range(len(self)))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
         idx = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
         return EvalBatch(self.tokens[idx], self.attention_mask[idx], self.answer_pos[idx],
-                         self.c_token[idx], self.b_token[idx], [self.examples[r] for r in rows])
+                         self.c_token[idx], self.b_token[idx], [self.examples[r] for r in rows], self.space,
+                         self.single_token)
 
 
 def encode_eval(examples: Sequence[Example], single_token: bool = False, tokenizer=None,
-                space: str = "prompt") -> EvalBatch:
+                space: str | None = None, *, model=None) -> EvalBatch:
     """Encode examples for scoring the first token of c at the end of the prompt.
 
-    space="prompt" (the paper's first eval set): the prompt keeps its trailing
+    The answer format, where the space before c goes, must be the one the model was finetuned in
+    (scored in the other, a model gets about 0 accuracy). Pass the model, and its format is used:
+
+        from minigpt2 import load_pretrained
+        from tpp import encode_eval, make_eval_set
+        model = load_pretrained("weights/welterweight")    # model.answer_space == "answer"
+        batch = encode_eval(make_eval_set(300, seed=0), model=model)
+        print(batch.space)                                 # answer
+
+    space="prompt" (the paper's first eval set; the default without a model, or
+        when the model's format is unrecorded): the prompt keeps its trailing
         space, whose token is the last one; c and b are encoded on their own,
         without a space, and their first tokens are the targets.
     space="answer": the trailing space moves onto the answer: the prompt is
         encoded without it and the targets are the first tokens of " c" and
-        " b". The format of models finetuned with ``space="answer"``.
-    single_token=True (the paper's second eval set) is space="answer": for
+        " b". The format of models finetuned with ``space="answer"`` (the bundled ones).
+    model: any object with an ``answer_space`` attribute ("prompt", "answer" or None: unrecorded),
+        as minigpt2.load_pretrained sets from metadata.json. A ``space`` that contradicts it is refused.
+    single_token=True (the paper's second eval set) is space="answer" on every model: for
         examples from make_single_token_eval_set, " c" is exactly one token.
 
-    Returns an EvalBatch; rows are right-padded with EOS to the longest prompt.
-    Raises ValueError on no examples, an unknown space, or (space "answer") a prompt without its trailing space.
+    Returns an EvalBatch (its .space says the format); rows are right-padded with EOS to the longest prompt.
+    Raises ValueError on no examples, an unknown space, a space the model was not finetuned in, or
+    (space "answer") a prompt without its trailing space.
     """
     examples = _check_nonempty(examples, "encode_eval")
-    check_space(space)
-    moved = single_token or space == "answer"
+    if single_token and space is not None:
+        check_space(space)
+    space = "answer" if single_token else resolve_space(space, model)
+    moved = space == "answer"
     if moved:
         for i, e in enumerate(examples):
             if not e.prompt.endswith(" "):
@@ -218,4 +266,6 @@ def encode_eval(examples: Sequence[Example], single_token: bool = False, tokeniz
         c_token=torch.tensor(first_c, dtype=torch.long),
         b_token=torch.tensor(first_b, dtype=torch.long),
         examples=examples,
+        space=space,
+        single_token=single_token,
     )

@@ -2,6 +2,8 @@
 
 * :class:`Parser`: argparse whose errors are one line, ``prog: error: message``, exit status 2
   (no usage block, no traceback); its sub-parsers are the same class.
+* :class:`HelpFormatter` (Parser's): --help shows every option's default, "(default: X)" unless the
+  help says it in words ("default: ..."), and descriptions without docstring markup.
 * argument types (``type=integer(1, 3000)``, ``type=number(0, 1)``, ``type=text``) that refuse an
   impossible value while the command line is parsed, before any work, with the range it must lie in;
   argparse puts the flag in front ("argument --examples: ...").
@@ -17,11 +19,54 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import sys
 
 
+SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+            argparse._HelpAction, argparse._VersionAction, argparse._CountAction)
+
+
+def shown_default(action: argparse.Action) -> str | None:
+    """What --help should say an option defaults to, or None when its help must say it in words: a switch
+    (present or not), a required or positional argument, a default of None (computed when absent)."""
+    if isinstance(action, SWITCHES) or action.required or not action.option_strings:
+        return None
+    d = action.default
+    if d is None or d is argparse.SUPPRESS or (isinstance(d, (str, list, tuple)) and not d):
+        return None
+    return " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+
+
+def plain(text: str) -> str:
+    """Docstring markup made plain for a terminal: :func:`name` and ``code`` -> name and code."""
+    return re.sub(r"``([^`]*)``", r"\1", re.sub(r":[a-z]+:`~?([^`]*)`", r"\1", text))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default: "(default: X)" appended unless the help text already says
+    its default in words (a computed default, written "default: ..."). Descriptions keep their lines,
+    with docstring markup made plain (a module docstring serves as a description)."""
+
+    def _fill_text(self, text, width, indent):
+        return super()._fill_text(plain(text), width, indent)
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        d = shown_default(action)
+        if d is None or "default:" in help.lower():
+            return help
+        d = d.replace("%", "%%")  # argparse %-formats the help string
+        return f"{help} (default: {d})" if help else f"default: {d}"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prog: error: message`` on stderr, exit status 2."""
+    """argparse with one-line errors: ``prog: error: message`` on stderr, exit status 2, and every
+    option's default in --help (:class:`HelpFormatter`, sub-parsers included)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

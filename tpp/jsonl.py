@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,21 +34,17 @@ def example_rows(examples: Sequence[Example], tokenizer=None) -> list[dict]:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename,
-    so a reader never sees a half-written file, even if this process dies."""
+    """Write text to path via a temporary file in the same folder, fsynced, and a rename, so a reader
+    never sees a half-written file, even if this process dies or the disk fills (an OSError naming
+    the file: minigpt2.fileio.WriteError)."""
+    from minigpt2.fileio import WriteError, atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it an ordinary file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(path.parent, e) from None
+    atomic_write_text(path, text)
 
 
 def jsonl_text(examples: Sequence[Example], tokenizer=None) -> str:
@@ -63,28 +57,36 @@ def save_examples(path: str | Path, examples: Sequence[Example], tokenizer=None)
 
 
 def load_examples(path: str | Path) -> list[Example]:
-    """Read the Examples of a JSONL file written by save_examples (token ids are ignored)."""
+    """Read the Examples of a JSONL file written by save_examples (token ids are ignored).
+    The file is read as every text input is (minigpt2.fileio.read_text: a regular file, UTF-8, no
+    byte-order mark), each line as strict JSON of bounded depth; a bad line is named by its number."""
+    from minigpt2.fileio import FileError, parse_json, read_text
+
     path = Path(path)
     fix = "Fix: pass a file written by `python -m tpp build`."
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a JSONL file. {fix} (e.g. {path / 'train.jsonl'})")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"no file at {path}. {fix}")
+    try:
+        text = read_text(path, "")
+    except FileError as e:
+        raise ValueError(f"{e}. {fix}") from None
     examples = []
-    with open(path, encoding="utf-8") as f:
-        lineno = 0
+    for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 is no line end
+        if not line.strip():
+            continue
         try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                fields = [row["template"], row["a"], row["b"], row["c"], row["prompt"]]
-                if not all(isinstance(x, str) for x in fields):
-                    raise TypeError("template, a, b, c and prompt must be strings")
-                examples.append(Example(*fields))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason}). {fix}") from e
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            row = parse_json(line, f"{path}:{lineno}")
+            if not isinstance(row, dict):
+                raise TypeError(f"a JSON {type(row).__name__}, not an object")
+            fields = [row["template"], row["a"], row["b"], row["c"], row["prompt"]]
+            if not all(isinstance(x, str) for x in fields):
+                raise TypeError("template, a, b, c and prompt must be strings")
+        except FileError as e:
+            raise ValueError(f"{e}: not a TPP example row. {fix}") from None
+        except (KeyError, TypeError) as e:
             what = f": it lacks the field {e}" if isinstance(e, KeyError) else f" ({e})"
-            raise ValueError(f"{path}:{lineno} is not a TPP example row{what}. {fix}") from e
+            raise ValueError(f"{path}:{lineno} is not a TPP example row{what}. {fix}") from None
+        examples.append(Example(*fields))
     return examples

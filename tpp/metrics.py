@@ -90,15 +90,35 @@ def mean_sem(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, values.std(dim=-1, correction=1) / math.sqrt(n)
 
 
-def summarize(logits: torch.Tensor, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def check_format(batch, model, fn: str = "summarize") -> None:
+    """Refuse a batch in one answer format scored on a model finetuned in the other (it would score
+    about 0, silently). The paper's single-token set (' c') is scored on every model; a model whose
+    format is unrecorded (``answer_space`` None or absent) is scored on anything."""
+    from tpp.encoding import FORMATS, model_space
+
+    own = model_space(model)
+    space = getattr(batch, "space", "prompt")
+    if own is None or getattr(batch, "single_token", False) or own == space:
+        return
+    raise ValueError(f"{fn}: the batch is in the {space!r} format ({FORMATS[space]}), but the model was "
+                     f"finetuned in {own!r} ({FORMATS[own]}); it would score about 0. "
+                     "Fix: encode the batch with tpp.encode_eval(examples, model=model).")
+
+
+def summarize(logits: torch.Tensor, batch, model=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The paper's three metrics as (mean, sem) over the batch.
 
     logits: final-position logits [..., B, vocab] (tpp.metrics.final_position
     turns full [..., B, T, vocab] logits into these); batch: a tpp.EvalBatch.
+    model: the model that made the logits (anything with an ``answer_space``
+    attribute, as minigpt2.load_pretrained sets); given, a batch in the other
+    answer format than the model's is refused (see check_format).
     Returns {"loss": cross-entropy on c's first token, "accuracy": fraction
     whose argmax is c's first token, "logit_diff": logit c minus logit b},
     each a (mean, sem) pair of tensors of shape [...] (0-dim for a plain batch).
     """
+    if model is not None:
+        check_format(batch, model)
     if logits.ndim < 2 or logits.shape[-2] != len(batch):
         raise ValueError(f"summarize got logits of shape {tuple(logits.shape)} for a batch of {len(batch)}; "
                          "it needs final-position logits [..., B, vocab]. "

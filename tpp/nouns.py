@@ -154,13 +154,10 @@ def load_nouns(source: str | Path = SHIPPED) -> list[str]:
         return list(_shipped())
     if source == WORDNET:
         return wordnet_nouns()[0]
+    from minigpt2.fileio import read_text  # every text input alike: UTF-8, a byte-order mark refused
+
     path = Path(source)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ValueError(f"noun source {source!r} is neither 'shipped', 'wordnet' nor an existing file. "
                          "Fix: pass one of those.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"noun file {source!r} is not UTF-8 text ({e.reason} at byte {e.start}). "
-                         "Fix: save it as UTF-8, one noun a line.") from None
-    return _read_noun_file(text, source)
+    return _read_noun_file(read_text(path, name=f"noun file {source!r}"), source)

@@ -70,11 +70,9 @@ def check_template(name: str, text: str) -> None:
 
 def _read_template_file(path: Path) -> dict[str, str]:
     """One template a line; blank lines and '#' comments skipped; names are 'file:line'."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"template file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}). "
-                         "Fix: save it as UTF-8, one template a line.") from None
+    from minigpt2.fileio import read_text  # every text input alike: UTF-8, a byte-order mark refused
+
+    lines = read_text(path, name=f"template file {str(path)!r}").splitlines()
     templates = {}
     for lineno, line in enumerate(lines, start=1):
         line = line.strip()
