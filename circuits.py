@@ -36,7 +36,7 @@ from circuitlab.search import DROPS, ORDERS
 from circuitlab.sweep import ABLATIONS
 from tpp.encoding import SPACES
 from tpp.examples import EVAL_SIZE, MAX_EXAMPLES, SINGLE_TOKEN_EVAL_SIZE
-from tpp.flags import HelpFormatter, Parser, blame, default_device, device, fail, integer, number, text
+from clikit import HelpFormatter, Parser, blame, default_device, device, dtype_flag, fail, integer, number, text
 
 # ---------------------------------------------------------------- arguments
 # Each flag's type refuses an impossible value while the command line is parsed (one line, exit 2);
@@ -74,7 +74,7 @@ g.add_argument("--device", type=device, default=None,
 
 
 def dtype_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--dtype", choices=S.DTYPES, default="fp32",
+    p.add_argument("--dtype", type=dtype_flag, choices=S.DTYPES, default="fp32",
                    help=f"arithmetic of {what}: fp32, or bf16 (bf16 matmuls with fp32 accumulation; residual stream "
                         "and metrics in fp32)")
 
@@ -139,7 +139,8 @@ search_args(p, "--search-examples")
 p.add_argument("--examples", type=EXAMPLES, default=3000, help="first eval set: baseline and transfer (paper: 3000)")
 p.add_argument("--single-examples", type=EXAMPLES, default=1150, help="single-token eval set (paper: 1150)")
 p.add_argument("--sweep-examples", type=EXAMPLES, default=100, help="examples of the single-head sweep")
-p.add_argument("--classify-examples", type=EXAMPLES, default=100, help="examples of the head classification")
+p.add_argument("--classify-examples", type=DRAW, default=100,
+               help="examples of the head classification, drawn from the 3000-example eval set as classify draws them")
 p.add_argument("--max-new-tokens", type=integer(1), default=16, help="length of the forgetting probe's continuations")
 g = p.add_argument_group("edge circuits (ACDC, EAP-IG)")
 g.add_argument("--no-edges", action="store_true", help="skip ACDC and EAP-IG")
@@ -220,7 +221,6 @@ def setup(args) -> tuple[S.Session, dict[str, dict]]:
             ses.check_sample(opts.rigorous_examples, "--rigorous", eval_flag)
     if args.command == "study":
         ses.check_sample(args.sweep_examples, "--sweep-examples", "--examples")
-        ses.check_sample(args.classify_examples, "--classify-examples", "--examples")
         edges = study_options(args).edges
         if edges is not None:
             edges.acdc_models_of(ses)
@@ -254,27 +254,62 @@ def out_dir(args) -> Path:
     return args.out or Path("reports") / args.command
 
 
-def run_command(args, ses: S.Session, circuits: dict[str, dict], argv: list[str]) -> list[S.Section]:
+def section(make):
+    """A command that writes one report section: ``make(args, session, circuits, tmp)`` fills the
+    directory ``tmp`` (renamed to --out once complete) and returns the section."""
+    def write(args, ses: S.Session, circuits: dict[str, dict], argv: list[str]) -> list[S.Section]:
+        with atomic_dir(out_dir(args)) as tmp:
+            made = make(args, ses, circuits, tmp)
+            write_json(tmp / "provenance.json", provenance(argv, data=ses.data_info(),
+                                                           args={k: str(v) for k, v in vars(args).items()}))
+        return [made]
+    return write
+
+
+def study(args, ses: S.Session, circuits, argv: list[str]) -> list[S.Section]:
+    return S.study(ses, out_dir(args), study_options(args), argv)
+
+
+# What each report command writes: (args, session, circuits, argv) -> sections, after setup().
+REPORTS = {
+    "baseline": section(lambda args, ses, circuits, tmp: S.baseline(ses, tmp)),
+    "sweep": section(lambda args, ses, circuits, tmp: S.head_sweep(ses, tmp, args.examples, args.metrics,
+                                                                    args.ablation, dtype=args.dtype)),
+    "search": section(lambda args, ses, circuits, tmp: S.find_circuits(ses, tmp, search_options(args))[0]),
+    "transfer": section(lambda args, ses, circuits, tmp: S.cross_evaluate(ses, tmp, circuits)),
+    "classify": section(lambda args, ses, circuits, tmp: S.classify(
+        ses, tmp, args.examples, args.score_threshold, args.min_fraction, args.c_threshold, circuits or None)),
+    "generate": section(lambda args, ses, circuits, tmp: S.generate(ses, tmp, args.prompts or [DEFAULT_PROMPT],
+                                                                     args.max_new_tokens)),
+    "study": study,
+}
+
+
+def report(args, argv: list[str]) -> int:
+    """Run a report command: everything checked (setup), then its sections written to --out and shown."""
+    ses, circuits = setup(args)
+    default = " (the default --models: the bundled ones)" if args.models == S.DEFAULT_MODELS else ""
+    print(f"[{args.command}] models: {', '.join(f'{label}={path}' for label, path in ses.paths.items())}{default}",
+          file=sys.stderr, flush=True)
+    # A kill (SIGTERM) unwinds like an error, so no half-built --out directory is left behind.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sections = REPORTS[args.command](args, ses, circuits, ["circuits.py", *argv])
     out = out_dir(args)
     if args.command == "study":
-        return S.study(ses, out, study_options(args), argv)
-    with atomic_dir(out) as tmp:
-        if args.command == "baseline":
-            section = S.baseline(ses, tmp)
-        elif args.command == "sweep":
-            section = S.head_sweep(ses, tmp, args.examples, args.metrics, args.ablation, dtype=args.dtype)
-        elif args.command == "search":
-            section, _ = S.find_circuits(ses, tmp, search_options(args))
-        elif args.command == "transfer":
-            section = S.cross_evaluate(ses, tmp, circuits)
-        elif args.command == "classify":
-            section = S.classify(ses, tmp, args.examples, args.score_threshold, args.min_fraction, args.c_threshold,
-                                 circuits or None)
-        else:
-            section = S.generate(ses, tmp, args.prompts or [DEFAULT_PROMPT], args.max_new_tokens)
-        write_json(tmp / "provenance.json", provenance(argv, data=ses.data_info(),
-                                                       args={k: str(v) for k, v in vars(args).items()}))
-    return [section]
+        print("\n".join(f"- {s.title}: {s.summary}" for s in sections))
+        print(f"\nreport: {out / 'report.md'}")
+    else:
+        print(sections[0].markdown)
+        print(f"\nwritten to {out}/")
+    return 0
+
+
+# The one dispatch table: every subcommand's handler, (args, argv) -> exit status.
+COMMANDS = {**{name: report for name in REPORTS}, **edge_cli.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,32 +321,12 @@ def main(argv: list[str] | None = None) -> int:
 
     set_enabled(None if args.progress else False)  # --no-progress: no bar, no progress line, in any stage
     try:
-        if getattr(args, "edge_command", None):
-            return args.edge_command(args)
-        ses, circuits = setup(args)
-        default = " (the default --models: the bundled ones)" if args.models == S.DEFAULT_MODELS else ""
-        print(f"[{args.command}] models: {', '.join(f'{label}={path}' for label, path in ses.paths.items())}{default}",
-              file=sys.stderr, flush=True)
-        # A kill (SIGTERM) unwinds like an error, so no half-built --out directory is left behind.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        sections = run_command(args, ses, circuits, ["circuits.py", *argv])
+        return COMMANDS[args.command](args, argv)
     except (ValueError, OSError) as e:  # OSError: a read-only --out or a full disk (minigpt2.fileio.WriteError) too
         return fail(f"{parser.prog} {args.command}", e)
     except KeyboardInterrupt:  # as train.py: one line, status 130; atomic_dir has removed the partial --out
         print(f"\n{parser.prog} {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    out = out_dir(args)
-    if args.command == "study":
-        print("\n".join(f"- {s.title}: {s.summary}" for s in sections))
-        print(f"\nreport: {out / 'report.md'}")
-    else:
-        print(sections[0].markdown)
-        print(f"\nwritten to {out}/")
-    return 0
 
 
 if __name__ == "__main__":

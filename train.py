@@ -10,8 +10,10 @@ ends): a second one on the same run is refused, naming the first. --resume verif
 checkpoint against the sha256 its complete.json records, and the training data against the hash the
 run recorded (an edited corpus is refused unless --accept-data-change, which metadata.json records).
 
-Every setting is a flag below; the resolved values go to OUT/args.json. The loop,
-data, checkpoints and evaluation live in the finetune package. An impossible flag value
+Every setting is a flag: the training loop's are finetune.TrainConfig's fields, each flag built
+from its field (default, help and range written once, there); the data's and the model's are
+declared below. The resolved values go to OUT/args.json. The loop, data, checkpoints, resuming
+and evaluation live in the finetune package. An impossible flag value
 is refused before any work (exit status 2). A NaN or inf stops the run (exit status 3)
 without saving it, printing the command that goes on: a fresh start with a lower --lr, or,
 when a checkpoint predates the divergence, --resume with a lower --lr (after such a stop,
@@ -33,217 +35,157 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle 
 
 import argparse
 import json
-import math
 import re
 import shlex
 import sys
+from dataclasses import fields
 from pathlib import Path
+
+from clikit import Parser, Range, dtype_flag, flag, in_flags
+from finetune.config import TrainConfig, config_problems, default, mode_default
+from finetune.presets import PRESETS
+from finetune.resume import advised_commands, check_resumed, record_resume_changes, saved_settings
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_BASE = "weights/gpt2"
-
-# Defaults that differ by mode; a finetune preset overrides these, an explicit flag overrides both.
-MODE_DEFAULTS = {
-    "finetune": dict(lr=5e-5, batch_size=64, epochs=3, fraction=0.10, weight_decay=0.0, warmup_steps=0,
-                     schedule="linear", eval_size=3000),
-    "pretrain": dict(lr=6e-4, batch_size=64, epochs=1, fraction=1.0, weight_decay=0.1, warmup_steps=100,
-                     schedule="cosine", eval_size=64),
-}
-# Flags that may differ when resuming a run (they do not change what is computed, or only its speed).
-MAY_CHANGE_ON_RESUME = {"resume", "overwrite", "accept_data_change", "max_steps", "device", "dtype", "micro_batch_size", "progress",
-                        "log_every", "eval_every", "save_every", "keep_checkpoints", "out"}
-# ... and these too, after a stop on a NaN/inf (the change is recorded in args.json, changed_on_resume)
-MAY_CHANGE_AFTER_NON_FINITE = {"lr", "warmup_steps", "grad_clip"}
-# Flags added after runs were saved, with the value that computes what those runs computed
-ADDED_LATER = {"head_dropout": 0.0, "recall": 0.0}
-
-# What each numeric flag allows. Whole numbers: the least value (None also allowed where listed);
-# numbers: an interval, its brackets saying whether each end is allowed.
-WHOLE_AT_LEAST = {"epochs": 1, "batch_size": 1, "micro_batch_size": 1, "max_steps": 1, "warmup_steps": 0,
-                  "log_every": 1, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1, "seed": 0, "eval_size": 1,
-                  "master_size": 1, "data_seed": 0, "single_token_eval_size": 1, "block_size": 2, "repeat_docs": 1, "repeat_vocab": 0,
-                  "repeat_length": 0,
-                  "n_layer": 1, "n_head": 1, "d_model": 1, "d_mlp": 1, "n_ctx": 1}
-OPTIONAL = {"micro_batch_size", "max_steps"}
-NUMBER_IN = {"lr": "(0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "head_dropout": "[0, 1)",
-             "min_lr_ratio": "[0, 1]", "fraction": "(0, 1]", "copy_spans": "[0, 1]", "random_repeats": "[0, 1]",
-             "recall": "[0, 1]"}
+PRESET_FLAGS = set(PRESETS["featherweight"].to_dict())  # unset, they take the --preset's values
+WHOLE = dict(whole=True)
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's default in --help, by tpp.flags.HelpFormatter's rule (restated here: tpp imports torch)."""
-
-    def _get_help_string(self, action):
-        d, help = action.default, action.help or ""
-        if (d is None or d is argparse.SUPPRESS or d in ("", []) or isinstance(d, bool) or action.required or not action.option_strings
-                or "default:" in help.lower()):
-            return help
-        return f"{help} (default: {d})"
+def add(group, dest: str, range: Range | None = None, **kwargs) -> None:
+    """A flag that is not a TrainConfig setting (data, model, run directory), with its range."""
+    group.add_argument(flag(dest), **kwargs)
+    if range is not None:
+        RANGES[dest] = range
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, ``train.py: error: --flag ...`` (exit status 2), and every
-    option's default in --help (sub-parsers included)."""
+RANGES: dict[str, Range] = {}  # what add() declared; TrainConfig's settings carry their own
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
 
-    def error(self, message):
-        message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[-1] + ": ", message)
-        self.exit(2, f"train.py: error: {message}\n")
+def add_config_flags(p, groups, mode: str) -> None:
+    """One flag per TrainConfig field, its default, help, range and choices taken from the field."""
+    for f in fields(TrainConfig):
+        md = f.metadata
+        if md.get("flag") is False:
+            continue
+        g, help, value = groups[md["group"]], md["help"], mode_default(f, mode)
+        if f.type == "bool":
+            name = flag(f.name) if not value else "--no-" + f.name.replace("_", "-")
+            g.add_argument(name, dest=f.name, action="store_false" if value else "store_true", help=help)
+            continue
+        kwargs = dict(type=int if f.type.startswith("int") else float if f.type == "float" else str,
+                      choices=md.get("choices"), help=help, default=value)
+        if md.get("flag") == "required":
+            kwargs.update(required=True, default=None)
+        if mode == "finetune" and f.name in PRESET_FLAGS:
+            kwargs.update(default=None, help=f"{help} (default: the --preset's)")
+        g.add_argument(flag(f.name), **kwargs)
+
+
+def mode_parser(modes, mode: str, help: str):
+    p = modes.add_parser(mode, help=help, error_prog="train.py", flag_first=True)
+    groups = {name: p.add_argument_group(name) for name in
+              ("run", "optimization (AdamW)", "data", "hardware", "logging and checkpoints")}
+    add_config_flags(p, groups, mode)
+    run, data = groups["run"], groups["data"]
+    add(run, "overwrite", action="store_true", help="delete the run already in --out and start anew")
+    add(run, "accept_data_change", action="store_true",
+        help="with --resume: go on although the training data differs from the data the run started on (an "
+             "edited corpus file); the change is recorded in metadata.json")
+    groups["hardware"].add_argument("--dtype", default=default("dtype"), type=dtype_flag,
+                                    choices=["auto", "fp32", "bf16"],
+                                    help="autocast dtype; auto = bfloat16 on CUDA, float32 elsewhere (weights "
+                                         "stay float32)")
+    if mode == "finetune":
+        add(data, "fraction", Range(0, 1, lo_open=True), type=float,
+            help="fraction of the master dataset (default: the --preset's)")
+        add(data, "eval_size", Range(1, **WHOLE), type=int, default=3000, help="examples in the first TPP eval set")
+    else:
+        add(data, "fraction", Range(0, 1, lo_open=True), type=float, default=1.0, help="fraction of the corpus's blocks")
+        add(data, "eval_size", Range(1, **WHOLE), type=int, default=64, help="held-out blocks")
+    return p
+
+
+def finetune_flags(p) -> None:
+    task = p.add_argument_group("finetuning")
+    add(task, "preset", choices=list(PRESETS), default="featherweight",
+        help="the paper's runs: 10%% x 3 epochs, 30%% x 3, 50%% x 20 (lr 5e-5, batch 64)")
+    add(task, "base", default=DEFAULT_BASE,
+        help="directory with the base model's model.safetensors + config.json (GPT-2 small)")
+    add(task, "label_style", choices=["paper", "teacher-forced"], default="paper",
+        help="paper: inputs hold only the prompt, c's tokens are labels after it; "
+             "teacher-forced: c's tokens are also inputs, each predicted from the ones before")
+    add(task, "answer_space", choices=["prompt", "answer"], default="prompt",
+        help="prompt: the paper's format, the prompt keeps its trailing space and c is encoded on "
+             "its own; answer: the space moves onto c (' c', the single-token eval set's format)")
+    add(task, "master_size", Range(1, **WHOLE), type=int, default=158_000, help="examples in the master dataset")
+    add(task, "data_seed", Range(0, **WHOLE), type=int, default=0, help="seed of the master dataset and eval sets")
+    add(task, "single_token_eval_size", Range(1, **WHOLE), type=int, default=1150,
+        help="examples in the second eval set (c one token)")
+
+
+def pretrain_flags(p) -> None:
+    corpus = p.add_argument_group("corpus")
+    add(corpus, "corpus", default="wordnet",
+        help="'wordnet' (WordNet 3.0 glosses and examples via nltk; set NLTK_DATA), 'gcide' (the "
+             "Collaborative International Dictionary of English: apt-get install dict-gcide), a .txt "
+             "path, or several joined by '+' (wordnet+gcide)")
+    add(corpus, "block_size", Range(2, **WHOLE), type=int, default=128, help="tokens per packed training block")
+    add(corpus, "repeat_docs", Range(1, **WHOLE), type=int, default=1,
+        help="write each document this many times in a row: a repeat is predictable only by "
+             "copying from context, a direct training signal for induction heads")
+    add(corpus, "copy_spans", Range(0, 1), type=float, default=0.0,
+        help="fraction of training blocks in which a span of the block's text is copied to a "
+             "later place (induction-head signal)")
+    add(corpus, "random_repeats", Range(0, 1), type=float, default=0.0,
+        help="fraction of training blocks replaced by a repeated sequence of random tokens")
+    add(corpus, "recall", Range(0, 1), type=float, default=0.0,
+        help="fraction of training blocks of associative recall: random (key, value) pairs "
+             "listed round after round in new orders (previous-token-head signal)")
+    add(corpus, "repeat_vocab", Range(0, **WHOLE), type=int, default=0,
+        help="draw --random-repeats' and --recall's tokens from this many most frequent tokens "
+             "of the corpus (default: 0, the whole vocabulary)")
+    add(corpus, "repeat_length", Range(0, **WHOLE), type=int, default=0,
+        help="longest --random-repeats sequence, at least 8 (default: 0, half a block); shorter "
+             "sequences repeat more often, a denser copying signal; --recall lists up to half "
+             "as many pairs")
+    add(corpus, "init", help="start from this checkpoint's weights (continued pretraining) instead of a "
+                             "random initialisation; its shape must equal the model flags (default: none)")
+    arch = p.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")
+    add(arch, "n_layer", Range(1, **WHOLE), type=int, default=12, help="transformer blocks")
+    add(arch, "n_head", Range(1, **WHOLE), type=int, default=12, help="attention heads per block")
+    add(arch, "d_model", Range(1, **WHOLE), type=int, default=96, help="residual width; a multiple of --n-head")
+    add(arch, "d_mlp", Range(1, optional=True, **WHOLE), type=int, help="MLP width (default: 4 x --d-model)")
+    add(arch, "n_ctx", Range(1, optional=True, **WHOLE), type=int, help="positions (default: --block-size)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    run = common.add_argument_group("run")
-    run.add_argument("--out", required=True, help="run directory: args.json, log.jsonl, checkpoints/, model/")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start anew")
-    run.add_argument("--seed", type=int, default=0, help="data order (and, for pretraining, initialisation)")
-    run.add_argument("--accept-data-change", action="store_true",
-                     help="with --resume: go on although the training data differs from the data the run "
-                          "started on (an edited corpus file); the change is recorded in metadata.json")
-
-    opt = common.add_argument_group("optimization (AdamW)")
-    opt.add_argument("--epochs", type=int, help="passes over the training data (default: finetune the preset's, 3 or 20; pretrain 1)")
-    opt.add_argument("--lr", type=float, help="peak learning rate (default: finetune 5e-5, pretrain 6e-4)")
-    opt.add_argument("--batch-size", type=int, help="examples per optimizer step, over all processes (default: 64)")
-    opt.add_argument("--micro-batch-size", type=int,
-                     help="examples per forward pass on one process; smaller than a process's share of "
-                          "--batch-size means gradient accumulation (default: the whole share)")
-    opt.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (default: finetune 0, pretrain 0.1)")
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables clipping")
-    opt.add_argument("--head-dropout", type=float, default=0.0,
-                     help="chance of dropping each head's output, per example and step (GPT-2 trained with "
-                          "dropout 0.1; dropped heads make the model grow backups, such as a second "
-                          "previous-token head); 0 disables it")
-    opt.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: finetune 0, pretrain 100)")
-    opt.add_argument("--schedule", choices=["linear", "cosine", "constant"],
-                     help="after warmup, over all epochs: linear to 0, cosine, or constant (default: finetune linear, "
-                          "pretrain cosine)")
-    opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine schedule's floor, as a fraction of --lr")
-    opt.add_argument("--max-steps", type=int,
-                     help="stop after this many optimizer steps in all (small runs); the schedule still spans "
-                          "every epoch, so a run stopped here and resumed equals one run (default: none, every epoch)")
-
-    data = common.add_argument_group("data")
-    data.add_argument("--fraction", type=float,
-                      help="finetune: fraction of the master dataset; pretrain: of the corpus's blocks (default: finetune the "
-                           "preset's, pretrain 1)")
-    data.add_argument("--eval-size", type=int,
-                      help="finetune: examples in the first TPP eval set; pretrain: held-out blocks (default: finetune 3000, "
-                           "pretrain 64)")
-
-    hw = common.add_argument_group("hardware")
-    hw.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
-    hw.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="autocast dtype; auto = bfloat16 on CUDA, float32 elsewhere (weights stay float32)")
-
-    io = common.add_argument_group("logging and checkpoints")
-    io.add_argument("--log-every", type=int, default=1, help="steps between lines of log.jsonl")
-    io.add_argument("--eval-every", type=int, default=0, help="steps between evaluations; 0: each epoch end")
-    io.add_argument("--save-every", type=int, default=0, help="steps between checkpoints; 0: each epoch end")
-    io.add_argument("--keep-checkpoints", type=int, default=1, help="how many checkpoints to keep")
-    io.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-    parser = Parser(description=__doc__)
+    parser = Parser(prog="train.py", description=__doc__, error_prog="train.py", flag_first=True)
     modes = parser.add_subparsers(dest="mode", required=True)
-
-    ft = modes.add_parser("finetune", parents=[common], help="supervised finetuning on TPP (the paper's section 4)")
-    task = ft.add_argument_group("finetuning")
-    task.add_argument("--preset", choices=["featherweight", "lightweight", "welterweight"], default="featherweight",
-                      help="the paper's runs: 10%% x 3 epochs, 30%% x 3, 50%% x 20 (lr 5e-5, batch 64)")
-    task.add_argument("--base", default=DEFAULT_BASE,
-                      help="directory with the base model's model.safetensors + config.json (GPT-2 small)")
-    task.add_argument("--label-style", choices=["paper", "teacher-forced"], default="paper",
-                      help="paper: inputs hold only the prompt, c's tokens are labels after it; "
-                           "teacher-forced: c's tokens are also inputs, each predicted from the ones before")
-    task.add_argument("--answer-space", choices=["prompt", "answer"], default="prompt",
-                      help="prompt: the paper's format, the prompt keeps its trailing space and c is encoded on "
-                           "its own; answer: the space moves onto c (' c', the single-token eval set's format)")
-    task.add_argument("--master-size", type=int, default=158_000, help="examples in the master dataset")
-    task.add_argument("--data-seed", type=int, default=0, help="seed of the master dataset and eval sets")
-    task.add_argument("--single-token-eval-size", type=int, default=1150,
-                      help="examples in the second eval set (c one token)")
-
-    pt = modes.add_parser("pretrain", parents=[common], help="train a small GPT-2 from scratch on text")
-    corpus = pt.add_argument_group("corpus")
-    corpus.add_argument("--corpus", default="wordnet",
-                        help="'wordnet' (WordNet 3.0 glosses and examples via nltk; set NLTK_DATA), 'gcide' (the "
-                             "Collaborative International Dictionary of English: apt-get install dict-gcide), a .txt "
-                             "path, or several joined by '+' (wordnet+gcide)")
-    corpus.add_argument("--block-size", type=int, default=128, help="tokens per packed training block")
-    corpus.add_argument("--repeat-docs", type=int, default=1,
-                        help="write each document this many times in a row: a repeat is predictable only by "
-                             "copying from context, a direct training signal for induction heads")
-    corpus.add_argument("--copy-spans", type=float, default=0.0,
-                        help="fraction of training blocks in which a span of the block's text is copied to a "
-                             "later place (induction-head signal)")
-    corpus.add_argument("--random-repeats", type=float, default=0.0,
-                        help="fraction of training blocks replaced by a repeated sequence of random tokens")
-    corpus.add_argument("--recall", type=float, default=0.0,
-                        help="fraction of training blocks of associative recall: random (key, value) pairs "
-                             "listed round after round in new orders (previous-token-head signal)")
-    corpus.add_argument("--repeat-vocab", type=int, default=0,
-                        help="draw --random-repeats' and --recall's tokens from this many most frequent tokens "
-                             "of the corpus "
-                             "(default: 0, the whole vocabulary)")
-    corpus.add_argument("--repeat-length", type=int, default=0,
-                        help="longest --random-repeats sequence, at least 8 (default: 0, half a block); shorter "
-                             "sequences repeat more often, a denser copying signal; --recall lists up to half "
-                             "as many pairs")
-    corpus.add_argument("--init", help="start from this checkpoint's weights (continued pretraining) instead of a "
-                                       "random initialisation; its shape must equal the model flags (default: none)")
-    arch = pt.add_argument_group("model (GPT-2 tokenizer, vocabulary 50257)")
-    arch.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
-    arch.add_argument("--n-head", type=int, default=12, help="attention heads per block")
-    arch.add_argument("--d-model", type=int, default=96, help="residual width; a multiple of --n-head")
-    arch.add_argument("--d-mlp", type=int, help="MLP width (default: 4 x --d-model)")
-    arch.add_argument("--n-ctx", type=int, help="positions (default: --block-size)")
+    ft = mode_parser(modes, "finetune", "supervised finetuning on TPP (the paper's section 4)")
+    finetune_flags(ft)
+    pt = mode_parser(modes, "pretrain", "train a small GPT-2 from scratch on text")
+    pretrain_flags(pt)
     parser.modes = {"finetune": ft, "pretrain": pt}
     return parser
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset flags: preset first (finetune), then the mode's defaults."""
-    from finetune import PRESETS
-
-    filled = dict(PRESETS[args.preset].to_dict()) if args.mode == "finetune" else {}
-    for key, value in {**MODE_DEFAULTS[args.mode], **filled}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    """Fill unset flags: a finetuning preset's settings, pretraining's computed model widths."""
     if args.mode == "pretrain":
         args.d_mlp = args.d_mlp or 4 * args.d_model
         args.n_ctx = args.n_ctx or args.block_size
-    else:
-        preset = PRESETS[args.preset].to_dict()
-        args.preset_overrides = {k: getattr(args, k) for k in preset if getattr(args, k) != preset[k]}
+        return args
+    preset = PRESETS[args.preset].to_dict()
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.preset_overrides = {k: getattr(args, k) for k in preset if getattr(args, k) != preset[k]}
     return args
 
 
 # ---------------------------------------------------------------- checking the flags
-def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def whole_problem(value, least: int) -> str | None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
-    return None if ok else f"must be a whole number >= {least}"
-
-
-def number_problem(value, interval: str) -> str | None:
-    """None if ``value`` is a finite number in ``interval`` ("(0, 1]", "[0, inf)", ...), else why not."""
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    bound = f"{'>' if interval[0] == '(' else '>='} {lo:g}" if hi == math.inf else f"in {interval}"
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return f"must be a finite number {bound}"
-    above = value > lo if interval[0] == "(" else value >= lo
-    below = value < hi if interval[-1] == ")" else value <= hi
-    return None if above and below else f"must be a number {bound}"
-
-
 def out_problem(out: str) -> str | None:
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -258,13 +200,10 @@ def flag_problem(args) -> str | None:
     """The first impossible value of a single flag, as '--flag value: why'; None if none."""
     if args.resume and args.overwrite:
         return "--resume and --overwrite contradict each other: keep one"
-    for dest, least in WHOLE_AT_LEAST.items():
-        value = getattr(args, dest, None)
-        if hasattr(args, dest) and not (value is None and dest in OPTIONAL):
-            if (why := whole_problem(value, least)) is not None:
-                return f"{flag(dest)} {value}: {why}"
-    for dest, interval in NUMBER_IN.items():
-        if hasattr(args, dest) and (why := number_problem(getattr(args, dest), interval)) is not None:
+    problems = config_problems(args) + [(dest, rng.problem(getattr(args, dest))) for dest, rng in RANGES.items()
+                                        if hasattr(args, dest)]
+    for dest, why in problems:
+        if why is not None:
             return f"{flag(dest)} {getattr(args, dest)}: {why}"
     if not DEVICE.match(str(args.device)):
         return f"--device {args.device}: choose auto, cpu, cuda, cuda:N or mps"
@@ -318,26 +257,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def merge_saved_args(parser, argv, args) -> argparse.Namespace:
     """The flags of a run being resumed: its args.json, overridden by ``argv`` where allowed."""
-    from finetune.checkpoint import check_resume_args, read_json_object, read_non_finite_note
-
-    saved_path = Path(args.out) / "args.json"
-    if not saved_path.exists():
-        if (Path(args.out) / "checkpoints").is_dir():
-            raise ValueError(f"{saved_path} is missing, so the run's settings are unknown. Fix: restore it (each "
-                             "checkpoint's metadata.json records the command that started the run), or start the "
-                             "run again with --overwrite")
+    saved = saved_settings(args.out, vars(args))
+    if saved is None:  # nothing saved yet: a fresh start
         validate(parser, args)
         return args
-    saved = read_json_object(saved_path, fix="it holds the run's settings: repair it (each checkpoint's "
-                                             "metadata.json records the command that started the run), or start "
-                                             "the run again with --overwrite")
-    added = {k: v for k, v in ADDED_LATER.items() if k in vars(args)}  # flags of this mode only
-    saved = added | unset_as_default(args, saved)
+    saved = unset_as_default(args, saved)
     parser.modes[args.mode].set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "overwrite")})
     args = resolve(parser.parse_args(argv))
-    validate(parser, args, source=saved_path)
-    may_change = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_AFTER_NON_FINITE if read_non_finite_note(args.out) else set())
-    check_resume_args(saved, vars(args), may_change)
+    validate(parser, args, source=Path(args.out) / "args.json")
+    check_resumed(saved, vars(args), args.out)
     return args
 
 
@@ -350,23 +278,6 @@ def unset_as_default(args, saved: dict) -> dict:
     return saved | filled
 
 
-def record_resume_changes(args) -> None:
-    """After a NaN/inf stop, flags changed on --resume are written to args.json (so a later
-    --resume keeps them), with the step they took effect at under changed_on_resume."""
-    from finetune.checkpoint import latest_checkpoint, read_json_object, write_json
-
-    path = Path(args.out) / "args.json"
-    saved = read_json_object(path, fix="restore it")
-    changed = {k: [saved.get(k), getattr(args, k)] for k in sorted(MAY_CHANGE_AFTER_NON_FINITE)
-               if saved.get(k) != getattr(args, k)}
-    if changed:
-        step = int(latest_checkpoint(args.out).name.removeprefix("step-"))
-        args.changed_on_resume = saved.get("changed_on_resume", []) + [{"step": step, "changed": changed}]
-        write_json(path, {**saved, **{k: new for k, (_, new) in changed.items()},
-                          "changed_on_resume": args.changed_on_resume})
-
-
-# ---------------------------------------------------------------- advice after a NaN/inf stop
 def settings_argv(args, leave_out=("resume", "overwrite", "accept_data_change")) -> list[str]:
     """Arguments that reproduce the run's settings: the mode, --out, and every flag whose value
     differs from the one it would get unset."""
@@ -380,19 +291,6 @@ def settings_argv(args, leave_out=("resume", "overwrite", "accept_data_change"))
         option = action.option_strings[0]
         argv += [option] if action.nargs == 0 else [option, str(getattr(args, dest))]
     return argv
-
-
-def advised_commands(args, err) -> str:
-    """The commands that follow a NonFiniteLoss's advice, to run as they are."""
-    lr = f"{min(args.lr / 10, MODE_DEFAULTS[args.mode]['lr']):g}"
-    if err.fix == "resume":
-        commands = [[args.mode, "--out", str(args.out), "--resume", "--lr", lr]]
-    else:
-        commands = [settings_argv(args, leave_out=("resume", "overwrite", "accept_data_change", "lr"))
-                    + ["--overwrite", "--lr", lr]]
-        if err.bfloat16 and err.checkpoint is not None:
-            commands.append([args.mode, "--out", str(args.out), "--resume", "--dtype", "float32"])
-    return "\n".join(f"  {shlex.join(['python', 'train.py', *c])}" for c in commands)
 
 
 def load_base(path: str):
@@ -426,12 +324,13 @@ def pretrain_evaluator(args, data, held_out, pool=None):
     """Held-out text loss, and copying on repeated random tokens from ``pool`` (default
     ``copying_pool``): when induction heads form."""
     import finetune
+    from circuitlab.copying import copying_evaluator
 
     heldout = finetune.heldout_evaluator(held_out)
     if args.n_ctx < 5:  # no room for [<|endoftext|>, s, s] with |s| >= 2
         return heldout
     pool = copying_pool(args, data) if pool is None else pool
-    copying = finetune.copying_evaluator(pool, seq_len=min(50, (args.n_ctx - 1) // 2))
+    copying = copying_evaluator(pool, seq_len=min(50, (args.n_ctx - 1) // 2))
     return lambda model: heldout(model) | copying(model)
 
 
@@ -478,16 +377,8 @@ def build(args):
 
 
 def train_config(args):
-    from finetune import TrainConfig
-
-    return TrainConfig(
-        out=args.out, epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip, head_dropout=args.head_dropout,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, max_steps=args.max_steps, seed=args.seed,
-        log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints, device=args.device, dtype=args.dtype, resume=args.resume,
-        progress=args.progress)
+    """TrainConfig from the flags: each of its settings is a flag of the same name."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
 
 
 def start_run_dir(args, d, meta: dict, lock) -> None:
@@ -537,7 +428,10 @@ def main(argv=None, on_step=None) -> dict:
             meta["changed_on_resume"] = args.changed_on_resume
         return Trainer(model, data, train_config(args), evaluate, meta, on_step=on_step).train()
     except NonFiniteLoss as e:
-        raise NonFiniteLoss(f"{e}. Run:\n{advised_commands(args, e)}", e.fix, e.checkpoint, e.bfloat16) from None
+        settings = settings_argv(args, leave_out=("resume", "overwrite", "accept_data_change", "lr"))
+        advice = advised_commands(e, args.mode, args.out, args.lr, settings)
+        said = in_flags(str(e), ("lr", "warmup_steps", "grad_clip", "dtype", "resume", "overwrite"))
+        raise NonFiniteLoss(f"{said}. Run:\n{advice}", e.fix, e.checkpoint, e.bfloat16) from None
     finally:
         lock.release()
         if d.world > 1 and dist.is_initialized():

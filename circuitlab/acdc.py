@@ -65,10 +65,11 @@ from typing import Sequence
 
 import torch
 
-from minigpt2.engine import MetricError, Precision, batch_metric, progress_bar
+from minigpt2.engine import (BatchMetric, Metric, Precision, batch_metric, check_variant_values, kl_div,
+                             progress_bar)
 from minigpt2.engine import higher_is_better as metric_direction
 
-from .graph import Circuit, EdgeRunner, Graph, Metric, Trace, check_runner
+from .graph import Circuit, EdgeRunner, Graph, Trace, check_runner
 
 THRESHOLD_MODES = ("absolute", "relative")
 
@@ -97,17 +98,15 @@ class ACDCResult:
                 **self.circuit.node_counts()}
 
 
-def kl_metric(clean_logits: torch.Tensor) -> Metric:
+def kl_metric(clean_logits: torch.Tensor) -> BatchMetric:
     """ACDC's default metric: mean over examples of KL(clean || variant), in nats.
 
     clean_logits: [B, vocab] the full model's logits at the answer positions.
     """
-    log_p = torch.log_softmax(clean_logits.detach().to(torch.promote_types(clean_logits.dtype, torch.float32)), -1)
-    p = log_p.exp()
+    clean = clean_logits.detach()
 
     def kl(logits: torch.Tensor) -> torch.Tensor:  # [V, B, vocab] -> [V]
-        log_q = torch.log_softmax(logits.to(log_p.dtype), -1)
-        return (p * (log_p - log_q)).sum(-1).mean(-1)
+        return kl_div(clean, logits).mean(-1)
     return kl
 
 
@@ -126,14 +125,9 @@ def check_threshold(threshold: float, mode: str) -> None:
                          "current metric. Fix: pass a value in [0, 1] (the paper uses 0.1)")
 
 
-def metric_values(metric: Metric, logits: torch.Tensor) -> list[float]:
-    """Apply a metric to [V, B, vocab] logits and check it gives one value per variant."""
-    values = metric(logits)
-    if not torch.is_tensor(values) or values.shape != logits.shape[:1]:
-        shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
-        raise MetricError(f"metric must map logits [V, B, vocab] to one value per variant [V], got {shape} for "
-                          f"V={logits.shape[0]}. Fix: average over examples, e.g. lambda l: per_example(l).mean(-1)")
-    return values.detach().double().cpu().tolist()
+def metric_values(metric: Metric | BatchMetric, logits: torch.Tensor) -> list[float]:
+    """Apply a metric to [V, B, vocab] logits, checked to give one value per variant."""
+    return check_variant_values(metric(logits), logits.shape[0]).detach().double().cpu().tolist()
 
 
 def receiver_order(runner: EdgeRunner) -> list[int]:
@@ -170,7 +164,7 @@ def decision_order(g: Graph, head_inputs: bool | None = None) -> list[tuple[str,
     return order
 
 
-def acdc(runner: EdgeRunner, metric: Metric, threshold: float, *, threshold_mode: str = "absolute",
+def acdc(runner: EdgeRunner, metric: Metric | BatchMetric, threshold: float, *, threshold_mode: str = "absolute",
          higher_is_better: bool = False, receivers: Sequence[str] | None = None, batched: bool = True,
          head_inputs: bool = True, progress: bool = False) -> ACDCResult:
     """Run ACDC on ``runner``'s batch and ablation.
@@ -256,7 +250,7 @@ def acdc(runner: EdgeRunner, metric: Metric, threshold: float, *, threshold_mode
 class _State:
     """The current circuit and metric of a run, and the decision rule."""
 
-    def __init__(self, runner: EdgeRunner, graph: Graph, metric: Metric, threshold: float, mode: str,
+    def __init__(self, runner: EdgeRunner, graph: Graph, metric: Metric | BatchMetric, threshold: float, mode: str,
                  higher_is_better: bool, step: float = 0.0):
         self.runner, self.graph, self.metric = runner, graph, metric
         self.threshold, self.mode, self.sign = threshold, mode, (-1.0 if higher_is_better else 1.0)

@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import torch
 
-from minigpt2.engine import batch_metric
+from minigpt2.engine import BatchMetric, Metric, batch_metric, check_ablation
 from minigpt2.masking import run_with_head_masks, single_head_masks
 from minigpt2.model import GPT2
 
-from .eap import _HEAD_MODES, head_attribution, top_k_circuit
-from .graph import Circuit, EdgeRunner, Metric, check_ablation
+from .eap import head_attribution, top_k_circuit
+from .graph import Circuit, EdgeRunner
 
 
-def exact_head_effects(model: GPT2, tokens: torch.Tensor, metric: Metric, ablation: str = "resample",
+def exact_head_effects(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMetric, ablation: str = "resample",
                        corrupted: torch.Tensor | None = None, reference: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                        positions: torch.Tensor | None = None) -> torch.Tensor:
     """[n_layer, n_head]: metric(head ablated alone) - metric(clean), by the batched exact sweep."""
-    check_ablation(ablation)
+    ablation = check_ablation(ablation)
     cfg = model.cfg
     masks = single_head_masks(cfg.n_layer, cfg.n_head, dtype=model.dtype)
     with torch.no_grad():
-        values = run_with_head_masks(model, tokens, masks, positions=positions, mode=_HEAD_MODES[ablation],
+        values = run_with_head_masks(model, tokens, masks, positions=positions, ablation=ablation,
                                      reference=corrupted if ablation == "resample" else reference,
                                      attention_mask=attention_mask, reference_mask=reference_mask, metric=metric)
     return (values[1:] - values[0]).view(cfg.n_layer, cfg.n_head)
@@ -58,7 +58,8 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("nan") if denom == 0 else (ra @ rb).item() / denom
 
 
-def head_score_agreement(model: GPT2, tokens: torch.Tensor, metric: Metric, steps: int = 5, **data) -> dict:
+def head_score_agreement(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMetric, steps: int = 5,
+                         **data) -> dict:
     """EAP and EAP-IG head scores against the exact sweep.
 
     ``data``: ablation, corrupted, reference, attention_mask, reference_mask, positions (as for
@@ -107,7 +108,8 @@ def roc_curve(scores: torch.Tensor, reference: Circuit) -> dict:
     return {"fpr": fpr, "tpr": tpr, "auc": auc}
 
 
-def _with_bounds(runner: EdgeRunner, metric: Metric, masks: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+def _with_bounds(runner: EdgeRunner, metric: Metric | BatchMetric,
+                 masks: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
     """The metric of each edge mask [R, S] run alone, with the full model's and the empty circuit's,
     in one batched run."""
     g, dtype = runner.graph, runner.model.dtype
@@ -118,7 +120,7 @@ def _with_bounds(runner: EdgeRunner, metric: Metric, masks: list[torch.Tensor]) 
     return values[:-2], values[-2].item(), values[-1].item()
 
 
-def faithfulness_curve(runner: EdgeRunner, metric: Metric, scores: torch.Tensor, sizes) -> dict:
+def faithfulness_curve(runner: EdgeRunner, metric: Metric | BatchMetric, scores: torch.Tensor, sizes) -> dict:
     """The metric of each top-k circuit (by |score|) run alone, for k in ``sizes``, in one batched run.
 
     normalized = (M(circuit) - M(nothing)) / (M(full) - M(nothing)): 1 is as good as the full
@@ -132,7 +134,7 @@ def faithfulness_curve(runner: EdgeRunner, metric: Metric, scores: torch.Tensor,
     return {"sizes": sizes, "values": values, "normalized": normalized, "full": full, "empty": empty}
 
 
-def circuit_faithfulness(runner: EdgeRunner, metric: Metric, circuit: Circuit) -> dict:
+def circuit_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, circuit: Circuit) -> dict:
     """The metric of one circuit alone, with the full model's and the empty circuit's.
 
     metric: a :class:`minigpt2.engine.Metric` (scored by its batch mean) or a callable logits
@@ -143,3 +145,25 @@ def circuit_faithfulness(runner: EdgeRunner, metric: Metric, circuit: Circuit) -
     c = values.item()
     return {"value": c, "full": full, "empty": empty,
             "normalized": (c - empty) / (full - empty) if full != empty else float("nan")}
+
+
+RECOVERS_NOTHING = 0.1  # a circuit whose normalised faithfulness is below this recovers nothing of the model
+
+
+def recovers_nothing(faith: dict) -> bool:
+    """Whether a circuit's held-out faithfulness (circuitlab.compare.circuit_faithfulness) says it recovers
+    nothing: normalised below RECOVERS_NOTHING (or undefined, when ablating everything changes nothing)."""
+    f = faith["normalized"]
+    return f != f or f < RECOVERS_NOTHING
+
+
+def nothing_to_recover(full: float, empty: float, higher_is_better: bool) -> bool:
+    """Whether the full model does no better on the metric than with every edge ablated: then a circuit's
+    normalised faithfulness divides by (almost) nothing and says nothing (a base that fails the task)."""
+    gain = (full - empty) if higher_is_better else (empty - full)
+    return not gain > 0
+
+
+def not_a_finding(faith: dict, higher_is_better: bool) -> bool:
+    """A circuit that recovers nothing, or one of a model with nothing to recover: not drawn as a finding."""
+    return recovers_nothing(faith) or nothing_to_recover(faith["full"], faith["empty"], higher_is_better)

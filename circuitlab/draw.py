@@ -14,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from minigpt2.heads import Head
+
 from .graph import Circuit
 
 COLORS = {"q": "tab:blue", "k": "tab:green", "v": "tab:red", "mlp": "tab:purple", "logits": "black"}
@@ -26,7 +28,7 @@ def layout(circuit: Circuit) -> dict[str, tuple[float, float]]:
     mid = (g.n_head - 1) / 2
     level = {"input": (mid, 0), "logits": (mid, 2 * g.n_layer + 1)}
     for l in range(g.n_layer):
-        level.update({f"a{l}.h{h}": (float(h), 2 * l + 1) for h in range(g.n_head)})
+        level.update({Head(l, h).mib_name: (float(h), 2 * l + 1) for h in range(g.n_head)})
         level[f"m{l}"] = (mid, 2 * l + 2)
     nodes = circuit.nodes()
     rows = {y: i for i, y in enumerate(sorted({level[n][1] for n in nodes}))}

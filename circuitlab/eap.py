@@ -94,12 +94,13 @@ import math
 
 import torch
 
-from minigpt2.engine import BatchMetric, Metric, MetricError, batch_metric, check_batch, check_model
+from minigpt2.engine import (BatchMetric, Metric, batch_metric, check_ablation, check_batch, check_model,
+                             check_variant_values)
 from minigpt2.masking import last_positions, replacement_values
 from minigpt2.model import GPT2
 from minigpt2.progress import progress as progress_bar
 
-from .graph import Circuit, EdgeRunner, Graph, check_ablation, check_runner
+from .graph import Circuit, EdgeRunner, Graph, check_runner
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "clean-corrupted")
 IG_METHODS = ("eap-ig", "eap-ig-activations")  # the methods that take steps and a rule
@@ -108,7 +109,6 @@ IG_RULES = ("mib", "hanna2024")  # alpha = k / steps for k = 0..steps-1, or k = 
 # loops range(0, steps), get_scores_ig_activations range(1, steps + 1))
 DEFAULT_RULES = {"eap-ig": "mib", "eap-ig-activations": "hanna2024"}
 SCALES = ("metric", "reference")
-_HEAD_MODES = {"resample": "patch", "mean": "mean", "zero": "zero"}
 
 
 def check_method(method: str, steps: int) -> int:
@@ -165,13 +165,7 @@ def _check_scale(scale: str) -> str:
 
 
 def _scalar(metric, logits: torch.Tensor) -> torch.Tensor:
-    value = metric(logits[None])
-    if not isinstance(value, torch.Tensor) or value.shape != (1,):
-        got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-        raise MetricError(f"metric must map logits [V, B, vocab] to one value per variant [V], got "
-                          f"{got} for V=1. Fix: average over examples, "
-                          "e.g. lambda l: per_example(l).mean(-1), or pass a minigpt2.engine.Metric")
-    return value[0]
+    return check_variant_values(metric(logits[None]), 1)[0]
 
 
 def edge_attribution(runner: EdgeRunner, metric: Metric | BatchMetric, method: str = "eap", steps: int = 5,
@@ -366,11 +360,10 @@ def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMe
     attention_mask = model.check_attention_mask(attention_mask, tokens)
     B, T = tokens.shape
     positions = last_positions(tokens, attention_mask) if positions is None else positions
-    mode = _HEAD_MODES[ablation]
     if ablation == "resample" and corrupted is None:
         raise ValueError("ablation='resample' needs corrupted=[B, T] prompts paired with the clean ones")
     ref = corrupted if ablation == "resample" else reference
-    r = replacement_values(model, mode, tokens, None if ref is None else torch.as_tensor(ref).to(model.device),
+    r = replacement_values(model, ablation, tokens, None if ref is None else torch.as_tensor(ref).to(model.device),
                            attention_mask, reference_mask)  # per layer, or None (zero)
     L = model.cfg.n_layer
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(L)]

@@ -7,9 +7,9 @@
 and every output (the printed summary, circuit.png's title, the MIB block) names the method. With no
 ``--model``, the bundled welterweight is used, and said so before any work.
 
-circuits.py calls :func:`add_subcommands` on its subparsers; each command's handler is
-set as ``edge_command`` and takes the parsed arguments (--help shows ACDC_DESCRIPTION /
-EAP_DESCRIPTION, not this docstring). Data come from tpp: ``--examples``
+circuits.py calls :func:`add_subcommands` on its subparsers and dispatches by its one table of
+commands, which takes :data:`COMMANDS` (each handler takes the parsed arguments and returns the exit
+status; --help shows ACDC_DESCRIPTION / EAP_DESCRIPTION, not this docstring). Data come from tpp: ``--examples``
 prompts to discover the circuit on and as many held-out ones to evaluate it on (the
 paper: 100 examples, 50 for evaluation). For resample ablation every prompt is paired
 with a corrupted one: the same template with other random nouns, at the same token
@@ -34,10 +34,10 @@ import tpp
 from minigpt2.engine import ABLATIONS
 from tpp.encoding import SPACES
 from tpp.examples import MAX_EXAMPLES
-from tpp.flags import HelpFormatter, blame, default_device, device as device_type, fail, integer, number
+from clikit import HelpFormatter, blame, default_device, device as device_type, dtype_flag, fail, integer, number
 
 from .acdc import THRESHOLD_MODES, acdc, check_threshold
-from .compare import circuit_faithfulness
+from .compare import circuit_faithfulness, not_a_finding, nothing_to_recover
 from .draw import draw_circuit
 from .eap import IG_RULES
 from .faithfulness import mib_faithfulness
@@ -73,7 +73,7 @@ circuit alone, MIB's CPR / CMD and faithfulness curve of the scores, sizes, timi
 
 
 def add_subcommands(subparsers) -> None:
-    """Register "acdc" and "eap" on an argparse subparsers object; each handler is set as ``edge_command``."""
+    """Register "acdc" and "eap" on an argparse subparsers object (their handlers: :data:`COMMANDS`)."""
     p = subparsers.add_parser("acdc", help="ACDC edge circuit (section 5.2)", description=ACDC_DESCRIPTION,
                               epilog=EPILOG, formatter_class=HelpFormatter)
     _common(p, default_out="reports/acdc")
@@ -84,7 +84,6 @@ def add_subcommands(subparsers) -> None:
     g.add_argument("--threshold-mode", choices=THRESHOLD_MODES, default="absolute",
                    help="absolute: ACDC's rule; relative: the paper's variant (section 5.2)")
     g.add_argument("--naive", action="store_true", help="one forward per edge (the plain schedule; slow)")
-    p.set_defaults(edge_command=run_acdc)
 
     p = subparsers.add_parser("eap", help="edge circuit from edge scores: EAP, EAP-IG, information flow, ... "
                               "(every method the study ranks but ACDC)", description=EAP_DESCRIPTION,
@@ -104,7 +103,6 @@ def add_subcommands(subparsers) -> None:
                            "up, MIB's selection); default: 100 unless --threshold is given")
     keep.add_argument("--threshold", type=number(0), default=None,
                       help="instead of --top-k, keep the edges with |score| >= this (default: none, --top-k 100)")
-    p.set_defaults(edge_command=run_eap)
 
 
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -128,7 +126,7 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     g.add_argument("--out", type=Path, default=Path(default_out), help="output directory, replaced when done")
     g.add_argument("--device", type=device_type, default=None,
                    help="torch device: cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=DTYPES, default="fp32",
+    g.add_argument("--dtype", type=dtype_flag, choices=DTYPES, default="fp32",
                    help="the edge runner's arithmetic: fp32, or bf16 (bf16 matmuls, fp32 residual stream and metric)")
     g.add_argument("--threads", type=integer(1), default=None,
                    help="torch CPU threads (default: the CPUs this process may use, within a container's quota)")
@@ -145,7 +143,7 @@ def check_args(args) -> tuple[str, str, int, int]:
     if not (Path(args.model) / "config.json").exists():
         raise FileNotFoundError(f"no model at {args.model}: pass --model DIR with config.json and model.safetensors "
                                 "(the bundled models are trained by train.py, see weights/README.md)")
-    device = default_device(args.device)  # --device itself was checked while parsing (tpp.flags.device)
+    device = default_device(args.device)  # --device itself was checked while parsing (clikit.device)
     check_out_dir(args.out)
     space = answer_space_of([args.model], args.answer_space)
     size, data_seed = finetuning_master([args.model])
@@ -200,12 +198,12 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
     summary["node_counts"] = circuit.node_counts()
     # without edges that cannot matter (dead ends; under resample also components that read nothing)
     summary["pruned_node_counts"] = circuit.pruned(resample=args.ablation == "resample").node_counts()
+    summary["verdict"] = _verdict(summary.get("held_out", summary["found_on"]), metric.higher_is_better)
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "circuit.json", circuit.to_json())
         write_mib_json(circuit, tmp / "mib_graph.json", d_model=runner.model.cfg.d_model)
         write_json(tmp / "summary.json", summary)
-        write_json(tmp / "provenance.json", provenance(args={k: str(v) for k, v in vars(args).items()
-                                                             if k != "edge_command"}))
+        write_json(tmp / "provenance.json", provenance(args={k: str(v) for k, v in vars(args).items()}))
         draw_circuit(circuit, tmp / "circuit.png", title=f"{method} on {Path(args.model).name}: "
                                                     f"{summary['node_counts']['edges']} edges")
     counts = summary["node_counts"]
@@ -217,6 +215,8 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
             s = summary[where]
             print(f"  {args.metric} on {s['examples']} {where.replace('_', ' ')} prompts: full model {s['full']:.4g}, "
                   f"circuit {s['value']:.4g}, all ablated {s['empty']:.4g} (normalized {s['normalized']:.3g})")
+    if summary["verdict"]:
+        print(f"  {summary['verdict']}")
     if "mib" in summary:
         m = summary["mib"]
         print(f"  MIB faithfulness of the scores ({args.metric}): CPR {m['cpr']:.3f} (higher is better), "
@@ -225,7 +225,16 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
     return 0
 
 
-def run_acdc(args) -> int:
+def _verdict(faith: dict, higher_is_better: bool) -> str | None:
+    """The study's flag for a circuit that is no finding (circuitlab.compare.not_a_finding), or None."""
+    if nothing_to_recover(faith["full"], faith["empty"], higher_is_better):
+        return "not a finding: the full model does no better than with every edge ablated (nothing to recover)"
+    if not_a_finding(faith, higher_is_better):
+        return f"not a finding: this circuit recovers nothing of the model (normalized {faith['normalized']:.3g} < 0.1)"
+    return None
+
+
+def run_acdc(args, argv=None) -> int:
     try:
         with blame("--threshold", args.threshold):
             check_threshold(args.threshold, args.threshold_mode)
@@ -239,10 +248,25 @@ def run_acdc(args) -> int:
         return fail(f"circuits.py {args.command}", e)
 
 
-def run_eap(args) -> int:
+def _top_k(args, n_edges: int) -> int | None:
+    """--top-k, or 100 when neither it nor --threshold is given; refused before any work if the graph is smaller."""
+    if args.threshold is not None:
+        return args.top_k
+    if args.top_k is None:
+        if n_edges < 100:
+            print(f"[eap] the model's graph has {n_edges} edges: keeping all of them (--top-k defaults to 100)",
+                  file=sys.stderr)
+        return min(100, n_edges)
+    if args.top_k > n_edges:
+        raise ValueError(f"--top-k {args.top_k} is more than the {n_edges} edges of {args.model}'s graph. "
+                         f"Fix: --top-k {n_edges} or less, or --threshold.")
+    return args.top_k
+
+
+def run_eap(args, argv=None) -> int:
     try:
         model, runner, metric, evaluate = _setup(args)
-        top_k = args.top_k if args.top_k is not None or args.threshold is not None else 100
+        top_k = _top_k(args, runner.graph.n_edges)
         if args.method == "eap" and args.metric == "kl":
             print("warning: the KL to the clean model has zero gradient at the clean input, so plain EAP scores "
                   "are noise; use --method eap-ig or a task metric", file=sys.stderr)
@@ -257,3 +281,6 @@ def run_eap(args) -> int:
         return _finish(args, circuit, summary, evaluate, runner, metric)
     except (ValueError, FileNotFoundError) as e:
         return fail(f"circuits.py {args.command}", e)
+
+
+COMMANDS = {"acdc": run_acdc, "eap": run_eap}  # circuits.py's handlers (args, argv) -> exit status

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import torch
 
-from minigpt2.engine import (autocast, batch_metric, head_mask_bytes_per_row, progress_bar, refuse_hooks,
-                             rows_per_chunk)
+from minigpt2.engine import (autocast, batch_metric, check_variant_values, head_mask_bytes_per_row, progress_bar,
+                             refuse_hooks, rows_per_chunk)
 from minigpt2.engine import higher_is_better as metric_direction
 
 from .graph import Circuit, EdgeRunner, head_outputs
@@ -143,12 +143,7 @@ def _check_edges(g, edges) -> torch.Tensor:
 
 
 def _values(metric, logits: torch.Tensor) -> torch.Tensor:
-    values = metric(logits)
-    if not torch.is_tensor(values) or values.shape != logits.shape[:1]:
-        shape = tuple(values.shape) if torch.is_tensor(values) else type(values).__name__
-        raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got {shape} for "
-                         f"V={logits.shape[0]}. Fix: average over examples, e.g. lambda l: per_example(l).mean(-1)")
-    return values.detach().double().cpu()
+    return check_variant_values(metric(logits), logits.shape[0]).detach().double().cpu()
 
 
 class _Plan:

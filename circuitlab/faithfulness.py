@@ -55,7 +55,7 @@ from typing import Sequence
 
 import torch
 
-from minigpt2.engine import BatchMetric, Metric, batch_metric
+from minigpt2.engine import BatchMetric, Metric, batch_metric, check_variant_values
 from minigpt2.engine import higher_is_better as _metric_higher_is_better
 
 from .graph import Circuit, EdgeRunner, Graph
@@ -201,10 +201,7 @@ def mib_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, scores, *
     with torch.no_grad():
         # (only an EdgeRunner takes progress; any object with run(masks, metric=) works without it)
         bar = {"progress": True, "desc": f"MIB faithfulness{f' of {name}' if name else ''}"} if progress else {}
-        values = runner.run(masks, metric=batch_metric(metric), **bar).double().cpu()
-    if values.shape != (len(masks),):
-        raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got shape "
-                         f"{tuple(values.shape)}")
+        values = check_variant_values(runner.run(masks, metric=batch_metric(metric), **bar), len(masks)).double().cpu()
     full, empty = values[0].item(), values[1].item()
     denom = full - empty
     f = ((values[2:] - empty) / denom).tolist() if denom != 0 else [math.nan] * (2 * len(sizes))

@@ -61,13 +61,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt2.engine import (BatchMetric, ablation_mode, autocast, batch_metric, check_batch, check_model,
-                             check_variant_masks, join_schedule, last_positions, progress_bar, resolve_dtype,
+from minigpt2.engine import (BatchMetric, Metric, autocast, batch_metric, check_ablation, check_batch, check_model,
+                             check_variant_masks, join_schedule, last_positions, progress_bar,
                              rows_per_chunk, weighted_mean)
+from minigpt2.hardware import parse_dtype
+from minigpt2.heads import Head
 from minigpt2.model import GPT2
-
-Metric = BatchMetric  # logits [V, B, vocab] -> [V]; a minigpt2.engine.Metric is taken by its batch mean
-check_ablation = ablation_mode
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,8 @@ class Graph:
             s0, r0 = self.head_sender(l, 0), l * (3 * H + 1)
             self.stages.append(Stage("attn", l, range(r0, r0 + 3 * H), s0, range(s0, s0 + H)))
             self.stages.append(Stage("mlp", l, range(r0 + 3 * H, r0 + 3 * H + 1), s0 + H, range(s0 + H, s0 + H + 1)))
-            self.senders += [f"a{l}.h{h}" for h in range(H)] + [f"m{l}"]
-            self.receivers += [f"a{l}.h{h}<{kind}>" for kind in "qkv" for h in range(H)] + [f"m{l}"]
+            self.senders += [Head(l, h).mib_name for h in range(H)] + [f"m{l}"]
+            self.receivers += [f"{Head(l, h).mib_name}<{kind}>" for kind in "qkv" for h in range(H)] + [f"m{l}"]
         self.stages.append(Stage("logits", L, range(self.n_receivers - 1, self.n_receivers), self.n_senders, range(0)))
         self.receivers.append("logits")
         self.n_in = torch.tensor([st.n_in for st in self.stages for _ in st.rows])  # [R]
@@ -152,6 +151,7 @@ class Graph:
         return self.senders[u], self.receivers[r]
 
     def head_sender(self, layer: int, head: int) -> int:
+        """Head (layer, head)'s sender index (``graph.head_sender(*head)`` for a minigpt2.heads.Head)."""
         return 1 + layer * (self.n_head + 1) + head
 
     def mlp_sender(self, layer: int) -> int:
@@ -309,6 +309,10 @@ class Circuit:
         idx = torch.tensor([[g.head_sender(l, h) for h in range(g.n_head)] for l in range(g.n_layer)])
         return self.edges.any(dim=0)[idx]
 
+    def heads(self) -> list[Head]:
+        """The heads that write along a kept edge, layer-major (``str(head)``: "L3H1"; ``head.mib_name``: "a3.h1")."""
+        return [Head(l, h) for l, h in self.head_mask().nonzero().tolist()]
+
     def pruned(self, resample: bool = False) -> "Circuit":
         """The circuit without edges that cannot reach the logits (exact under every ablation:
         such an edge changes nothing downstream).
@@ -407,7 +411,7 @@ def sender_outputs(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tens
 
 
 def run_with_edge_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, ablation: str = "resample",
-                        metric: Metric | None = None, **data) -> torch.Tensor:
+                        metric: Metric | BatchMetric | None = None, **data) -> torch.Tensor:
     """Evaluate edge masks [V, R, S] (or ACDC's [V, R, S + 1]) in one batched call:
     ``EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)`` (``data``: corrupted, reference,
     attention_mask, reference_mask, positions, max_rows). The edge-level twin of minigpt2's run_with_head_masks."""
@@ -444,8 +448,8 @@ class EdgeRunner:
                  positions: torch.Tensor | None = None, max_rows: int | None = None, dtype=None):
         check_model(model, "EdgeRunner")
         self.model, self.graph = model, Graph.from_model(model)
-        self.ablation = ablation_mode(ablation)
-        self.dtype = resolve_dtype(dtype)
+        self.ablation = check_ablation(ablation)
+        self.dtype = parse_dtype(dtype, model.device)
         dev = model.device
         self.tokens = check_batch(model, tokens)
         B, T = self.tokens.shape
@@ -596,7 +600,7 @@ class EdgeRunner:
         return Trace(mask, D, self.at(D), logits.to(model.dtype), inputs if keep_inputs else None)
 
     # --- many variants, as differences from a base trace --------------------------------------------
-    def run(self, masks: torch.Tensor, base: Trace | None = None, metric: Metric | None = None,
+    def run(self, masks: torch.Tensor, base: Trace | None = None, metric: Metric | BatchMetric | None = None,
             progress: bool = False, desc: str = "edge variants") -> torch.Tensor:
         """Evaluate V edge masks [V, R, S] in batched passes (ACDC's graph's [V, R, S + 1] are folded
         to [V, R, S] first, Graph.fold).

@@ -52,10 +52,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt2.engine import Metric as EngineMetric, batch_metric
+from minigpt2.engine import BatchMetric, Metric, batch_metric, check_variant_values
 from minigpt2.progress import progress as progress_bar
 
-from .graph import Circuit, EdgeRunner, Metric
+from .acdc import kl_metric
+from .graph import Circuit, EdgeRunner
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1  # hard-concrete temperature and stretch (Louizos et al.; Edge Pruning)
 INITS = ("uniform", "eap-ig")
@@ -131,7 +132,6 @@ def _initial_logits(runner: EdgeRunner, init, metric, init_logit: float, init_sp
             return (init_logit + jitter).float()
         from .eap import edge_attribution
         if metric is None:
-            from .acdc import kl_metric
             metric = kl_metric(runner.clean.logits)
         scores = edge_attribution(runner, batch_metric(metric), method="eap-ig", steps=eap_steps)
     elif torch.is_tensor(init):
@@ -149,7 +149,7 @@ def _initial_logits(runner: EdgeRunner, init, metric, init_logit: float, init_sp
     return (init_logit + init_spread * (2 * rel - 1)).float()
 
 
-def learn_edge_mask(runner: EdgeRunner, metric: Metric | None = None, *, target_edges: int | None = None,
+def learn_edge_mask(runner: EdgeRunner, metric: Metric | BatchMetric | None = None, *, target_edges: int | None = None,
                     penalty: float | None = None, steps: int = 200, lr: float = 0.1, init="uniform",
                     init_logit: float = 3.0, init_spread: float = 2.0, eap_steps: int = 5, samples: int = 1,
                     lambda_lr: float = 1.0, warmup: float = 0.5, seed: int = 0,
@@ -197,21 +197,12 @@ def learn_edge_mask(runner: EdgeRunner, metric: Metric | None = None, *, target_
     with torch.no_grad():
         clean_logits = runner.clean.logits
         if metric is None:
-            log_p = torch.log_softmax(clean_logits.detach().to(torch.promote_types(dtype, torch.float32)), -1)
-            p = log_p.exp()
-
-            def faith(logits):  # [V, B, vocab] -> [V]: KL(clean || masked), mean over examples
-                log_q = torch.log_softmax(logits.to(log_p.dtype), -1)
-                return (p * (log_p - log_q)).sum(-1).mean(-1)
+            faith = kl_metric(clean_logits)  # [V, B, vocab] -> [V]: KL(clean || masked), mean over examples
             metric_clean = None
         else:
             # a Metric is compared example by example (its per-example values), a callable by its batch value
-            per_example = metric if isinstance(metric, EngineMetric) else None
-            value = batch_metric(metric)(clean_logits[None])
-            if not torch.is_tensor(value) or value.shape != (1,):
-                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(f"metric must map logits [V, B, vocab] to one value per variant [V], got {shape} "
-                                 "for V=1. Fix: average over examples, e.g. lambda l: per_example(l).mean(-1)")
+            per_example = metric if isinstance(metric, Metric) else None
+            value = check_variant_values(batch_metric(metric)(clean_logits[None]), 1)
             metric_clean = float(value[0])
             ref = (value if per_example is None else per_example(clean_logits[None])).detach()
             values = batch_metric(metric) if per_example is None else per_example

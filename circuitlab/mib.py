@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from minigpt2.fileio import atomic_write_text, load_json
+from minigpt2.heads import Head
 
 from .faithfulness import importance_sign
 from .graph import Circuit, Graph
@@ -65,7 +66,7 @@ def mib_edge_names(n_layer: int, n_head: int) -> list[tuple[str, str]]:
     """(sender, receiver) of every edge, in the order hannamw/EAP-IG's ``Graph.from_model`` adds them."""
     residual, edges = ["input"], []
     for l in range(n_layer):
-        heads = [f"a{l}.h{h}" for h in range(n_head)]
+        heads = [Head(l, h).mib_name for h in range(n_head)]
         for u in residual:
             edges += [(u, f"{a}<{x}>") for a in heads for x in "qkv"]
         residual += heads

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,8 +40,7 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 def write_json(path: str | Path, obj) -> Path:
     """``obj`` as JSON at ``path``, written atomically (minigpt2.fileio: a full disk leaves no part)."""
     path = Path(path)
-    text = json.dumps(obj, indent=1, default=_jsonable) + "\n"
-    fileio.atomic_write_text(path, text)
+    fileio.write_json(path, obj, indent=1, sort_keys=False, default=_jsonable)  # tensors as lists
     return path
 
 
@@ -82,17 +79,6 @@ def atomic_dir(out: str | Path):
         yield tmp
 
 
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def provenance(argv: list[str] | None = None, **extra) -> dict:
     """The exact command line, versions, commit and anything else worth keeping (seeds)."""
     import numpy
@@ -105,7 +91,7 @@ def provenance(argv: list[str] | None = None, **extra) -> dict:
         "cwd": os.getcwd(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__},
-        "git_commit": _git_commit(),
+        "git_commit": fileio.git_commit(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     } | extra

@@ -51,7 +51,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minigpt2 import GPT2
-from minigpt2.engine import HeadMaskRunner, Metric, Precision, check_model, per_example, resolve_dtype
+from minigpt2.engine import HeadMaskRunner, Metric, Precision, check_model, per_example
+from minigpt2.hardware import parse_dtype
+from minigpt2.heads import Head
 from minigpt2.masking import run_with_head_masks_loop
 
 from .sweep import Prompts, check_prompts, rows_per_block
@@ -115,7 +117,7 @@ class SearchResult:
     ablation: str
     n_examples: int
     rigorous_examples: int | None
-    ablated: list[tuple[int, int]]
+    ablated: list[Head]
     checks: list[Check] = field(repr=False)
     variants_evaluated: int = 0
     seconds: float = 0.0
@@ -123,9 +125,9 @@ class SearchResult:
     precision: dict = field(default_factory=dict)  # bf16: the measured error and how many checks went to fp32
 
     @property
-    def kept_heads(self) -> list[tuple[int, int]]:
+    def kept_heads(self) -> list[Head]:
         gone = set(self.ablated)
-        return [(l, h) for l in range(self.n_layer) for h in range(self.n_head) if (l, h) not in gone]
+        return [Head(l, h) for l in range(self.n_layer) for h in range(self.n_head) if (l, h) not in gone]
 
     @property
     def clean_value(self) -> float:
@@ -229,7 +231,7 @@ def _result(model, prompts, metric, threshold, order, drop, rigorous_prompts, ch
         higher_is_better=metric.higher_is_better, threshold=threshold, drop=drop, order=order,
         ablation=prompts.ablation, n_examples=len(prompts),
         rigorous_examples=len(rigorous_prompts) if rigorous_prompts is not None else None,
-        ablated=[(c.layer, c.head) for c in checks if c.kept], checks=checks,
+        ablated=[Head(c.layer, c.head) for c in checks if c.kept], checks=checks,
         variants_evaluated=n, seconds=seconds,
     )
 
@@ -245,7 +247,7 @@ class _Runner:
         self.blocks = []
         for rows, p in prompts.blocks(self.max_rows):  # one variant a call (speculate=1, the CPU default)
             kw = p.masking_kwargs()
-            self.blocks.append((rows, HeadMaskRunner(model, p.tokens, kw.pop("mode"), dtype=dtype, **kw)))
+            self.blocks.append((rows, HeadMaskRunner(model, p.tokens, kw.pop("ablation"), dtype=dtype, **kw)))
         self.memo: dict[bytes, float] = {}
         self.evaluated = 0
 
@@ -317,7 +319,7 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
     _validate(model, prompts, metric, rigorous_prompts, rigorous_metric, threshold, order, drop)
     if speculate < 1:
         raise ValueError(f"speculate must be >= 1 (heads per speculative batch), got {speculate}")
-    dtype = resolve_dtype(dtype)
+    dtype = parse_dtype(dtype, model.device)
     low = dtype is not None and dtype != model.dtype
     t0 = time.perf_counter()
     L, H = model.cfg.n_layer, model.cfg.n_head

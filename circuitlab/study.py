@@ -19,10 +19,12 @@ import torch
 
 import tpp
 from minigpt2 import GPT2, GPT2Config, load_pretrained
-from tpp.flags import blame
+from minigpt2.heads import Head
+from clikit import blame
 
 from . import paper, plots
 from .circuitfile import check_circuit, check_own_models
+from .compare import RECOVERS_NOTHING, not_a_finding, nothing_to_recover, recovers_nothing  # noqa: F401 (re-exported)
 from .classify import (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES, INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, attending_heads,
                        attention_patterns, bootstrap_weights, check_class_args, classify_heads, count_interval,
                        induction_scores, induction_seq_len, prepend_bos, resampled_attending, target_attention)
@@ -326,7 +328,7 @@ def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list
         for m in metrics:
             effects[m][label] = r.effect(m)
             worst = [(l, h, e) for l, h, e in r.top(m, top) if r.harm(m)[l, h] > 0]
-            cells.append(f"{fmt(r.clean[m])}: " + (", ".join(f"L{l}H{h} ({e:+.3g})" for l, h, e in worst)
+            cells.append(f"{fmt(r.clean[m])}: " + (", ".join(f"{Head(l, h)} ({e:+.3g})" for l, h, e in worst)
                                                    or "no head's ablation hurts"))
         rows.append([label, *cells])
     write_json(out / "sweep.json", results)
@@ -783,28 +785,6 @@ class EdgeOptions:
             raise ValueError(f"--acdc-models {unknown} are not among the models {session.labels}. Fix: pass labels "
                              "from --models (LABEL=DIR names one)")
         return chosen
-
-
-RECOVERS_NOTHING = 0.1  # a circuit whose normalised faithfulness is below this recovers nothing of the model
-
-
-def recovers_nothing(faith: dict) -> bool:
-    """Whether a circuit's held-out faithfulness (circuitlab.compare.circuit_faithfulness) says it recovers
-    nothing: normalised below RECOVERS_NOTHING (or undefined, when ablating everything changes nothing)."""
-    f = faith["normalized"]
-    return f != f or f < RECOVERS_NOTHING
-
-
-def nothing_to_recover(full: float, empty: float, higher_is_better: bool) -> bool:
-    """Whether the full model does no better on the metric than with every edge ablated: then a circuit's
-    normalised faithfulness divides by (almost) nothing and says nothing (a base that fails the task)."""
-    gain = (full - empty) if higher_is_better else (empty - full)
-    return not gain > 0
-
-
-def not_a_finding(faith: dict, higher_is_better: bool) -> bool:
-    """A circuit that recovers nothing, or one of a model with nothing to recover: not drawn as a finding."""
-    return recovers_nothing(faith) or nothing_to_recover(faith["full"], faith["empty"], higher_is_better)
 
 
 def _faithfulness_cell(faith: dict, higher_is_better: bool) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt2 import GPT2
-from minigpt2.engine import (ABLATIONS, Metric, ablation_mode, check_metrics, check_model, head_mask_bytes_per_row,
+from minigpt2.engine import (ABLATIONS, Metric, check_ablation, check_metrics, check_model, head_mask_bytes_per_row,
                              per_example, rows_per_chunk)
 from minigpt2.masking import single_head_masks
 
@@ -53,7 +53,7 @@ class Prompts:
     reference_mask: torch.Tensor | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "ablation", ablation_mode(self.ablation))
+        object.__setattr__(self, "ablation", check_ablation(self.ablation))
         if not isinstance(self.tokens, torch.Tensor):
             try:
                 object.__setattr__(self, "tokens", torch.as_tensor(self.tokens))
@@ -116,10 +116,10 @@ class Prompts:
         """The keyword arguments of minigpt2's run_with_head_masks for this batch and ablation."""
         kw = dict(positions=self.positions, attention_mask=self.attention_mask)
         if self.ablation == "zero":
-            return kw | dict(mode="zero")
+            return kw | dict(ablation="zero")
         if self.ablation == "mean":
-            return kw | dict(mode="mean", reference=self.reference, reference_mask=self.reference_mask)
-        return kw | dict(mode="resample", reference=self.reference)
+            return kw | dict(ablation="mean", reference=self.reference, reference_mask=self.reference_mask)
+        return kw | dict(ablation="resample", reference=self.reference)
 
 
 def check_prompts(prompts, what: str) -> None:

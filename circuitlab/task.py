@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 import tpp
-from minigpt2.engine import Metric
+from minigpt2.engine import Metric, kl_div
 from minigpt2.fileio import FileError, load_json
+from minigpt2.hardware import DTYPE_NAMES, autocast_dtype
 from tpp.encoding import SPACES
 
 from .circuitfile import json_kind
@@ -37,16 +38,18 @@ METRICS = {  # name -> (higher is better, table heading)
     "loss": (False, "Cross-entropy"),
     "kl": (False, "KL to clean"),
 }
-DTYPES = ("fp32", "bf16")  # --dtype: fp32 (the model's own precision) or bf16 matmuls (minigpt2.engine)
+DTYPES = tuple(DTYPE_NAMES.values())  # --dtype: fp32 (the model's own precision) or bf16 matmuls (minigpt2.engine)
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
-    """A --dtype name as the API takes it: None for fp32 (the model's precision), torch.bfloat16 for bf16."""
-    if name is None or name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    raise ValueError(f"--dtype {name!r}: choose one of {list(DTYPES)}")
+    """A --dtype name as the API takes it: None for fp32 (the model's precision), torch.bfloat16 for bf16
+    (minigpt2.hardware's parser: either spelling, fp32/float32, bf16/bfloat16)."""
+    if name is not None and (not isinstance(name, str) or name.strip().lower() == "auto"):
+        raise ValueError(f"--dtype {name!r}: choose one of {list(DTYPES)}")
+    try:
+        return autocast_dtype(name)
+    except ValueError:
+        raise ValueError(f"--dtype {name!r}: choose one of {list(DTYPES)}") from None
 
 
 def dtype_kwargs(dtype: torch.dtype | None) -> dict:
@@ -198,7 +201,7 @@ def make_metric(name: str, batch: tpp.EvalBatch, model=None, clean_logits: torch
         if model is None:
             raise ValueError("the kl metric compares with the clean model's logits: pass the model or its clean logits")
         clean_logits = _clean_logits(model, batch)
-    return Metric(name, lambda logits, clean: m.kl_div(clean, logits), higher, {"clean": clean_logits.detach()})
+    return Metric(name, lambda logits, clean: kl_div(clean, logits), higher, {"clean": clean_logits.detach()})
 
 
 def to_prompts(batch: tpp.EvalBatch, ablation: str = "zero", seed: int = 0) -> Prompts:

@@ -11,11 +11,15 @@ Pretraining is the same loop on text: ``pretrain_data("wordnet", block_size=128)
 blocks and held-out blocks for ``heldout_evaluator``.
 
 Modules: data (rows and their order), loss (the position-gathered next-token loss),
-trainer (the loop, DDP, resume), checkpoint (atomic run directories without pickle),
-evaluate (TPP and held-out metrics), presets (the paper's three runs).
+trainer (the loop, DDP), resume (a run's own settings on --resume, the advice after a NaN),
+checkpoint (atomic run directories without pickle),
+evaluate (TPP and held-out metrics), config (TrainConfig: every setting of the loop, with its
+flag's help and range), presets (the paper's three runs).
 
 Everything but the presets is imported on first use, so that train.py can check its
-flags (which need only the presets) without importing torch.
+flags (which need only config, presets and resume, all torch-free) without importing torch.
+finetune imports nothing of circuitlab: the copying probe of a pretraining run
+(circuitlab.copying) and the head census of a published card (circuitlab.census) are circuitlab's.
 """
 
 import os as _os
@@ -33,16 +37,21 @@ _WHERE = {
     "save_checkpoint": "checkpoint",
     "IGNORE": "data", "TrainData": "data", "batch_order": "data", "corpus_tokens": "data", "finetune_data": "data",
     "frequent_tokens": "data", "pretrain_data": "data",
-    "copying_evaluator": "evaluate", "heldout_evaluator": "evaluate", "tpp_evaluator": "evaluate",
+    "heldout_evaluator": "evaluate", "tpp_evaluator": "evaluate",
     "full_lm_loss": "loss", "lm_loss": "loss",
-    "Dist": "trainer", "NonFiniteLoss": "trainer", "Schedule": "trainer", "TrainConfig": "trainer",
+    "Dist": "trainer", "NonFiniteLoss": "trainer", "Schedule": "trainer", "TrainConfig": "config",
     "Trainer": "trainer",
 }
 
 __all__ = sorted([*_WHERE, "PRESETS", "Preset"])
 
 
+MOVED = {"copying_evaluator": "circuitlab.copying"}  # finetune does not import circuitlab
+
+
 def __getattr__(name: str):
+    if name in MOVED:
+        raise AttributeError(f"finetune.{name} moved to {MOVED[name]}.{name}: import it from there")
     if name not in _WHERE:
         raise AttributeError(f"module 'finetune' has no attribute {name!r}")
     value = getattr(import_module(f".{_WHERE[name]}", __name__), name)

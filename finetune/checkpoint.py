@@ -12,11 +12,11 @@ A run directory holds::
     non_finite.json             only after a stop on a NaN/inf: where it happened (see train.py)
     .lock                       held (fcntl.flock) by the train.py running the run: a second one is refused
 
-Committing a directory (a checkpoint, model/): it is filled in a temporary directory
-``.NAME.tmp-*``, every file fsynced, then ``complete.json`` (each file's size and sha256) is written
-last; then an older NAME is renamed aside to ``.NAME.old-PID``, the new one renamed to
-NAME, and the old one deleted. A kill at any instant leaves NAME complete, or (between
-the two renames) a complete ``.NAME.old-*`` and a complete ``.NAME.tmp-*``:
+Committing a directory (a checkpoint, model/; minigpt2.fileio.atomic_dir): it is filled in a
+temporary directory ``.NAME.partial-PID-*``, every file fsynced, then ``complete.json`` (each file's
+size and sha256) is written last; then an older NAME is renamed aside to ``.NAME.old-PID-*``, the new
+one renamed to NAME, and the old one deleted. A kill at any instant leaves NAME complete, or (between
+the two renames) a complete ``.NAME.old-*`` and a complete ``.NAME.partial-*``:
 ``recover_run`` (run by --resume, and by every commit) puts the newest complete one
 back under NAME and deletes the rest, so --resume always finds a complete checkpoint
 if one was ever committed. --resume then verifies every file against the marker's size and
@@ -34,9 +34,7 @@ import random
 import re
 import secrets
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +42,12 @@ import torch
 
 from minigpt2 import GPT2, save_pretrained
 from minigpt2 import fileio
-from minigpt2.fileio import MARKER, FileError, checksum_problems, fsync_dir, load_json, read_marker, seal
+from minigpt2.fileio import MARKER, FileError, checksum_problems, fsync_dir, load_json, read_marker
 from minigpt2.weights import (CheckpointError, load_state_dict_strict, read_safetensors, read_state_dict,
                               save_safetensors)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-[^/]+$")  # directories left by a killed commit
+LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|tmp|old|del)-[^/]+$")  # left by a killed commit
 LOCK = fileio.DirLock.NAME  # the run's lock file (train.py holds it while it runs)
 STALE_FILE = re.compile(r"^\..+\.tmp$")  # files left by a killed write_atomic
 NON_FINITE_NOTE = "non_finite.json"
@@ -91,7 +89,7 @@ def _restorable(kind: str, d: Path) -> bool:
     """A temporary directory is complete only with its marker; an .old one was a committed
     directory (complete by construction), so it needs the marker only if it has one
     (older code wrote none)."""
-    if kind == "tmp":
+    if kind in ("partial", "tmp"):  # "tmp": the name older code gave it
         return is_complete(d)
     return kind == "old" and (is_complete(d) or not (d / MARKER).exists())
 
@@ -114,7 +112,7 @@ def recover_dir(parent: Path, name: str, found: list[tuple[str, Path]] | None = 
     final, notes = parent / name, []
     if not final.exists():
         # the newer content first: a sealed temporary directory, then the copy it was replacing
-        candidates = sorted(found, key=lambda kp: (kp[0] != "tmp", -kp[1].stat().st_mtime))
+        candidates = sorted(found, key=lambda kp: (kp[0] not in ("partial", "tmp"), -kp[1].stat().st_mtime))
         best = next((p for kind, p in candidates if _restorable(kind, p)), None)
         if best is not None:
             os.replace(best, final)
@@ -123,7 +121,7 @@ def recover_dir(parent: Path, name: str, found: list[tuple[str, Path]] | None = 
     for kind, p in found:
         if p.exists():
             shutil.rmtree(p, ignore_errors=True)
-            what = {"tmp": "unfinished", "old": "replaced", "del": "half-deleted"}[kind]
+            what = {"partial": "unfinished", "tmp": "unfinished", "old": "replaced", "del": "half-deleted"}[kind]
             notes.append(f"removed {p}, the {what} copy left by an interrupted save")
     return notes
 
@@ -143,46 +141,20 @@ def recover_run(out: Path) -> list[str]:
     return notes
 
 
-def swap_in(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` onto ``final``, an existing ``final`` first renamed aside and deleted
-    last; on an error ``final`` is put back."""
-    old, moved = final.parent / f".{final.name}.old-{os.getpid()}", False
-    try:
-        if final.exists():
-            os.replace(final, old)
-            moved = True
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        if moved and not final.exists():
-            os.replace(old, final)
-        raise
-    if moved:
-        shutil.rmtree(old, ignore_errors=True)
+swap_in = fileio.swap_dir  # tmp renamed onto final; an existing final renamed aside first, deleted last
 
 
 def commit_dir(parent: Path, name: str, fill) -> Path:
     """Build directory ``parent/name`` atomically: ``fill(tmp_dir)`` writes into a temporary
-    directory, sealed with the completeness marker, that then replaces ``name`` (see the
-    module docstring for why a kill at any point leaves a complete copy)."""
+    directory, sealed with the completeness marker, that then replaces ``name`` (minigpt2.fileio's
+    atomic_dir; see the module docstring for why a kill at any point leaves a complete copy)."""
     try:
         parent.mkdir(parents=True, exist_ok=True)
         recover_dir(parent, name)
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-"))
     except OSError as e:
         raise fileio.WriteError(parent / name, e) from None
-    try:
-        os.chmod(tmp, 0o777 & ~fileio.umask())  # mkdtemp's 0700 would make the published directory private
+    with fileio.atomic_dir(parent / name, marker=True) as tmp:  # a full disk: named, the earlier NAME untouched
         fill(tmp)
-        seal(tmp)
-        swap_in(tmp, parent / name)
-    except OSError as e:  # a full disk, say: named; the earlier NAME is untouched (swap_in puts it back)
-        if isinstance(e, fileio.WriteError):
-            raise
-        raise fileio.WriteError(parent / name, e) from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return parent / name
 
 
@@ -310,18 +282,7 @@ def clear_non_finite_note(out: Path, step: int) -> None:
         (Path(out) / NON_FINITE_NOTE).unlink(missing_ok=True)
 
 
-def git_commit(where: Path | None = None) -> str | None:
-    """HEAD of the repository holding this code, '+dirty' when tracked files changed; None outside git."""
-    where = where or Path(__file__).resolve().parent
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=where, capture_output=True, text=True, timeout=10)  # noqa: E731
-        head = run("rev-parse", "HEAD")
-        if head.returncode:
-            return None
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+git_commit = fileio.git_commit  # HEAD of this code's repository, "+dirty" when tracked files changed
 
 
 # ---------------------------------------------------------------- optimizer and RNG state, without pickle

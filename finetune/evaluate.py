@@ -4,9 +4,9 @@
   is one token), scored by ``tpp.metrics.summarize`` on the logits at the
   answer position: loss, accuracy, logit difference (each with its s.e.m.).
 * ``heldout_evaluator``: next-token loss and accuracy on held-out text blocks.
-* ``copying_evaluator``: whether a pretraining model copies from context yet, on
-  repeated random tokens: the loss on the first and second copy, and its heads'
-  induction and previous-token scores.
+
+The copying probe of a pretraining run (its heads' induction and previous-token scores) is
+circuitlab's: ``circuitlab.copying.copying_evaluator`` (finetune does not import circuitlab).
 
 The trainer calls them under ``torch.no_grad()`` with the model in eval mode.
 """
@@ -82,44 +82,5 @@ def heldout_evaluator(blocks: torch.Tensor, batch_size: int = 8) -> Evaluator:
         loss = loss_sum / n
         return {"heldout": {"loss": loss, "perplexity": float(torch.tensor(loss).exp()), "accuracy": correct / n,
                             "n_tokens": n}}
-
-    return evaluate
-
-
-def copying_evaluator(pool: torch.Tensor, seq_len: int = 50, n_examples: int = 10, threshold: float = 0.4,
-                      seed: int = 0) -> Evaluator:
-    """Copying from context, measured on ``n_examples`` sequences [<|endoftext|>, s, s] of
-    ``seq_len`` tokens drawn from the ids in ``pool`` (``circuitlab.classify.repeated_random_tokens``):
-
-    * loss_first / loss_second: next-token loss on s's first copy (only guessable) and on its
-      second copy after the first token (predictable by copying);
-    * every head's induction score (TransformerLens's: ``circuitlab.classify.induction_scores``)
-      and previous-token score (mean attention from each token to the one before it): the
-      largest of each, the heads above ``threshold`` and the best three as "layer.head".
-
-    Logged at every evaluation of a pretraining run, it shows when induction heads form.
-    """
-    from circuitlab.classify import attention_patterns, induction_from_patterns, repeated_random_tokens
-
-    tokens = repeated_random_tokens(n_examples, seq_len, seed=seed, pool=pool)  # [B, 1 + 2 seq_len]
-
-    @torch.no_grad()
-    def evaluate(model: GPT2) -> dict:
-        if tokens.shape[1] > model.cfg.n_ctx:
-            raise ValueError(f"copying eval: 1 + 2 x seq_len={seq_len} tokens exceed the model's n_ctx="
-                             f"{model.cfg.n_ctx}; pass seq_len <= {(model.cfg.n_ctx - 1) // 2}")
-        x = tokens.to(model.device)
-        logits, patterns = attention_patterns(model, x, with_logits=True)  # [B, T, V], [B, L, H, T, T]
-        ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")  # t predicts t + 1
-        scores = {"induction": induction_from_patterns(patterns, seq_len),
-                  "previous": patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, -1))}  # [L, H]
-        out = {"loss_first": float(ce[:, :seq_len].mean()), "loss_second": float(ce[:, seq_len + 1:].mean())}
-        for name, s in scores.items():
-            top = s.flatten().topk(min(3, s.numel()))
-            out[f"{name}_max"] = float(top.values[0])
-            out[f"{name}_heads"] = int((s > threshold).sum())
-            out[f"{name}_top"] = [f"{int(i) // s.shape[1]}.{int(i) % s.shape[1]}" for i in top.indices]
-        out |= {"pool_size": len(pool), "seq_len": seq_len, "n_examples": n_examples, "threshold": threshold}
-        return {"copying": out}
 
     return evaluate

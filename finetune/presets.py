@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .config import default
+
 
 @dataclass(frozen=True)
 class Preset:
     fraction: float  # of the master dataset
     epochs: int
-    lr: float = 5e-5
-    batch_size: int = 64
+    lr: float = default("lr")  # TrainConfig's (5e-5)
+    batch_size: int = default("batch_size")  # TrainConfig's (64)
 
     def to_dict(self) -> dict:
         return asdict(self)

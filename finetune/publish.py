@@ -8,12 +8,13 @@ Writes DEST/model.safetensors (float16 unless --dtype float32), config.json,
 metadata.json (the run's) and README.md, the card: data, steps, seed, the exact
 command that reproduces the model, and its TPP metrics on both eval sets,
 measured on the stored weights. DEST is built in a temporary directory and
-renamed into place, so it is never half-written.
+renamed into place, so it is never half-written. The card's head census (circuits.py classify's
+head classes) is circuitlab's: ``python -m circuitlab.census DEST`` measures it on the stored
+weights and adds it to the card (finetune, the training library, does not depend on circuitlab).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,25 +28,23 @@ import torch
 from minigpt2 import load_pretrained, save_pretrained
 from minigpt2.fileio import load_json, seal, umask
 from tpp.encoding import SPACES
-from tpp.flags import HelpFormatter
-
-from circuitlab.classify import INDUCTION_EXAMPLES, PAPER_CLASS_COUNTS, head_census
+from clikit import Parser, integer, run
 
 from .checkpoint import swap_in, recover_dir
 from .evaluate import tpp_eval_sets, tpp_metrics
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser = Parser(prog="python -m finetune.publish", description=__doc__)
 parser.add_argument("run", type=Path, help="run directory of train.py (its model/ is published)")
 parser.add_argument("dest", type=Path, help="destination directory, e.g. weights/featherweight")
 parser.add_argument("--title", required=True, help="the card's heading")
 parser.add_argument("--about", required=True, help="one sentence on what the model is")
 parser.add_argument("--scale", default="", help="how the run was scaled down from the paper's, for the card (default: none)")
 parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype")
-parser.add_argument("--master-size", type=int, default=158_000, help="master dataset of the finetuning runs, "
+parser.add_argument("--master-size", type=integer(1), default=158_000, help="master dataset of the finetuning runs, "
                     "excluded from the eval sets (the same sets score every bundled model)")
-parser.add_argument("--data-seed", type=int, default=0, help="seed of the master dataset and eval sets")
-parser.add_argument("--eval-size", type=int, default=3000, help="examples in the first eval set")
-parser.add_argument("--single-token-eval-size", type=int, default=1150, help="examples in the second eval set")
+parser.add_argument("--data-seed", type=integer(0), default=0, help="seed of the master dataset and eval sets")
+parser.add_argument("--eval-size", type=integer(1), default=3000, help="examples in the first eval set")
+parser.add_argument("--single-token-eval-size", type=integer(1), default=1150, help="examples in the second eval set")
 parser.add_argument("--answer-space", choices=SPACES, default=None,
                     help="format of the first eval set: prompt (the paper's: trailing space, c on its own) or answer "
                          "(' c'); default: the run's finetuning format, else prompt. Pass the finetunes' format "
@@ -54,7 +53,7 @@ parser.add_argument("--compare-to", type=Path, default=None,
                     help="a published base model: the card then claims margins over it on a fixed subset "
                          "(the first --subset examples of each eval set), which tests/test_bundled.py checks; "
                          "default: none, no claims")
-parser.add_argument("--subset", type=int, default=200, help="examples of each eval set in the claimed comparison")
+parser.add_argument("--subset", type=integer(1), default=200, help="examples of each eval set in the claimed comparison")
 
 
 
@@ -198,9 +197,6 @@ def subset_margins(model, base, sets: dict, n: int) -> dict:
             for name, edge in subset_edges(model, base, sets, n).items()}
 
 
-CENSUS_EXAMPLES = 100  # the paper's head classes: 100 examples
-
-
 def frequent_tokens_of(meta: dict, compare_to: Path | None) -> torch.Tensor | None:
     """The most frequent pretraining tokens: the run's own (a pretraining run records them), else
     those of the base it is compared to; None when neither has them."""
@@ -210,41 +206,19 @@ def frequent_tokens_of(meta: dict, compare_to: Path | None) -> torch.Tensor | No
     return None if ids is None else torch.tensor(ids, dtype=torch.long)
 
 
-CLASS_NAMES = {"first": "first-token", "self": "self", "previous": "previous-token", "induction": "induction"}
-
-
-def census_lines(census: dict) -> list[str]:
-    """The card's head classes: what ``circuits.py classify`` counts (tests/test_bundled.py checks them)."""
-    counts = ", ".join(f"{census['classes'][c]} {name}" for c, name in CLASS_NAMES.items())
-    paper = ", ".join(f"{PAPER_CLASS_COUNTS[c]} {name}" for c, name in CLASS_NAMES.items())
-    spans = census.get("classes_interval", {})  # the bootstrap interval over the prompts, when measured
-    level = ""
-    if spans:
-        level = (f" The {census.get('interval_level', 0.95):.0%} bootstrap interval of each count over the prompts "
-                 "(another draw of prompts may count otherwise): "
-                 + ", ".join(f"{name} {spans[c][0]}–{spans[c][1]}" for c, name in CLASS_NAMES.items() if c in spans)
-                 + ".")
-    lines = ["## Head classes", "",
-             f"On {census['n_examples']} prompts of the TPP eval set (`circuits.py classify --seed {census['seed']}`, "
-             f"and the study's classify section, which draws the same prompts), by "
-             f"the paper's rule (score > {census['score_threshold']} in at least {census['min_fraction']:.0%} of the "
-             f"prompts): {counts} heads (the paper, in GPT-2 small's circuit: {paper}).{level}", ""]
-    if "classes_bos" in census:
-        bos = ", ".join(f"{census['classes_bos'][c]} {name}" for c, name in CLASS_NAMES.items())
-        lines += [f"The same prompts with <|endoftext|> before each (TransformerLens's default input, "
-                  f"`prepend_bos=True`; the TPP prompts have none): {bos} heads.", ""]
-    for key, what in (("induction_random", "random tokens of the whole vocabulary (TransformerLens's recipe)"),
-                      ("induction_frequent", "random tokens from the {pool_size:,} most frequent pretraining tokens")):
-        if key in census:
-            c = census[key]
-            lines += [f"Induction score on {INDUCTION_EXAMPLES} repeated sequences of {c['seq_len']} "
-                      + what.format(**c) + f": {c['heads']} heads > {census['score_threshold']} "
-                      f"(largest {c['max']:.2f}).", ""]
-    return lines
+def publishing_commands(args) -> list[str]:
+    """This publish, then the head census that circuitlab adds to the card."""
+    return [f"python -m finetune.publish {args.run} {args.dest} --title {json.dumps(args.title)} "
+            f"--about {json.dumps(args.about)}" + (f" --scale {json.dumps(args.scale)}" if args.scale else "")
+            + (f" --answer-space {args.answer_space}" if args.answer_space else "")
+            + (f" --master-size {args.master_size}" if args.master_size != 158_000 else "")
+            + (f" --compare-to {args.compare_to}" if args.compare_to else ""),
+            f"python -m circuitlab.census {args.dest}"]
 
 
 def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = None,
-         answer_space: str = "prompt", census: dict | None = None) -> str:
+         answer_space: str = "prompt") -> str:
+    """The model card; circuitlab.census adds its "## Head classes" section before "## TPP metrics"."""
     cfg = meta["model_config"]
     tc = meta.get("train_config", {})
     data = meta.get("data", {})
@@ -273,13 +247,7 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
                   f"{sum(st.get('steps', 0) for st in stages):,} steps, "
                   f"{sum(st.get('tokens_seen', 0) for st in stages):,} tokens in all", "", stages_table(stages), ""]
     lines += [f"- git commit: `{meta.get('git_commit')}`", "", "Reproduce:", "", "```",
-              *reproducing_commands(meta),
-              f"python -m finetune.publish {args.run} {args.dest} --title {json.dumps(args.title)} "
-              f"--about {json.dumps(args.about)}" + (f" --scale {json.dumps(args.scale)}" if args.scale else "")
-              + (f" --answer-space {args.answer_space}" if args.answer_space else "")
-              + (f" --master-size {args.master_size}" if args.master_size != 158_000 else "")
-              + (f" --compare-to {args.compare_to}" if args.compare_to else ""),
-              "```", ""]
+              *reproducing_commands(meta), *publishing_commands(args), "```", ""]
     if heldout:
         lines += [f"Held-out text ({meta.get('corpus') or 'the corpus'}, never trained on): loss {heldout['loss']:.3f}, perplexity {heldout['perplexity']:.1f}, "
                   f"next-token accuracy {heldout['accuracy']:.3f} ({heldout['n_tokens']} tokens).", ""]
@@ -292,8 +260,6 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
                   f"(largest {copying['induction_max']:.2f}, head {copying['induction_top'][0]}), "
                   f"{copying['previous_heads']} with a previous-token score > {copying['threshold']} "
                   f"(largest {copying['previous_max']:.2f}, head {copying['previous_top'][0]}).", ""]
-    if census:
-        lines += census_lines(census)
     lines += ["## TPP metrics", "",
               f"Scored on the first token of c at the answer position (as the paper's Tables 1 and 2), on the "
               f"stored weights; eval sets built with seed {args.data_seed}, disjoint from the "
@@ -321,24 +287,20 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     args.dest.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(args.dest.parent, args.dest.name)  # a copy left aside by an interrupted publish comes back
-    tmp = Path(tempfile.mkdtemp(dir=args.dest.parent, prefix=f".{args.dest.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=args.dest.parent, prefix=f".{args.dest.name}.partial-{os.getpid()}-"))  # as atomic_dir
     try:
         save_pretrained(load_pretrained(model_dir), tmp, dtype=dtype)
         stored = load_pretrained(tmp)  # score what users will load
         answer_space = args.answer_space or meta.get("answer_space") or "prompt"
         sets = eval_sets(args.master_size, args.data_seed, args.eval_size, args.single_token_eval_size, answer_space)
-        pool = frequent_tokens_of(meta, args.compare_to)
         with torch.no_grad():
             results = {name: tpp_metrics(stored, batch) for name, batch in sets.items()}
-            first = next(iter(sets.values()))  # the TPP eval set, which circuits.py classify samples
-            census = head_census(stored, first, min(CENSUS_EXAMPLES, len(first)), args.data_seed, pool)
             claims = (subset_margins(stored, load_pretrained(args.compare_to), sets, args.subset)
                       if args.compare_to else None)
         extra = {"tpp_metrics": results, "eval_data": {"master_size": args.master_size, "data_seed": args.data_seed,
                                                        "eval_size": args.eval_size,
                                                        "single_token_eval_size": args.single_token_eval_size,
                                                        "answer_space": answer_space}}
-        extra["head_census"] = census
         stages = lineage(meta)
         if len(stages) > 1:
             extra["lineage"] = [stage_summary(st) for st in stages]
@@ -346,7 +308,7 @@ def main(argv=None) -> None:
             extra["claims"] = {"compare_to": str(args.compare_to), "subset": args.subset, "margins": claims}
         (tmp / "metadata.json").write_text(json.dumps(meta | extra, indent=2) + "\n")
         n_params = sum(p.numel() for p in stored.parameters())
-        (tmp / "README.md").write_text(card(args, meta, results, n_params, claims, answer_space, census))
+        (tmp / "README.md").write_text(card(args, meta, results, n_params, claims, answer_space))
         seal(tmp)  # complete.json: each file's size and sha256, verified by load_pretrained
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would make the directory private
         swap_in(tmp, args.dest)  # the old copy is moved aside, never deleted before the new one is in place
@@ -359,18 +321,7 @@ def main(argv=None) -> None:
 
 def cli(argv=None) -> int:
     """The command line: 0, or one line ``python -m finetune.publish: error: ...`` and status 2 (130 on Ctrl-C)."""
-    import sys
-
-    from tpp.flags import fail
-
-    try:
-        main(argv)
-    except (ValueError, OSError) as e:  # a damaged file, a full disk: named; nothing half-written
-        return fail("python -m finetune.publish", e)
-    except KeyboardInterrupt:
-        print("\npython -m finetune.publish: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    return run("python -m finetune.publish", main, argv)
 
 
 if __name__ == "__main__":

@@ -30,57 +30,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from minigpt2 import GPT2
+from minigpt2 import GPT2, hardware
 from minigpt2.fileio import FileError, parse_json
 
 from . import checkpoint as ckpt
+from .config import TrainConfig
 from .data import TrainData, batch_order, shard
 from .evaluate import Evaluator
 from .loss import LossModule
-
-
-@dataclass
-class TrainConfig:
-    out: str
-    epochs: int = 3
-    batch_size: int = 64  # rows per optimizer step, over all ranks
-    micro_batch_size: int | None = None  # rows per forward on one rank; None: the rank's whole share
-    lr: float = 5e-5
-    weight_decay: float = 0.0  # on matrices and embeddings only, never biases or layer norms
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    head_dropout: float = 0.0  # chance that a head's output is dropped, per row and head (see Trainer.head_scale)
-    warmup_steps: int = 0
-    schedule: str = "linear"  # after warmup: "linear" to 0, "cosine" to min_lr_ratio * lr, "constant"
-    min_lr_ratio: float = 0.0
-    max_steps: int | None = None  # stop after this many optimizer steps in all (the schedule still spans all epochs)
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0  # steps; 0: at each epoch end only
-    save_every: int = 0  # steps; 0: at each epoch end only (and at the end, and on Ctrl-C)
-    keep_checkpoints: int = 1
-    device: str = "auto"
-    dtype: str = "auto"  # autocast dtype: "auto" (bfloat16 on CUDA, else float32), "float32", "bfloat16"
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        problems = [f"{name}={getattr(self, name)!r} (must be {rule})" for name, ok, rule in (
-            ("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1, "None or >= 1"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, "None or >= 1"),
-            ("lr", 0 < self.lr < math.inf, "finite and > 0"),
-            ("weight_decay", 0 <= self.weight_decay < math.inf, "finite and >= 0"),
-            ("grad_clip", 0 <= self.grad_clip < math.inf, "finite and >= 0"),
-            ("head_dropout", 0 <= self.head_dropout < 1, "in [0, 1)"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-            ("log_every", self.log_every >= 1, ">= 1"), ("eval_every", self.eval_every >= 0, ">= 0"),
-            ("save_every", self.save_every >= 0, ">= 0"), ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
-        ) if not ok]
-        if problems:
-            raise ValueError(f"TrainConfig: {'; '.join(problems)}")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -110,29 +67,18 @@ class Dist:
 
 
 def resolve_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
+    """--device (auto: cuda, else mps, else cpu; minigpt2.hardware's resolver), on this rank's GPU under DDP."""
+    device = hardware.resolve_device(name, unset="(or auto)")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
         if d.world > 1 and device.index is None:
             device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple's MPS backend is not available here; use --device cpu")
     return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if name in ("float32", "fp32"):
-        return None
-    if name in ("bfloat16", "bf16"):
-        return torch.bfloat16
-    raise ValueError(f"--dtype {name!r}: choose auto, float32 or bfloat16")
+    """The autocast dtype, or None for plain float32 (minigpt2.hardware's parser: auto, fp32/float32, bf16/bfloat16)."""
+    return hardware.autocast_dtype(name, device)
 
 
 def init_distributed(d: Dist, device: torch.device) -> None:
@@ -161,7 +107,7 @@ class Schedule:
         if self.kind == "cosine":
             floor = self.min_lr_ratio * self.lr
             return floor + 0.5 * (self.lr - floor) * (1.0 + math.cos(math.pi * progress))
-        raise ValueError(f"--schedule {self.kind!r}: choose linear, cosine or constant")
+        raise ValueError(f"kind={self.kind!r}: choose linear, cosine or constant")
 
 
 def make_optimizer(model: GPT2, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -356,20 +302,21 @@ class Trainer:
                             bfloat16=self.autocast_dtype == torch.bfloat16)
 
     def _non_finite_advice(self, last: Path | None) -> tuple[str, str]:
-        """("resume" or "restart", the advice): resuming helps only from a checkpoint older than
-        the weights that diverged, since the failed step recomputes from the checkpoint's weights."""
+        """("resume" or "restart", the advice, in TrainConfig's names): resuming helps only from a
+        checkpoint older than the weights that diverged, since the failed step recomputes from the
+        checkpoint's weights."""
         if last is None:
-            return "restart", ("no checkpoint was saved before it. Fix: start over with a lower --lr or more "
-                               "--warmup-steps (--overwrite)")
+            return "restart", ("no checkpoint was saved before it. Fix: start over (overwrite) with a lower lr "
+                               "or more warmup_steps")
         if int(ckpt.STEP_DIR.match(last.name).group(1)) < self.step:
             return "resume", (f"the last checkpoint, {last}, is from before the updates that diverged. Fix: resume "
-                              "it with a lower --lr or more --warmup-steps (after a stop like this one, --resume "
-                              "accepts a changed --lr, --warmup-steps or --grad-clip)")
+                              "it with a lower lr or more warmup_steps (after a stop like this one, resume "
+                              "accepts a changed lr, warmup_steps or grad_clip)")
         bf16 = self.autocast_dtype == torch.bfloat16
-        float32 = "; or resume it in float32 (--resume --dtype float32)" if bf16 else ""
+        float32 = "; or resume it in float32 (dtype float32)" if bf16 else ""
         return "restart", (f"the last checkpoint, {last}, holds the very weights that gave it, so resuming it with "
-                           "any --lr would compute the same value. Fix: start over with a lower --lr or more "
-                           f"--warmup-steps (--overwrite){float32}")
+                           f"any lr would compute the same value. Fix: start over (overwrite) with a lower lr or "
+                           f"more warmup_steps{float32}")
 
     def _tokens(self, rows: np.ndarray) -> int:
         d = self.data

@@ -22,7 +22,9 @@ from .hook_points import HookedRootModule
 from .hooked_transformer import HookedTransformer
 from .model_bridge import TransformerBridge  # TransformerLens 4's (`from transformer_lens import TransformerBridge`)
 from .tokenizer import get_tokenizer
-from .weights import CheckpointError, load_pretrained, save_pretrained
+from .weights import CheckpointError, save_pretrained
+
+load_pretrained = GPT2.load_pretrained  # weights.py builds the class it is called on; it never imports the model
 
 _threads.limit_threads()  # no more threads than a container's CPU quota allows
 

@@ -12,14 +12,14 @@ They are not part of equality, the hash or ``to_dict()``: two configs of the sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
-import stat
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from . import fileio
 
 
 class ConfigError(ValueError):
@@ -234,65 +234,13 @@ def _check_supported(d: dict, source: str) -> None:
             raise ConfigError(f"{source}: {key}={d[key]!r} is not supported (minigpt2 implements {allowed[0]!r})")
 
 
-MAX_JSON_BYTES = 64 << 20  # a GPT-2 config.json is under 1 KB, a sharded index under 1 MB
-
-
-def _no_duplicate_keys(pairs):
-    d = dict(pairs)
-    if len(d) < len(pairs):  # json.loads would keep the last silently
-        seen = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"the key {dup!r} appears more than once")
-    return d
-
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_json(data: bytes, source: str, fix: str = "", allow_nan: bool = True, error=None):
-    """Strict JSON of a file's bytes: UTF-8, no duplicate keys (and, unless ``allow_nan``, no NaN or
-    Infinity); any failure raises ``error`` (ConfigError) naming ``source`` and saying ``fix``."""
-    hooks = {} if allow_nan else {"parse_constant": _no_constants}
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, **hooks)
-    except UnicodeDecodeError as e:
-        problem = f"not UTF-8 text (byte {e.start})"
-    except RecursionError:
-        problem = "nested too deeply"
-    except ValueError as e:  # JSONDecodeError included
-        problem = str(e)
-    raise (error or ConfigError)(f"{source} is not valid JSON ({problem})" + (f"; {fix}" if fix else ""))
-
-
-def read_regular_file(path: str | os.PathLike, max_bytes: int, error=None) -> bytes:
-    """The bytes of ``path``, which must be a regular file (a FIFO would block, a device never end)."""
-    error = error or ConfigError
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror}" + (
-            " (a symlink that does not resolve: dangling or looping); fix the link or remove it"
-            if os.path.islink(path) else "")) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{path} is not a regular file; replace it with the file itself")
-    if st.st_size > max_bytes:
-        raise error(f"{path} is {st.st_size} bytes, more than the {max_bytes} a JSON file here may be; "
-                    "is it the right file?")
-    try:
-        with open(path, "rb") as f:
-            return f.read(max_bytes + 1)
-    except OSError as e:
-        raise error(f"cannot read {path}: {e.strerror}") from None
-
-
 CONFIG_FIX = "restore it, or delete it to infer the config from the weights (then pass n_head=)"
 
 
 def read_json(path: str | os.PathLike, fix: str = CONFIG_FIX, error=None):
-    """A JSON file, read only if it is a regular file of sane size, parsed strictly (see parse_json)."""
-    error = error or ConfigError
-    return parse_json(read_regular_file(path, MAX_JSON_BYTES, error), str(path), fix, error=error)
+    """A JSON file as minigpt2.fileio reads every one (a regular file of sane size, strict JSON of bounded
+    depth); what is wrong raises ``error`` (ConfigError) naming the file and saying ``fix``."""
+    return fileio.load_json(path, "", fix, error=error or ConfigError)
 
 
 PRESETS = {

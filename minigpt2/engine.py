@@ -31,42 +31,39 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .hardware import parse_dtype
 from .progress import progress
 
 # How an ablated component's output is replaced: "zero"; "mean": its mean over a reference batch;
-# "resample": its value on a paired (corrupted) prompt, row by row. "patch" is an old name of "resample".
+# "resample": its value on a paired (corrupted) prompt, row by row. "patch": a deprecated name of "resample".
 ABLATIONS = ("zero", "mean", "resample")
-_ALIASES = {"patch": "resample"}
+_DEPRECATED_ABLATIONS = {"patch": "resample"}
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 CPU_BUDGET = 2**30  # bytes of activations per chunk on a CPU (override: MINIGPT2_MEMORY_BUDGET)
 CUDA_SHARE = 0.5  # the share of a GPU's free memory a chunk may use
 
 
-def ablation_mode(name: str) -> str:
-    """The canonical ablation name; refuses an unknown one, naming the choices."""
+def check_ablation(name: str, stacklevel: int = 3) -> str:
+    """The ablation's name, one of :data:`ABLATIONS`; refuses an unknown one, naming the choices.
+    "patch" is taken as "resample" with a DeprecationWarning (pointing ``stacklevel`` frames up)."""
     if not isinstance(name, str):
         raise TypeError(f"the ablation must be a name, one of {ABLATIONS}, got {name!r} ({type(name).__name__})")
-    name = _ALIASES.get(name, name)
+    if name in _DEPRECATED_ABLATIONS:
+        new = _DEPRECATED_ABLATIONS[name]
+        warnings.warn(f"ablation {name!r} is deprecated: pass ablation={new!r}", DeprecationWarning,
+                      stacklevel=stacklevel)
+        name = new
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}; choose one of {ABLATIONS} (resample: the value on paired "
                          "corrupted prompts, ACDC's default; mean: the mean over a reference batch; zero)")
     return name
-
-
-def resolve_dtype(dtype) -> torch.dtype | None:
-    """None (the model's own precision), torch.float32 or torch.bfloat16, from a dtype or a name."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16):
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is not supported for batched interventions: use torch.float32 (fp32) or "
-                     "torch.bfloat16 (bf16: bf16 matmuls, fp32 residual stream and metrics)")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -113,6 +110,23 @@ class Metric:
 BatchMetric = Callable[[torch.Tensor], torch.Tensor]  # logits [V, B, vocab] -> [V]
 
 
+def kl_div(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per example, P = softmax(logits_p) (the clean run), Q = softmax(logits_q): the one KL
+    of the library (tpp.metrics' "kl" metric, ACDC's default metric, learned masks' faithfulness).
+
+    [..., B, vocab] each, broadcast against one another (e.g. clean [B, vocab] against ablated
+    [V, B, vocab]) -> [..., B], in nats, in float32 at least. Tokens to which P gives zero probability
+    contribute nothing, even where Q is -inf.
+    """
+    log_p = torch.log_softmax(logits_p.to(torch.promote_types(logits_p.dtype, torch.float32)), dim=-1)
+    log_q = torch.log_softmax(logits_q.to(torch.promote_types(logits_q.dtype, torch.float32)), dim=-1)
+    p = log_p.exp()
+    terms = p * (log_p - log_q)
+    if (p == 0).any():  # checked on P alone (clean, [B, vocab]): the where costs a pass over [V, B, vocab]
+        terms = torch.where(p > 0, terms, torch.zeros((), dtype=p.dtype, device=p.device))
+    return terms.sum(dim=-1)
+
+
 class MetricError(TypeError, ValueError):
     """A metric that returned something other than the values asked of it (a scalar where one value per
     variant is due, a vector where a scalar is, None, a string): a TypeError and a ValueError both."""
@@ -129,6 +143,18 @@ def check_metric_values(values, n: int, what: str, contract: str) -> torch.Tenso
     if values.ndim == 0 or values.shape[0] != n:
         raise MetricError(f"{what} returned shape {tuple(values.shape)} for {n} variants; it must return one value "
                           f"(or row) per variant, {contract}: reduce over examples, not over variants")
+    return values
+
+
+def check_variant_values(values, n: int) -> torch.Tensor:
+    """What a batch metric returned for n variants, checked to be one value per variant [n] (else
+    :class:`MetricError`): the one check of the contract logits [V, B, vocab] -> [V] that ACDC, EAP,
+    the faithfulness curves, learned masks and exact edge patching rely on."""
+    if not isinstance(values, torch.Tensor) or values.shape != (n,):
+        got = f"shape {tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__
+        raise MetricError(f"metric must map logits [V, B, vocab] to one value per variant [V], got {got} for V={n}. "
+                          "Fix: average over examples, e.g. lambda l: per_example(l).mean(-1), or pass a "
+                          "minigpt2.engine.Metric")
     return values
 
 
@@ -285,9 +311,10 @@ def check_batch(model, tokens) -> torch.Tensor:
 
 def check_model(model, what: str) -> None:
     """Refuse, up front, what is not a minigpt2 GPT2 (a TransformerLens model, a path, None)."""
-    from .model import GPT2  # the model module does not import the engine: no cycle, but keep it local
-
-    if not isinstance(model, GPT2):
+    # The model imports the engine (through HeadMaskMixin), so the class is looked up, not imported: where
+    # minigpt2.model is not loaded, no GPT2 exists.
+    core = sys.modules.get(f"{__package__}.model")
+    if core is None or not isinstance(model, core.GPT2):
         raise TypeError(f"{what} needs a minigpt2 GPT2 model (e.g. minigpt2.load_pretrained(path)), got "
                         f"{type(model).__name__}")
 
@@ -311,16 +338,16 @@ def refuse_hooks(model, what: str) -> None:
 
 
 @torch.no_grad()
-def replacement_values(model, mode: str, tokens: torch.Tensor, reference: torch.Tensor | None,
+def replacement_values(model, ablation: str, tokens: torch.Tensor, reference: torch.Tensor | None,
                        attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                        mean_over: str = "position") -> list[torch.Tensor] | None:
     """Per layer, the value r an ablated head's z takes: None for zero ablation, else
     [T, H, d_head] or [H, d_head] (mean) or [B, T, H, d_head] (resample). Computed in the model's
     own precision (one forward): cheap to keep exact."""
-    mode = ablation_mode(mode)
-    if mode == "zero":
+    ablation = check_ablation(ablation)
+    if ablation == "zero":
         return None
-    if mode == "resample":
+    if ablation == "resample":
         if reference is None:
             raise ValueError("resample ablation needs reference=corrupted tokens of the same shape as tokens")
         if reference.shape != tokens.shape:
@@ -340,7 +367,7 @@ def replacement_values(model, mode: str, tokens: torch.Tensor, reference: torch.
     names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layer)]
     _, cache = model.run_with_cache(reference.to(model.device), names=names, attention_mask=reference_mask)
     zs = [cache[n] for n in names]  # each [Br, T, H, d_head]
-    if mode == "resample":
+    if ablation == "resample":
         return zs
     return list(weighted_mean(torch.stack(zs), reference_mask, over_positions=mean_over == "all"))
 
@@ -394,8 +421,8 @@ class HeadMaskRunner:
         self.attention_mask = attention_mask
         self.positions = (last_positions(self.tokens, attention_mask) if positions is None
                           else model.check_positions(torch.as_tensor(positions).to(dev), B, T))
-        self.ablation = ablation_mode(ablation)
-        self.dtype = resolve_dtype(dtype)
+        self.ablation = check_ablation(ablation)
+        self.dtype = parse_dtype(dtype, model.device)
         self.r = replacement_values(model, self.ablation, self.tokens,
                                     None if reference is None else torch.as_tensor(reference).to(dev),
                                     attention_mask,

@@ -11,14 +11,17 @@ Reading:
     become part of the first word; stripping it silently would hide which editor wrote the
     file, and circuit and config files have always refused it).
   * :func:`sha256_file`: the checksum complete.json records.
+  * :func:`git_commit`: the commit of the code that wrote a file ("HASH+dirty" when tracked files
+    had changed), recorded in metadata.json and provenance.json.
 
 Writing (0666/0777 less the umask, like any file the user makes; every file fsynced):
   * :func:`atomic_write` / :func:`atomic_write_text` / :func:`write_json`: one file, via a
     temporary file beside it and a rename.
   * :func:`write_files`: several files into one directory, all or none.
   * :func:`atomic_dir`: a whole directory, built as ``.NAME.partial-PID-*`` beside it and
-    renamed into place; partial directories whose owner process is dead (kill -9) are removed
-    by the next writer.
+    renamed into place (:func:`swap_dir`), optionally sealed with a completeness marker (run
+    checkpoints); partial directories whose owner process is dead (kill -9) are removed by the
+    next writer.
   * :class:`DirLock`: an exclusive lock on a directory (fcntl.flock; the OS releases it when
     its process dies, however it dies); a second holder is refused, naming the first.
 
@@ -34,9 +37,11 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -187,7 +192,7 @@ def load_json(path, what: str = "JSON file", fix: str = "", kind: type | None = 
     suffix = f". Fix: {fix}" if fix else ""
     try:
         data = read_bytes(path, what, max_bytes, error)
-    except FileError as e:
+    except error as e:  # read_bytes raises only ``error``
         raise error(f"{e}{suffix}") from None
     obj = parse_json(data, source, fix, allow_nan, max_depth, error)
     if kind is not None and not isinstance(obj, kind):
@@ -207,6 +212,22 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def git_commit(where=None) -> str | None:
+    """HEAD of the git repository holding ``where`` (default: this code), with "+dirty" when tracked
+    files differ from it (one spelling, as the bundled models' metadata.json record it); None outside
+    git or without a git program."""
+    where = Path(where) if where is not None else Path(__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=where, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # ---------------------------------------------------------------- the completeness marker
@@ -315,12 +336,14 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def json_text(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+def json_text(obj, indent: int = 2, sort_keys: bool = True, default=str) -> str:
+    """``obj`` as JSON text ending in a newline; ``default`` turns what JSON lacks into what it has."""
+    return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n"
 
 
-def write_json(path, obj) -> None:
-    atomic_write_text(path, json_text(obj))
+def write_json(path, obj, **style) -> None:
+    """``obj`` as JSON at ``path``, atomically; ``style``: :func:`json_text`'s indent, sort_keys, default."""
+    atomic_write_text(path, json_text(obj, **style))
 
 
 def write_files(directory, texts: dict[str, str]) -> None:
@@ -394,9 +417,10 @@ def seal_dir(d) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out):
+def atomic_dir(out, marker: bool = False):
     """Yield a fresh temporary directory beside ``out`` (``.OUT.partial-PID-*``, mode 0777 less the
-    umask); on success it is fsynced and replaces ``out``; on any error (Ctrl-C, a kill by SIGTERM,
+    umask); on success it is fsynced (with ``marker``: sealed with its completeness marker, see
+    :func:`seal`) and replaces ``out`` (:func:`swap_dir`); on any error (Ctrl-C, a kill by SIGTERM,
     a full disk) it is deleted, so ``out`` is the complete new result or untouched."""
     out = Path(out)
     try:
@@ -408,8 +432,8 @@ def atomic_dir(out):
         raise WriteError(out, e) from None
     try:
         yield tmp
-        seal_dir(tmp)
-        _swap_dir(tmp, out)
+        seal(tmp) if marker else seal_dir(tmp)
+        swap_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, WriteError):
@@ -417,21 +441,25 @@ def atomic_dir(out):
         raise
 
 
-def _swap_dir(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
-        os.replace(out, old / "previous")
+def swap_dir(tmp, final) -> None:
+    """Rename directory ``tmp`` onto ``final``. An existing ``final`` is first renamed aside to
+    ``.FINAL.old-PID-*`` and deleted only once the new one is in place; on an error it is put back.
+    A kill between the two renames leaves both whole (finetune.checkpoint.recover_dir restores one;
+    :func:`clean_stale` removes the aside copy of a dead writer)."""
+    tmp, final = Path(tmp), Path(final)
+    old, moved = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}", False
     try:
-        os.replace(tmp, out)
+        if final.exists():
+            os.replace(final, old)
+            moved = True
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
     except BaseException:
-        if old is not None:
-            os.replace(old / "previous", out)
+        if moved and not final.exists():
+            os.replace(old, final)
         raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(out.parent)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- locking a directory

@@ -21,6 +21,9 @@ Where minigpt2 differs:
     or ``padding_side="left"``).
 A batch of several texts is left-padded, as in TransformerLens, so every row continues its
 own prompt exactly as it would alone.
+
+The model inherits ``generate`` from :class:`GenerateMixin`, and its forward takes this module's
+:class:`KVCache` (``cache=``); this module never imports the model (no import cycle).
 """
 
 from __future__ import annotations
@@ -28,12 +31,22 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
-from .model import GPT2, AttentionMaskError, KVCache
+if TYPE_CHECKING:  # the model imports this module (GenerateMixin, KVCache): no import back at run time
+    from .model import GPT2
 
 _UNSET = object()
+
+
+class GenerateMixin:
+    """GPT2.generate, TransformerLens's method; the model inherits it from here."""
+
+    def generate(self, input="", max_new_tokens: int = 10, **kwargs):
+        """Continue ``input`` (text, texts or token ids [B, T]); see :func:`minigpt2.generate.generate`."""
+        return generate(self, input, max_new_tokens, **kwargs)
 
 
 @torch.no_grad()
@@ -187,8 +200,8 @@ def _prompt(model: GPT2, input, attention_mask, prepend_bos, padding_side):
         try:
             attention_mask = torch.as_tensor(attention_mask, device=tokens.device)
         except (TypeError, ValueError, RuntimeError):
-            raise AttentionMaskError(f"attention_mask must be a [B, T] tensor (or list) of 1 (real token) and 0 "
-                                     f"(padding), got {type(attention_mask).__name__}") from None
+            model.check_attention_mask(attention_mask, tokens)  # raises AttentionMaskError, naming the type
+            raise
         if attention_mask.ndim == 1:
             attention_mask = attention_mask[None]
         model.check_attention_mask(attention_mask, tokens)
@@ -241,4 +254,74 @@ def _token_id(model: GPT2, value, name: str) -> int:
     return int(value)
 
 
-__all__ = ["generate", "sample_logits"]
+
+
+class KVCacheError(ValueError):
+    """A KVCache used with a model, or a batch, other than the one it was made for and filled by."""
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for generation."""
+
+    def __init__(self, n_layer: int):
+        if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+            raise TypeError(f"KVCache(n_layer) takes the model's number of layers, an int >= 1: "
+                            f"KVCache(model.cfg.n_layer); got {n_layer!r}")
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.mask: torch.Tensor | None = None  # [B, Tk] real-token mask, when one was given
+        self.length = 0
+
+    def check(self, model: GPT2, batch: int) -> None:
+        """Refuse (:class:`KVCacheError`) a cache made for another model, or filled by one, or by another batch."""
+        if not isinstance(self.k, list) or len(self.k) != model.cfg.n_layer:
+            raise KVCacheError(f"this KVCache has {len(self.k)} layers, the model {model.cfg.n_layer}: "
+                               f"make one with KVCache(model.cfg.n_layer)")
+        k = self.k[0]
+        if k is None:
+            return
+        cfg = model.cfg
+        dtype_differs = k.dtype != model.dtype and not torch.is_autocast_enabled(model.device.type)  # autocast: bf16 k
+        if k.shape[2:] != (cfg.n_head, cfg.d_head) or k.device != model.device or dtype_differs:
+            raise KVCacheError(
+                f"this KVCache was filled by another model: its keys are [B, T, {k.shape[2]}, {k.shape[3]}] "
+                f"{str(k.dtype).removeprefix('torch.')} on {k.device}, this model's [B, T, {cfg.n_head}, {cfg.d_head}] "
+                f"(n_head, d_head) {str(model.dtype).removeprefix('torch.')} on {model.device}: a cache continues "
+                "the model and the sequences that filled it; make a new KVCache(model.cfg.n_layer) for this model")
+        if k.shape[0] != batch:
+            raise KVCacheError(f"this KVCache holds {k.shape[0]} sequences, the tokens {batch}: a cache continues "
+                               "the batch it was filled with; make a new KVCache for another batch")
+
+    def layer(self, i: int) -> "_LayerCache":
+        return _LayerCache(self, i)
+
+    def extend_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
+        """The real-token mask over every key [B, length + T], given this call's [B, T] (None: all real)."""
+        B = self.k[0].shape[0] if self.k[0] is not None else attention_mask.shape[0]
+        device = self.mask.device if self.mask is not None else attention_mask.device
+        if self.mask is None:
+            self.mask = torch.ones(B, self.length, dtype=torch.long, device=device)
+        new = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
+        self.mask = torch.cat([self.mask, new], dim=1)
+        return self.mask
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` of the batch (sequences that are still generating)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        if self.mask is not None:
+            self.mask = self.mask[rows]
+
+
+class _LayerCache:
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        c, i = self.cache, self.i
+        c.k[i] = k if c.k[i] is None else torch.cat([c.k[i], k], dim=1)
+        c.v[i] = v if c.v[i] is None else torch.cat([c.v[i], v], dim=1)
+        return c.k[i], c.v[i]
+
+
+__all__ = ["GenerateMixin", "KVCache", "KVCacheError", "generate", "sample_logits"]

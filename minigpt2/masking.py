@@ -7,7 +7,8 @@ head's output before W_O:
     z'[v, b] = m[v, l, h] * z[v, b] + (1 - m[v, l, h]) * r[b]
 
 with r = 0 ("zero"), the head's mean z over a reference batch ("mean"), or its z
-on corrupted inputs, row by row ("resample"; "patch" is its old name here).
+on corrupted inputs, row by row ("resample"). ``ablation=`` names it (``mode=`` and "patch" are its
+deprecated old names, still accepted with a DeprecationWarning).
 
 The work is done by minigpt2.engine.HeadMaskRunner, the engine under every search:
 each variant joins the clean run at its first ablated layer, that layer costs only
@@ -19,54 +20,72 @@ points, so the call refuses a model with hooks on.
 from __future__ import annotations
 
 import operator
+import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
-from .engine import (ABLATIONS, HeadMaskRunner, Metric, ablation_mode, check_batch, check_masks, check_metric_values,
+from .engine import (ABLATIONS, HeadMaskRunner, Metric, check_ablation, check_batch, check_masks, check_metric_values,
                      check_model, head_edit, last_positions, replacement_values)
-from .model import GPT2
 
-MODES = ABLATIONS + ("patch",)  # every name run_with_head_masks accepts
+if TYPE_CHECKING:  # the model imports this module (HeadMaskMixin): no import back at run time
+    from .model import GPT2
 
-__all__ = ["MODES", "Metric", "check_batch", "check_masks", "head_edit", "last_positions", "replacement_values",
-           "run_with_head_masks", "run_with_head_masks_loop", "single_head_masks"]
+__all__ = ["ABLATIONS", "HeadMaskMixin", "Metric", "check_batch", "check_masks", "head_edit", "last_positions",
+           "replacement_values", "run_with_head_masks", "run_with_head_masks_loop", "single_head_masks"]
+
+
+class HeadMaskMixin:
+    """GPT2.run_with_head_masks; the model inherits it from here."""
+
+    def run_with_head_masks(self, tokens, masks, positions=None, ablation="zero", reference=None, **kwargs):
+        """Evaluate ``masks`` [V, n_layer, n_head] ablation variants in one batched call
+        (``mode=``: the deprecated name of ``ablation=``).
+
+        See :func:`minigpt2.masking.run_with_head_masks` for the full description.
+        """
+        return run_with_head_masks(self, tokens, masks, positions=positions, ablation=ablation, reference=reference,
+                                   **kwargs)
 
 
 def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
-                        mode: str = "zero", reference: torch.Tensor | None = None,
+                        ablation: str = "zero", reference: torch.Tensor | None = None,
                         attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                         mean_over: str = "position", metric=None, max_rows: int | None = None,
-                        progress: bool = False, dtype=None) -> torch.Tensor:
+                        progress: bool = False, dtype=None, *, mode: str | None = None) -> torch.Tensor:
     """Evaluate V head-ablation variants of a batch at once.
 
     Args:
         tokens: [B, T] token ids; ``attention_mask`` [B, T] if right-padded.
         masks: [V, n_layer, n_head] float; 1 keeps a head, 0 ablates it.
         positions: [B] the position whose logits are returned (default: each row's last real token).
-        mode: "zero", "mean" (z replaced by its mean over ``reference`` tokens, default ``tokens``;
-            per position, or over all positions with ``mean_over="all"``) or "resample" (also
-            "patch": z taken from a clean run on ``reference``, corrupted tokens of the same shape).
+        ablation: "zero", "mean" (z replaced by its mean over ``reference`` tokens, default ``tokens``;
+            per position, or over all positions with ``mean_over="all"``) or "resample" (z taken from
+            a clean run on ``reference``, corrupted tokens of the same shape).
         metric: optional ``fn(logits [Vc, B, vocab]) -> [Vc, ...]`` applied chunk by chunk, so
             that the full [V, B, vocab] logits never exist at once.
         max_rows: rows (variants x examples) per chunk; by default what the device's memory budget allows.
         dtype: None (the model's precision) or torch.bfloat16: bf16 matmuls with fp32 accumulation,
             fp32 residual stream, layer norms and metric (see minigpt2.engine).
+        mode: deprecated name of ``ablation`` (a DeprecationWarning).
 
     Returns:
         logits [V, B, vocab] at ``positions``, or the metric's values concatenated over variants.
 
     Equals, to float tolerance, :func:`run_with_head_masks_loop` (one forward per variant through hooks).
     """
-    runner = HeadMaskRunner(model, tokens, mode, reference, attention_mask, reference_mask, positions, mean_over,
+    ablation = _ablation_argument(ablation, mode, "run_with_head_masks")
+    runner = HeadMaskRunner(model, tokens, ablation, reference, attention_mask, reference_mask, positions, mean_over,
                             dtype=dtype)
     return runner.run(masks, metric=metric, max_rows=max_rows, progress=progress)
 
 
 def run_with_head_masks_loop(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
-                             mode: str = "zero", reference: torch.Tensor | None = None,
+                             ablation: str = "zero", reference: torch.Tensor | None = None,
                              attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
-                             mean_over: str = "position", metric=None) -> torch.Tensor:
+                             mean_over: str = "position", metric=None, *, mode: str | None = None) -> torch.Tensor:
     """The plain reference: one forward per variant, heads edited through hook_z hooks."""
+    ablation = _ablation_argument(ablation, mode, "run_with_head_masks_loop")
     check_model(model, "run_with_head_masks_loop")
     masks = check_masks(model, masks)
     tokens = check_batch(model, tokens)
@@ -76,7 +95,7 @@ def run_with_head_masks_loop(model: GPT2, tokens: torch.Tensor, masks: torch.Ten
     attention_mask = model.check_attention_mask(attention_mask, tokens)
     B, T = tokens.shape
     positions = last_positions(tokens, attention_mask) if positions is None else positions
-    r = replacement_values(model, ablation_mode(mode), tokens, reference, attention_mask, reference_mask, mean_over)
+    r = replacement_values(model, ablation, tokens, reference, attention_mask, reference_mask, mean_over)
     results = []
     for mask in masks:
         hooks = []
@@ -90,6 +109,25 @@ def run_with_head_masks_loop(model: GPT2, tokens: torch.Tensor, masks: torch.Ten
         results.append(logits if metric is None else
                        check_metric_values(metric(logits[None]), 1, "metric", "logits [n, B, vocab] -> [n, ...]")[0])
     return torch.stack(results)
+
+
+def _ablation_argument(ablation: str, mode: str | None, what: str) -> str:
+    """The ablation's name from ``ablation=`` or the deprecated ``mode=`` (a DeprecationWarning), checked;
+    "patch" is taken as "resample" with a DeprecationWarning. Warnings point at the caller's caller."""
+    if mode is not None:
+        if ablation != "zero" and ablation != mode:
+            raise TypeError(f"{what}: got ablation={ablation!r} and mode={mode!r}; pass ablation= only "
+                            "(mode= is its deprecated old name)")
+        warnings.warn(f"{what}(mode=...) is deprecated: pass ablation={mode!r}", DeprecationWarning, stacklevel=3)
+        ablation = mode
+    return check_ablation(ablation, stacklevel=4)
+
+
+def __getattr__(name: str):
+    if name == "MODES":  # the old name of ABLATIONS (which no longer lists the deprecated "patch")
+        warnings.warn("minigpt2.masking.MODES is deprecated: use ABLATIONS", DeprecationWarning, stacklevel=2)
+        return ABLATIONS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _size(name: str, n) -> int:

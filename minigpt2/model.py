@@ -35,8 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPT2Config
+from .generate import GenerateMixin, KVCache, KVCacheError  # noqa: F401  (KVCache, KVCacheError: also here)
 from .hooks import HookedModule, HookPoint
 from .lens import LensMixin
+from .masking import HeadMaskMixin
+from .processing import is_tl_layout, load_tl_state_dict, tl_state_dict
+from .weights import PretrainedMixin
 
 # z [B, T, H, d_head] -> z: how run_with_head_masks and edge interventions edit head outputs.
 ZEdit = Callable[[torch.Tensor], torch.Tensor]
@@ -44,10 +48,6 @@ ZEdit = Callable[[torch.Tensor], torch.Tensor]
 
 class AttentionMaskError(ValueError):
     """An attention_mask that is not [B, T] of 1 (real token) and 0 (padding)."""
-
-
-class KVCacheError(ValueError):
-    """A KVCache used with a model, or a batch, other than the one it was made for and filled by."""
 
 
 class LayerNorm(nn.Module):
@@ -358,8 +358,10 @@ def causal_mask(Tq: int, Tk: int, device) -> torch.Tensor:
     return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
-class GPT2(LensMixin, HookedModule):
-    """GPT-2 with TransformerLens's hooks and model API (see minigpt2.lens for the API part).
+class GPT2(LensMixin, GenerateMixin, HeadMaskMixin, PretrainedMixin, HookedModule):
+    """GPT-2 with TransformerLens's hooks and model API (see minigpt2.lens for the API part). The methods
+    generate, run_with_head_masks and load/save_pretrained are inherited from the modules that implement
+    them (minigpt2.generate, minigpt2.masking, minigpt2.weights), and none of those calls back into this one.
 
     ``model(tokens)`` gives logits [B, T, V]; ``model(tokens, positions=p)`` with p
     a LongTensor [B] gives logits [B, V] at one position per row, skipping the
@@ -613,36 +615,16 @@ class GPT2(LensMixin, HookedModule):
             raise ValueError(f"positions out of range for sequences of length {T}: {positions.tolist()}")
         return positions % T
 
-    # Thin wrappers over the other modules of the package.
-    def run_with_head_masks(self, tokens, masks, positions=None, mode="zero", reference=None, **kwargs):
-        """Evaluate ``masks`` [V, n_layer, n_head] ablation variants in one batched call.
-
-        See :func:`minigpt2.masking.run_with_head_masks` for the full description.
-        """
-        from .masking import run_with_head_masks
-
-        return run_with_head_masks(self, tokens, masks, positions=positions, mode=mode, reference=reference, **kwargs)
-
-    def generate(self, input="", max_new_tokens: int = 10, **kwargs):
-        """Continue ``input`` (text, texts or token ids [B, T]); see :func:`minigpt2.generate.generate`."""
-        from .generate import generate
-
-        return generate(self, input, max_new_tokens, **kwargs)
-
     # State dicts: minigpt2's own layout (Hugging Face's names, as on disk) out; that or TransformerLens's in.
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load minigpt2's own layout (``state_dict()``'s: wte.weight, blocks.0.attn.c_attn.weight, ...) or
         TransformerLens's (``tl_state_dict()``'s: embed.W_E, blocks.0.attn.W_Q, ...; see minigpt2.processing)."""
-        from .processing import is_tl_layout, load_tl_state_dict
-
         if is_tl_layout(state_dict):
             return load_tl_state_dict(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def tl_state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False) -> dict:
         """The weights under TransformerLens's names and shapes (HookedTransformer.load_state_dict takes it)."""
-        from .processing import tl_state_dict
-
         return tl_state_dict(self, destination, prefix, keep_vars)
 
     def hf_layout_error(self) -> str | None:
@@ -654,72 +636,3 @@ class GPT2(LensMixin, HookedModule):
                     "GPT-2's Hugging Face layout cannot hold them; save the model before processing, or load it "
                     "with from_pretrained_no_processing")
         return None
-
-    def save_pretrained(self, path) -> None:
-        from .weights import save_pretrained
-
-        save_pretrained(self, path)
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, per layer, for generation."""
-
-    def __init__(self, n_layer: int):
-        if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
-            raise TypeError(f"KVCache(n_layer) takes the model's number of layers, an int >= 1: "
-                            f"KVCache(model.cfg.n_layer); got {n_layer!r}")
-        self.k: list[torch.Tensor | None] = [None] * n_layer
-        self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.mask: torch.Tensor | None = None  # [B, Tk] real-token mask, when one was given
-        self.length = 0
-
-    def check(self, model: GPT2, batch: int) -> None:
-        """Refuse (:class:`KVCacheError`) a cache made for another model, or filled by one, or by another batch."""
-        if not isinstance(self.k, list) or len(self.k) != model.cfg.n_layer:
-            raise KVCacheError(f"this KVCache has {len(self.k)} layers, the model {model.cfg.n_layer}: "
-                               f"make one with KVCache(model.cfg.n_layer)")
-        k = self.k[0]
-        if k is None:
-            return
-        cfg = model.cfg
-        dtype_differs = k.dtype != model.dtype and not torch.is_autocast_enabled(model.device.type)  # autocast: bf16 k
-        if k.shape[2:] != (cfg.n_head, cfg.d_head) or k.device != model.device or dtype_differs:
-            raise KVCacheError(
-                f"this KVCache was filled by another model: its keys are [B, T, {k.shape[2]}, {k.shape[3]}] "
-                f"{str(k.dtype).removeprefix('torch.')} on {k.device}, this model's [B, T, {cfg.n_head}, {cfg.d_head}] "
-                f"(n_head, d_head) {str(model.dtype).removeprefix('torch.')} on {model.device}: a cache continues "
-                "the model and the sequences that filled it; make a new KVCache(model.cfg.n_layer) for this model")
-        if k.shape[0] != batch:
-            raise KVCacheError(f"this KVCache holds {k.shape[0]} sequences, the tokens {batch}: a cache continues "
-                               "the batch it was filled with; make a new KVCache for another batch")
-
-    def layer(self, i: int) -> "_LayerCache":
-        return _LayerCache(self, i)
-
-    def extend_mask(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor:
-        """The real-token mask over every key [B, length + T], given this call's [B, T] (None: all real)."""
-        B = self.k[0].shape[0] if self.k[0] is not None else attention_mask.shape[0]
-        device = self.mask.device if self.mask is not None else attention_mask.device
-        if self.mask is None:
-            self.mask = torch.ones(B, self.length, dtype=torch.long, device=device)
-        new = torch.ones(B, T, dtype=torch.long, device=device) if attention_mask is None else attention_mask.long()
-        self.mask = torch.cat([self.mask, new], dim=1)
-        return self.mask
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` of the batch (sequences that are still generating)."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
-        if self.mask is not None:
-            self.mask = self.mask[rows]
-
-
-class _LayerCache:
-    def __init__(self, cache: KVCache, i: int):
-        self.cache, self.i = cache, i
-
-    def extend(self, k: torch.Tensor, v: torch.Tensor):
-        c, i = self.cache, self.i
-        c.k[i] = k if c.k[i] is None else torch.cat([c.k[i], k], dim=1)
-        c.v[i] = v if c.v[i] is None else torch.cat([c.v[i], v], dim=1)
-        return c.k[i], c.v[i]

@@ -249,8 +249,8 @@ class TransformerBridge(nn.Module):
                           **kwargs) -> "TransformerBridge":
         """Boot GPT-2 from a local directory (Hugging Face layout): a path, "gpt2" (weights/gpt2) or a bundled
         model's name. Nothing is downloaded. The weights are raw, as TransformerLens 4 boots them."""
+        from .model import GPT2
         from .processing import resolve_name
-        from .weights import load_pretrained
 
         defaults = {"hf_model": None, "tokenizer": None, "load_weights": True, "trust_remote_code": False,
                     "hf_config_overrides": None, "revision": None, "n_ctx": None}
@@ -264,7 +264,7 @@ class TransformerBridge(nn.Module):
             path = resolve_name(model_name)
         except FileNotFoundError as e:
             raise FileNotFoundError(str(e).replace("from_pretrained(", "boot_transformers(", 1)) from None
-        model = load_pretrained(path, dtype=dtype, device=device)
+        model = GPT2.load_pretrained(path, dtype=dtype, device=device)
         object.__setattr__(model.cfg, "model_name", str(model_name))
         return cls(model)
 

@@ -342,8 +342,6 @@ def from_pretrained(cls, model_name, fold_ln: bool = True, center_writing_weight
     """TransformerLens's HookedTransformer.from_pretrained, from a local directory (see :func:`resolve_name`),
     with its keywords and defaults: the weights are processed (layer norms folded, writing weights and the
     unembedding centred, value biases folded) unless told otherwise."""
-    from .weights import load_pretrained
-
     for key, value in kwargs.items():
         if key not in UNSUPPORTED:
             raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")
@@ -358,14 +356,7 @@ def from_pretrained(cls, model_name, fold_ln: bool = True, center_writing_weight
         dtype = names[dtype]
     if device is None:  # TransformerLens's default device
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_pretrained(resolve_name(model_name), dtype=dtype, n_head=n_head)
-    if cls is not type(model):  # a subclass (HookedTransformer): built as itself, given the same weights
-        raw = model
-        with torch.device("meta"):
-            model = cls(raw.cfg)
-        model = model.to(dtype=raw.dtype).to_empty(device="cpu")
-        torch.nn.Module.load_state_dict(model, torch.nn.Module.state_dict(raw))
-        model.eval()
+    model = cls.load_pretrained(resolve_name(model_name), dtype=dtype, n_head=n_head)  # a subclass built as itself
     if default_prepend_bos is not None:
         object.__setattr__(model.cfg, "default_prepend_bos", bool(default_prepend_bos))
     if default_padding_side is not None:

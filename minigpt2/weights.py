@@ -23,7 +23,6 @@ table below, present once; the config (config.json, or the shapes plus an explic
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
@@ -32,15 +31,17 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_FIX, ConfigError, GPT2Config, check_int, parse_json, read_json
-from .fileio import WriteError, atomic_write, checksum_problems, load_json
-from .model import GPT2
+from .config import CONFIG_FIX, ConfigError, GPT2Config, check_int, read_json
+from .fileio import WriteError, atomic_write, checksum_problems, json_text, load_json, parse_json
+
+if TYPE_CHECKING:  # the model imports this module (PretrainedMixin): no import back at run time
+    from .model import GPT2
 
 
 class CheckpointError(ValueError):
@@ -391,7 +392,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     """The tensors a safetensors file declares, validated as safetensors would, without reading their data."""
     raw, data_len = _header_bytes(file)
     try:
-        header = parse_json(raw.rstrip(b" \t\r\n"), "its header", allow_nan=False)
+        header = parse_json(raw.rstrip(b" \t\r\n"), "its header", allow_nan=False, error=ConfigError)
     except ConfigError as e:
         raise _corrupt(file, str(e)) from None
     if not isinstance(header, dict):
@@ -702,34 +703,45 @@ def _check_path_and_device(path, device, what: str) -> None:
                          "use device='cpu' or one it has") from None
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
-                    n_head: int | None = None, *, config: GPT2Config | None = None) -> GPT2:
-    """Load a GPT-2 from a Hugging Face directory (one file or shards) or a single .safetensors file.
+class PretrainedMixin:
+    """The model's load_pretrained (a classmethod: it builds the class it is called on, GPT2 or a subclass such as
+    HookedTransformer) and save_pretrained. The model inherits them from here, so this module, which reads and
+    writes checkpoints, never imports the model; ``minigpt2.load_pretrained`` is ``GPT2.load_pretrained``."""
 
-    The config is ``config`` if given, else config.json beside the weights. Without either,
-    n_layer, d_model, d_mlp, n_ctx and vocab_size are read from the tensor shapes, and
-    ``n_head``, which no shape shows, must be passed: ``load_pretrained(path, n_head=12)``.
-    ``n_head`` given together with a config must agree with it. ``dtype`` (float32, float16,
-    bfloat16 or float64) defaults to float32, whatever the file stores.
+    @classmethod
+    def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
+                        n_head: int | None = None, *, config: GPT2Config | None = None) -> GPT2:
+        """Load a GPT-2 from a Hugging Face directory (one file or shards) or a single .safetensors file.
 
-    Every file is checked, and the config against every tensor's shape, before any module is
-    built; whatever is wrong raises :class:`CheckpointError` (:class:`CheckpointNotFoundError`,
-    also a FileNotFoundError, when there is no checkpoint), naming the file and the fix.
-    """
-    _check_dtype(dtype, "load_pretrained")
-    _check_path_and_device(path, device, "load_pretrained")
-    s = scan(path)
-    cfg = resolve_config(s, config, n_head)
-    check_config(cfg, s, "config=" if config is not None else str(s.layout.config or "the tensor shapes"))
-    sd, lm_head = _read_tensors(s)
-    _check_tied(s, sd, lm_head)
-    _check_finite(s, sd)
-    with torch.device("meta"):  # no random init of weights that the checkpoint overwrites
-        model = GPT2(cfg)
-    model = model.to(dtype=dtype or torch.float32).to_empty(device="cpu")
-    load_state_dict_strict(model, sd, source=str(path))
-    model.answer_space = _answer_space(s.layout.files[0].parent)
-    return model.to(device=device).eval()
+        The config is ``config`` if given, else config.json beside the weights. Without either,
+        n_layer, d_model, d_mlp, n_ctx and vocab_size are read from the tensor shapes, and
+        ``n_head``, which no shape shows, must be passed: ``load_pretrained(path, n_head=12)``.
+        ``n_head`` given together with a config must agree with it. ``dtype`` (float32, float16,
+        bfloat16 or float64) defaults to float32, whatever the file stores.
+
+        Every file is checked, and the config against every tensor's shape, before any module is
+        built; whatever is wrong raises :class:`CheckpointError` (:class:`CheckpointNotFoundError`,
+        also a FileNotFoundError, when there is no checkpoint), naming the file and the fix.
+        """
+        _check_dtype(dtype, "load_pretrained")
+        _check_path_and_device(path, device, "load_pretrained")
+        s = scan(path)
+        cfg = resolve_config(s, config, n_head)
+        check_config(cfg, s, "config=" if config is not None else str(s.layout.config or "the tensor shapes"))
+        sd, lm_head = _read_tensors(s)
+        _check_tied(s, sd, lm_head)
+        _check_finite(s, sd)
+        with torch.device("meta"):  # no random init of weights that the checkpoint overwrites
+            model = cls(cfg)
+        model = model.to(dtype=dtype or torch.float32).to_empty(device="cpu")
+        load_state_dict_strict(model, sd, source=str(path))
+        model.answer_space = _answer_space(s.layout.files[0].parent)
+        return model.to(device=device).eval()
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write model.safetensors + config.json that transformers' GPT2LMHeadModel loads; see
+        :func:`minigpt2.weights.save_pretrained`."""
+        save_pretrained(self, path, dtype)
 
 
 def _answer_space(folder: Path) -> str | None:
@@ -805,9 +817,9 @@ def save_pretrained(model: GPT2, path: str | os.PathLike, dtype: torch.dtype | N
     _refuse_non_finite(non_finite(tensors), f"save_pretrained({str(path)!r})",
                        "Fix: find where training diverged (a lower learning rate), or restore an earlier checkpoint; "
                        "weights that are not finite are never saved")
-    config = json.dumps(model.cfg.to_hf_dict(), indent=2) + "\n"
     path = _save_target(Path(path))
     atomic_write(path / "model.safetensors", lambda tmp: save_safetensors(tensors, tmp, metadata={"format": "pt"}))
+    config = json_text(model.cfg.to_hf_dict(), sort_keys=False)  # transformers' key order; ASCII
     atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(config))
 
 

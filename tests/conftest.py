@@ -8,6 +8,14 @@ layer-norm gains included, so that no term of the forward is zero by accident.
 Property tests build their models through the session-scoped factories below
 (hypothesis refuses function-scoped fixtures inside @given).
 
+One ``model`` fixture for every module: a module declares the random model it works on as
+``MODEL_ARGS = dict(cfg=..., seed=..., std=..., dtype=...)`` (make_model's arguments) and its tests
+share that one, read-only; a module without it gives each test a fresh TINY model. The planted
+models (known answers for circuit finders and classifiers) are defined here once each:
+``planted_path_model`` (one input -> head -> head -> logits path, PLANTED), ``planted_writer_model``
+(one head writes a token's embedding) and ``planted_attention_model`` (heads attending to position
+0, to themselves, to the previous position).
+
 The device: MINIGPT2_TEST_DEVICE (default "cpu"; e.g. "cuda" or "cuda:1") is where the
 ``device`` fixture, ``tl_twin`` and ``bundled_base`` put models and tensors, and, in modules
 marked ``pytestmark = pytest.mark.on_device``, the shared ``model``, ``tokens``, ``new_model``
@@ -85,10 +93,11 @@ def device() -> torch.device:
     return resolve_test_device()
 
 
-PLANTED = [("input", "a0.h1<v>"), ("a0.h1", "a1.h2<v>"), ("a1.h2", "logits")]  # planted_model's path
+# ---------------------------------------------------------------------- planted models: known answers
+PLANTED = [("input", "a0.h1<v>"), ("a0.h1", "a1.h2<v>"), ("a1.h2", "logits")]  # planted_path_model's path
 
 
-def planted_model() -> GPT2:
+def planted_path_model() -> GPT2:
     """2 layers x 3 heads, d_model 24, where the logits depend on one path: input -> a0.h1 (value)
     -> a1.h2 (value) -> logits.
 
@@ -122,6 +131,53 @@ def planted_model() -> GPT2:
         a1.c_attn.weight[v + 16:v + 24, 8:16] = torch.randn(8, 8, generator=gen, dtype=torch.double)
         a1.c_proj.weight[16:24, 16:24] = 4 * zero_sum(8, 8).T  # W_O of head 2 -> dims [16, 24)
     return m.eval()
+
+
+def planted_writer_model(cfg: GPT2Config, layer: int, head: int, target: int) -> GPT2:
+    """A model whose head (layer, head) writes token ``target``'s embedding into the residual
+    stream, whatever the input: its value is a constant (bias only) and W_O maps it onto
+    wte[target]. Every other weight is GPT-2's small random init (torch.manual_seed(0))."""
+    torch.manual_seed(0)
+    model = GPT2(cfg).eval()
+    d, dh = cfg.d_model, cfg.d_head
+    with torch.no_grad():
+        model.wte.weight[target] = torch.randn(d) / d**0.5 * 3  # a long embedding: a clear winner at the output
+        attn = model.blocks[layer].attn
+        v_rows = slice(2 * d + head * dh, 2 * d + (head + 1) * dh)
+        attn.c_attn.weight[v_rows] = 0
+        v0 = torch.ones(dh)
+        attn.c_attn.bias[v_rows] = v0
+        attn.c_proj.weight[:, head * dh:(head + 1) * dh] = 20 * torch.outer(model.wte.weight[target], v0) / (v0 @ v0)
+    return model
+
+
+def planted_attention_model(cfg: GPT2Config) -> GPT2:
+    """Layer 0: head 0 attends to position 0, head 1 to itself, head 2 to the previous
+    position; head 3 and layer 1 keep GPT-2's small random init (near-uniform attention).
+
+    Position p's embedding is a spike 20 * e_p on residual dimension p (p < n_ctx <= d_model),
+    so after the first layer norm dimension p marks position p; Q and K read those dimensions.
+    """
+    torch.manual_seed(0)
+    model = GPT2(cfg).eval()
+    d, dh, n = cfg.d_model, cfg.d_head, cfg.n_ctx
+    q0, k0 = 0, d  # row offsets of W_Q and W_K in c_attn
+    with torch.no_grad():
+        model.wpe.weight.zero_()
+        model.wpe.weight[torch.arange(n), torch.arange(n)] = 20.0
+        w, b = model.blocks[0].attn.c_attn.weight, model.blocks[0].attn.c_attn.bias
+        for h in range(3):
+            w[q0 + h * dh:q0 + (h + 1) * dh] = 0
+            w[k0 + h * dh:k0 + (h + 1) * dh] = 0
+        b[q0 + 0] = 5.0  # head 0: a constant query ...
+        w[k0 + 0, 0] = 1.0  # ... matching the key of position 0
+        for i in range(dh):  # head 1: query and key both read "my position"
+            w[q0 + dh + i, i] = 1.0
+            w[k0 + dh + i, i] = 1.0
+        for i in range(1, dh):  # head 2: the query at p looks for the key of p - 1
+            w[q0 + 2 * dh + i - 1, i] = 1.0
+            w[k0 + 2 * dh + i - 1, i - 1] = 1.0
+    return model
 
 
 def hf_config(cfg: GPT2Config):
@@ -211,9 +267,44 @@ def new_tokens():
     return make_tokens
 
 
+def module_model(module, device=None) -> GPT2:
+    """The random model a test module works on: ``make_model(**MODEL_ARGS)`` for a module that sets
+    ``MODEL_ARGS = dict(cfg=..., seed=..., std=..., dtype=...)`` (make_model's arguments, and the dtype
+    to convert to), else ``make_model()`` (TINY, seed 0)."""
+    spec = dict(getattr(module, "MODEL_ARGS", {}))
+    dtype = spec.pop("dtype", None)
+    m = make_model(**spec, device=device)
+    return m if dtype is None else m.to(dtype)
+
+
+_SHARED_MODELS: dict[tuple[str, str], GPT2] = {}  # (module, device) -> the model its tests share
+
+
 @pytest.fixture
 def model(request) -> GPT2:
-    return make_model(device=test_device_of(request))
+    """The test module's model (:func:`module_model`). A module that sets ``MODEL_ARGS`` shares one
+    among its tests, built once (its tests read it, never change it); elsewhere each test gets a
+    fresh TINY model it may change (add hooks, switch flags, train) without touching the next test's."""
+    device = test_device_of(request)
+    if not hasattr(request.module, "MODEL_ARGS"):
+        return module_model(request.module, device)
+    key = (request.module.__name__, str(device))
+    if key not in _SHARED_MODELS:
+        _SHARED_MODELS[key] = module_model(request.module, device)
+    return _SHARED_MODELS[key]
+
+
+@pytest.fixture(scope="module")
+def pair(request, tl_twin):
+    """(the test module's model (:func:`module_model`, on the CPU), its unprocessed TransformerLens
+    twin), built once per module: tests read them, never change them. test_tl_oracle has its own
+    ``pair``, over a random GPT-2 small and the bundled base."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = module_model(request.module)
+        return model, tl_twin(model)
 
 
 @pytest.fixture
@@ -232,6 +323,39 @@ def checkpoint(tmp_path, model) -> Path:
     path = tmp_path / "checkpoint"
     model.save_pretrained(path)
     return path
+
+
+STUDY_TINY = GPT2Config(n_layer=2, n_head=2, d_model=16, d_mlp=24, n_ctx=64, vocab_size=50257)  # GPT-2's tokens
+
+
+def save_study_models(root: Path, labels: list[str]) -> list[str]:
+    """Tiny models with GPT-2's vocabulary, saved where circuits.py reads them: label i is
+    GPT2(STUDY_TINY) from torch.manual_seed(i), its embeddings scaled by 20 (a less uniform output,
+    so that ablations move the metrics), in root/label.lower(). Returns the --models specs LABEL=DIR."""
+    specs = []
+    for i, label in enumerate(labels):
+        torch.manual_seed(i)
+        model = GPT2(STUDY_TINY)
+        with torch.no_grad():
+            model.wte.weight.mul_(20)
+        model.save_pretrained(root / label.lower())
+        specs.append(f"{label}={root / label.lower()}")
+    return specs
+
+
+READ_ONLY = Path("/sys/minigpt2-test")  # sysfs refuses new entries, to root too
+
+
+def refuses_writes(d: Path) -> bool:
+    try:
+        d.mkdir()
+    except OSError:
+        return True
+    d.rmdir()
+    return False
+
+
+needs_read_only_place = pytest.mark.skipif(not refuses_writes(READ_ONLY), reason="no read-only place on this machine")
 
 
 # ---------------------------------------------------------------------- TransformerLens twins

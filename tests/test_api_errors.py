@@ -123,7 +123,7 @@ CASES = [
      TypeError, r"metric must be None .* or a callable"),
     ("head masks on None", lambda c: run_with_head_masks(None, c.tokens, c.masks), TypeError,
      r"needs a minigpt2 GPT2 model"),
-    ("ablation given as a list", lambda c: run_with_head_masks(c.model, c.tokens, c.masks, mode=["zero"]),
+    ("ablation given as a list", lambda c: run_with_head_masks(c.model, c.tokens, c.masks, ablation=["zero"]),
      TypeError, r"the ablation must be a name.*\['zero'\]"),
     ("max_rows 2.5", lambda c: run_with_head_masks(c.model, c.tokens, c.masks, max_rows=2.5), ValueError,
      r"max_rows must be a whole number of rows >= 1.*2\.5"),

@@ -97,7 +97,7 @@ def test_the_base_has_previous_token_heads_as_gpt2_does():
 def test_the_base_copies_with_induction_heads():
     """Unlike the first base, which never learned to copy from context: on repeated random
     tokens (of those it was trained on) the second copy is predicted, by induction heads."""
-    from finetune import copying_evaluator
+    from circuitlab.copying import copying_evaluator
 
     meta = json.loads((WEIGHTS / "base" / "metadata.json").read_text())
     pool = torch.tensor(meta["frequent_tokens"])

@@ -13,39 +13,12 @@ from circuitlab.classify import (
     classify_heads,
     target_attention,
 )
-from minigpt2 import GPT2, GPT2Config
+from minigpt2 import GPT2Config
+
+from conftest import planted_attention_model
 
 T_MAX = 10
 CFG = GPT2Config(n_layer=2, n_head=4, d_model=40, d_mlp=37, n_ctx=T_MAX, vocab_size=99)
-
-
-def planted_model() -> GPT2:
-    """Layer 0: head 0 attends to position 0, head 1 to itself, head 2 to the previous
-    position; head 3 and layer 1 keep GPT-2's small random init (near-uniform attention).
-
-    Position p's embedding is a spike 20 * e_p on residual dimension p, so after the
-    first layer norm dimension p marks position p; Q and K read those dimensions.
-    """
-    torch.manual_seed(0)
-    model = GPT2(CFG).eval()
-    d, dh = CFG.d_model, CFG.d_head
-    q0, k0 = 0, d  # row offsets of W_Q and W_K in c_attn
-    with torch.no_grad():
-        model.wpe.weight.zero_()
-        model.wpe.weight[torch.arange(T_MAX), torch.arange(T_MAX)] = 20.0
-        w, b = model.blocks[0].attn.c_attn.weight, model.blocks[0].attn.c_attn.bias
-        for head in range(3):
-            w[q0 + head * dh:q0 + (head + 1) * dh] = 0
-            w[k0 + head * dh:k0 + (head + 1) * dh] = 0
-        b[q0 + 0] = 5.0  # head 0: a constant query ...
-        w[k0 + 0, 0] = 1.0  # ... matching the key of position 0
-        for i in range(dh):  # head 1: query and key both read "my position"
-            w[q0 + dh + i, i] = 1.0
-            w[k0 + dh + i, i] = 1.0
-        for i in range(1, dh):  # head 2: the query at p looks for the key of p - 1
-            w[q0 + 2 * dh + i - 1, i] = 1.0
-            w[k0 + 2 * dh + i - 1, i - 1] = 1.0
-    return model
 
 
 def repeated_tokens(B: int = 23, T: int = 9, period: int = 4, seed: int = 0) -> torch.Tensor:
@@ -72,7 +45,7 @@ def plant_induction(tokens: torch.Tensor, layer: int = 1, head: int = 0):
 
 
 def test_classify_recovers_planted_heads():
-    model = planted_model()
+    model = planted_attention_model(CFG)
     tokens = repeated_tokens()
     with model.hooks([plant_induction(tokens)]):
         hc = classify_heads(model, tokens)
@@ -86,7 +59,7 @@ def test_classify_recovers_planted_heads():
 
 
 def test_thresholds_decide_assignment():
-    model = planted_model()
+    model = planted_attention_model(CFG)
     tokens = repeated_tokens()
     default = classify_heads(model, tokens)
     uniformish = float(default.mean["first"][0, 3])
@@ -102,7 +75,7 @@ def test_thresholds_decide_assignment():
 
 def test_padding_is_never_a_query():
     """Scores of a right-padded row equal those of the same row alone, unpadded."""
-    model = planted_model()
+    model = planted_attention_model(CFG)
     tokens = repeated_tokens(B=6, T=9)
     lengths = torch.tensor([9, 5, 7, 4, 9, 6])
     mask = (torch.arange(9)[None] < lengths[:, None]).long()
@@ -115,7 +88,7 @@ def test_padding_is_never_a_query():
 
 
 def test_induction_undefined_without_repeats():
-    model = planted_model()
+    model = planted_attention_model(CFG)
     tokens = torch.arange(9)[None].repeat(3, 1)  # no token repeats
     hc = classify_heads(model, tokens)
     assert hc.heads["induction"] == []
@@ -123,7 +96,7 @@ def test_induction_undefined_without_repeats():
 
 
 def test_target_attention_from_the_final_position():
-    model = planted_model()
+    model = planted_attention_model(CFG)
     tokens = repeated_tokens(B=5)
     patterns = attention_patterns(model, tokens)
     keys = torch.zeros(tokens.shape, dtype=torch.bool)
@@ -134,7 +107,7 @@ def test_target_attention_from_the_final_position():
 
 
 def test_bad_thresholds_are_refused():
-    model = planted_model()
+    model = planted_attention_model(CFG)
     with pytest.raises(ValueError, match="score_threshold"):
         classify_heads(model, repeated_tokens(), score_threshold=1.5)
     with pytest.raises(ValueError, match="min_fraction"):
@@ -157,7 +130,7 @@ def test_induction_score_is_transformerlens_diagonal_and_finds_a_planted_head():
     averaged; a plain loop over (example, query) gives the same, and a planted induction head scores
     1 on every query of the second repeat."""
     from circuitlab.classify import induction_scores
-    model, n = planted_model(), 4
+    model, n = planted_attention_model(CFG), 4
     tokens = torch.tensor([[98, 1, 2, 3, 4, 1, 2, 3, 4], [98, 5, 6, 7, 8, 5, 6, 7, 8]])
     with model.hooks([plant_induction(tokens)]):
         scores = induction_scores(model, tokens, seq_len=n)
@@ -189,7 +162,7 @@ def test_repeated_random_tokens():
     with pytest.raises(ValueError, match="pool holds no token"):
         repeated_random_tokens(3, 4, pool=torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match="cannot hold two repeats of seq_len=5"):
-        induction_scores(planted_model(), torch.zeros(2, 9, dtype=torch.long), seq_len=5)
+        induction_scores(planted_attention_model(CFG), torch.zeros(2, 9, dtype=torch.long), seq_len=5)
 
 
 def test_prepend_bos_puts_endoftext_first_as_transformerlens_does():
@@ -203,7 +176,7 @@ def test_prepend_bos_puts_endoftext_first_as_transformerlens_does():
     t, m = prepend_bos(tokens, None, bos=3)
     assert m is None and torch.equal(t[:, 0], torch.tensor([3, 3])) and torch.equal(t[:, 1:], tokens)
     # a head that attends to position 0 is a first-token head whatever holds that position
-    model = planted_model()
+    model = planted_attention_model(CFG)
     plain = classify_heads(model, repeated_tokens())
     first, first_mask = prepend_bos(repeated_tokens(), None, bos=11)
     assert (0, 0) in plain.heads["first"] and (0, 0) in classify_heads(model, first, first_mask).heads["first"]

@@ -250,12 +250,12 @@ def test_cuda_on_a_machine_without_it_is_refused_while_parsing(files, tmp_path, 
 
 
 def test_the_device_type_checks_the_machine(monkeypatch):
-    """tpp.flags.device, the one validator of every --device: the machine's CUDA devices decide."""
+    """clikit.device, the one validator of every --device: the machine's CUDA devices decide."""
     import argparse
 
     import torch
 
-    from tpp.flags import default_device, device
+    from clikit import default_device, device
 
     assert device("cpu") == "cpu" and device(" cpu ") == "cpu"
     for bad, named in (("nonsense", "is not a torch device"), ("", "is not a torch device"),
@@ -278,7 +278,7 @@ def parse(files, *argv):
 
 
 def test_device_reaches_the_session(files):
-    from tpp.flags import default_device
+    from clikit import default_device
 
     assert circuits.session(parse(files, "baseline", "--device", "cpu")).device == "cpu"
     assert circuits.session(parse(files, "generate")).device == default_device()  # cuda if available, else cpu

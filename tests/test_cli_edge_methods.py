@@ -13,6 +13,7 @@ import torch
 
 import circuits
 from circuitlab import edge_cli
+from circuitlab.compare import not_a_finding
 from circuitlab.methods import EDGE_METHODS, SCORING_METHODS
 from minigpt2 import GPT2, GPT2Config
 
@@ -52,6 +53,9 @@ def test_a_run_is_labelled_by_its_method(method, tiny, tmp_path, capsys, monkeyp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["mib"]["name"] == method
     assert f"[eap] model {tiny}," in captured.err
+    # the study's rule flags a circuit that is no finding, in the summary and on the screen
+    assert (summary["verdict"] is not None) == not_a_finding(summary["held_out"], higher_is_better=True)
+    assert (summary["verdict"] or "") in captured.out
 
 
 def test_acdc_says_which_model_it_runs_on(tiny, tmp_path, capsys, monkeypatch):
@@ -69,3 +73,21 @@ def test_acdc_says_which_model_it_runs_on(tiny, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "[acdc] model weights/welterweight (the default --model" in err
     assert err.index("[acdc] model") == 0
+
+
+def test_top_k_beyond_the_graph_is_refused_before_attribution_and_the_default_fits_it(tiny, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A 2-layer model has fewer than 100 edges: an explicit --top-k past them is one line (exit 2) before any
+    attribution; the default 100 keeps every edge, and says so."""
+    calls = []
+    monkeypatch.setattr(edge_cli, "edge_circuit", lambda *a, **k: calls.append(k) or (_ for _ in ()).throw(
+        RuntimeError("stop after the top-k check")))
+    common = ["eap", "--model", str(tiny), "--metric", "logit_diff", "--examples", "2", "--device", "cpu",
+              "--out", str(tmp_path / "out")]
+    assert circuits.main(common + ["--top-k", "100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--top-k 100000 is more than the" in err and "Fix: --top-k" in err and not calls
+    with pytest.raises(RuntimeError, match="stop after"):
+        circuits.main(common)
+    n_edges = calls[0]["top_k"]
+    assert 0 < n_edges < 100 and f"has {n_edges} edges: keeping all of them" in capsys.readouterr().err

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKUP = re.compile(r":func:|:class:|:data:|:meth:|``")
 # entry points: (name, module, how to reach main); each main builds its parser and parses --help
 ENTRY_POINTS = [("circuits.py", "circuits"), ("train.py", "train"), ("python -m tpp", "tpp.__main__"),
-                ("python -m finetune.publish", "finetune.publish"), ("python -m finetune.census", "finetune.census")]
+                ("python -m finetune.publish", "finetune.publish"), ("python -m circuitlab.census", "circuitlab.census")]
 
 
 class _Captured(Exception):
@@ -71,7 +71,7 @@ def test_every_subcommand_is_walked():
     progs = {prog for prog, _ in PARSERS}
     for expected in ["circuits.py acdc", "circuits.py eap", "circuits.py sweep", "circuits.py generate",
                      "circuits.py study", "train.py finetune", "train.py pretrain", "python -m tpp templates",
-                     "python -m tpp build", "python -m finetune.publish", "python -m finetune.census"]:
+                     "python -m tpp build", "python -m finetune.publish", "python -m circuitlab.census"]:
         assert expected in progs, sorted(progs)
 
 

@@ -151,3 +151,42 @@ def test_valid_flags_pass(tmp_path):
     assert args.block_size == 2 and args.n_ctx == 2
     saved = json.dumps(vars(args))  # what args.json will hold
     assert json.loads(saved)["min_lr_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["finetune", "pretrain"])
+def test_every_train_config_field_has_one_default_shared_by_its_flag(tmp_path, mode):
+    """Each TrainConfig setting is a flag of the same name whose default, per mode, is the field's
+    (finetune: the preset's where the preset sets it; pretrain: the field's ``pretrain`` value where it
+    differs), and the TrainConfig that train.py builds from no flags holds the same values."""
+    from dataclasses import fields
+
+    from finetune.config import TrainConfig, mode_default
+    from finetune.presets import PRESETS
+
+    args = train.parse([mode, "--out", str(tmp_path / "run")])
+    preset = PRESETS["featherweight"].to_dict() if mode == "finetune" else {}
+    built = train.train_config(args)
+    flags = {a.dest for a in train.build_parser().modes[mode]._actions}
+    for f in fields(TrainConfig):
+        if f.name == "out":
+            continue
+        expected = preset.get(f.name, mode_default(f, mode))
+        if f.metadata.get("flag") is not False or f.name == "dtype":
+            assert f.name in flags, f"TrainConfig.{f.name} has no flag"
+            assert getattr(args, f.name) == expected, (f.name, getattr(args, f.name), expected)
+        assert getattr(built, f.name) == expected, f.name
+    assert PRESETS["featherweight"].lr == TrainConfig.lr and PRESETS["featherweight"].batch_size == TrainConfig.batch_size
+    if mode == "pretrain":  # the per-mode defaults train.py has always had
+        assert (args.lr, args.epochs, args.weight_decay, args.warmup_steps, args.schedule) == (6e-4, 1, 0.1, 100,
+                                                                                                "cosine")
+    assert args.min_lr_ratio == TrainConfig.min_lr_ratio == 0.1
+
+
+def test_train_config_refuses_a_setting_out_of_its_flags_range():
+    """The library class checks the same ranges as the flags, naming the parameter (not the flag)."""
+    from finetune.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"TrainConfig: lr=0 \(must be a number > 0\); keep_checkpoints=0"):
+        TrainConfig(out="x", lr=0, keep_checkpoints=0)
+    with pytest.raises(ValueError, match="schedule='exp' .choose linear, cosine, constant"):
+        TrainConfig(out="x", schedule="exp")

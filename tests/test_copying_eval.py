@@ -1,4 +1,4 @@
-"""finetune.copying_evaluator: the copying probe logged at every evaluation of a pretraining run
+"""circuitlab.copying.copying_evaluator: the copying probe logged at every evaluation of a pretraining run
 (loss on repeated random tokens, induction and previous-token scores), checked against plain
 loops and planted heads."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from circuitlab.classify import induction_scores, repeated_random_tokens
-from finetune import copying_evaluator
+from circuitlab.copying import copying_evaluator
 from minigpt2 import GPT2, GPT2Config
 
 SEQ = 6

@@ -13,7 +13,7 @@ from circuitlab.compare import (circuit_faithfulness, circuit_overlap, exact_hea
 from circuitlab.eap import (IG_RULES, METHODS, eap, edge_attribution, head_attribution, ig_alphas, layer_nodes,
                             resolve_rule, threshold_circuit, top_k_circuit)
 from circuitlab.graph import Circuit, EdgeRunner, Graph
-from conftest import make_model, make_tokens
+from conftest import make_tokens
 from minigpt2 import GPT2Config
 from minigpt2.engine import Metric
 from minigpt2.masking import run_with_head_masks
@@ -29,9 +29,7 @@ def logit_diff(logits: torch.Tensor) -> torch.Tensor:  # [V, B, vocab] -> [V]
     return (logits[..., rows, C] - logits[..., rows, W]).mean(-1)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model(CFG, seed=2, std=0.3).double()
+MODEL_ARGS = dict(cfg=CFG, seed=2, std=0.3, dtype=torch.float64)  # the `model` fixture (conftest.module_model)
 
 
 @pytest.fixture(scope="module")
@@ -424,9 +422,8 @@ def test_head_scores_are_head_mask_finite_differences(model, data, ablation):
     eps = 1e-6
     masks = torch.ones(1 + CFG.n_layer * CFG.n_head, CFG.n_layer, CFG.n_head, dtype=torch.double)
     masks[1:] -= eps * torch.eye(CFG.n_layer * CFG.n_head, dtype=torch.double).view(-1, CFG.n_layer, CFG.n_head)
-    mode = {"resample": "patch", "mean": "mean", "zero": "zero"}[ablation]
-    values = run_with_head_masks(model, data[0], masks, mode=mode, reference=data[1] if mode == "patch" else None,
-                                 metric=logit_diff)
+    values = run_with_head_masks(model, data[0], masks, ablation=ablation,
+                                 reference=data[1] if ablation == "resample" else None, metric=logit_diff)
     torch.testing.assert_close(heads.flatten(), (values[1:] - values[0]) / eps, atol=1e-5, rtol=1e-4)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from circuitlab.eap import METHODS, eap, edge_attribution
 from circuitlab.graph import EdgeRunner
-from conftest import make_model, make_tokens
+from conftest import make_tokens
 from minigpt2 import GPT2Config
 
 CFG = GPT2Config(n_layer=2, n_head=3, d_model=24, d_mlp=31, n_ctx=12, vocab_size=61)
@@ -28,9 +28,7 @@ def coupled(logits: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(d, -1) * d).sum(-1)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model(CFG, seed=4, std=0.3).double()
+MODEL_ARGS = dict(cfg=CFG, seed=4, std=0.3, dtype=torch.float64)  # the `model` fixture (conftest.module_model)
 
 
 def runner(model, ablation, padded=False):

@@ -19,9 +19,7 @@ CFG = GPT2Config(n_layer=3, n_head=2, d_model=16, d_mlp=23, n_ctx=12, vocab_size
 B, T = 4, 6
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model(CFG, seed=2, std=0.4).double()
+MODEL_ARGS = dict(cfg=CFG, seed=2, std=0.4, dtype=torch.float64)  # the `model` fixture (conftest.module_model)
 
 
 def runner_for(model, ablation, padded=False, positions=None):

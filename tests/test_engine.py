@@ -14,16 +14,15 @@ from circuitlab.graph import EdgeRunner
 from circuitlab.search import search
 from circuitlab.sweep import Metric, Prompts
 from conftest import make_model, make_tokens
-from minigpt2.engine import (HeadMaskRunner, Precision, join_schedule, memory_budget, parse_bytes, resolve_dtype,
+from minigpt2.engine import (HeadMaskRunner, Precision, join_schedule, memory_budget, parse_bytes,
                              weighted_mean)
+from minigpt2.hardware import parse_dtype
 from minigpt2.masking import run_with_head_masks, run_with_head_masks_loop, single_head_masks
 
 L, H = 3, 4
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model(seed=3, std=0.2)
+MODEL_ARGS = dict(seed=3, std=0.2)  # the `model` fixture (conftest.module_model)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,7 +47,7 @@ def test_variants_of_any_base_equal_the_hook_loop(model, base_bits, seed, mode, 
     runner.rebase(base)
     with torch.no_grad():
         got = runner.run(masks, max_rows=int(torch.randint(5, 40, (1,), generator=gen)))
-        want = run_with_head_masks_loop(model, tokens, masks, mode=mode, reference=ref)
+        want = run_with_head_masks_loop(model, tokens, masks, ablation=mode, reference=ref)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     runner.rebase(torch.ones(L, H))  # and back: the cache is dropped above the first change
     torch.testing.assert_close(runner.run(masks), want, atol=2e-5, rtol=1e-5)
@@ -71,10 +70,10 @@ def test_bf16_sweep_is_close_to_fp32_and_keeps_a_fp32_residual(model):
     assert (bf16 - fp32).abs().mean() < (all_bf16 - fp32).abs().mean()
 
 
-def test_resolve_dtype_names_the_choices():
-    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype(None) is None
+def test_parse_dtype_names_the_choices():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(None) is None
     with pytest.raises(ValueError, match="torch.float32.*torch.bfloat16"):
-        resolve_dtype(torch.float16)
+        parse_dtype(torch.float16)
     with pytest.raises(ValueError, match="is not supported"):
         run_with_head_masks(make_model(), make_tokens(2, 3), single_head_masks(L, H), dtype="int8")
 

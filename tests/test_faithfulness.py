@@ -14,7 +14,7 @@ from circuitlab.eap import eap, edge_attribution
 from circuitlab.faithfulness import (PERCENTAGES, FaithfulnessCurve, area, importance_sign, mib_faithfulness,
                                      plot_faithfulness, top_edges)
 from circuitlab.graph import Circuit, EdgeRunner, Graph
-from conftest import make_model, make_tokens
+from conftest import make_tokens
 from minigpt2 import GPT2Config
 from minigpt2.engine import Metric
 
@@ -236,9 +236,7 @@ def reference_auc(model, clean, corrupted, scores_ref: torch.Tensor, metric, abs
     return under, from_1, f
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model(CFG, seed=2, std=0.3).double()
+MODEL_ARGS = dict(cfg=CFG, seed=2, std=0.3, dtype=torch.float64)  # the `model` fixture (conftest.module_model)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from circuitlab.draw import draw_circuit
 from circuitlab.graph import Circuit, EdgeRunner, Graph, run_with_edge_masks
-from conftest import make_model, make_tokens
+from conftest import make_tokens
 from minigpt2 import GPT2Config
 from minigpt2.masking import run_with_head_masks
 
@@ -29,9 +29,7 @@ def padding(B: int, T: int, seed: int = 3) -> torch.Tensor:
     return (torch.arange(T) < lengths[:, None]).long()
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model(SMALL, seed=1, std=0.3).double()
+MODEL_ARGS = dict(cfg=SMALL, seed=1, std=0.3, dtype=torch.float64)  # the `model` fixture (conftest.module_model)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +116,8 @@ def test_removing_every_edge_out_of_a_head_is_head_masking(model, data, ablation
     mask[:, g.head_sender(0, 1)] = 0
     heads = torch.ones(1, SMALL.n_layer, SMALL.n_head, dtype=torch.double)
     heads[0, 0, 1] = 0
-    mode = {"resample": "patch", "mean": "mean", "zero": "zero"}[ablation]
-    expected = run_with_head_masks(model, data[0], heads, mode=mode, reference=data[1] if mode == "patch" else None)
+    expected = run_with_head_masks(model, data[0], heads, ablation=ablation,
+                                   reference=data[1] if ablation == "resample" else None)
     torch.testing.assert_close(run.run(mask[None])[0], expected[0])
 
 
@@ -187,7 +185,7 @@ def test_batched_propagation_reads_no_unwritten_memory(model, data, nan_filled_e
     torch.testing.assert_close(copy.effect, in_place.effect)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # read-only
 @given(st.data())
 def test_property_sparse_edits_of_any_base_equal_their_traces(model, data, draw):
     """Variants that remove, restore or scale a few edges of a random circuit (ACDC's kind of batch)."""

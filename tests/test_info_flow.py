@@ -14,16 +14,14 @@ from circuitlab.acdc import kl_metric
 from circuitlab.faithfulness import importance_sign, mib_faithfulness
 from circuitlab.graph import EdgeRunner, Graph
 from circuitlab.info_flow import greedy_edges, information_flow_routes, information_flow_scores
-from conftest import PLANTED, planted_model, make_model, make_tokens
+from conftest import PLANTED, planted_path_model, make_tokens
 from minigpt2 import GPT2Config
 
 CFG = GPT2Config(n_layer=2, n_head=4, d_model=28, d_mlp=37, n_ctx=17, vocab_size=99)
 B, T = 5, 6
 
 
-@pytest.fixture(scope="module")
-def model():
-    return make_model(CFG, seed=2, std=0.3).double()
+MODEL_ARGS = dict(cfg=CFG, seed=2, std=0.3, dtype=torch.float64)  # the `model` fixture (conftest.module_model)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +171,7 @@ def test_answer_positions_take_the_scored_position_only(model, tokens):
 # ------------------------------------------------------------ a planted path (copied from test_acdc)
 @pytest.fixture(scope="module")
 def planted():
-    return EdgeRunner(planted_model(), make_tokens(8, 6, 99, seed=1), "resample",
+    return EdgeRunner(planted_path_model(), make_tokens(8, 6, 99, seed=1), "resample",
                       corrupted=make_tokens(8, 6, 99, seed=2))
 
 

@@ -11,14 +11,14 @@ from circuitlab.acdc import kl_metric
 from circuitlab.eap import edge_attribution
 from circuitlab.graph import EdgeRunner
 from circuitlab.learned_masks import deterministic_mask, learn_edge_mask
-from conftest import PLANTED, planted_model, make_tokens
+from conftest import PLANTED, planted_path_model, make_tokens
 from minigpt2.engine import Metric
 
 
 @pytest.fixture(scope="module")
 def planted():
     tokens, corrupted = make_tokens(8, 6, 99, seed=1), make_tokens(8, 6, 99, seed=2)
-    return EdgeRunner(planted_model(), tokens, "resample", corrupted=corrupted)
+    return EdgeRunner(planted_path_model(), tokens, "resample", corrupted=corrupted)
 
 
 def clean_logit_metric(run: EdgeRunner) -> Metric:

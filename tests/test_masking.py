@@ -38,7 +38,7 @@ def right_padding(B: int, T: int, seed: int) -> torch.Tensor:
     return (torch.arange(T) < lengths[:, None]).long()
 
 
-MODES = [("zero", "position"), ("mean", "position"), ("mean", "all"), ("patch", "position")]
+MODES = [("zero", "position"), ("mean", "position"), ("mean", "all"), ("resample", "position")]
 
 
 @PROPERTY
@@ -47,12 +47,12 @@ MODES = [("zero", "position"), ("mean", "position"), ("mean", "all"), ("patch", 
 def test_batched_equals_the_hook_loop(new_model, masks, mode, B, T, seed, padded, own_positions, data):
     mode, mean_over = mode
     model, tokens = new_model(seed=seed), make_tokens(B, T, seed=seed)
-    kwargs = dict(mode=mode, mean_over=mean_over)
+    kwargs = dict(ablation=mode, mean_over=mean_over)
     if padded:
         kwargs["attention_mask"] = right_padding(B, T, seed)
     if own_positions:
         kwargs["positions"] = torch.randint(0, T, (B,), generator=torch.Generator().manual_seed(seed))
-    if mode == "patch":
+    if mode == "resample":
         kwargs["reference"] = make_tokens(B, T, seed=seed + 1)
     elif mode == "mean" and data.draw(st.booleans(), label="own reference"):
         Br, Tr = data.draw(st.integers(1, 4), label="Br"), T if mean_over == "position" else data.draw(st.integers(1, 9))
@@ -74,8 +74,8 @@ def test_a_one_layer_model_where_the_final_layer_is_also_the_first(new_model, mo
     cfg = dataclasses.replace(TINY, n_layer=1)
     model, tokens = new_model(cfg, seed=3), make_tokens(5, 6, seed=3)
     masks = torch.tensor([[[1.0, 0.0, 0.4, 1.0]], [[1.0] * 4], [[0.0] * 4]])
-    kwargs = dict(mode=mode, mean_over=mean_over, attention_mask=right_padding(5, 6, seed=3),
-                  reference=make_tokens(5, 6, seed=4) if mode == "patch" else None)
+    kwargs = dict(ablation=mode, mean_over=mean_over, attention_mask=right_padding(5, 6, seed=3),
+                  reference=make_tokens(5, 6, seed=4) if mode == "resample" else None)
     with torch.no_grad():
         torch.testing.assert_close(run_with_head_masks(model, tokens, masks, max_rows=10, **kwargs),
                                    run_with_head_masks_loop(model, tokens, masks, **kwargs), atol=ATOL, rtol=0)
@@ -86,10 +86,10 @@ def test_a_one_layer_model_where_the_final_layer_is_also_the_first(new_model, mo
 def test_the_all_ones_mask_is_the_identity(new_model, mode, seed, padded):
     model, tokens = new_model(seed=seed), make_tokens(seed=seed)
     mask = right_padding(BATCH, SEQ, seed) if padded else None
-    reference = make_tokens(seed=seed + 1) if mode[0] == "patch" else None
+    reference = make_tokens(seed=seed + 1) if mode[0] == "resample" else None
     with torch.no_grad():
         clean = model(tokens, attention_mask=mask, positions=last_positions(tokens, mask))
-        got = model.run_with_head_masks(tokens, torch.ones(3, L, H), mode=mode[0], mean_over=mode[1],
+        got = model.run_with_head_masks(tokens, torch.ones(3, L, H), ablation=mode[0], mean_over=mode[1],
                                         reference=reference, attention_mask=mask)
     for variant in got:
         torch.testing.assert_close(variant, clean, atol=ATOL, rtol=0)
@@ -140,7 +140,7 @@ def test_mean_ablation_uses_the_masked_reference_mean(model, tokens, mean_over):
     dims = (0,) if mean_over == "position" else (0, 1)
     mean = (z * w).sum(dims) / w.sum(dims).clamp(min=1)
 
-    assert_masked_head_equals_replaced_z(model, tokens, l, h, mean, mode="mean", mean_over=mean_over,
+    assert_masked_head_equals_replaced_z(model, tokens, l, h, mean, ablation="mean", mean_over=mean_over,
                                          reference=reference, reference_mask=reference_mask)
 
 
@@ -150,7 +150,7 @@ def test_patching_takes_each_heads_z_from_its_own_reference_row(model, tokens):
     _, cache = model.run_with_cache(reference, names=[f"blocks.{l}.attn.hook_z"])
 
     assert_masked_head_equals_replaced_z(model, tokens, l, h, cache[f"blocks.{l}.attn.hook_z"][:, :, h],
-                                         mode="patch", reference=reference)
+                                         ablation="resample", reference=reference)
 
 
 def test_patch_reference_keeps_its_own_padding(model, tokens):
@@ -171,7 +171,7 @@ def test_patch_reference_keeps_its_own_padding(model, tokens):
         with torch.no_grad():
             want = model.run_with_hooks(tokens, attention_mask=mask, positions=last_positions(tokens, mask),
                                         fwd_hooks=[(f"blocks.{l}.attn.hook_z", patch)])
-            got = model.run_with_head_masks(tokens, masks, mode="patch", reference=reference, attention_mask=mask,
+            got = model.run_with_head_masks(tokens, masks, ablation="resample", reference=reference, attention_mask=mask,
                                             reference_mask=reference_mask)[0]
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
@@ -183,7 +183,7 @@ def test_gradients_wrt_fractional_masks_match_the_loop(new_model, mode, seed, ma
     gen = torch.Generator().manual_seed(seed)
     start = torch.rand(4, L, H, generator=gen)
     target = torch.randint(0, TINY.vocab_size, (5,), generator=gen)
-    reference = make_tokens(5, SEQ, seed=seed + 1) if mode[0] == "patch" else None
+    reference = make_tokens(5, SEQ, seed=seed + 1) if mode[0] == "resample" else None
 
     def metric(logits):  # [V, B, vocab] -> [V, B]: log-probability of the target
         return logits.log_softmax(-1)[:, torch.arange(5), target]
@@ -191,7 +191,7 @@ def test_gradients_wrt_fractional_masks_match_the_loop(new_model, mode, seed, ma
     grads = []
     for run, extra in ((run_with_head_masks_loop, {}), (run_with_head_masks, {"max_rows": max_rows})):
         masks = start.clone().requires_grad_()
-        out = run(model, tokens, masks, mode=mode[0], mean_over=mode[1], reference=reference, metric=metric, **extra)
+        out = run(model, tokens, masks, ablation=mode[0], mean_over=mode[1], reference=reference, metric=metric, **extra)
         out.sum().backward()
         grads.append(masks.grad)
     assert grads[0].abs().max() > 1e-4
@@ -255,33 +255,47 @@ def test_attention_mask_of_the_wrong_shape(model, tokens):
 def test_unknown_ablation_mode(model, tokens):
     for run in (run_with_head_masks, run_with_head_masks_loop):
         with pytest.raises(ValueError, match=r"unknown ablation 'shuffle'; choose one of \('zero', 'mean', 'resample'\)"):
-            run(model, tokens, torch.ones(1, L, H), mode="shuffle")
+            run(model, tokens, torch.ones(1, L, H), ablation="shuffle")
 
 
-def test_patch_is_the_old_name_of_resample(model, tokens):
-    """One name per concept: "resample" everywhere, "patch" still accepted here, with the same numbers."""
+def test_patch_and_mode_are_deprecated_old_names(model, tokens):
+    """One name per concept: ablation="resample"; "patch" and mode= still work, with a DeprecationWarning
+    and the same numbers (the model's method and the plain loop alike)."""
     corrupted = tokens.flip(0)
     masks = single_head_masks(L, H)[:5]
-    a = run_with_head_masks(model, tokens, masks, mode="resample", reference=corrupted)
-    b = run_with_head_masks(model, tokens, masks, mode="patch", reference=corrupted)
+    a = run_with_head_masks(model, tokens, masks, ablation="resample", reference=corrupted)
+    with pytest.warns(DeprecationWarning, match=r"ablation 'patch' is deprecated: pass ablation='resample'"):
+        b = run_with_head_masks(model, tokens, masks, ablation="patch", reference=corrupted)
     assert torch.equal(a, b)
-    assert not torch.allclose(a[1:], run_with_head_masks(model, tokens, masks, mode="zero")[1:])
+    with pytest.warns(DeprecationWarning, match=r"run_with_head_masks\(mode=...\) is deprecated"):
+        c = model.run_with_head_masks(tokens, masks, mode="resample", reference=corrupted)
+    assert torch.equal(a, c)
+    with pytest.warns(DeprecationWarning) as caught:
+        d = run_with_head_masks_loop(model, tokens, masks, mode="patch", reference=corrupted)
+    assert {"mode=", "'patch'"} <= {w for r in caught for w in ("mode=", "'patch'") if w in str(r.message)}
+    torch.testing.assert_close(d, a, atol=ATOL, rtol=0)
+    assert not torch.allclose(a[1:], run_with_head_masks(model, tokens, masks, ablation="zero")[1:])
+    with pytest.raises(TypeError, match=r"got ablation='mean' and mode='zero'; pass ablation= only"):
+        run_with_head_masks(model, tokens, masks, ablation="mean", mode="zero")
+    import minigpt2.masking as masking
+    with pytest.warns(DeprecationWarning, match="use ABLATIONS"):
+        assert masking.MODES == ("zero", "mean", "resample")
 
 
 def test_patch_reference_of_the_wrong_shape(model, tokens):
     for mode in ("resample", "patch"):
         with pytest.raises(ValueError, match=r"resample reference has shape \(13, 6\), but tokens have \(13, 7\)"):
-            model.run_with_head_masks(tokens, torch.ones(1, L, H), mode=mode, reference=tokens[:, :6])
+            model.run_with_head_masks(tokens, torch.ones(1, L, H), ablation=mode, reference=tokens[:, :6])
         with pytest.raises(ValueError, match="resample ablation needs reference=corrupted tokens"):
-            model.run_with_head_masks(tokens, torch.ones(1, L, H), mode=mode)
+            model.run_with_head_masks(tokens, torch.ones(1, L, H), ablation=mode)
 
 
 def test_mean_reference_of_the_wrong_length(model, tokens):
     with pytest.raises(ValueError, match="per-position mean needs reference sequences of length 7, got 5.*mean_over='all'"):
-        model.run_with_head_masks(tokens, torch.ones(1, L, H), mode="mean", reference=tokens[:, :5])
-    model.run_with_head_masks(tokens, torch.ones(1, L, H), mode="mean", reference=tokens[:, :5], mean_over="all")
+        model.run_with_head_masks(tokens, torch.ones(1, L, H), ablation="mean", reference=tokens[:, :5])
+    model.run_with_head_masks(tokens, torch.ones(1, L, H), ablation="mean", reference=tokens[:, :5], mean_over="all")
     with pytest.raises(ValueError, match="mean_over must be 'position' or 'all', got 'batch'"):
-        model.run_with_head_masks(tokens, torch.ones(1, L, H), mode="mean", mean_over="batch")
+        model.run_with_head_masks(tokens, torch.ones(1, L, H), ablation="mean", mean_over="batch")
 
 
 def test_bad_batches_and_masks_are_named(model):

@@ -1,5 +1,7 @@
 """finetune.publish: a card and fp16 weights that load; republishing replaces the old copy whole,
-and a copy left aside by an interrupted publish is recovered rather than lost."""
+and a copy left aside by an interrupted publish is recovered rather than lost. circuitlab.census:
+the card's head census, measured on the stored weights after publishing (finetune does not import
+circuitlab)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 
 import torch
 
+from circuitlab import census as recensus
 from finetune import publish
 from minigpt2 import GPT2, GPT2Config, fileio, load_pretrained, save_pretrained
 
@@ -55,7 +58,10 @@ def test_a_pretraining_card_reports_held_out_loss_and_copying(tmp_path):
                     "threshold": 0.4}}}
     (run / "model" / "metadata.json").write_text(json.dumps(meta))
     publish.main(args(run, tmp_path / "m"))
+    assert "## Head classes" not in (tmp_path / "m" / "README.md").read_text()
+    recensus.main([str(tmp_path / "m")])  # the census, added to the card just published
     text = (tmp_path / "m" / "README.md").read_text()
+    assert text.index("## Head classes") < text.index("## TPP metrics")
     assert "Held-out text (wordnet+gcide, never trained on): loss 5.181, perplexity 177.9" in text
     assert ("from the 4,000 most frequent training tokens: loss 8.78 on the first copy, 1.25 on the second; "
             "3 heads with an induction score > 0.4 (largest 0.83, head 5.1), 2 with a previous-token score > 0.4 "
@@ -74,18 +80,18 @@ def test_a_pretraining_card_reports_held_out_loss_and_copying(tmp_path):
     # a finetuned model compared to that base is probed on the base's tokens
     run2, _ = run_dir(tmp_path, 4)
     publish.main([*args(run2, tmp_path / "m2"), "--compare-to", str(tmp_path / "m")])
+    recensus.main([str(tmp_path / "m2")])  # probed on the tokens of the base it was published against
     census2 = json.loads((tmp_path / "m2" / "metadata.json").read_text())["head_census"]
     assert census2["induction_frequent"]["pool_size"] == 4
 
 
 def test_a_census_refreshed_in_place_adds_the_new_measurement_and_changes_nothing_else(tmp_path):
-    """finetune.census: a card published before the census measured classes with <|endoftext|> first
+    """circuitlab.census: a card published before the census measured classes with <|endoftext|> first
     gets them, in metadata.json and in the card's head-classes section; everything else stays as it was."""
-    from finetune import census as recensus
-
     run, _ = run_dir(tmp_path, 5)
     dest = tmp_path / "weights" / "m"
     publish.main(args(run, dest))
+    recensus.main([str(dest)])
     meta = json.loads((dest / "metadata.json").read_text())
     fresh = meta["head_census"]
     old = {k: v for k, v in fresh.items() if not k.endswith("_bos")}  # as published before this measurement
@@ -108,12 +114,27 @@ def test_a_census_refreshed_in_place_adds_the_new_measurement_and_changes_nothin
 def test_a_census_refresh_refuses_a_card_without_its_section(tmp_path):
     import pytest
 
-    from finetune import census as recensus
-
     run, _ = run_dir(tmp_path, 6)
     publish.main(args(run, tmp_path / "m"))
+    recensus.main([str(tmp_path / "m")])
     card = (tmp_path / "m" / "README.md").read_text()
     (tmp_path / "m" / "README.md").write_text(card.replace("## Head classes", "## Heads"))
     with pytest.raises(ValueError, match="no '## Head classes' section.*finetune.publish"):
         recensus.main([str(tmp_path / "m")])
     assert json.loads((tmp_path / "m" / "metadata.json").read_text())["head_census"]  # left as it was
+
+
+def test_finetune_imports_nothing_of_circuitlab():
+    """The training library stands below the circuit analysis: no module of finetune imports circuitlab,
+    not even inside a function (the census and the copying probe are circuitlab's)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "finetune"
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "circuitlab"]
+    assert found == []

@@ -18,22 +18,15 @@ from circuitlab.probe import count_words, english_words, is_english
 from circuitlab.study import Session, _edge_row, c_attending_nesting, recovers_nothing
 from minigpt2 import GPT2, GPT2Config
 
+from conftest import save_study_models
+
 TINY = GPT2Config(n_layer=2, n_head=2, d_model=16, d_mlp=24, n_ctx=64, vocab_size=50257)
 
 
 @pytest.fixture(scope="module")
 def paper_models(tmp_path_factory):
     """Tiny models under the paper's names, so that every table has the paper's row for them."""
-    root = tmp_path_factory.mktemp("paper_models")
-    specs = []
-    for i, name in enumerate(["Featherweight", "Welterweight"]):
-        torch.manual_seed(i)
-        model = GPT2(TINY)
-        with torch.no_grad():
-            model.wte.weight.mul_(20)
-        model.save_pretrained(root / name.lower())
-        specs.append(f"{name}={root / name.lower()}")
-    return specs
+    return save_study_models(tmp_path_factory.mktemp("paper_models"), ["Featherweight", "Welterweight"])
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +265,7 @@ def test_the_class_table_gives_each_count_its_interval(report):
 def test_a_cards_census_carries_the_interval_and_says_so():
     import tpp
     from circuitlab.classify import head_census
-    from finetune.publish import census_lines
+    from circuitlab.census import census_lines
 
     torch.manual_seed(0)
     batch = tpp.encode_eval(tpp.make_eval_set(n=20, seed=0))

@@ -12,6 +12,8 @@ from circuitlab.search import performance_drop, search, search_order, search_ref
 from circuitlab.sweep import Metric, Prompts
 from minigpt2 import GPT2, GPT2Config
 
+from conftest import planted_writer_model
+
 CFG = GPT2Config(n_layer=3, n_head=4, d_model=32, d_mlp=37, n_ctx=23, vocab_size=99)
 TARGET = 7
 
@@ -23,21 +25,6 @@ def random_model(seed: int = 0, std: float = 0.3) -> GPT2:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * std)
-    return model
-
-
-def planted_model() -> GPT2:
-    """Head (2, 1) writes token TARGET's embedding, whatever the input (see test_sweep)."""
-    torch.manual_seed(0)
-    model = GPT2(CFG).eval()
-    d, dh, layer, head = CFG.d_model, CFG.d_head, 2, 1
-    with torch.no_grad():
-        model.wte.weight[TARGET] = torch.randn(d) / d**0.5 * 3
-        attn = model.blocks[layer].attn
-        v_rows = slice(2 * d + head * dh, 2 * d + (head + 1) * dh)
-        attn.c_attn.weight[v_rows] = 0
-        attn.c_attn.bias[v_rows] = 1.0
-        attn.c_proj.weight[:, head * dh:(head + 1) * dh] = 20 * model.wte.weight[TARGET][:, None] / dh
     return model
 
 
@@ -120,7 +107,7 @@ def test_fast_search_equals_the_plain_loop_property(seed, threshold, speculate, 
 
 
 def test_search_keeps_only_the_planted_head():
-    model = planted_model()
+    model = planted_writer_model(CFG, 2, 1, TARGET)
     tokens, mask, _ = batch()
     target = torch.full((len(tokens),), TARGET)
     for speculate in (1, 4):

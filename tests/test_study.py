@@ -14,22 +14,15 @@ from circuitlab.methods import EDGE_METHODS
 from circuitlab.study import c_key_mask
 from minigpt2 import GPT2, GPT2Config, get_tokenizer
 
+from conftest import save_study_models
+
 TINY = GPT2Config(n_layer=2, n_head=2, d_model=16, d_mlp=24, n_ctx=64, vocab_size=50257)
 SMALL = ["--examples", "40", "--single-examples", "20", "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    paths = []
-    for i, name in enumerate(["alpha", "beta"]):
-        torch.manual_seed(i)
-        model = GPT2(TINY)
-        with torch.no_grad():
-            model.wte.weight.mul_(20)  # a less uniform output, so that ablations move the metrics
-        model.save_pretrained(root / name)
-        paths.append(f"{name.capitalize()}={root / name}")
-    return paths
+    return save_study_models(tmp_path_factory.mktemp("models"), ["Alpha", "Beta"])
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,10 @@ from circuitlab.sweep import Metric, Prompts, evaluate_masks, resample_partners,
 from minigpt2 import GPT2, GPT2Config
 from minigpt2.masking import run_with_head_masks_loop, single_head_masks
 
+from conftest import planted_writer_model
+
 CFG = GPT2Config(n_layer=2, n_head=4, d_model=32, d_mlp=37, n_ctx=23, vocab_size=99)
 TARGET = 7  # the token the planted head writes
-
-
-def planted_model(layer: int = 1, head: int = 2) -> GPT2:
-    """A model whose head (layer, head) writes token TARGET's embedding into the residual
-    stream, whatever the input: its value is a constant (bias only) and W_O maps it onto
-    wte[TARGET]. Every other weight is GPT-2's small random init."""
-    torch.manual_seed(0)
-    model = GPT2(CFG).eval()
-    d, dh = CFG.d_model, CFG.d_head
-    with torch.no_grad():
-        model.wte.weight[TARGET] = torch.randn(d) / d**0.5 * 3  # a long embedding: a clear winner at the output
-        attn = model.blocks[layer].attn
-        v_rows = slice(2 * d + head * dh, 2 * d + (head + 1) * dh)
-        attn.c_attn.weight[v_rows] = 0
-        v0 = torch.ones(dh)
-        attn.c_attn.bias[v_rows] = v0
-        attn.c_proj.weight[:, head * dh:(head + 1) * dh] = 20 * torch.outer(model.wte.weight[TARGET], v0) / (v0 @ v0)
-    return model
 
 
 def prompts_without_target(B: int = 21, T: int = 9, seed: int = 0) -> torch.Tensor:
@@ -47,7 +31,7 @@ def logprob_of(target: torch.Tensor) -> Metric:
 
 
 def test_sweep_finds_the_planted_head():
-    model = planted_model(1, 2)
+    model = planted_writer_model(CFG, 1, 2, TARGET)
     tokens = prompts_without_target()
     target = torch.full((len(tokens),), TARGET)
     r = sweep(model, Prompts(tokens), [accuracy_of(target), logprob_of(target)])
@@ -103,4 +87,4 @@ def test_prompts_reject_bad_input():
     with pytest.raises(ValueError, match="eval set empty"):
         Prompts(torch.zeros(0, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="needs at least one metric"):
-        sweep(planted_model(), Prompts(torch.zeros(2, 3, dtype=torch.long)), [])
+        sweep(planted_writer_model(CFG, 1, 2, TARGET), Prompts(torch.zeros(2, 3, dtype=torch.long)), [])

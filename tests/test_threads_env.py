@@ -56,7 +56,8 @@ def test_passive_is_set_before_torch_loads(target):
 
 
 def test_train_py_sets_it_before_it_imports_anything():
-    assert probe("train.py") == ["-", "PASSIVE"]  # its flags are checked before torch is imported
+    at_load, after = probe("train.py")  # "-": its module code did not load torch (flags are checked first)
+    assert at_load in ("PASSIVE", "-") and after == "PASSIVE"
 
 
 def test_a_policy_the_user_set_is_kept():

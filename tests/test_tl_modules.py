@@ -9,8 +9,6 @@ TransformerLens's HookedTransformer with the same weights (conftest's tl_twin). 
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -19,14 +17,7 @@ from conftest import TINY, make_model, make_tokens
 pytest.importorskip("transformer_lens")
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def pair(tl_twin):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = make_model(seed=7)
-        return model, tl_twin(model)
+MODEL_ARGS = dict(seed=7)  # the `pair` fixture's model (conftest.module_model)
 
 
 def close(a, b):

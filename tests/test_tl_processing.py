@@ -40,13 +40,7 @@ def _quiet():
         yield
 
 
-@pytest.fixture(scope="module")
-def pair(tl_twin):
-    """(a tiny random minigpt2 model, its unprocessed TransformerLens twin)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = make_model(seed=3)
-        return model, tl_twin(model)
+MODEL_ARGS = dict(seed=3)  # the `pair` fixture's model (conftest.module_model)
 
 
 def tl_processed(tl_raw, **flags):

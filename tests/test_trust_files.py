@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_model
+from conftest import READ_ONLY, make_model, needs_read_only_place
 from minigpt2 import GPT2Config, fileio, load_pretrained, save_pretrained
 from minigpt2.weights import CheckpointError, read_index
 
@@ -337,19 +337,7 @@ def test_an_existing_build_directory_keeps_its_files_on_a_full_disk(tmp_path, mo
     assert listing(out) == ["mine.txt"]
 
 
-READ_ONLY = Path("/sys/minigpt2-test")  # sysfs refuses new entries, to root too
-
-
-def _refuses_writes(d: Path) -> bool:
-    try:
-        d.mkdir()
-    except OSError:
-        return True
-    d.rmdir()
-    return False
-
-
-@pytest.mark.skipif(not _refuses_writes(READ_ONLY), reason="no read-only place on this machine")
+@needs_read_only_place
 def test_an_out_in_a_read_only_place_is_a_named_error(tmp_path):
     with pytest.raises(fileio.WriteError, match=r"cannot write /sys/minigpt2-test.*Fix: choose a place you can write"):
         with report.atomic_dir(READ_ONLY / "report") as tmp:

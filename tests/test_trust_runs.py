@@ -24,6 +24,8 @@ import pytest
 import finetune.checkpoint as ckpt
 from minigpt2 import fileio
 
+from conftest import READ_ONLY, needs_read_only_place
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (the script at the repository root)
@@ -219,19 +221,7 @@ def test_ctrl_c_during_tpp_build_is_one_line_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-READ_ONLY = Path("/sys/minigpt2-test")  # sysfs refuses new entries, to root too
-
-
-def _refuses_writes(d: Path) -> bool:
-    try:
-        d.mkdir()
-    except OSError:
-        return True
-    d.rmdir()
-    return False
-
-
-@pytest.mark.skipif(not _refuses_writes(READ_ONLY), reason="no read-only place on this machine")
+@needs_read_only_place
 def test_circuits_out_in_a_read_only_place_is_one_line(capsys):
     import circuits
 

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from tpp.examples import MAX_EXAMPLES
-from tpp.flags import HelpFormatter, Parser, blame, fail, integer, number
+from clikit import HelpFormatter, Parser, blame, fail, integer, number
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 OUTPUTS = ("train.jsonl", "eval.jsonl", "eval_single_token.jsonl", "args.json")  # what build writes

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from tpp.examples import Example
+if TYPE_CHECKING:  # tpp.examples imports this module (encode_many): Example is only an annotation here
+    from tpp.examples import Example
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>, the pad token (GPT-2 has no pad token)
 IGNORE_INDEX = -100  # ignored by torch's cross_entropy

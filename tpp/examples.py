@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tpp.encoding import encode_many
 from tpp.nouns import SHIPPED, check_nouns, load_nouns
 from tpp.templates import load_templates
 
@@ -219,8 +220,6 @@ def make_eval_set(n: int = EVAL_SIZE, seed: int = 0, exclude=None, templates=Non
 
 def single_token_nouns(nouns, tokenizer=None) -> list[str]:
     """The nouns w for which GPT-2 encodes " " + w as a single token."""
-    from tpp.encoding import encode_many
-
     pool = _resolve_nouns(nouns)
     ids = encode_many([" " + w for w in pool], tokenizer)
     return [w for w, t in zip(pool, ids) if len(t) == 1]

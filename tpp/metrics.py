@@ -14,6 +14,15 @@ import math
 import torch
 
 
+
+def __getattr__(name: str):
+    # The one KL lives in minigpt2.engine (ACDC's metric); tpp never imports the model package at import time.
+    if name == "kl_div":
+        from minigpt2.engine import kl_div
+        return kl_div
+    raise AttributeError(f"module 'tpp.metrics' has no attribute {name!r}")
+
+
 def _float(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
@@ -58,20 +67,6 @@ def logit_diff(logits: torch.Tensor, c_token: torch.Tensor, b_token: torch.Tenso
     """
     logits = _float(logits)
     return _pick(logits, c_token) - _pick(logits, b_token)
-
-
-def kl_div(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) per example, P = softmax(logits_p) (the clean run), Q = softmax(logits_q).
-
-    [..., B, vocab] each, broadcast against one another (e.g. clean [B, vocab]
-    against ablated [V, B, vocab]) -> [..., B], in nats. Tokens to which P
-    gives zero probability contribute nothing, even where Q is -inf.
-    """
-    log_p = torch.log_softmax(_float(logits_p), dim=-1)
-    log_q = torch.log_softmax(_float(logits_q), dim=-1)
-    p = log_p.exp()
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=p.dtype, device=p.device))
-    return terms.sum(dim=-1)
 
 
 def mean_sem(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
