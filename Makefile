@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export NLTK_DATA ?= $(abspath ../shared/nltk_data)
 
-# The demo runs every section of the study at smaller sizes than the paper's (under 5 minutes on
+# The demo runs every section of the study at smaller sizes than the paper's (about 5 minutes on
 # 2 cores, BENCHMARKS.md); `make study` runs it at the paper's sizes (about 10 minutes there).
 DEMO_SIZES := --examples 500 --single-examples 500 --sweep-examples 40 --search-examples 40 \
 	--edge-examples 20 --mib-examples 8
