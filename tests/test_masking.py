@@ -3,6 +3,7 @@ columns, and replacement values computed here from the cache."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -283,10 +284,12 @@ def test_patch_and_mode_are_deprecated_old_names(model, tokens):
 
 
 def test_patch_reference_of_the_wrong_shape(model, tokens):
-    for mode in ("resample", "patch"):
-        with pytest.raises(ValueError, match=r"resample reference has shape \(13, 6\), but tokens have \(13, 7\)"):
+    for mode in ("resample", "patch"):  # "patch": the deprecated name of resample, refused alike (with its warning)
+        deprecated = pytest.warns(DeprecationWarning, match="ablation 'patch' is deprecated") if mode == "patch" \
+            else contextlib.nullcontext()
+        with deprecated, pytest.raises(ValueError, match=r"resample reference has shape \(13, 6\), but tokens have \(13, 7\)"):
             model.run_with_head_masks(tokens, torch.ones(1, L, H), ablation=mode, reference=tokens[:, :6])
-        with pytest.raises(ValueError, match="resample ablation needs reference=corrupted tokens"):
+        with deprecated, pytest.raises(ValueError, match="resample ablation needs reference=corrupted tokens"):
             model.run_with_head_masks(tokens, torch.ones(1, L, H), ablation=mode)
 
 
