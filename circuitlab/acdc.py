@@ -194,49 +194,16 @@ def acdc(runner: EdgeRunner, metric: Metric | BatchMetric, threshold: float, *, 
     only = None if receivers is None else {g.receiver_index(r) for r in receivers}
     start = time.perf_counter()
     state = _State(runner, g, metric, threshold, threshold_mode, higher_is_better, step)
-    order = decision_order(g, head_inputs)
-    if only is not None:
-        order = [(kind, r) for kind, r in order if r in only]
-    # the whole inputs of one layer are decided in one speculative batch: none of them changes
-    # whether another is skipped
-    steps: list[tuple[str, list[int]]] = []
-    for kind, r in order:
-        if kind == "input" and steps and steps[-1][0] == "input" and g.stage_of[steps[-1][1][0]] == g.stage_of[r]:
-            steps[-1][1].append(r)
-        else:
-            steps.append((kind, [r]))
-    steps = progress_bar(steps, "ACDC steps", "step", progress)
+    steps = progress_bar(_steps(g, head_inputs, only), "ACDC steps", "step", progress)
     with torch.no_grad():
         for kind, rows in steps:
-            if kind == "input":
-                pairs = [(r, g.gate) for r in rows]
-                skip = [p for p in pairs if not state.writes(g.owner(p[0]))]
-            else:
-                r = rows[0]
-                pairs = [(r, u) for u in reversed(range(int(g.n_in[r]))) if state.mask[r, u] != 0]
-                owner = g.owner(r)
-                cut = owner is not None and (not state.writes(owner) or (g.head_inputs and g.is_head_input[r]
-                                                                         and state.mask[r, g.gate] == 0))
-                skip = pairs if cut else []
-            for r, u in skip:  # nothing reads what these feed: removed unevaluated, as ACDC does
-                if state.mask[r, u] != 0:
-                    state.mask[r, u] = 0
-                    state.dirty = True
-                    sender, receiver = g.edge_name(r, u)
-                    state.log.append({"sender": sender, "receiver": receiver, "removed": True, "skipped": True})
-            pairs = [p for p in pairs if p not in skip and state.mask[p] != 0]
+            pairs = state.candidates(kind, rows)
             if not pairs:
                 continue
             if batched:
                 state.speculate(pairs)
             else:
-                for r, u in pairs:
-                    trial = state.mask.clone()
-                    trial[r, u] = 0
-                    value = metric_values(metric, runner.trace(trial).logits[None])[0]
-                    state.n_evaluated += 1
-                    state.n_passes += 1
-                    state.decide(r, u, value)
+                state.sequential(pairs)
     circuit = Circuit(g, state.mask.bool(), state.scores, {"method": "acdc", "threshold": threshold,
                                                            "threshold_mode": threshold_mode,
                                                            "ablation": runner.ablation,
@@ -245,6 +212,22 @@ def acdc(runner: EdgeRunner, metric: Metric | BatchMetric, threshold: float, *, 
                                                            "precision": state.precision.to_json()})
     return ACDCResult(circuit, state.clean_value, state.cur, state.n_evaluated, state.n_passes,
                       time.perf_counter() - start, state.log)
+
+
+def _steps(g: Graph, head_inputs: bool, only: set[int] | None) -> list[tuple[str, list[int]]]:
+    """The decision order (:func:`decision_order`, restricted to the receivers ``only``) as steps
+    (kind, rows): the whole inputs of one layer are decided in one speculative batch, since none of
+    them changes whether another is skipped; every other step is one receiver's edges."""
+    order = decision_order(g, head_inputs)
+    if only is not None:
+        order = [(kind, r) for kind, r in order if r in only]
+    steps: list[tuple[str, list[int]]] = []
+    for kind, r in order:
+        if kind == "input" and steps and steps[-1][0] == "input" and g.stage_of[steps[-1][1][0]] == g.stage_of[r]:
+            steps[-1][1].append(r)
+        else:
+            steps.append((kind, [r]))
+    return steps
 
 
 class _State:
@@ -320,6 +303,39 @@ class _State:
             self.cur = value
             self.dirty = True
         return remove
+
+    def candidates(self, kind: str, rows: list[int]) -> list[tuple[int, int]]:
+        """The edges (r, u) a step decides: the whole inputs ``rows`` (kind "input") or the kept edges
+        into ``rows[0]``, latest sender first. Those that no longer feed anything are removed here,
+        unevaluated, as ACDC does, and left out."""
+        g = self.graph
+        if kind == "input":
+            pairs = [(r, g.gate) for r in rows]
+            skip = [p for p in pairs if not self.writes(g.owner(p[0]))]
+        else:
+            r = rows[0]
+            pairs = [(r, u) for u in reversed(range(int(g.n_in[r]))) if self.mask[r, u] != 0]
+            owner = g.owner(r)
+            cut = owner is not None and (not self.writes(owner) or (g.head_inputs and g.is_head_input[r]
+                                                                    and self.mask[r, g.gate] == 0))
+            skip = pairs if cut else []
+        for r, u in skip:  # nothing reads what these feed
+            if self.mask[r, u] != 0:
+                self.mask[r, u] = 0
+                self.dirty = True
+                sender, receiver = g.edge_name(r, u)
+                self.log.append({"sender": sender, "receiver": receiver, "removed": True, "skipped": True})
+        return [p for p in pairs if p not in skip and self.mask[p] != 0]
+
+    def sequential(self, pending: list[tuple[int, int]]) -> None:
+        """Decide the candidate edges ``pending`` [(r, u)] as the plain algorithm does: one forward each."""
+        for r, u in pending:
+            trial = self.mask.clone()
+            trial[r, u] = 0
+            value = metric_values(self.metric, self.runner.trace(trial).logits[None])[0]
+            self.n_evaluated += 1
+            self.n_passes += 1
+            self.decide(r, u, value)
 
     def speculate(self, pending: list[tuple[int, int]]) -> None:
         """Decide the candidate edges ``pending`` [(r, u)], in order, by speculative batches."""

@@ -155,6 +155,28 @@ def top_edges(graph: Graph, ranking: torch.Tensor, k: int, prune: bool = True) -
     return (circuit.pruned(resample=True) if prune else circuit).edges
 
 
+def _check_fractions(fractions: Sequence[float], log_scale: bool) -> list[float]:
+    """``fractions`` as floats, checked: increasing, in [0, 1], and > 0 for a log scale."""
+    fractions = [float(f) for f in fractions]
+    if not fractions or any(not 0 <= f <= 1 for f in fractions) or fractions != sorted(fractions):
+        raise ValueError(f"fractions {fractions} must be increasing fractions of the edges in [0, 1], "
+                         "e.g. MIB's (0.001, ..., 1)")
+    if log_scale and fractions[0] <= 0:
+        raise ValueError("log_scale needs fractions > 0")
+    return fractions
+
+
+def _circuits(graph: Graph, ranking: torch.Tensor, sizes: Sequence[int], select: str,
+              prune: bool) -> list[torch.Tensor]:
+    """[R, S] bool edges of each size, chosen by ``ranking``: the top k (MIB's ``apply_topn``) or grown
+    greedily from the logits (its ``apply_greedy``)."""
+    if select == "greedy":
+        from .info_flow import greedy_edges
+
+        return [greedy_edges(graph, ranking, k, absolute=False, prune=prune).edges for k in sizes]
+    return [top_edges(graph, ranking, k, prune) for k in sizes]
+
+
 def mib_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, scores, *, sign: float | None = None,
                      prune: bool = True, fractions: Sequence[float] = PERCENTAGES, log_scale: bool = False,
                      name: str | None = None, select: str = "top", progress: bool = False) -> FaithfulnessCurve:
@@ -177,24 +199,10 @@ def mib_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, scores, *
     sign = importance_sign(scores, metric) if sign is None else float(sign)
     if sign not in (1.0, -1.0):
         raise ValueError(f"sign={sign!r} must be +1 or -1 (the factor that makes needed edges' scores high)")
-    fractions = [float(f) for f in fractions]
-    if not fractions or any(not 0 <= f <= 1 for f in fractions) or fractions != sorted(fractions):
-        raise ValueError(f"fractions {fractions} must be increasing fractions of the edges in [0, 1], "
-                         "e.g. MIB's (0.001, ..., 1)")
-    if log_scale and fractions[0] <= 0:
-        raise ValueError("log_scale needs fractions > 0")
+    fractions = _check_fractions(fractions, log_scale)
     sizes = [int(f * g.n_edges) for f in fractions]  # MIB: int(pct * n_scored_items)
-    signed, absolute = sign * s, s.abs()
-    if select == "greedy":
-        from .info_flow import greedy_edges
-
-        def pick(ranking, k):
-            return greedy_edges(g, ranking, k, absolute=False, prune=prune).edges
-    else:
-        def pick(ranking, k):
-            return top_edges(g, ranking, k, prune)
-    cpr_edges = [pick(signed, k) for k in sizes]
-    cmd_edges = [pick(absolute, k) for k in sizes]
+    cpr_edges = _circuits(g, sign * s, sizes, select, prune)
+    cmd_edges = _circuits(g, s.abs(), sizes, select, prune)
     dtype = runner.model.dtype
     masks = torch.stack([g.ones(dtype), torch.zeros(g.n_receivers, g.n_senders, dtype=dtype)]
                         + [e.to(dtype) for e in cpr_edges + cmd_edges])

@@ -660,7 +660,7 @@ class EdgeRunner:
         """
         g = self.graph
         B, T = self.tokens.shape
-        H, S = g.n_head, g.n_senders
+        S = g.n_senders
         n = m.shape[0]
         rank = sorted(range(n), key=join.__getitem__)  # rows enter the batch in join order
         m, dm, join = m[rank], dm[rank], [join[i] for i in rank]
@@ -683,13 +683,9 @@ class EdgeRunner:
             touch = dma.ne(0).any(0).any(-1) | (ma.ne(0) & changed[:st.n_in]).any(0).any(-1)  # [R_st]
             if grad:
                 touch[:] = True
-            heads, us = [], []  # the heads recomputed (attention) and the senders recomputed
+            heads, us, out = [], [], None  # the heads recomputed (attention), the senders recomputed, their outputs
             if touch.any():
-                if st.kind == "attn":
-                    heads = touch.view(3, H).any(0).nonzero()[:, 0].tolist()
-                    sel, us = [kind * H + h for kind in range(3) for h in heads], [st.outs[h] for h in heads]
-                else:
-                    sel, us = [0], list(st.outs)
+                heads, sel, us = self._recomputed(st, touch)
                 logits, out = self._stage(i, ma[:, sel], dma[:, sel], heads, sel, base, delta[:active], s0, changed,
                                           logits, grad)
             if st.kind == "logits":
@@ -699,20 +695,36 @@ class EdgeRunner:
                 delta = torch.cat([delta, torch.cat([new, new.new_zeros(n - active, *new.shape[1:])])], 1)
                 changed[list(st.outs)] = True
                 continue
-            if us:
-                cols = [u - s0 for u in us]
-                delta[:active, cols] = out - self.ablated[us] - base.effect[us]  # [active, k, B, T, d]
-                if active < n:  # rows that join later equal base here
-                    delta[active:, cols] = 0
-                changed[us] = True
-            rest = [u - s0 for u in st.outs if u not in us]
-            if rest:
-                delta[:, rest] = 0
+            self._store(delta, st, us, out, active, s0, base, changed)
         if effect is not None:
             effect[s0:] += delta[0]
         if rank != list(range(n)):
             logits = logits[torch.tensor(rank).argsort().to(logits.device)]
         return logits, s0
+
+    def _recomputed(self, st, touch):
+        """(heads, sel, us) of a stage whose receiver rows ``touch`` [R_st] are reached: the heads
+        recomputed (attention; [] otherwise), the stage's receiver rows that feed them, and the
+        senders they output."""
+        if st.kind != "attn":
+            return [], [0], list(st.outs)
+        H = self.graph.n_head
+        heads = touch.view(3, H).any(0).nonzero()[:, 0].tolist()  # rows are (q, k, v) x heads
+        return heads, [kind * H + h for kind in range(3) for h in heads], [st.outs[h] for h in heads]
+
+    def _store(self, delta, st, us, out, active, s0, base: Trace, changed) -> None:
+        """Without grad: write stage ``st``'s columns of ``delta`` [n, S - s0, B, T, d] in place, the
+        recomputed senders ``us`` from ``out`` [active, k, B, T, d] for the first ``active`` rows,
+        zero (equal to base) everywhere else; mark ``us`` in ``changed``."""
+        if us:
+            cols = [u - s0 for u in us]
+            delta[:active, cols] = out - self.ablated[us] - base.effect[us]  # [active, k, B, T, d]
+            if active < delta.shape[0]:  # rows that join later equal base here
+                delta[active:, cols] = 0
+            changed[us] = True
+        rest = [u - s0 for u in st.outs if u not in us]
+        if rest:
+            delta[:, rest] = 0
 
     def _stage(self, i, ma, dma, heads, sel, base: Trace, delta, s0, changed, logits, grad):
         """Recompute stage i's ``heads`` (attention) or node for the active variants, from the

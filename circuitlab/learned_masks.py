@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -168,7 +169,39 @@ def learn_edge_mask(runner: EdgeRunner, metric: Metric | BatchMetric | None = No
     lambda_lr, warmup: the multipliers' learning rate and the fraction of steps over which the
         target goes from the full graph to target_edges.
     """
-    g = runner.graph
+    penalty, lr, lambda_lr = _check_args(runner.graph, target_edges, penalty, steps, samples, eap_steps, lr,
+                                         lambda_lr, init_logit, init_spread, warmup, metric)
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    faith, metric_clean = _faithfulness(runner, metric)
+    log_alpha0 = _initial_logits(runner, init, metric, init_logit, init_spread, eap_steps, gen)
+    run = _MaskTraining(runner, faith, log_alpha0, gen, steps, samples, lr, lambda_lr, warmup, penalty, target_edges)
+
+    bar = progress_bar(range(steps), desc="edge masks", unit="step", enabled=progress)
+    history = []
+    for step in bar:
+        rec = run.step(step)
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4g}", edges=f"{rec['expected_edges']:.1f}")
+
+    final, edges = run.circuit()
+    with torch.no_grad():
+        logits = runner.run(edges.to(runner.model.dtype)[None])
+        faithfulness = float(faith(logits)[0])
+        metric_circuit = None if metric is None else float(batch_metric(metric)(logits)[0])
+    info = {"method": "edge-pruning", "ablation": runner.ablation, "steps": steps, "lr": lr, "seed": seed,
+            "init": init if isinstance(init, str) else "tensor", "samples": samples,
+            "objective": "kl" if metric is None else "metric", "faithfulness": faithfulness}
+    info.update({"target_edges": target_edges} if target_edges is not None else {"penalty": penalty})
+    circuit = Circuit(runner.graph, edges, final, info)
+    return LearnedMaskResult(circuit, final, faithfulness, metric_clean, metric_circuit,
+                             time.perf_counter() - t0, history)
+
+
+def _check_args(g, target_edges, penalty, steps, samples, eap_steps, lr, lambda_lr, init_logit, init_spread,
+                warmup, metric) -> tuple[float | None, float, float]:
+    """learn_edge_mask's arguments checked (a ValueError naming the culprit); returns (penalty, lr,
+    lambda_lr) as floats (penalty None when target_edges is given)."""
     if (target_edges is None) == (penalty is None):
         raise ValueError("pass exactly one of target_edges (a circuit of that many edges) or penalty "
                          "(an L0 penalty per kept edge; the circuit keeps masks >= 0.5)")
@@ -187,82 +220,99 @@ def learn_edge_mask(runner: EdgeRunner, metric: Metric | BatchMetric | None = No
         raise ValueError(f"warmup={warmup!r} must be a fraction of the steps in [0, 1]")
     if metric is not None:
         batch_metric(metric)  # a TypeError for what is no metric
+    return penalty, lr, lambda_lr
 
-    t0 = time.perf_counter()
-    dev, dtype = runner.model.device, runner.model.dtype
-    gen = torch.Generator().manual_seed(seed)
-    valid = g.valid.to(dev)
-    n_edges = max(g.n_edges, 1)
 
+def _faithfulness(runner: EdgeRunner, metric) -> tuple[Callable[[torch.Tensor], torch.Tensor], float | None]:
+    """(faith, metric_clean): faith maps masked logits [V, B, vocab] to the objective's faithfulness
+    term [V] (see the module); metric_clean is the metric on the clean logits (None without a metric)."""
     with torch.no_grad():
         clean_logits = runner.clean.logits
         if metric is None:
-            faith = kl_metric(clean_logits)  # [V, B, vocab] -> [V]: KL(clean || masked), mean over examples
-            metric_clean = None
-        else:
-            # a Metric is compared example by example (its per-example values), a callable by its batch value
-            per_example = metric if isinstance(metric, Metric) else None
-            value = check_variant_values(batch_metric(metric)(clean_logits[None]), 1)
-            metric_clean = float(value[0])
-            ref = (value if per_example is None else per_example(clean_logits[None])).detach()
-            values = batch_metric(metric) if per_example is None else per_example
+            return kl_metric(clean_logits), None  # KL(clean || masked), mean over examples
+        # a Metric is compared example by example (its per-example values), a callable by its batch value
+        per_example = metric if isinstance(metric, Metric) else None
+        value = check_variant_values(batch_metric(metric)(clean_logits[None]), 1)
+        ref = (value if per_example is None else per_example(clean_logits[None])).detach()
+        values = batch_metric(metric) if per_example is None else per_example
 
-            def faith(logits):  # [V, B, vocab] -> [V]
-                d = (values(logits) - ref.to(logits.device)).abs()
-                return d if per_example is None else d.mean(-1)
+    def faith(logits):  # [V, B, vocab] -> [V]
+        d = (values(logits) - ref.to(logits.device)).abs()
+        return d if per_example is None else d.mean(-1)
 
-    log_alpha0 = _initial_logits(runner, init, metric, init_logit, init_spread, eap_steps, gen)
-    log_alpha = log_alpha0.masked_fill(~g.valid, 0).to(dev).requires_grad_()
-    opt = torch.optim.Adam([log_alpha], lr=lr)
-    lambdas = torch.zeros(2, device=dev, requires_grad=True)
-    lam_opt = torch.optim.Adam([lambdas], lr=lambda_lr, maximize=True) if target_edges is not None else None
-    target_frac = None if target_edges is None else target_edges / n_edges
-    n_warm = int(round(warmup * steps))
+    return faith, float(value[0])
 
-    bar = progress_bar(range(steps), desc="edge masks", unit="step", enabled=progress)
-    history = []
-    for step in bar:
-        noise = torch.rand(samples, g.n_receivers, g.n_senders, generator=gen, dtype=torch.float64)
-        noise = noise.clamp(1e-6, 1 - 1e-6).to(dev, torch.float32)
-        z = sample_masks(log_alpha, noise) * valid
-        f = runner.run(z.to(dtype), metric=faith).mean()
-        expected = (keep_probability(log_alpha) * valid).sum()
+
+@dataclass
+class _MaskTraining:
+    """One Edge Pruning run: log_alpha [R, S] (on the model's device, 0 off the graph) under Adam, and,
+    with target_edges, the Lagrange multipliers (lambda_1, lambda_2) under gradient ascent."""
+
+    runner: EdgeRunner
+    faith: Callable[[torch.Tensor], torch.Tensor]
+    log_alpha0: torch.Tensor  # [R, S] initial logits
+    gen: torch.Generator  # the mask noise (seeded, CPU)
+    steps: int
+    samples: int
+    lr: float
+    lambda_lr: float
+    warmup: float
+    penalty: float | None
+    target_edges: int | None
+
+    def __post_init__(self):
+        g, dev = self.runner.graph, self.runner.model.device
+        self.valid = g.valid.to(dev)
+        self.n_edges = max(g.n_edges, 1)
+        self.log_alpha = self.log_alpha0.masked_fill(~g.valid, 0).to(dev).requires_grad_()
+        self.opt = torch.optim.Adam([self.log_alpha], lr=self.lr)
+        self.lambdas = torch.zeros(2, device=dev, requires_grad=True)
+        self.lam_opt = torch.optim.Adam([self.lambdas], lr=self.lambda_lr, maximize=True) \
+            if self.target_edges is not None else None
+        self.n_warm = int(round(self.warmup * self.steps))
+
+    def target(self, step: int) -> float:
+        """The kept fraction targeted at ``step``: from 1 down to target_edges / n_edges over the warmup."""
+        target_frac = self.target_edges / self.n_edges
+        if not self.n_warm:
+            return target_frac
+        return target_frac + (1 - target_frac) * max(0.0, 1 - (step + 1) / self.n_warm)
+
+    def step(self, step: int) -> dict:
+        """One optimisation step on ``samples`` sampled masks; returns its history record."""
+        g = self.runner.graph
+        noise = torch.rand(self.samples, g.n_receivers, g.n_senders, generator=self.gen, dtype=torch.float64)
+        noise = noise.clamp(1e-6, 1 - 1e-6).to(self.log_alpha.device, torch.float32)
+        z = sample_masks(self.log_alpha, noise) * self.valid
+        f = self.runner.run(z.to(self.runner.model.dtype), metric=self.faith).mean()
+        expected = (keep_probability(self.log_alpha) * self.valid).sum()
         rec = {"step": step, "faithfulness": float(f.detach()), "expected_edges": float(expected.detach())}
-        if target_edges is None:
-            loss = f + penalty * expected
+        if self.target_edges is None:
+            loss = f + self.penalty * expected
         else:
-            t = target_frac + (1 - target_frac) * max(0.0, 1 - (step + 1) / n_warm) if n_warm else target_frac
-            gap = expected / n_edges - t
-            loss = f + lambdas[0] * gap + lambdas[1] * gap ** 2
-            lam = lambdas.detach().tolist()
-            rec.update(target_edges=t * n_edges, lambda_1=lam[0], lambda_2=lam[1])
-            lam_opt.zero_grad()
-        opt.zero_grad()
+            t = self.target(step)
+            gap = expected / self.n_edges - t
+            loss = f + self.lambdas[0] * gap + self.lambdas[1] * gap ** 2
+            lam = self.lambdas.detach().tolist()
+            rec.update(target_edges=t * self.n_edges, lambda_1=lam[0], lambda_2=lam[1])
+            self.lam_opt.zero_grad()
+        self.opt.zero_grad()
         loss.backward()
-        log_alpha.grad.masked_fill_(~valid, 0)
-        opt.step()
-        if lam_opt is not None:
-            lam_opt.step()
+        self.log_alpha.grad.masked_fill_(~self.valid, 0)
+        self.opt.step()
+        if self.lam_opt is not None:
+            self.lam_opt.step()
         rec["loss"] = float(loss.detach())
-        history.append(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.4g}", edges=f"{rec['expected_edges']:.1f}")
+        return rec
 
-    final = log_alpha.detach().cpu().masked_fill(~g.valid, 0)
-    if target_edges is not None:
-        flat = final.double().masked_fill(~g.valid, -math.inf).flatten()
+    def circuit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final log_alpha [R, S] on the CPU, 0 off the graph; the circuit's edges [R, S] bool): the top
+        target_edges by log_alpha, or the edges whose deterministic mask is >= 0.5."""
+        valid = self.runner.graph.valid
+        final = self.log_alpha.detach().cpu().masked_fill(~valid, 0)
+        if self.target_edges is None:
+            return final, (final >= 0) & valid  # deterministic mask >= 0.5
+        flat = final.double().masked_fill(~valid, -math.inf).flatten()
         edges = torch.zeros(flat.numel(), dtype=torch.bool)
-        edges[flat.argsort(descending=True, stable=True)[:target_edges]] = True
-        edges = edges.view_as(g.valid)
-    else:
-        edges = (final >= 0) & g.valid  # deterministic mask >= 0.5
-    with torch.no_grad():
-        logits = runner.run(edges.to(dtype)[None])
-        faithfulness = float(faith(logits)[0])
-        metric_circuit = None if metric is None else float(batch_metric(metric)(logits)[0])
-    info = {"method": "edge-pruning", "ablation": runner.ablation, "steps": steps, "lr": lr, "seed": seed,
-            "init": init if isinstance(init, str) else "tensor", "samples": samples,
-            "objective": "kl" if metric is None else "metric", "faithfulness": faithfulness}
-    info.update({"target_edges": target_edges} if target_edges is not None else {"penalty": penalty})
-    circuit = Circuit(g, edges, final, info)
-    return LearnedMaskResult(circuit, final, faithfulness, metric_clean, metric_circuit,
-                             time.perf_counter() - t0, history)
+        edges[flat.argsort(descending=True, stable=True)[:self.target_edges]] = True
+        return final, edges.view_as(valid)

@@ -297,6 +297,84 @@ class _Decider:
         return self.dropped(base, value) < self.threshold, base, value, rechecked
 
 
+@dataclass
+class _Search:
+    """One search's state: its runners (``runner`` on the search prompts, ``rigorous`` on the larger
+    set or None; ``runners`` all of them, fp32 ones included, kept in sync with ``kept``), the decision
+    rule, the current mask ``kept`` [L, H] (0: ablated so far), the checks made, and the prediction
+    for the next head (decided like the one before it)."""
+
+    runner: _Runner
+    rigorous: _Runner | None
+    decider: _Decider
+    runners: list[_Runner]
+    kept: torch.Tensor
+    speculate: int
+    bar: object = None
+    checks: list[Check] = field(default_factory=list)
+    predicted: bool = True
+
+    def layer(self, heads: list[tuple[int, int]]) -> None:
+        """Decide one layer's ``heads``, in order, by speculative batches of ``speculate`` heads; every
+        check compares with the baseline taken when the layer began."""
+        layer_mask = self.kept
+        base = self.runner.perf([self.kept])[0]
+        rbase = self.rigorous.perf([self.kept])[0] if self.rigorous else None
+        i = 0
+        while i < len(heads):
+            n = self.batch(heads[i:i + self.speculate], layer_mask, base, rbase)
+            i += n
+            if self.bar is not None:
+                self.bar.update(n)
+            for r in self.runners:
+                r.sync(self.kept)
+
+    def batch(self, batch: list[tuple[int, int]], layer_mask: torch.Tensor, base: float,
+              rbase: float | None) -> int:
+        """Evaluate ``batch`` as variants built on the predicted decisions; returns how many heads were
+        decided (up to the first whose decision differs from the prediction)."""
+        variants, cur = [], self.kept
+        for l, h in batch:
+            trial = cur.clone()
+            trial[l, h] = 0
+            variants.append(trial)
+            if self.predicted:
+                cur = trial
+        values = self.runner.perf(variants)
+        # Decisions on the search prompts, in order, up to the first that contradicts the
+        # prediction for certain (what follows it is discarded).
+        decisions = []
+        for k, v in enumerate(values):
+            decisions.append(self.decider.passes("search", layer_mask, base, variants[k], v))
+            if decisions[-1][0] != self.predicted and (not self.rigorous or not decisions[-1][0]):
+                break
+        rvalues: dict[int, float] = {}
+        if self.rigorous:  # candidates that passed on the search prompts need the re-check
+            need = [k for k, d in enumerate(decisions) if d[0]]
+            rvalues = dict(zip(need, self.rigorous.perf([variants[k] for k in need])))
+        return self.record(batch, variants, decisions, rvalues, layer_mask, rbase)
+
+    def record(self, batch, variants, decisions, rvalues: dict[int, float], layer_mask: torch.Tensor,
+               rbase: float | None) -> int:
+        """Turn the decisions into Checks (re-checked on the rigorous set when they passed), keeping
+        each kept ablation, up to the first misprediction; returns how many heads that was."""
+        for k, ((l, h), (ok, b, value, rechecked)) in enumerate(zip(batch, decisions)):
+            check = Check(l, h, b, value, self.decider.dropped(b, value), ok, exact_recheck=rechecked)
+            if check.kept and self.rigorous:
+                check.kept, rb, rv, rre = self.decider.passes("rigorous", layer_mask, rbase, variants[k], rvalues[k])
+                check.rigorous_baseline, check.rigorous_value = rb, rv
+                check.rigorous_drop = self.decider.dropped(rb, rv)
+                check.exact_recheck = check.exact_recheck or rre
+            self.checks.append(check)
+            if check.kept:
+                self.kept = variants[k]
+            mispredicted = check.kept != self.predicted
+            self.predicted = check.kept
+            if mispredicted:
+                break
+        return k + 1
+
+
 @torch.no_grad()
 def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.03, order: str = "layer-up",
            drop: str = "relative", rigorous_prompts: Prompts | None = None, rigorous_metric: Metric | None = None,
@@ -340,57 +418,13 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
     if progress:
         from minigpt2.progress import progress as progress_bar
         bar = progress_bar(total=L * H, desc=f"search ({metric.name})", unit="head")
-    checks: list[Check] = []
-    predicted = True  # each head is predicted to be decided like the one before it
+    state = _Search(runner, rigorous, decider, runners, kept, speculate, bar)
     for heads in search_order(L, H, order):
-        layer_mask = kept
-        base = runner.perf([kept])[0]
-        rbase = rigorous.perf([kept])[0] if rigorous else None
-        i = 0
-        while i < len(heads):
-            batch = heads[i:i + speculate]
-            variants, cur = [], kept
-            for l, h in batch:
-                trial = cur.clone()
-                trial[l, h] = 0
-                variants.append(trial)
-                if predicted:
-                    cur = trial
-            values = runner.perf(variants)
-            # Decisions on the search prompts, in order, up to the first that contradicts the
-            # prediction for certain (what follows it is discarded).
-            decisions = []
-            for k, v in enumerate(values):
-                decisions.append(decider.passes("search", layer_mask, base, variants[k], v))
-                if decisions[-1][0] != predicted and (not rigorous or not decisions[-1][0]):
-                    break
-            rvalues: dict[int, float] = {}
-            if rigorous:  # candidates that passed on the search prompts need the re-check
-                need = [k for k, d in enumerate(decisions) if d[0]]
-                rvalues = dict(zip(need, rigorous.perf([variants[k] for k in need])))
-            for k, ((l, h), (ok, b, value, rechecked)) in enumerate(zip(batch, decisions)):
-                check = Check(l, h, b, value, decider.dropped(b, value), ok, exact_recheck=rechecked)
-                if check.kept and rigorous:
-                    check.kept, rb, rv, rre = decider.passes("rigorous", layer_mask, rbase, variants[k], rvalues[k])
-                    check.rigorous_baseline, check.rigorous_value = rb, rv
-                    check.rigorous_drop = decider.dropped(rb, rv)
-                    check.exact_recheck = check.exact_recheck or rre
-                checks.append(check)
-                if check.kept:
-                    kept = variants[k]
-                mispredicted = check.kept != predicted
-                predicted = check.kept
-                if mispredicted:
-                    break
-            i += k + 1
-            if bar is not None:
-                bar.update(k + 1)
-            for r in runners:
-                r.sync(kept)
+        state.layer(heads)
     if bar is not None:
         bar.close()
     evaluated = sum(r.evaluated for r in runners)
-    result = _result(model, prompts, metric, threshold, order, drop, rigorous_prompts, checks, evaluated,
+    result = _result(model, prompts, metric, threshold, order, drop, rigorous_prompts, state.checks, evaluated,
                      time.perf_counter() - t0)
     result.dtype = "bf16" if low else "fp32"
     result.precision = precision.to_json()

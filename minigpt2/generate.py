@@ -88,6 +88,28 @@ def generate(model: GPT2, input="", max_new_tokens: int = 10, stop_at_eos: bool 
     if n < max_new_tokens:
         warnings.warn(f"generate: max_new_tokens={max_new_tokens}, but the context of {model.cfg.n_ctx} positions "
                       f"leaves room for {n} after the {T}-token prompt: generating {n} new tokens", stacklevel=3)
+
+    def pick(logits, out):  # logits [B, V], the sequences so far [B, t] -> the next tokens [B]
+        if sample:
+            return sample_logits(logits, out, temperature, top_k, top_p, freq_penalty, gen)
+        return logits.argmax(dim=-1)
+
+    out = _decode(model, tokens, mask, n, stops, pad, use_past_kv_cache, verbose, pick)
+    if return_type == "input":
+        return_type = "str" if from_text else "tokens"
+    if return_type == "str":
+        texts = model.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return texts[0] if len(texts) == 1 else texts
+    return out
+
+
+def _decode(model: GPT2, tokens: torch.Tensor, mask: torch.Tensor | None, n: int, stops: list[int], pad: int | None,
+            use_past_kv_cache: bool, verbose: bool, pick) -> torch.Tensor:
+    """The decoding loop of :func:`generate`: up to ``n`` tokens after ``tokens`` [B, T] (``mask``: its
+    real-token mask or None), each chosen by ``pick(logits [B, V], sequences so far [B, t])`` -> [B].
+    A row that emits one of ``stops`` is padded with ``pad`` afterwards; the loop ends once all have stopped.
+    Returns the ids [B, T + n'] (n' <= n)."""
+    B = tokens.shape[0]
     stop_ids = torch.tensor(stops, dtype=torch.long, device=model.device)
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
     cache = KVCache(model.cfg.n_layer) if use_past_kv_cache else None
@@ -102,22 +124,13 @@ def generate(model: GPT2, input="", max_new_tokens: int = 10, stop_at_eos: bool 
             logits = model(out, attention_mask=step_mask, cache=cache, positions=_last(out), padding_side="right")
         else:  # the cache holds every earlier position (and their mask)
             logits = model(out[:, -1:], cache=cache, positions=_last(out[:, -1:]), padding_side="right")
-        if sample:
-            nxt = sample_logits(logits, out, temperature, top_k, top_p, freq_penalty, gen)
-        else:
-            nxt = logits.argmax(dim=-1)
+        nxt = pick(logits, out)
         if stops:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= torch.isin(nxt, stop_ids)
         out = torch.cat([out, nxt[:, None]], dim=1)
         if stops and finished.all():
             break
-
-    if return_type == "input":
-        return_type = "str" if from_text else "tokens"
-    if return_type == "str":
-        texts = model.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return texts[0] if len(texts) == 1 else texts
     return out
 
 
