@@ -269,6 +269,15 @@ def check_hook_list(hooks, what: str) -> list[tuple]:
     return hooks
 
 
+def lookup_hook(points: dict, name: str, listing: str):
+    """``points[name]``, or a KeyError naming the closest names (and ``listing``, where every name is)."""
+    if name not in points:
+        close = difflib.get_close_matches(name, points, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; see {listing} for all names"
+        raise KeyError(f"no hook point named {name!r}{hint}")
+    return points[name]
+
+
 class HookedModule(nn.Module):
     """Mixin: names every HookPoint after its module path and manages hooks (TransformerLens's
     HookedRootModule API)."""
@@ -336,11 +345,7 @@ class HookedModule(nn.Module):
 
     def hook_point(self, name: str) -> HookPoint:
         """The point named ``name``, live or not (a point named exactly always fires)."""
-        if name not in self._all_hooks:
-            close = difflib.get_close_matches(name, self._all_hooks, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see model.hook_dict for all names"
-            raise KeyError(f"no hook point named {name!r}{hint}")
-        return self._all_hooks[name]
+        return lookup_hook(self._all_hooks, name, "model.hook_dict")
 
     def _resolve(self, name: str | Callable[[str], bool]) -> list[HookPoint]:
         """A name -> its point; a filter -> the live points whose names pass it (TransformerLens's switches)."""

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import HookPoint, NamesFilter
+from .hooks import HookPoint, NamesFilter, lookup_hook
 
 # TransformerLens 4's aliases (TL 3's names), per component: alias -> the hook it names.
 TOP_ALIASES = {"hook_embed": "embed.hook_out", "hook_pos_embed": "pos_embed.hook_out",
@@ -250,16 +250,11 @@ class TransformerBridge(nn.Module):
         """Boot GPT-2 from a local directory (Hugging Face layout): a path, "gpt2" (weights/gpt2) or a bundled
         model's name. Nothing is downloaded. The weights are raw, as TransformerLens 4 boots them."""
         from .model import GPT2
-        from .processing import resolve_name
+        from .processing import refuse_unsupported, resolve_name
 
         defaults = {"hf_model": None, "tokenizer": None, "load_weights": True, "trust_remote_code": False,
                     "hf_config_overrides": None, "revision": None, "n_ctx": None}
-        for key, value in kwargs.items():
-            if key not in defaults:
-                raise TypeError(f"boot_transformers() got an unexpected keyword argument {key!r}")
-            if value != defaults[key]:
-                raise ValueError(f"boot_transformers({key}=...) is not supported here: minigpt2 boots one local GPT-2 "
-                                 f"directory as it is (save a model with save_pretrained and pass its path)")
+        refuse_unsupported("boot_transformers", kwargs, defaults)
         try:
             path = resolve_name(model_name)
         except FileNotFoundError as e:
@@ -374,13 +369,7 @@ class TransformerBridge(nn.Module):
         return self._hooks.get(name)
 
     def _point(self, name: str) -> HookPoint:
-        if name not in self._hooks:
-            import difflib
-
-            close = difflib.get_close_matches(name, self._hooks, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see bridge.hook_dict for every name"
-            raise KeyError(f"no hook point named {name!r}{hint}")
-        return self._hooks[name]
+        return lookup_hook(self._hooks, name, "bridge.hook_dict")
 
     def _targets(self, name, api: str = "hooks") -> list[tuple[str, HookPoint]]:
         """The (name, point) pairs a hook's target names: one name (refused while its switch is off), or each

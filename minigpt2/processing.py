@@ -313,6 +313,18 @@ def process_weights_(model, fold_ln: bool = True, center_writing_weights: bool =
 
 GPT2_NAMES = ("gpt2", "gpt2-small", "openai-community/gpt2")
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+def refuse_unsupported(function: str, kwargs: dict, defaults: dict) -> None:
+    """TransformerLens keywords that make sense only with its hub (``defaults``: each at the value that asks for
+    nothing): an unknown keyword is a TypeError, a known one set to anything else a ValueError saying why."""
+    for key, value in kwargs.items():
+        if key not in defaults:
+            raise TypeError(f"{function}() got an unexpected keyword argument {key!r}")
+        if value != defaults[key]:
+            raise ValueError(f"{function}({key}={value!r}) is not supported here: minigpt2 loads one local GPT-2 "
+                             f"checkpoint as it is (leave {key} at {defaults[key]!r}; save a model with "
+                             "save_pretrained and pass its directory)")
+
+
 UNSUPPORTED = {"checkpoint_index": None, "checkpoint_value": None, "checkpoint_label": None, "hf_model": None,
                "tokenizer": None, "first_n_layers": None, "n_ctx": None, "n_devices": 1}
 
@@ -342,12 +354,7 @@ def from_pretrained(cls, model_name, fold_ln: bool = True, center_writing_weight
     """TransformerLens's HookedTransformer.from_pretrained, from a local directory (see :func:`resolve_name`),
     with its keywords and defaults: the weights are processed (layer norms folded, writing weights and the
     unembedding centred, value biases folded) unless told otherwise."""
-    for key, value in kwargs.items():
-        if key not in UNSUPPORTED:
-            raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")
-        if value != UNSUPPORTED[key]:
-            raise ValueError(f"from_pretrained({key}={value!r}) is not supported here: minigpt2 loads one local "
-                             f"GPT-2 checkpoint as it is (leave {key} at {UNSUPPORTED[key]!r})")
+    refuse_unsupported("from_pretrained", kwargs, UNSUPPORTED)
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
