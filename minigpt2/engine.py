@@ -383,6 +383,147 @@ def head_edit(m: torch.Tensor, r: torch.Tensor | None, n_variants: int):
     return edit
 
 
+# ---------------------------------------------------------------- the engine core
+class Core:
+    """One batch's way through the model, for variants that each depart from a base run somewhere:
+    the only code outside model.py that runs the model's blocks or their parts.
+
+    Every batched method builds its variants' rows (n variants x B examples, variant-major) and
+    calls these: head masks (HeadMaskRunner: the sweep, the head search), activation patching
+    (minigpt2.patching), edge masks (circuitlab.graph.EdgeRunner: ACDC, EAP's evaluation, MIB's
+    faithfulness, learned masks) and exact edge patching (circuitlab.edge_patching). It holds the
+    one rule of each kind they share:
+
+    - chunking: :meth:`chunks` (variants in the order they depart from the base, as many per chunk
+      as :func:`memory_budget` allows, MINIGPT2_MEMORY_BUDGET included);
+    - precision: :meth:`precision` (bf16 matmuls under autocast, fp32 residual stream);
+    - the answer positions: the last block runs there only (:meth:`rest`, ``last=True``);
+    - the unembedding: :meth:`logits` (ln_final and W_U, in blocks of the vocabulary on a CPU);
+    - the device: the model's.
+
+    Attention and MLP maths stay in model.py; the model never calls back into the engine.
+
+    Args:
+        model: a minigpt2 GPT2.
+        attn: the batch's attention mask [B, 1, T, T] (``model.attention_mask``) or None (causal).
+        positions: [B] the position each example's logits are read at, or None (every position).
+        dtype: None (the model's precision) or torch.bfloat16.
+        budget: bytes of activations per chunk (default :func:`memory_budget` of the device).
+    """
+
+    def __init__(self, model, attn: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 dtype=None, budget: int | None = None):
+        self.model, self.cfg = model, model.cfg
+        self.attn, self.positions = attn, positions
+        self.dtype, self.budget = dtype, budget
+        self.n_layer = model.cfg.n_layer
+
+    # --- rules ----------------------------------------------------------------------------------
+    def precision(self, exact: bool = False):
+        """The context every variant runs in: bf16 matmuls (fp32 accumulation) when the dtype is bf16."""
+        return autocast(self.model.device, None if exact else self.dtype)
+
+    def rows(self, bytes_per_row: int, at_least: int = 1, max_rows: int | None = None) -> int:
+        """Rows (variants x examples) per chunk: ``max_rows``, else what the memory budget allows."""
+        check_max_rows(max_rows)
+        return max_rows or rows_per_chunk(bytes_per_row, self.model.device, at_least=at_least, budget=self.budget)
+
+    def chunks(self, first: Sequence[int], per_row: int, B: int, max_rows: int | None = None) -> list[list[int]]:
+        """The variants, ``first[v]`` the layer (or stage) where variant v departs from the base, in chunks of
+        as many as fit: the one chunking rule (:func:`join_schedule` over :meth:`rows`)."""
+        return join_schedule(first, self.rows(per_row, at_least=B, max_rows=max_rows) // B)
+
+    def mask(self, n: int, attn: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The attention mask of n variants' rows (the batch's, repeated), or None (causal)."""
+        attn = self.attn if attn is None else attn
+        return None if attn is None else attn.repeat(n, 1, 1, 1)
+
+    def at(self, n: int) -> torch.Tensor:
+        """The answer positions of n variants' rows [n * B]."""
+        return self.positions.repeat(n)
+
+    # --- the model's parts, by layer -----------------------------------------------------------
+    def embed(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream entering block 0 [B, T, d_model]."""
+        return self.model.embed_input(tokens, attention_mask=attention_mask)
+
+    def block(self, l: int, x: torch.Tensor, n: int = 1, z_edit=None, last: bool = False, kv=None,
+              mask: torch.Tensor | None = None, hooks=()) -> torch.Tensor:
+        """Block l on n variants' rows x [n * B, T, d_model] (z edited by ``z_edit``): [n * B, T, d_model], or
+        [n * B, d_model] at the answer positions with ``last``. ``kv``: keys and values before x's positions (a
+        KV-cache layer); ``mask``: the rows' own attention mask instead of the batch's; ``hooks``: (name, fn)
+        pairs active for this block only (activation patching puts its patched values in place with them)."""
+        block = self.model.blocks[l]
+        mask = self.mask(n) if mask is None else mask
+        with self.model.hooks(list(hooks)) if hooks else contextlib.nullcontext():
+            if last:
+                return block(x, mask, z_edit, at=self.at(n))
+            return block(x, mask, z_edit, kv=kv)
+
+    def finish(self, l: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Block l given its attention's z (x: its resid_pre [..., d_model], z [..., H, d_head])."""
+        return self.model.blocks[l].finish(x, z)
+
+    def finish_mlp(self, l: int, mid: torch.Tensor) -> torch.Tensor:
+        """Block l from its resid_mid [..., d_model] on: + MLP(ln2(mid))."""
+        return self.model.blocks[l].finish_mlp(mid)
+
+    def mlp(self, l: int, x: torch.Tensor) -> torch.Tensor:
+        """Block l's MLP output MLP(ln2(x)) for its input x [..., d_model] (an MLP node of the edge graph)."""
+        block = self.model.blocks[l]
+        return block.mlp(block.ln2(x))
+
+    def heads(self, l: int, xq, xk, xv, heads: list[int], mask: torch.Tensor | None) -> torch.Tensor:
+        """Heads ``heads`` of layer l, each on its own query, key and value input: xq, xk, xv [N, T, Hs, d_model]
+        residual-stream inputs (before ln1) -> [N, T, Hs, d_model], each head's z_h @ W_O[h] (no b_O); the
+        maths is the model's (Attention.head_outputs). The edge graph's head nodes."""
+        block = self.model.blocks[l]
+        return block.attn.head_outputs(block.ln1(xq), block.ln1(xk), block.ln1(xv), heads, mask)
+
+    def keys_values(self, l: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block l's keys and values [N, T, H, d_head] for its input x [N, T, d_model]."""
+        block = self.model.blocks[l]
+        _, k, v = block.attn.project(block.attn_input(x))
+        return k, v
+
+    def rest(self, l: int, x: torch.Tensor, n: int, last: bool = True) -> torch.Tensor:
+        """Blocks l.. on n variants' residual stream x [n * B, T, d_model] entering block l: the final residual
+        stream [n * B, d_model] at the answer positions (``last``: the last block computes only there), or
+        [n * B, T, d_model] at every position."""
+        mask = self.mask(n)
+        for k in range(l, self.n_layer - (1 if last else 0)):
+            x = self.model.blocks[k](x, mask)
+        return self.block(self.n_layer - 1, x, n, last=True) if last and l < self.n_layer else x
+
+    # --- the unembedding -------------------------------------------------------------------------
+    VOCAB_BLOCK = 2048  # columns of the unembedding per matmul on a CPU
+
+    def logit_blocks(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """ln_final and the unembedding of x [..., d_model], as (start, logits[..., start:start + k]) pairs: in
+        blocks of the vocabulary on a CPU, where one [rows, V] matmul runs at about half the speed (its
+        output does not stay in cache); in one piece elsewhere, or when W_U is not the plain tied wte."""
+        model = self.model
+        h = model.ln_final(x)
+        if not model.unembed.tied or model.unembed.hook_in.active or model.unembed.hook_out.active \
+                or x.device.type != "cpu":
+            yield 0, model.unembed(h)
+            return
+        W = model.wte.weight  # [V, d_model]
+        for i in range(0, W.shape[0], self.VOCAB_BLOCK):
+            yield i, h @ W[i:i + self.VOCAB_BLOCK].T
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_model] -> logits [..., V] in the model's dtype: the one unembedding of every method."""
+        blocks = list(self.logit_blocks(x))
+        if len(blocks) == 1:
+            return blocks[0][1].to(self.model.dtype)
+        out = x.new_empty(*x.shape[:-1], self.cfg.vocab_size, dtype=torch.promote_types(blocks[0][1].dtype,
+                                                                                          self.model.dtype))
+        for i, b in blocks:
+            out[..., i:i + b.shape[-1]] = b
+        return out.to(self.model.dtype)
+
+
 def head_mask_bytes_per_row(cfg, T: int) -> int:
     """One row's transient activations in a head-mask chunk: a block's (all blocks' with autograd on)
     and its logits."""
@@ -435,6 +576,7 @@ class HeadMaskRunner:
             self.r[-1][self.positions][:, None] if self.r[-1].ndim == 3 else self.r[-1])
         self.attn = model.attention_mask(attention_mask, T, T)  # [B, 1, T, T] or None (causal)
         self.budget = budget
+        self.core = Core(model, self.attn, self.positions, self.dtype, budget)
         self.base = torch.ones(cfg.n_layer, cfg.n_head, dtype=model.dtype, device=dev)
         self._resid: list[torch.Tensor] = []  # base: the residual stream entering layer l [B, T, d_model]
         self._z: list[torch.Tensor] = []  # base: layer l's z before its edit [B, T, H, d_head]
@@ -457,18 +599,15 @@ class HeadMaskRunner:
             return None
         return head_edit(m, self.r_at if at else (None if self.r is None else self.r[l]), n)
 
-    def _attn(self, n: int):
-        return None if self.attn is None else self.attn.repeat(n, 1, 1, 1)
-
     def _prefix(self, l: int) -> None:
         """The base's z of layers <= l and residual stream entering layers <= l + 1 (l <= n_layer - 2)."""
         model = self.model
         if not self._resid:
-            self._resid.append(model.embed_input(self.tokens, attention_mask=self.attention_mask))
+            self._resid.append(self.core.embed(self.tokens, self.attention_mask))
         while len(self._z) <= l:
             k = len(self._z)
             keep = self._keep(self._edit(self.base[k][None], k, 1))
-            self._resid.append(model.blocks[k](self._resid[k], self.attn, keep))
+            self._resid.append(self.core.block(k, self._resid[k], 1, keep))
             self._z.append(keep.z)
 
     def _final(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +616,7 @@ class HeadMaskRunner:
             L = self.model.cfg.n_layer
             self._prefix(L - 2)
             keep = self._keep(self._edit(self.base[L - 1][None], L - 1, 1, at=True))
-            out = self.model.blocks[L - 1](self._resid[L - 1], self.attn, keep, at=self.positions)
+            out = self.core.block(L - 1, self._resid[L - 1], 1, keep, last=True)
             self._top = (keep.z, out)
         return self._top
 
@@ -505,13 +644,12 @@ class HeadMaskRunner:
         differs = (masks != self.base).any(dim=2)  # [V, L]
         first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1),
                             torch.full_like(differs[:, 0], L, dtype=torch.long)).tolist()
-        max_rows = max_rows or rows_per_chunk(self.bytes_per_row(), model.device, at_least=B, budget=self.budget)
-        chunks = join_schedule(first, max_rows // B)
+        chunks = self.core.chunks(first, self.bytes_per_row(), B, max_rows)
         outputs: dict[int, torch.Tensor] = {}
-        with autocast(model.device, self.dtype):
+        with self.core.precision():
             for chunk in progress_bar(chunks, "head-mask variants", "chunk", progress):
                 x = self._chunk(masks, chunk, [first[v] for v in chunk])  # [n * B, d_model], in chunk order
-                logits = model.unembed(model.ln_final(x)).view(len(chunk), B, -1).to(model.dtype)
+                logits = self.core.logits(x).view(len(chunk), B, -1)
                 values = logits if metric is None else check_metric_values(metric(logits), len(chunk), "metric",
                                                                             "logits [n, B, vocab] -> [n, ...]")
                 outputs.update(zip(chunk, values))
@@ -520,27 +658,26 @@ class HeadMaskRunner:
     def _chunk(self, masks: torch.Tensor, chunk: list[int], first: list[int]) -> torch.Tensor:
         """The final residual stream at the answer positions of variants ``chunk`` (sorted by ``first``,
         the layer where each departs from the base): [len(chunk) * B, d_model]."""
-        model, L = self.model, self.model.cfg.n_layer
-        rows, at = torch.arange(self.tokens.shape[0], device=model.device), self.positions
+        core, L = self.core, self.model.cfg.n_layer
+        rows, at = torch.arange(self.tokens.shape[0], device=self.model.device), self.positions
         self._prefix(min(min(first), L - 1) - 1)
         x = self._resid[0].new_empty(0, *self._resid[0].shape[1:])  # running variants, variant-major rows
         running: list[int] = []
         for l in range(min(first), L - 1):
-            block, joining = model.blocks[l], [v for v, f in zip(chunk, first) if f == l]
+            joining = [v for v, f in zip(chunk, first) if f == l]
             if running:
-                x = block(x, self._attn(len(running)), self._edit(masks[running, l], l, len(running)))
+                x = core.block(l, x, len(running), self._edit(masks[running, l], l, len(running)))
             if joining:  # the base's run up to this layer's z: only W_O and the MLP differ
                 n = len(joining)
                 self._prefix(l)
                 edit = self._edit(masks[joining, l], l, n)
                 z = self._z[l].repeat(n, 1, 1, 1)
-                x = torch.cat([x, block.finish(self._resid[l].repeat(n, 1, 1), z if edit is None else edit(z))])
+                x = torch.cat([x, core.finish(l, self._resid[l].repeat(n, 1, 1), z if edit is None else edit(z))])
                 running += joining
-        block, final = model.blocks[L - 1], []
+        final = []
         if running:
             n = len(running)
-            final.append(block(x, self._attn(n), self._edit(masks[running, L - 1], L - 1, n, at=True),
-                               at=at.repeat(n)))
+            final.append(core.block(L - 1, x, n, self._edit(masks[running, L - 1], L - 1, n, at=True), last=True))
         joining = [v for v, f in zip(chunk, first) if f == L - 1]
         late = [v for v, f in zip(chunk, first) if f == L]  # no different from the base
         if joining or late:
@@ -549,7 +686,7 @@ class HeadMaskRunner:
             n = len(joining)
             edit = self._edit(masks[joining, L - 1], L - 1, n, at=True)
             z = z_top.repeat(n, 1, 1, 1)
-            final.append(block.finish(self._resid[L - 1][rows, at].repeat(n, 1), z if edit is None else edit(z)))
+            final.append(core.finish(L - 1, self._resid[L - 1][rows, at].repeat(n, 1), z if edit is None else edit(z)))
         if late:
             final.append(out_top.repeat(len(late), 1))
         assert running + joining + late == chunk  # variants leave in chunk order (join_schedule sorts them)
