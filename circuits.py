@@ -24,8 +24,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads sleep (minigpt2/threads.py)
 
 import argparse
+import atexit
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from circuitlab import edge_cli, study as S
@@ -36,6 +39,8 @@ from circuitlab.search import DROPS, ORDERS
 from circuitlab.sweep import ABLATIONS
 from tpp.encoding import SPACES
 from tpp.examples import EVAL_SIZE, MAX_EXAMPLES, SINGLE_TOKEN_EVAL_SIZE
+from minigpt2 import distributed
+from minigpt2.hardware import bf16_outlook
 from clikit import HelpFormatter, Parser, blame, default_device, device, dtype_flag, fail, integer, number, text
 
 # ---------------------------------------------------------------- arguments
@@ -291,6 +296,11 @@ def report(args, argv: list[str]) -> int:
     default = " (the default --models: the bundled ones)" if args.models == S.DEFAULT_MODELS else ""
     print(f"[{args.command}] models: {', '.join(f'{label}={path}' for label, path in ses.paths.items())}{default}",
           file=sys.stderr, flush=True)
+    if getattr(args, "dtype", "fp32") == "bf16":  # advice before any work: where bf16 cannot win (issue 27)
+        step = 1.0 if args.command in ("search", "study") and args.metric == "accuracy" else 0.0
+        for note in dict.fromkeys(bf16_outlook(cfg, ses.device, metric_step=step) for cfg in ses.configs.values()):
+            if note:
+                print(f"[{args.command}] note: {note}", file=sys.stderr, flush=True)
     # A kill (SIGTERM) unwinds like an error, so no half-built --out directory is left behind.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.threads:
@@ -312,6 +322,41 @@ def report(args, argv: list[str]) -> int:
 COMMANDS = {**{name: report for name in REPORTS}, **edge_cli.COMMANDS}
 
 
+def library_flags(command: str) -> dict[str, str]:
+    """The flag that sets each library parameter an error of ``command`` may name (clikit.as_flags: circuitlab
+    speaks in its parameters, "n_eval=0 must be ...", and the command says "--examples 0 must be ...")."""
+    if command in edge_cli.COMMANDS:
+        return edge_cli.FLAGS
+    flags = {"model_specs": "--models", "n_eval": "--examples", "n_single": "--single-examples", "seed": "--seed",
+             "master_size": "--master-size", "data_seed": "--data-seed", "answer_space": "--answer-space",
+             "dtype": "--dtype", "out": "--out", "threshold": "--threshold", "drop": "--drop", "order": "--order",
+             "n_examples": "--examples", "rigorous_examples": "--rigorous", "speculate": "--speculate",
+             "acdc_models": "--acdc-models", "max_new_tokens": "--max-new-tokens",
+             "score_threshold": "--score-threshold", "min_fraction": "--min-fraction", "c_threshold": "--c-threshold"}
+    if command == "search":
+        flags["n_eval"] = "--eval-examples"
+    if command == "study":
+        flags["n_examples"] = "--search-examples"
+    return flags
+
+
+def join_ranks(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1, e.g. ``torchrun --nproc-per-node 2 circuits.py sweep``): join the process
+    group (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU), whose ranks then split the head-mask
+    variants (the sweep, the head search) with the one-process numbers. Rank 0 alone writes --out and shows
+    progress; the other ranks write to a scratch directory, removed at exit, and print nothing to stdout."""
+    if not distributed.launched():
+        return
+    args.device = str(distributed.init_from_env(getattr(args, "device", None)))
+    if not distributed.is_writer():
+        from minigpt2.progress import set_enabled
+
+        set_enabled(False)
+        args.out = Path(tempfile.mkdtemp(prefix=f"circuits-rank{distributed.rank()}-"))
+        atexit.register(shutil.rmtree, args.out, ignore_errors=True)
+        sys.stdout = open(os.devnull, "w")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0, or 2 with one line ``circuits.py COMMAND: error: ...`` on stderr: a bad flag while
     parsing (argparse exits), anything else found by setup() before any work, or an error while running."""
@@ -321,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
 
     set_enabled(None if args.progress else False)  # --no-progress: no bar, no progress line, in any stage
     try:
+        join_ranks(args)
         return COMMANDS[args.command](args, argv)
-    except (ValueError, OSError) as e:  # OSError: a read-only --out or a full disk (minigpt2.fileio.WriteError) too
-        return fail(f"{parser.prog} {args.command}", e)
+    # OSError: a read-only --out or a full disk (minigpt2.fileio.WriteError) too; DistributedError: a rank's failure
+    except (ValueError, OSError, distributed.DistributedError) as e:
+        return fail(f"{parser.prog} {args.command}", e, library_flags(args.command))
     except KeyboardInterrupt:  # as train.py: one line, status 130; atomic_dir has removed the partial --out
         print(f"\n{parser.prog} {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -41,7 +41,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from clikit import Parser, Range, dtype_flag, flag, in_flags
+from clikit import Parser, Range, as_flags, dtype_flag, flag, in_flags
 from finetune.config import TrainConfig, config_problems, default, mode_default
 from finetune.presets import PRESETS
 from finetune.resume import advised_commands, check_resumed, record_resume_changes, saved_settings
@@ -449,6 +449,13 @@ def exit_status(e: BaseException) -> int | None:
     return 2 if isinstance(e, (OSError, ValueError)) else None
 
 
+# The flag of each library parameter that an error of finetune's data may name: "repeat=0 must be ..." is said
+# "--repeat-docs 0 must be ..." (clikit.as_flags).
+LIBRARY_FLAGS = {**{p: flag(p) for p in ("fraction", "copy_spans", "random_repeats", "recall", "repeat_vocab",
+                                          "repeat_length", "block_size", "corpus")},
+                 "repeat": "--repeat-docs", "eval_blocks": "--eval-size"}
+
+
 def cli(argv=None) -> int:
     """train.py's command line; returns the exit status."""
     try:
@@ -462,7 +469,7 @@ def cli(argv=None) -> int:
         if status == 130:
             print(f"\n{e or 'interrupted'}; continue with the same command plus --resume", file=sys.stderr)
         else:
-            print(f"train.py: error: {e}", file=sys.stderr)
+            print(f"train.py: error: {as_flags(str(e), LIBRARY_FLAGS)}", file=sys.stderr)
         return status
     print(json.dumps({"steps": meta["steps"], "final_metrics": meta["final_metrics"]}, indent=2))
     return 0

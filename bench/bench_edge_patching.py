@@ -1,6 +1,7 @@
 """Exact edge patching on GPT-2 small's shapes (random weights): batched against one forward per edge.
 
     python bench/bench_edge_patching.py [--prompts 4] [--seq 16] [--scope all] [--sample 1] [--repeats 3]
+    python bench/bench_edge_patching.py --model weights/base --prompts 1 --seq 16 --repeats 1   # a bundled model
 
 The model has GPT-2 small's shapes (12 layers, 12 heads, d_model 768, d_mlp 3072, vocabulary
 50257; GPT-2's initialisation with a fixed seed: the pretrained weights cannot be downloaded
@@ -45,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from circuitlab.edge_patching import edge_patching_scores, plain_edge_patching_scores  # noqa: E402
 from circuitlab.graph import EdgeRunner, Graph  # noqa: E402
-from minigpt2 import GPT2, GPT2Config  # noqa: E402
+from minigpt2 import GPT2, GPT2Config, load_pretrained  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--prompts", type=int, default=4, help="clean prompts (each paired with a corrupted one)")
@@ -59,6 +60,8 @@ parser.add_argument("--repeats", type=int, default=3, help="timings per measurem
 parser.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sample")
 parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 parser.add_argument("--tiny", action="store_true", help="a 2-layer, 3-head, d_model 48 model (checks the script)")
+parser.add_argument("--model", default=None, help="a model directory (e.g. weights/base, a bundled model: every edge "
+                                                   "in seconds) instead of GPT-2 small's shapes with random weights")
 
 GPT2_SMALL = GPT2Config(n_layer=12, n_head=12, d_model=768, d_mlp=3072, n_ctx=1024, vocab_size=50257)
 TINY = GPT2Config(n_layer=2, n_head=3, d_model=48, d_mlp=96, n_ctx=64, vocab_size=501)
@@ -88,10 +91,14 @@ def strata(g: Graph) -> dict[str, list[tuple[int, int]]]:
 def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = TINY if args.tiny else GPT2_SMALL
-    model = GPT2(cfg)
-    model.init_weights(seed=args.seed)
-    model.eval()
+    if args.model:
+        model = load_pretrained(args.model).eval()
+        cfg = model.cfg
+    else:
+        cfg = TINY if args.tiny else GPT2_SMALL
+        model = GPT2(cfg)
+        model.init_weights(seed=args.seed)
+        model.eval()
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, cfg.vocab_size, (args.prompts, args.seq), generator=gen)
     corrupted = torch.randint(0, cfg.vocab_size, (args.prompts, args.seq), generator=gen)
@@ -103,9 +110,10 @@ def main(argv=None) -> dict:
     def metric(logits):  # [V, B, vocab] -> [V]: the logit difference of two fixed tokens
         return (logits[..., a] - logits[..., b]).mean(-1)
 
-    shape = "a tiny model" if args.tiny else "GPT-2 small shapes"
+    shape = args.model or ("a tiny model" if args.tiny else "GPT-2 small shapes")
     print(f"edge patching: {shape} ({cfg.n_layer} layers x {cfg.n_head} heads, d_model {cfg.d_model}, "
-          f"vocab {cfg.vocab_size}), random weights; {args.prompts} prompts x {args.seq} tokens, resample ablation, "
+          f"vocab {cfg.vocab_size}), {'its weights' if args.model else 'random weights'}; {args.prompts} prompts x "
+          f"{args.seq} tokens, resample ablation, "
           f"logit difference; {g.n_edges} edges; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     print(f"  setup (clean and corrupted runs, clean trace): {t_setup:.2f} s (cpu {c_setup:.2f} s)")
 

@@ -58,13 +58,13 @@ and so the circuit, are those of the plain sequential algorithm
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from clikit import Range
 from minigpt2.engine import (BatchMetric, Metric, Precision, batch_metric, check_variant_values, kl_div,
                              progress_bar)
 from minigpt2.engine import higher_is_better as metric_direction
@@ -115,14 +115,12 @@ def check_threshold(threshold: float, mode: str) -> None:
         raise ValueError(f"unknown threshold mode {mode!r}; choose 'absolute' (ACDC: remove an edge if the metric "
                          "worsens by less than the threshold) or 'relative' (the paper: by less than threshold x "
                          "the current metric)")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
-    if mode == "absolute" and threshold < 0:
-        raise ValueError(f"threshold={threshold} is negative: an absolute threshold is how much the metric may "
-                         "worsen per removed edge. Fix: pass a value >= 0 (ACDC uses e.g. 0.01 to 1 for KL)")
-    if mode == "relative" and not 0 <= threshold <= 1:
-        raise ValueError(f"threshold={threshold} is out of range for threshold_mode='relative', a fraction of the "
-                         "current metric. Fix: pass a value in [0, 1] (the paper uses 0.1)")
+    if mode == "absolute":
+        Range(0).check("threshold", threshold, why="an absolute threshold is how much the metric may worsen per "
+                       "removed edge; ACDC uses e.g. 0.01 to 1 for KL")
+    else:
+        Range(0, 1).check("threshold", threshold, why="with threshold_mode='relative', a fraction of the current "
+                          "metric; the paper uses 0.1")
 
 
 def metric_values(metric: Metric | BatchMetric, logits: torch.Tensor) -> list[float]:

@@ -100,7 +100,7 @@ def check_circuit(circuit, where: str = "(in memory)", model_cfg=None, model_nam
     label = circuit.get("label")
     if label is not None and (not isinstance(label, str) or not label.strip()):
         raise _error(where, "label", f"is {json.dumps(label)[:40]}, not a model's name",
-                     "set it to the model's label in --models LABEL=DIR, or remove it")
+                     "set it to the model's label (model_specs: LABEL=DIR), or remove it")
     threshold = circuit.get("threshold")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not math.isfinite(threshold)):
@@ -200,6 +200,6 @@ def check_own_models(circuits: Mapping[str, dict], models: Mapping) -> None:
             field = (f'"label" {name!r}' if c.get("label") else
                      f'name {name!r} (it has no "label", so its file name stands for it)')
             raise ValueError(f"circuit file {where}: its {field} matches none of the models "
-                             f"{list(models)}. Fix: set its \"label\" to one of them, or pass that model as "
-                             f"--models {name}=DIR")
+                             f"{list(models)}. Fix: set its \"label\" to one of them, or pass that model in "
+                             f"model_specs as {name}=DIR")
         check_fits(c, models[name], name, where)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clikit import Range
 from minigpt2 import GPT2
 from minigpt2.engine import check_model
 
@@ -182,12 +183,11 @@ class HeadClasses:
 
 def check_class_args(score_threshold: float, min_fraction: float, c_threshold: float | None = None) -> None:
     """Refuse thresholds outside their ranges (NaN included): attention weights lie in [0, 1]."""
-    if not 0 <= score_threshold <= 1:
-        raise ValueError(f"score_threshold must be an attention weight in [0, 1], got {score_threshold} (the paper: 0.4)")
-    if not 0 < min_fraction <= 1:
-        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction} (the paper: 0.8 of the examples)")
-    if c_threshold is not None and not 0 <= c_threshold <= 1:
-        raise ValueError(f"c_threshold must be an attention weight in [0, 1], got {c_threshold} (the paper: 0.4)")
+    weight = Range(0, 1)
+    weight.check("score_threshold", score_threshold, why="an attention weight; the paper: 0.4")
+    Range(0, 1, lo_open=True).check("min_fraction", min_fraction, why="a share of the examples; the paper: 0.8")
+    if c_threshold is not None:
+        weight.check("c_threshold", c_threshold, why="an attention weight; the paper: 0.4")
 
 
 def classify_heads(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -243,8 +243,8 @@ def repeated_random_tokens(n_examples: int = 10, seq_len: int = 50, vocab_size: 
     """[n_examples, (1) + 2 seq_len]: ``bos`` (GPT-2's <|endoftext|>; None: none), then seq_len random
     tokens, then the same tokens again. Tokens are drawn uniformly from [0, vocab_size), as
     TransformerLens's tutorials draw them, or from the ids in ``pool``; seeded on the CPU."""
-    if n_examples < 1 or seq_len < 2:
-        raise ValueError(f"repeated random tokens need n_examples >= 1 and seq_len >= 2, got {n_examples}, {seq_len}")
+    Range(1, whole=True).check("n_examples", n_examples, why="repeated random token sequences")
+    Range(2, whole=True).check("seq_len", seq_len, why="random tokens per sequence, each repeated once")
     g = torch.Generator().manual_seed(seed)
     if pool is None:
         seq = torch.randint(0, vocab_size, (n_examples, seq_len), generator=g)
@@ -305,8 +305,7 @@ def head_census(model: GPT2, batch, n_examples: int = 100, seed: int = 0, pool: 
     are and with <|endoftext|> before each (TransformerLens's default input: "classes_bos"), and
     heads with an induction score > ``score_threshold`` on repeated random tokens (TransformerLens's
     recipe, and from ``pool``, the base's most frequent pretraining tokens, when given)."""
-    if not 1 <= n_examples <= len(batch):
-        raise ValueError(f"n_examples {n_examples} must be between 1 and the batch's {len(batch)} examples")
+    Range(1, len(batch), whole=True).check("n_examples", n_examples, why=f"the batch's {len(batch)} examples")
     order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed))
     sub = batch.select(order[:n_examples])
     hc = classify_heads(model, sub.tokens, sub.attention_mask, score_threshold, min_fraction)

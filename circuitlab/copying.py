@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt2 import GPT2
+from minigpt2.heads import Head
 
 from .classify import attention_patterns, induction_from_patterns, repeated_random_tokens
 
@@ -26,7 +27,8 @@ def copying_evaluator(pool: torch.Tensor, seq_len: int = 50, n_examples: int = 1
       second copy after the first token (predictable by copying);
     * every head's induction score (TransformerLens's: ``circuitlab.classify.induction_scores``)
       and previous-token score (mean attention from each token to the one before it): the
-      largest of each, the heads above ``threshold`` and the best three as "layer.head".
+      largest of each, the heads above ``threshold`` and the best three by their labels ("L3H1"; logs written
+      before labels name them "3.1", which ``minigpt2.heads.Head.parse`` reads too).
 
     Logged at every evaluation of a pretraining run, it shows when induction heads form.
     """
@@ -47,7 +49,7 @@ def copying_evaluator(pool: torch.Tensor, seq_len: int = 50, n_examples: int = 1
             top = s.flatten().topk(min(3, s.numel()))
             out[f"{name}_max"] = float(top.values[0])
             out[f"{name}_heads"] = int((s > threshold).sum())
-            out[f"{name}_top"] = [f"{int(i) // s.shape[1]}.{int(i) % s.shape[1]}" for i in top.indices]
+            out[f"{name}_top"] = [Head.from_index(int(i), s.shape[1]).label for i in top.indices]
         out |= {"pool_size": len(pool), "seq_len": seq_len, "n_examples": n_examples, "threshold": threshold}
         return {"copying": out}
 

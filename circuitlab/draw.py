@@ -3,7 +3,8 @@
 Rows from the bottom: the input embedding, then per layer its heads and its MLP, then the
 logits; rows without a component of the circuit are left out. Edges run from a sender to the component whose input they feed, coloured by
 that input (query, key, value, MLP, logits); with scores, their width grows with |score|.
-Only components with a kept edge are drawn.
+Only components with a kept edge are drawn. Heads are labelled as everywhere a reader looks ("L3H1",
+minigpt2.heads.Head.label); the circuit's JSON files keep MIB's node names ("a3.h1").
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def layout(circuit: Circuit) -> dict[str, tuple[float, float]]:
     nodes = circuit.nodes()
     rows = {y: i for i, y in enumerate(sorted({level[n][1] for n in nodes}))}
     return {n: (level[n][0], float(rows[level[n][1]])) for n in nodes}
+
+
+def node_label(node: str) -> str:
+    """The text a figure shows for a node: a head's display label ("a3.h1" -> "L3H1"), else the name."""
+    return Head.parse(node).label if node.startswith("a") else node
 
 
 def _row_label(node: str) -> str:
@@ -69,7 +75,7 @@ def draw_circuit(circuit: Circuit, path: str | os.PathLike | None = None, title:
     for n in nodes:
         x, y = pos[n]
         face = "#f2e6ff" if n.startswith("m") else "#fff3cc" if n in ("input", "logits") else "#e6f0ff"
-        ax.text(x, y, n, ha="center", va="center", fontsize=9,
+        ax.text(x, y, node_label(n), ha="center", va="center", fontsize=9,
                 bbox=dict(boxstyle="round,pad=0.25", facecolor=face, edgecolor="gray"))
     ax.set_xlim(-0.8, g.n_head - 0.2)
     ax.set_ylim(-0.7, n_rows - 0.3)

@@ -94,6 +94,7 @@ import math
 
 import torch
 
+from clikit import Range
 from minigpt2.engine import (BatchMetric, Metric, batch_metric, check_ablation, check_batch, check_model,
                              check_variant_values)
 from minigpt2.masking import last_positions, replacement_values
@@ -122,9 +123,7 @@ def check_method(method: str, steps: int) -> int:
         return 1
     if method == "clean-corrupted":
         return 2
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps={steps!r}: EAP-IG needs a positive integer number of interpolation steps (e.g. 5)")
-    return steps
+    return Range(1, whole=True).check("steps", steps, why="EAP-IG's interpolation steps, e.g. 5")
 
 
 def ig_alphas(steps: int, rule: str = "mib") -> list[float]:
@@ -405,8 +404,7 @@ def _ablated_embeddings(model, ablation, tokens, ref, attention_mask, reference_
 
 def top_k_circuit(graph: Graph, scores: torch.Tensor, k: int, info: dict | None = None) -> Circuit:
     """The k edges with the largest |score|."""
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= graph.n_edges:
-        raise ValueError(f"k={k!r} must be an integer in [0, {graph.n_edges}] (the graph's edge count)")
+    Range(0, graph.n_edges, whole=True).check("k", k, why="the graph's edge count")
     flat = scores.detach().abs().cpu().double().masked_fill(~graph.valid, -1).flatten()
     edges = torch.zeros(graph.valid.numel(), dtype=torch.bool)
     edges[flat.argsort(descending=True, stable=True)[:k]] = True
@@ -415,8 +413,7 @@ def top_k_circuit(graph: Graph, scores: torch.Tensor, k: int, info: dict | None 
 
 def threshold_circuit(graph: Graph, scores: torch.Tensor, threshold: float, info: dict | None = None) -> Circuit:
     """The edges with |score| >= threshold."""
-    if not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold={threshold!r} must be a number >= 0 (edges with |score| >= threshold are kept)")
+    Range(0).check("threshold", threshold, why="edges with |score| >= threshold are kept")
     edges = scores.detach().abs().cpu() >= threshold
     return Circuit(graph, edges, scores.detach().cpu(), dict(info or {}, threshold=threshold))
 

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import tpp
 from minigpt2.engine import ABLATIONS
+from minigpt2.hardware import bf16_outlook
 from tpp.encoding import SPACES
 from tpp.examples import MAX_EXAMPLES
-from clikit import HelpFormatter, blame, default_device, device as device_type, dtype_flag, fail, integer, number
+from clikit import HelpFormatter, default_device, device as device_type, dtype_flag, fail, integer, number
 
 from .acdc import THRESHOLD_MODES, acdc, check_threshold
 from .compare import circuit_faithfulness, not_a_finding, nothing_to_recover
@@ -134,6 +135,12 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="no progress bars (on a terminal) or progress lines (in a log)")
 
 
+# The flag of each library parameter that an error of these commands may name (clikit.as_flags).
+FLAGS = {"out": "--out", "answer_space": "--answer-space", "dtype": "--dtype", "threshold": "--threshold",
+         "threshold_mode": "--threshold-mode", "k": "--top-k", "top_k": "--top-k", "seed": "--seed",
+         "ig_steps": "--steps", "rule": "--ig-rule", "ablation": "--ablation", "metric": "--metric"}
+
+
 def check_args(args) -> tuple[str, str, int, int]:
     """What can be checked before the model is loaded: (device, answer space, master size, data seed)."""
     from .report import check_out_dir
@@ -163,6 +170,10 @@ def _setup(args):
         torch.set_num_threads(args.threads)
     dtype = torch_dtype(args.dtype)
     model = load_pretrained(args.model, device=device).eval()
+    if dtype == torch.bfloat16:  # advice before any work: where bf16 cannot win (issue 27)
+        note = bf16_outlook(model, device, metric_step=1.0 if args.metric == "accuracy" else 0.0)
+        if note:
+            print(f"[{args.command}] note: {note}", file=sys.stderr, flush=True)
     batch, corrupted = build_data(2 * args.examples, args.seed, args.ablation, space,
                                   tpp.master_dataset(seed=data_seed, n=size) if size else ())
     half = len(batch) // 2 if len(batch) > 1 else 1
@@ -236,8 +247,7 @@ def _verdict(faith: dict, higher_is_better: bool) -> str | None:
 
 def run_acdc(args, argv=None) -> int:
     try:
-        with blame("--threshold", args.threshold):
-            check_threshold(args.threshold, args.threshold_mode)
+        check_threshold(args.threshold, args.threshold_mode)
         model, runner, metric, evaluate = _setup(args)
         res = acdc(runner, metric, args.threshold, threshold_mode=args.threshold_mode,
                    higher_is_better=metric.higher_is_better, batched=not args.naive, progress=args.progress)
@@ -245,7 +255,7 @@ def run_acdc(args, argv=None) -> int:
                    "threshold_mode": args.threshold_mode, "ablation": args.ablation, **res.summary()}
         return _finish(args, res.circuit, summary, evaluate, runner, metric)
     except (ValueError, FileNotFoundError) as e:
-        return fail(f"circuits.py {args.command}", e)
+        return fail(f"circuits.py {args.command}", e, FLAGS)
 
 
 def _top_k(args, n_edges: int) -> int | None:
@@ -280,7 +290,7 @@ def run_eap(args, argv=None) -> int:
                    "seconds": round(time.perf_counter() - t0, 3)}
         return _finish(args, circuit, summary, evaluate, runner, metric)
     except (ValueError, FileNotFoundError) as e:
-        return fail(f"circuits.py {args.command}", e)
+        return fail(f"circuits.py {args.command}", e, FLAGS)
 
 
 COMMANDS = {"acdc": run_acdc, "eap": run_eap}  # circuits.py's handlers (args, argv) -> exit status

@@ -24,9 +24,12 @@ stream. So each variant is computed as:
   the last block at the answer positions only: keys and values at every position, the query,
   W_O and the MLP at one), then the logits and the metric.
 
+Every part of the model runs on the runner's engine core (``runner.core``, minigpt2.engine.Core: its
+heads, MLPs, blocks, unembedding, chunking and precision rules), as the runner's own forwards do.
+
 Variants are grouped by their stage (edges into late receivers cost little: into the logits,
 one unembedding; into layer L-1, one head and the answer positions) and run in chunks sized to
-the engine's memory budget (minigpt2.engine.rows_per_chunk), so no [V, R, S] mask is ever
+the engine's memory budget (``runner.core.rows``), so no [V, R, S] mask is ever
 materialized. The results equal one ``EdgeRunner.trace`` per edge to float rounding (tests/
 test_edge_patching.py); bench/bench_edge_patching.py times the two. On a runner with
 dtype=torch.bfloat16 the forwards run bf16 matmuls (fp32 residual stream and metric) and the
@@ -37,11 +40,10 @@ from __future__ import annotations
 
 import torch
 
-from minigpt2.engine import (autocast, batch_metric, check_variant_values, head_mask_bytes_per_row, progress_bar,
-                             refuse_hooks, rows_per_chunk)
+from minigpt2.engine import batch_metric, check_variant_values, head_mask_bytes_per_row, progress_bar, refuse_hooks
 from minigpt2.engine import higher_is_better as metric_direction
 
-from .graph import Circuit, EdgeRunner, head_outputs
+from .graph import Circuit, EdgeRunner
 
 __all__ = ["edge_patching_scores", "edge_patching_values", "edge_patching", "plain_edge_patching_scores"]
 
@@ -78,8 +80,7 @@ def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None 
     metric = batch_metric(metric)
     chosen = _check_edges(g, edges)
     B, T = runner.tokens.shape
-    rows = max_rows or rows_per_chunk(head_mask_bytes_per_row(model.cfg, T), model.device, at_least=B)
-    per_chunk = max(1, rows // B)
+    per_chunk = max(1, runner.core.rows(head_mask_bytes_per_row(model.cfg, T), at_least=B, max_rows=max_rows) // B)
     plan = _Plan(runner)
     jobs = []  # (stage, [(r, u), ...]) chunks, each within one stage; latest stages first (cheapest)
     for i in reversed(range(len(g.stages))):
@@ -90,9 +91,9 @@ def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None 
             pairs.sort(key=lambda e: ((e[0] - st.rows.start) % H, e[0], e[1]))
         jobs += [(i, pairs[c:c + per_chunk]) for c in range(0, len(pairs), per_chunk)]
     out = torch.full((g.n_receivers, g.n_senders), float("nan"), dtype=torch.float64)
-    with autocast(model.device, runner.dtype):
+    with runner.core.precision():
         for i, pairs in progress_bar(jobs, "edge patching", "chunk", progress):
-            logits = plan.run(i, pairs).to(model.dtype)  # [n, B, vocab]
+            logits = plan.run(i, pairs)  # [n, B, vocab], in the model's dtype
             vals = _values(metric, logits)
             r_idx, u_idx = zip(*pairs)
             out[list(r_idx), list(u_idx)] = vals.double()
@@ -147,10 +148,11 @@ def _values(metric, logits: torch.Tensor) -> torch.Tensor:
 
 
 class _Plan:
-    """The clean run's stage inputs and sender outputs, and the forward of single-edge variants."""
+    """The clean run's stage inputs and sender outputs, and the forward of single-edge variants, on the
+    runner's engine core."""
 
     def __init__(self, runner: EdgeRunner):
-        self.runner, self.model, self.g = runner, runner.model, runner.graph
+        self.runner, self.core, self.g = runner, runner.core, runner.graph
         B, T = runner.tokens.shape
         D, abl = runner.clean.effect, runner.ablated  # [S, B, T, d], [S, B | 1, T | 1, d]
         self.D, self.D_at = D, runner.clean.effect_at
@@ -159,75 +161,56 @@ class _Plan:
         self.x = [(runner.floor[i] + cum[st.n_in]).expand(B, T, -1) for i, st in enumerate(self.g.stages)]
         self.x_at = [runner.at(x) for x in self.x]  # [B, d]
         self.out = D + abl  # each sender's clean output [S, B, T, d]
-        self.rows = torch.arange(B, device=D.device)
-
-    def _attn(self, n: int):
-        a = self.runner.attn
-        return None if a is None else a.repeat(n, 1, 1, 1)
 
     def run(self, i: int, pairs: list[tuple[int, int]]) -> torch.Tensor:
         """Logits [n, B, vocab] of the variants that ablate edge u -> r (each (r, u) in ``pairs``, all
         receivers of stage i)."""
-        g, model, runner = self.g, self.model, self.runner
-        st = g.stages[i]
-        n = len(pairs)
-        B, T = runner.tokens.shape
-        L, H = g.n_layer, g.n_head
+        st = self.g.stages[i]
         us = torch.tensor([u for _, u in pairs], device=self.D.device)
         if st.kind == "logits":
-            x = self.x_at[i][None] - self.D_at[us]  # [n, B, d]
-            return model.to_logits(x.reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
-        last = st.layer == L - 1
+            return self.core.logits(self.x_at[i][None] - self.D_at[us])  # [n, B, vocab]
         if st.kind == "mlp":
-            blk = model.blocks[st.layer]
-            if last:  # only the answer positions reach the logits
-                x = self.x_at[i][None] - self.D_at[us]  # [n, B, d]
-                new = blk.mlp(blk.ln2(x))
-                final = self.x_at[i + 1][None] + new - runner.at(self.out[st.outs.start])[None]
-                return model.to_logits(final.reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
-            x = self.x[i][None] - self.D[us]  # [n, B, T, d]
-            new = blk.mlp(blk.ln2(x))
-            resid = self.x[i + 1][None] + new - self.out[st.outs.start][None]  # entering layer l + 1
-            return self._rest(st.layer + 1, resid.reshape(n * B, T, -1), n)
-        # a head's query, key or value input: recompute that head alone, per head in the chunk
-        delta = self.D.new_empty(n, B, T, self.D.shape[-1])
+            return self._mlp(i, us)
+        return self._heads(i, pairs, us)
+
+    def _mlp(self, i: int, us: torch.Tensor) -> torch.Tensor:
+        """Edges u -> m{l} (``us``: their senders): MLP l on its input less each edge's effect, then the rest."""
+        core, st, runner = self.core, self.g.stages[i], self.runner
+        n, (B, T) = len(us), runner.tokens.shape
+        mlp_out = self.out[st.outs.start]  # [B, T, d]
+        if st.layer == self.g.n_layer - 1:  # only the answer positions reach the logits
+            new = core.mlp(st.layer, self.x_at[i][None] - self.D_at[us])  # [n, B, d]
+            return core.logits(self.x_at[i + 1][None] + new - runner.at(mlp_out)[None])
+        new = core.mlp(st.layer, self.x[i][None] - self.D[us])  # [n, B, T, d]
+        resid = self.x[i + 1][None] + new - mlp_out[None]  # entering layer l + 1
+        return self._rest(st.layer + 1, resid.reshape(n * B, T, -1), n)
+
+    def _heads(self, i: int, pairs: list[tuple[int, int]], us: torch.Tensor) -> torch.Tensor:
+        """Edges u -> a{l}.h{h}<q|k|v>: each head recomputed alone, per run of the same head in ``pairs``
+        (sorted so), on its one changed input; then the MLP and the rest."""
+        core, st, runner = self.core, self.g.stages[i], self.runner
+        n, (B, T), H = len(pairs), runner.tokens.shape, self.g.n_head
         local = [r - st.rows.start for r, _ in pairs]
-        heads = [j % H for j in local]
-        kinds = [j // H for j in local]
+        heads, kinds = [j % H for j in local], torch.tensor([j // H for j in local], device=self.D.device)
+        delta = self.D.new_empty(n, B, T, self.D.shape[-1])  # each variant's change of its head's output
         start = 0
         while start < n:
-            h = heads[start]
-            stop = start
+            h, stop = heads[start], start
             while stop < n and heads[stop] == h:
                 stop += 1
             k = stop - start
             base = self.x[i][None].expand(k, B, T, -1)
-            inputs = [base, base, base]
-            sub_u = us[start:stop]
-            sub_kind = torch.tensor(kinds[start:stop], device=self.D.device)
-            for kind in range(3):
-                sel = (sub_kind == kind).view(k, 1, 1, 1).to(self.D.dtype)
-                inputs[kind] = base - sel * self.D[sub_u]
-            xq, xk, xv = (x.reshape(k * B, T, 1, -1) for x in inputs)
-            new = head_outputs(model, st.layer, xq, xk, xv, [h], self._attn(k))[:, :, 0]  # [k * B, T, d]
-            delta[start:stop] = new.view(k, B, T, -1) - self.out[st.outs.start + h][None]
+            xq, xk, xv = (base - (kinds[start:stop] == kind).view(k, 1, 1, 1).to(self.D.dtype)
+                          * self.D[us[start:stop]] for kind in range(3))  # one of them less the edge's effect
+            new = core.heads(st.layer, *(x.reshape(k * B, T, 1, -1) for x in (xq, xk, xv)), [h], core.mask(k))
+            delta[start:stop] = new[:, :, 0].view(k, B, T, -1) - self.out[st.outs.start + h][None]
             start = stop
-        blk = model.blocks[st.layer]
-        if last:  # resid_mid at the answer positions, the MLP there, then the logits
-            mid = self.x_at[i + 1][None] + runner.at(delta)  # [n, B, d]
-            final = blk.finish_mlp(mid)
-            return model.to_logits(final.reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
+        if st.layer == self.g.n_layer - 1:  # resid_mid at the answer positions, the MLP there, then the logits
+            return core.logits(core.finish_mlp(st.layer, self.x_at[i + 1][None] + runner.at(delta)))
         mid = self.x[i + 1][None] + delta  # resid_mid: the MLP's input
-        resid = blk.finish_mlp(mid.reshape(n * B, T, -1))
-        return self._rest(st.layer + 1, resid, n)
+        return self._rest(st.layer + 1, core.finish_mlp(st.layer, mid.reshape(n * B, T, -1)), n)
 
     def _rest(self, layer: int, x: torch.Tensor, n: int) -> torch.Tensor:
         """Blocks ``layer``.. on the residual stream x [n * B, T, d], the last at the answer positions only,
         then the logits: [n, B, vocab]."""
-        model, runner = self.model, self.runner
-        L, B = self.g.n_layer, runner.tokens.shape[0]
-        mask = self._attn(n)
-        for l in range(layer, L - 1):
-            x = model.blocks[l](x, mask)
-        x = model.blocks[L - 1](x, mask, at=runner.positions.repeat(n))  # [n * B, d]
-        return model.to_logits(x[:, None])[:, 0].view(n, B, -1)
+        return self.core.logits(self.core.rest(layer, x, n)).view(n, self.runner.tokens.shape[0], -1)

@@ -61,9 +61,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt2.engine import (BatchMetric, Metric, autocast, batch_metric, check_ablation, check_batch, check_model,
-                             check_variant_masks, join_schedule, last_positions, progress_bar,
-                             rows_per_chunk, weighted_mean)
+from minigpt2.engine import (BatchMetric, Core, Metric, batch_metric, check_ablation, check_batch, check_model,
+                             check_variant_masks, last_positions, progress_bar, weighted_mean)
 from minigpt2.hardware import parse_dtype
 from minigpt2.heads import Head
 from minigpt2.model import GPT2
@@ -387,14 +386,6 @@ class Trace:
     inputs: list[torch.Tensor] | None = None  # per stage [R_stage, B, T, d] ([1, B, d] for logits), if kept
 
 
-def head_outputs(model: GPT2, layer: int, xq, xk, xv, heads: list[int], mask: torch.Tensor | None) -> torch.Tensor:
-    """Heads ``heads`` of ``layer``, each on its own query, key and value input: xq, xk, xv
-    [N, T, Hs, d_model] residual-stream inputs (before ln1) -> [N, T, Hs, d_model], each head's
-    z_h @ W_O[h] (no b_O); the maths is the model's (Attention.head_outputs)."""
-    block = model.blocks[layer]
-    return block.attn.head_outputs(block.ln1(xq), block.ln1(xk), block.ln1(xv), heads, mask)
-
-
 @torch.no_grad()
 def sender_outputs(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Every sender's output in a clean run, through the model's own hooks: [S, B, T, d]."""
@@ -435,11 +426,14 @@ class EdgeRunner:
             weighted by ``reference_mask``) or "zero".
         positions: [B] the position whose logits are scored (default: each row's last real token).
         max_rows: examples x variants per batched chunk (default: what the device's memory budget
-            allows, minigpt2.engine.memory_budget).
+            allows, minigpt2.engine.memory_budget, MINIGPT2_MEMORY_BUDGET included); ``runner.max_rows``
+            may be changed afterwards.
         dtype: None (the model's precision) or torch.bfloat16: bf16 matmuls, fp32 residual stream
             (minigpt2.engine); the ablated values and ``exact_values`` stay fp32.
 
-    ``runner.run(masks)`` evaluates many masks at once; ``runner.trace(mask)`` runs one.
+    ``runner.run(masks)`` evaluates many masks at once; ``runner.trace(mask)`` runs one. Both run on
+    ``runner.core`` (minigpt2.engine.Core: the model's heads, MLPs, blocks and unembedding, the chunking
+    and the precision rules), as exact edge patching does.
     """
 
     def __init__(self, model: GPT2, tokens: torch.Tensor, ablation: str = "resample",
@@ -457,21 +451,26 @@ class EdgeRunner:
         self.positions = (last_positions(self.tokens, self.attention_mask) if positions is None
                           else model.check_positions(torch.as_tensor(positions).to(dev), B, T))
         self.attn = model.attention_mask(self.attention_mask, T, T)  # [B, 1, T, T] or None
+        self.core = Core(model, self.attn, self.positions, self.dtype)
         self.ablated = self._ablated(corrupted, reference, reference_mask)  # [S, B | 1, T | 1, d]
         # floor: a stage's receiver input with all its edges ablated: c_r + sum_{u < n_in} abl_u
         b_O = torch.stack([blk.attn.c_proj.bias for blk in model.blocks]).detach()  # [L, d]
         cum = torch.cat([torch.zeros_like(self.ablated[:1]), self.ablated.cumsum(0)])  # [S + 1, ...]
         self.floor = [cum[st.n_in] + b_O[:st.layer + (st.kind != "attn")].sum(0) for st in self.graph.stages]
         self.floor_at = [self.at(f) for f in self.floor]
-        d = model.cfg.d_model
-        self.max_rows = max_rows or rows_per_chunk(T * d * 4 * (self.graph.n_senders + 3 * model.cfg.n_head + 8),
-                                                   dev, at_least=B)
+        self.max_rows = self.core.rows(self.bytes_per_row(), at_least=B, max_rows=max_rows)
         with torch.no_grad():
             self.clean = self.trace(self.graph.ones(model.dtype))
 
     @property
     def low_precision(self) -> bool:
         return self.dtype is not None and self.dtype != self.model.dtype
+
+    def bytes_per_row(self) -> int:
+        """One row's (variant x example) transient activations in a chunk of :meth:`run`: its changed sender
+        effects and receiver inputs, T vectors of d_model each."""
+        T, cfg = self.tokens.shape[1], self.model.cfg
+        return T * cfg.d_model * 4 * (self.graph.n_senders + 3 * cfg.n_head + 8)
 
     def grad_rows(self, budget: int | None = None) -> int:
         """Examples per chunk of a differentiated trace (EAP's gradients) within the memory budget
@@ -482,7 +481,8 @@ class EdgeRunner:
         g, cfg = self.graph, self.model.cfg
         T = self.tokens.shape[1]
         per_row = T * cfg.d_model * 4 * (4 * g.n_receivers + 3 * g.n_senders) + 4 * cfg.vocab_size * 4
-        return rows_per_chunk(per_row, self.model.device, budget=budget)
+        core = self.core if budget is None else Core(self.model, budget=budget)
+        return core.rows(per_row)
 
     def select(self, rows: slice) -> "EdgeRunner":
         """This runner on the examples ``rows`` (a slice) only: the same ablated values, floors and
@@ -498,6 +498,7 @@ class EdgeRunner:
         sub.tokens, sub.positions = self.tokens[start:stop], self.positions[start:stop]
         sub.attention_mask = None if self.attention_mask is None else self.attention_mask[start:stop]
         sub.attn = None if self.attn is None else cut(self.attn, 0)
+        sub.core = Core(self.model, sub.attn, sub.positions, self.dtype, self.core.budget)
         sub.ablated = cut(self.ablated, 1)  # [S, B | 1, T | 1, d]
         sub.floor = [cut(f, -3) for f in self.floor]  # [B | 1, T | 1, d]
         sub.floor_at = [f[start:stop] for f in self.floor_at]  # [B, d]
@@ -559,14 +560,14 @@ class EdgeRunner:
         keep_inputs: keep each stage's receiver inputs (requiring grad) in ``Trace.inputs``.
         exact: in the model's own precision even when the runner's dtype is bf16.
         """
-        with autocast(self.model.device, None if exact else self.dtype):
+        with self.core.precision(exact=exact):
             return self._trace(mask, embed, keep_inputs)
 
     def _trace(self, mask: torch.Tensor, embed: torch.Tensor | None, keep_inputs: bool) -> Trace:
-        model, g = self.model, self.graph
+        core, g = self.core, self.graph
         mask = self.check_masks(mask[None])[0]
         B, T = self.tokens.shape
-        x0 = model.embed_input(self.tokens, attention_mask=self.attention_mask) if embed is None else embed
+        x0 = core.embed(self.tokens, self.attention_mask) if embed is None else embed
         # out_u - abl_u per sender: stacked anew at each stage for autograd, else written in place
         effects = [x0 - self.ablated[0]]  # [B, T, d] each
         buffer = None if torch.is_grad_enabled() else x0.new_empty(g.n_senders, *x0.shape)
@@ -589,15 +590,14 @@ class EdgeRunner:
             if st.kind == "attn":
                 H = g.n_head
                 xq, xk, xv = x.view(3, H, B, T, -1).permute(0, 2, 3, 1, 4)  # each [B, T, H, d]
-                out = head_outputs(model, st.layer, xq, xk, xv, list(range(H)), self.attn)  # [B, T, H, d]
+                out = core.heads(st.layer, xq, xk, xv, list(range(H)), self.attn)  # [B, T, H, d]
                 effects += list(out.permute(2, 0, 1, 3) - self.ablated[st.outs.start:st.outs.stop])
             elif st.kind == "mlp":
-                blk = model.blocks[st.layer]
-                effects.append(blk.mlp(blk.ln2(x[0])) - self.ablated[st.outs.start])
+                effects.append(core.mlp(st.layer, x[0]) - self.ablated[st.outs.start])
             else:
-                logits = model.to_logits(x[0][:, None])[:, 0]  # [B, vocab]
+                logits = core.logits(x[0])  # [B, vocab], in the model's dtype
         D = torch.stack(effects) if buffer is None else buffer
-        return Trace(mask, D, self.at(D), logits.to(model.dtype), inputs if keep_inputs else None)
+        return Trace(mask, D, self.at(D), logits, inputs if keep_inputs else None)
 
     # --- many variants, as differences from a base trace --------------------------------------------
     def run(self, masks: torch.Tensor, base: Trace | None = None, metric: Metric | BatchMetric | None = None,
@@ -628,11 +628,10 @@ class EdgeRunner:
             join = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], n_st,
                                                                                           dtype=torch.long)).tolist()
         outputs: dict[int, torch.Tensor] = {}
-        with torch.set_grad_enabled(grad), autocast(self.model.device, self.dtype):
-            chunks = join_schedule(join, self.max_rows // self.tokens.shape[0])
+        with torch.set_grad_enabled(grad), self.core.precision():
+            chunks = self.core.chunks(join, self.bytes_per_row(), self.tokens.shape[0], self.max_rows)
             for chunk in progress_bar(chunks, desc, "chunk", progress):
                 logits, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
-                logits = logits.to(self.model.dtype)
                 values = metric(logits) if metric is not None else logits
                 outputs.update(zip(chunk, values))
         return torch.stack([outputs[v] for v in range(masks.shape[0])])
@@ -647,7 +646,7 @@ class EdgeRunner:
         differs = [bool(dmask[0, st.rows.start:st.rows.stop].ne(0).any()) for st in self.graph.stages]
         join = differs.index(True) if any(differs) else len(differs)
         effect = base.effect if reuse else base.effect.clone()
-        with autocast(self.model.device, self.dtype):
+        with self.core.precision():
             logits, _ = self._propagate(mask, dmask, [join], base, False, effect)
         return Trace(mask[0], effect, self.at(effect), logits[0])
 
@@ -731,7 +730,7 @@ class EdgeRunner:
         stage's receiver rows ``sel`` (ma, dma: their masks [n, R', n_in]).
 
         Returns (logits, outputs [n, k, B, T, d] of the recomputed senders)."""
-        model, st = self.model, self.graph.stages[i]
+        core, st = self.core, self.graph.stages[i]
         n, R = ma.shape[:2]
         B, T = self.tokens.shape
         at = st.kind == "logits"
@@ -755,16 +754,13 @@ class EdgeRunner:
                 x = x + _mix(mc, self.at(dl) if at else dl, dense=grad)
         x = x.expand(n, *x.shape[1:]) if x.shape[0] != n else x
         if at:
-            new = model.to_logits(x[:, 0].reshape(n * B, 1, -1))[:, 0].view(n, B, -1)
-            return torch.cat([new, logits[n:]]), None  # variants that never joined keep base's
+            return torch.cat([core.logits(x[:, 0]), logits[n:]]), None  # variants that never joined keep base's
         if st.kind == "attn":
             Hs = len(heads)
             xq, xk, xv = x.reshape(n, 3, Hs, B, T, -1).permute(1, 0, 3, 4, 2, 5).reshape(3, n * B, T, Hs, -1)
-            mask = None if self.attn is None else self.attn.repeat(n, 1, 1, 1)
-            out = head_outputs(model, st.layer, xq, xk, xv, heads, mask).view(n, B, T, Hs, -1)
+            out = core.heads(st.layer, xq, xk, xv, heads, core.mask(n)).view(n, B, T, Hs, -1)
             return logits, out.permute(0, 3, 1, 2, 4)  # [n, Hs, B, T, d]
-        blk = model.blocks[st.layer]
-        return logits, blk.mlp(blk.ln2(x[:, 0].reshape(n * B, T, -1))).view(n, 1, B, T, -1)
+        return logits, core.mlp(st.layer, x[:, 0].reshape(n * B, T, -1)).view(n, 1, B, T, -1)
 
 
 def _mix(m: torch.Tensor, D: torch.Tensor, dense: bool = False) -> torch.Tensor:

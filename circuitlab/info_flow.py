@@ -47,6 +47,8 @@ import heapq
 
 import torch
 
+from clikit import Range
+
 from .eap import threshold_circuit, top_k_circuit
 from .graph import Circuit, EdgeRunner, Graph
 
@@ -116,8 +118,7 @@ def greedy_edges(graph: Graph, scores: torch.Tensor, k: int, absolute: bool = Tr
     (the reference's are in its edge order). prune: then :meth:`Circuit.pruned` with ``resample=True``
     (MIB's ``graph.prune()``)."""
     S = graph.n_senders
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= graph.n_edges:
-        raise ValueError(f"k={k!r} must be an integer in [0, {graph.n_edges}] (the graph's edge count)")
+    Range(0, graph.n_edges, whole=True).check("k", k, why="the graph's edge count")
     valid = graph.valid[:, :S]
     s = torch.as_tensor(scores).detach().cpu().double()[:, :S]
     key = s.abs() if absolute else s

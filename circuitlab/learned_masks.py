@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clikit import Range
 from minigpt2.engine import BatchMetric, Metric, batch_metric, check_variant_values
 from minigpt2.progress import progress as progress_bar
 
@@ -86,23 +87,6 @@ class LearnedMaskResult:
         return {"faithfulness": self.faithfulness, "metric_clean": self.metric_clean,
                 "metric_circuit": self.metric_circuit, "seconds": self.seconds, "steps": len(self.history),
                 **self.circuit.node_counts()}
-
-
-def _check_number(name: str, value, minimum: float = 0.0, strict: bool = False, hint: str = "") -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number{hint}")
-    if value < minimum or (strict and value == minimum):
-        what = "is negative" if minimum == 0 and value < 0 else f"must be {'>' if strict else '>='} {minimum}"
-        raise ValueError(f"{name}={value!r} {what}{hint}")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int, maximum: int | None = None, hint: str = "") -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or \
-            (maximum is not None and value > maximum):
-        span = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name}={value!r} must be an integer {span}{hint}")
-    return value
 
 
 def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -206,18 +190,17 @@ def _check_args(g, target_edges, penalty, steps, samples, eap_steps, lr, lambda_
         raise ValueError("pass exactly one of target_edges (a circuit of that many edges) or penalty "
                          "(an L0 penalty per kept edge; the circuit keeps masks >= 0.5)")
     if target_edges is not None:
-        _check_int("target_edges", target_edges, 0, g.n_edges, f" (the graph has {g.n_edges} edges)")
+        Range(0, g.n_edges, whole=True).check("target_edges", target_edges, why=f"the graph has {g.n_edges} edges")
     else:
-        penalty = _check_number("penalty", penalty, hint=" (the L0 penalty per kept edge must be >= 0)")
-    _check_int("steps", steps, 1, hint=" (the number of optimisation steps)")
-    _check_int("samples", samples, 1, hint=" (masks sampled per step)")
-    _check_int("eap_steps", eap_steps, 1, hint=" (EAP-IG interpolation steps)")
-    lr = _check_number("lr", lr, strict=True)
-    lambda_lr = _check_number("lambda_lr", lambda_lr, strict=True)
-    _check_number("init_logit", init_logit, minimum=-math.inf)
-    _check_number("init_spread", init_spread)
-    if not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not 0 <= warmup <= 1:
-        raise ValueError(f"warmup={warmup!r} must be a fraction of the steps in [0, 1]")
+        penalty = float(Range(0).check("penalty", penalty, why="the L0 penalty per kept edge"))
+    Range(1, whole=True).check("steps", steps, why="the number of optimisation steps")
+    Range(1, whole=True).check("samples", samples, why="masks sampled per step")
+    Range(1, whole=True).check("eap_steps", eap_steps, why="EAP-IG interpolation steps")
+    lr = float(Range(0, lo_open=True).check("lr", lr))
+    lambda_lr = float(Range(0, lo_open=True).check("lambda_lr", lambda_lr))
+    Range().check("init_logit", init_logit)
+    Range(0).check("init_spread", init_spread)
+    Range(0, 1).check("warmup", warmup, why="a fraction of the steps")
     if metric is not None:
         batch_metric(metric)  # a TypeError for what is no metric
     return penalty, lr, lambda_lr

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from clikit import Range
 from minigpt2 import GPT2, get_tokenizer
 from minigpt2.tokenizer import EOT_TOKEN
 
@@ -110,8 +111,7 @@ class Continuation:
 @torch.no_grad()
 def continuations(models: dict[str, GPT2], prompts: list[str], max_new_tokens: int = 16) -> list[Continuation]:
     """Greedy continuation of every prompt by every model (stopping at <|endoftext|>)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    Range(1, whole=True).check("max_new_tokens", max_new_tokens)
     prompts = [p for p in prompts]
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("give at least one non-empty prompt to continue")

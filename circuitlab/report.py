@@ -53,17 +53,17 @@ def _jsonable(x):
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """Refuse an --out that atomic_dir must not replace: a file, or a directory of files that no
-    command wrote (a report directory holds provenance.json), which would be deleted whole."""
+    """Refuse an ``out`` (circuits.py's --out) that atomic_dir must not replace: a file, or a directory of
+    files that no command wrote (a report directory holds provenance.json), which would be deleted whole."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory. Fix: choose another path")
+        raise ValueError(f"out={out} exists and is not a directory. Fix: choose another path")
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
-        raise ValueError(f"--out {out}: {above} is a file, so no directory can be made there. Fix: choose another path")
+        raise ValueError(f"out={out}: {above} is a file, so no directory can be made there. Fix: choose another path")
     if out.is_dir() and any(out.iterdir()) and not (out / "provenance.json").is_file():
-        raise ValueError(f"--out {out} holds files that circuits.py did not write (it has no provenance.json), "
-                         "and --out is replaced whole. Fix: choose a new or empty directory, or an earlier "
+        raise ValueError(f"out={out} holds files that circuits.py did not write (it has no provenance.json), "
+                         "and that directory is replaced whole. Fix: choose a new or empty directory, or an earlier "
                          "report directory")
     return out
 

@@ -44,12 +44,12 @@ there too.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from clikit import Range
 from minigpt2 import GPT2
 from minigpt2.engine import HeadMaskRunner, Metric, Precision, check_model, per_example
 from minigpt2.hardware import parse_dtype
@@ -68,13 +68,12 @@ def check_search_args(threshold: float, order: str, drop: str) -> None:
         raise ValueError(f"unknown search order {order!r}; choose one of {ORDERS}")
     if drop not in DROPS:
         raise ValueError(f"unknown drop {drop!r}; choose one of {DROPS}")
-    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r} "
-                         "(the paper uses 0.03: keep an ablation that costs less than 3 %)")
-    if drop == "relative" and threshold > 1:
-        raise ValueError(f"threshold {threshold} is out of range for a relative drop: it must lie in [0, 1] "
-                         "(0.03 keeps an ablation that costs less than 3 % of the layer's baseline); "
-                         "for a drop in the metric's own units use drop='absolute' (--drop absolute)")
+    Range(0).check("threshold", threshold, why="the paper uses 0.03: keep an ablation that costs less than 3 %")
+    if drop == "relative":
+        Range(0, 1).check("threshold", threshold,
+                          why="out of range for a relative drop, where 0.03 keeps an ablation that costs less than "
+                              "3 % of the layer's baseline",
+                          fix="for a drop in the metric's own units use drop='absolute'")
 
 
 def performance_drop(baseline: float, value: float, higher_is_better: bool, drop: str = "relative") -> float:
@@ -395,8 +394,7 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
             many were).
     """
     _validate(model, prompts, metric, rigorous_prompts, rigorous_metric, threshold, order, drop)
-    if speculate < 1:
-        raise ValueError(f"speculate must be >= 1 (heads per speculative batch), got {speculate}")
+    Range(1, whole=True).check("speculate", speculate, why="heads per speculative batch")
     dtype = parse_dtype(dtype, model.device)
     low = dtype is not None and dtype != model.dtype
     t0 = time.perf_counter()

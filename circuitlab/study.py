@@ -20,7 +20,7 @@ import torch
 import tpp
 from minigpt2 import GPT2, GPT2Config, load_pretrained
 from minigpt2.heads import Head
-from clikit import blame
+from clikit import Range
 
 from . import paper, plots
 from .circuitfile import check_circuit, check_own_models
@@ -66,7 +66,7 @@ def check_model_path(path: str) -> Path:
     if not p.exists():
         hint = (" The bundled models are trained by train.py (see weights/README.md); restore them with "
                 "git checkout weights/." if p.parent.name == "weights" else "")
-        raise FileNotFoundError(f"no model at {path}: pass --models with directories holding config.json and "
+        raise FileNotFoundError(f"no model at {path}: pass model_specs with directories holding config.json and "
                                 f"model.safetensors.{hint}")
     return p
 
@@ -120,20 +120,18 @@ class Session:
 
     def __post_init__(self):
         if not self.model_specs:
-            raise ValueError("no models given; pass --models DIR [DIR ...]")
+            raise ValueError("no models given; pass model_specs, model directories (DIR or LABEL=DIR)")
         specs = [parse_model_spec(s) for s in self.model_specs]
         self.labels = [label for label, _ in specs]
         if any(not label.strip() or not path.strip() for label, path in specs):
-            raise ValueError(f"--models {self.model_specs}: an empty label or directory; pass DIR or LABEL=DIR")
+            raise ValueError(f"model_specs={self.model_specs}: an empty label or directory; pass DIR or LABEL=DIR")
         if len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"--models: two models share a label in {self.labels}; name them with LABEL=PATH")
+            raise ValueError(f"model_specs: two models share a label in {self.labels}; name them with LABEL=PATH")
         self.paths = dict(specs)
-        for n, what in ((self.n_eval, "--examples"), (self.n_single, "--single-examples")):
-            if n < 1:
-                raise ValueError(f"{what} must be at least 1, got {n}: an empty eval set measures nothing")
-        for v, what in ((self.master_size, "--master-size"), (self.data_seed, "--data-seed"), (self.seed, "--seed")):
-            if v is not None and v < 0:
-                raise ValueError(f"{what} must be >= 0, got {v}")
+        for name in ("n_eval", "n_single"):
+            Range(1, whole=True).check(name, getattr(self, name), why="an empty eval set measures nothing")
+        for name in ("master_size", "data_seed", "seed"):
+            Range(0, whole=True, optional=True).check(name, getattr(self, name))
         self.answer_space = answer_space_of(self.paths.values(), self.answer_space)
         self._master = finetuning_master(self.paths.values())  # reads (and checks) every metadata.json now
 
@@ -170,11 +168,11 @@ class Session:
         """Refuse models of different shapes (layers x heads), naming them, before any is loaded."""
         check_same_shape({f"{label} ({self.paths[label]})": cfg for label, cfg in self.configs.items()})
 
-    def check_sample(self, n: int, what: str, eval_flag: str | None = None) -> None:
-        """A draw of ``n`` examples (flag ``what``) must fit in the eval set (sized by ``eval_flag``)."""
-        if not 1 <= n <= self.n_eval:
-            raise ValueError(f"{what} {n} must be between 1 and the eval set's {self.n_eval} examples. Fix: ask for "
-                             f"fewer{f', or a larger eval set ({eval_flag})' if eval_flag else ''}")
+    def check_sample(self, n: int, what: str = "n_examples", eval_what: str = "n_eval") -> None:
+        """A draw of ``n`` examples (named ``what``) must fit in the eval set (sized by ``eval_what``); a
+        script passes its flags' names."""
+        Range(1, self.n_eval, whole=True).check(what, n, why=f"the eval set has {self.n_eval:,} examples",
+                                                 fix=f"ask for fewer, or a larger eval set ({eval_what})")
 
     def _training_data(self) -> tuple[int, int]:
         size, seed = self._master
@@ -227,8 +225,8 @@ class Session:
         """n examples drawn as circuitlab.classify.head_census draws them (a model card's census): the first n
         of a seeded permutation of :attr:`census_batch`, whatever the size of this session's eval set."""
         size = tpp.examples.EVAL_SIZE
-        if not 1 <= n <= size:
-            raise ValueError(f"--examples {n} must be between 1 and the eval set's {size} examples. Fix: ask for fewer")
+        Range(1, size, whole=True).check("n_examples", n, why=f"the census's eval set has {size:,} examples",
+                                         fix="ask for fewer")
         order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
         return self.census_batch.select(order[:n])
 
@@ -314,7 +312,7 @@ def head_sweep(session: Session, out: Path, n_examples: int = 100, metrics: list
     ``dtype``: "fp32", or "bf16" (bf16 matmuls, fp32 metrics: minigpt2.engine)."""
     precision = torch_dtype(dtype)
     session.check_same_shape()  # the heatmaps share one grid
-    batch = session.sample(n_examples, "--examples")
+    batch = session.sample(n_examples, "n_examples")
     results, rows = {}, []
     effects: dict[str, dict[str, torch.Tensor]] = {m: {} for m in metrics}
     n_heads = 0
@@ -374,16 +372,14 @@ class SearchOptions:
             raise ValueError(f"unknown ablation mode {self.ablation!r}; choose one of {ABLATIONS}")
         if self.drop is not None and self.drop not in DROPS:
             raise ValueError(f"unknown drop {self.drop!r}; choose one of {DROPS}")
-        with blame("--threshold", self.threshold):
-            check_search_args(self.threshold, self.order, self.resolved_drop())
-        if self.n_examples < 1:
-            raise ValueError(f"--examples {self.n_examples}: the search needs at least one example per check")
-        if self.rigorous_examples < 0 or (self.rigorous_examples and self.rigorous_examples <= self.n_examples):
-            raise ValueError(f"--rigorous {self.rigorous_examples} must exceed the search's {self.n_examples} "
-                             "examples (--examples; --search-examples in study): the re-check is on a larger set. "
-                             "Fix: pass a larger --rigorous, or 0 for none")
-        if self.speculate is not None and self.speculate < 1:
-            raise ValueError(f"--speculate {self.speculate}: pass at least 1 head per speculative batch")
+        check_search_args(self.threshold, self.order, self.resolved_drop())
+        Range(1, whole=True).check("n_examples", self.n_examples, why="the search needs at least one example per check")
+        Range(0, whole=True).check("rigorous_examples", self.rigorous_examples, why="0: no re-check")
+        if self.rigorous_examples and self.rigorous_examples <= self.n_examples:
+            raise ValueError(f"rigorous_examples={self.rigorous_examples} must exceed the search's {self.n_examples} "
+                             "examples (n_examples): the re-check is on a larger set. "
+                             "Fix: pass a larger rigorous_examples, or 0 for none")
+        Range(1, whole=True, optional=True).check("speculate", self.speculate, why="heads per speculative batch")
         torch_dtype(self.dtype)
 
 
@@ -404,8 +400,8 @@ def find_circuits(session: Session, out: Path, opts: SearchOptions,
     evaluated on the full eval set when ``evaluate``."""
     opts.check()
     session.check_same_shape()  # the circuit map shares one grid
-    batch = session.sample(opts.n_examples, "--examples")
-    rig = session.sample(opts.rigorous_examples, "--rigorous") if opts.rigorous_examples else None
+    batch = session.sample(opts.n_examples, "n_examples")
+    rig = session.sample(opts.rigorous_examples, "rigorous_examples") if opts.rigorous_examples else None
     circuits, rows, masks = {}, [], {}
     precision = torch_dtype(opts.dtype)
     for label, model in session.models.items():
@@ -782,8 +778,8 @@ class EdgeOptions:
         chosen = self.acdc_models if self.acdc_models is not None else session.labels[-1:]
         unknown = [m for m in chosen if m not in session.labels]
         if unknown:
-            raise ValueError(f"--acdc-models {unknown} are not among the models {session.labels}. Fix: pass labels "
-                             "from --models (LABEL=DIR names one)")
+            raise ValueError(f"acdc_models={unknown} are not among the models {session.labels}. Fix: pass labels "
+                             "from model_specs (LABEL=DIR names one)")
         return chosen
 
 

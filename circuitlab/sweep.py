@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt2 import GPT2
+from minigpt2 import GPT2, distributed
 from minigpt2.engine import (ABLATIONS, Metric, check_ablation, check_metrics, check_model, head_mask_bytes_per_row,
                              per_example, rows_per_chunk)
 from minigpt2.masking import single_head_masks
@@ -158,18 +158,20 @@ def rows_per_block(model: GPT2, T: int) -> int:
 
 @torch.no_grad()
 def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: list[Metric],
-                   max_rows: int | None = None, progress: bool = False, dtype=None) -> torch.Tensor:
+                   max_rows: int | None = None, progress: bool = False, dtype=None, group=None) -> torch.Tensor:
     """Every metric on every variant: masks [V, L, H] -> per-example values [V, B, n_metrics].
 
     Prompts are taken in blocks of at most ``max_rows`` (default: what the device's memory
     budget allows, logits included); each block is one batched call of minigpt2's
     run_with_head_masks, which shares each variant's clean prefix. ``dtype``: None or
-    torch.bfloat16 (see minigpt2.engine).
+    torch.bfloat16 (see minigpt2.engine). ``group``: the torch.distributed group whose ranks split the
+    variants (see minigpt2.distributed: the values equal one process's, bit for bit, on every rank; only
+    rank 0 shows progress); None: the default group where this process opted in, else alone.
     """
     max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
     out = torch.empty(0)
     blocks = prompts.blocks(max_rows, n_variants=masks.shape[0])
-    if progress:
+    if progress and distributed.is_writer(group):
         from minigpt2.progress import progress as progress_bar
         blocks = progress_bar(blocks, f"{masks.shape[0]} variants x {len(prompts)} prompts", "block")
     for rows, p in blocks:
@@ -177,7 +179,7 @@ def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: 
             return torch.stack([per_example(m, logits, rows).to(torch.float64) for m in metrics], dim=-1)
 
         values = model.run_with_head_masks(p.tokens, masks, metric=all_metrics, max_rows=max_rows, dtype=dtype,
-                                           **p.masking_kwargs())  # [V, b, M]
+                                           group=group, **p.masking_kwargs())  # [V, b, M]
         if not out.numel():
             out = values.new_empty(values.shape[0], len(prompts), values.shape[2])
         out[:, rows] = values
@@ -219,12 +221,14 @@ class SweepResult:
 
 
 def sweep(model: GPT2, prompts: Prompts, metrics: list[Metric], max_rows: int | None = None,
-          progress: bool = False, dtype=None) -> SweepResult:
+          progress: bool = False, dtype=None, group=None) -> SweepResult:
     """Ablate each of the n_layer x n_head heads alone and measure every metric.
 
     One call of minigpt2's batched head masking evaluates the clean model and
     all L*H variants, sharing each variant's clean prefix (the layers below its
-    ablated head).
+    ablated head). ``group``: a torch.distributed group whose ranks split the variants, every rank
+    getting the one-process result bit for bit (None: the default group where this process opted in,
+    as circuits.py under torchrun, else alone; see minigpt2.distributed).
     """
     check_model(model, "sweep")
     check_prompts(prompts, "sweep")
@@ -232,7 +236,7 @@ def sweep(model: GPT2, prompts: Prompts, metrics: list[Metric], max_rows: int | 
     L, H = model.cfg.n_layer, model.cfg.n_head
     masks = single_head_masks(L, H, dtype=model.dtype)  # [1 + L*H, L, H], clean first
     with torch.no_grad():
-        values = evaluate_masks(model, prompts, masks, metrics, max_rows, progress, dtype)  # [1 + L*H, B, M]
+        values = evaluate_masks(model, prompts, masks, metrics, max_rows, progress, dtype, group)  # [1 + L*H, B, M]
     mean = values.mean(dim=1)  # [1 + L*H, M]
     sem = values.std(dim=1) / max(1, values.shape[1]) ** 0.5 if values.shape[1] > 1 else torch.zeros_like(mean)
     return SweepResult(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import tpp
+from clikit import Range
 from minigpt2.engine import Metric, kl_div
 from minigpt2.fileio import FileError, load_json
 from minigpt2.hardware import DTYPE_NAMES, autocast_dtype
@@ -42,14 +43,15 @@ DTYPES = tuple(DTYPE_NAMES.values())  # --dtype: fp32 (the model's own precision
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
-    """A --dtype name as the API takes it: None for fp32 (the model's precision), torch.bfloat16 for bf16
+    """A precision name (circuits.py's --dtype) as the API takes it: None for fp32 (the model's precision),
+    torch.bfloat16 for bf16
     (minigpt2.hardware's parser: either spelling, fp32/float32, bf16/bfloat16)."""
     if name is not None and (not isinstance(name, str) or name.strip().lower() == "auto"):
-        raise ValueError(f"--dtype {name!r}: choose one of {list(DTYPES)}")
+        raise ValueError(f"dtype={name!r}: choose one of {list(DTYPES)}")
     try:
         return autocast_dtype(name)
     except ValueError:
-        raise ValueError(f"--dtype {name!r}: choose one of {list(DTYPES)}") from None
+        raise ValueError(f"dtype={name!r}: choose one of {list(DTYPES)}") from None
 
 
 def dtype_kwargs(dtype: torch.dtype | None) -> dict:
@@ -79,7 +81,7 @@ def read_metadata(path) -> dict:
             raise ValueError(f'{meta}: field "{key}" is a JSON {json_kind(d[key])}, not an object. {fix}')
     for key in ("master_size", "data_seed"):
         v = (d.get("data") or {}).get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        if Range(0, whole=True, optional=True).problem(v) is not None:
             raise ValueError(f'{meta}: field "data.{key}" is {json.dumps(v)}, not an integer >= 0. {fix}')
     for key, v in (("answer_space", d.get("answer_space")), ("eval_data.answer_space",
                                                              (d.get("eval_data") or {}).get("answer_space"))):
@@ -105,7 +107,7 @@ def answer_space_of(paths, override: str | None = None) -> str:
     paper's "prompt" (a trailing space, c on its own). Models that disagree need ``override``."""
     if override is not None:
         if override not in SPACES:
-            raise ValueError(f"--answer-space {override!r}: choose 'prompt' (the paper's) or 'answer' (' c')")
+            raise ValueError(f"answer_space={override!r}: choose 'prompt' (the paper's) or 'answer' (' c')")
         return override
     found = {}
     for path in paths:
@@ -115,8 +117,8 @@ def answer_space_of(paths, override: str | None = None) -> str:
             found[str(path)] = space
     spaces = set(found.values())
     if len(spaces) > 1:
-        raise ValueError(f"the models were finetuned in different answer formats ({found}); pass --answer-space "
-                         "prompt or answer to score them all in one")
+        raise ValueError(f"the models were finetuned in different answer formats ({found}); pass "
+                         "answer_space='prompt' or 'answer' to score them all in one")
     return spaces.pop() if spaces else "prompt"
 
 
@@ -154,8 +156,8 @@ def build_data(n: int, seed: int, ablation: str, space: str = "prompt", exclude=
     if ablation == "resample":
         examples, partners = corrupted_partners(examples, seed)
         if not examples:
-            raise ValueError("no prompt found a corrupted partner of the same token length; use more --examples "
-                             "or --ablation mean/zero")
+            raise ValueError("no prompt found a corrupted partner of the same token length; use more examples "
+                             "or ablation='mean' or 'zero'")
         corrupted = tpp.encode_eval(partners, space=space).tokens
     batch = tpp.encode_eval(examples, space=space)
     if corrupted is not None and corrupted.shape != batch.tokens.shape:

@@ -32,7 +32,7 @@ def check_same_shape(models: Mapping) -> None:
         listed = ", ".join(f"{n}: {l}x{h}" for n, (l, h) in shapes.items())
         raise ValueError(f"models of different shapes ({listed}): they are compared head by head (circuits "
                          "transfer only between models of the same layers x heads; the heatmaps share one grid). "
-                         "Fix: pass --models of one shape")
+                         "Fix: pass models of one shape")
 
 
 @dataclass

@@ -7,8 +7,10 @@ Torch-free (train.py checks its flags before torch loads; :func:`device` imports
 * :class:`HelpFormatter` (Parser's): --help shows every option's default, "(default: X)" unless the
   help says it in words ("default: ..."), and descriptions without docstring markup.
 * :class:`Range`: the one range check: an interval of numbers or whole numbers. Its ``problem(value)``
-  says why a value lies outside (for values read from a file or passed to a library class); the
-  argument types below use it while the command line is parsed.
+  says why a value lies outside (for values read from a file or passed to a library class), its
+  ``check(name, value)`` raises that as a ValueError naming the library parameter (minigpt2, tpp,
+  finetune and circuitlab check their arguments' ranges with it); the argument types below use it
+  while the command line is parsed.
 * argument types (``type=integer(1, 3000)``, ``type=number(0, 1)``, ``type=text``) that refuse an
   impossible value while the command line is parsed, before any work, with the range it must lie in;
   argparse puts the flag in front ("argument --examples: ...").
@@ -17,9 +19,10 @@ Torch-free (train.py checks its flags before torch loads; :func:`device` imports
   machine has (cpu, cuda, cuda:N, mps), refused while parsing otherwise; :func:`default_device`
   is what its absence means (cuda if available, else cpu).
 * :func:`flag`: a library parameter's flag (``n_examples`` -> ``--n-examples``); :func:`in_flags`:
-  a library message in parameter names, said in flags (the library never names a flag).
+  a library message in parameter names, said in flags (the library never names a flag);
+  :func:`as_flags`: the same, for parameters whose flags have other names (``n_eval`` -> ``--examples``).
 * :func:`blame`: a library ValueError re-raised with the flag that caused it in front.
-* :func:`fail`: the one line a command prints for an error found after parsing.
+* :func:`fail`: the one line a command prints for an error found after parsing (said in its flags).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import numbers
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -87,9 +92,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.error_prog or self.prog}: error: {message}\n")
 
 
-def fail(prog: str, error: BaseException) -> int:
-    """Print ``prog: error: <error>`` (one line) to stderr; return the exit status 2."""
-    print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+def fail(prog: str, error: BaseException, flags: Mapping[str, str] | None = None) -> int:
+    """Print ``prog: error: <error>`` (one line) to stderr; return the exit status 2. ``flags`` (library
+    parameter -> the script's flag): a library error is said in the flags (:func:`as_flags`)."""
+    message = str(error) if flags is None else as_flags(str(error), flags)
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
 
 
@@ -119,6 +126,23 @@ def in_flags(message: str, params) -> str:
                   lambda m: flag(m.group(1)) + (" " if m.group(2) else ""), message)
 
 
+def as_flags(message: str, flags: Mapping[str, str]) -> str:
+    """A library message said in a script's flags (``flags``: parameter -> flag, e.g. {"n_eval": "--examples"}):
+    each ``name=value`` becomes ``flag value``, and a bare name with an underscore (``n_eval``) the flag; a
+    bare name that is also a word ("out", "seed") stays a word."""
+    if not flags:
+        return message
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+
+    def said(m: re.Match) -> str:
+        name, assigned = m.group(1), m.group(2)
+        if assigned:
+            return flags[name] + " "
+        return flags[name] if "_" in name else name
+
+    return re.sub(rf"(?<![\w.\-'\"/])({names})(?:(=)|(?![\w\-]))", said, message)
+
+
 @dataclass(frozen=True)
 class Range:
     """An interval that a setting must lie in: ``lo``/``hi`` (None: unbounded), each end closed unless
@@ -135,7 +159,7 @@ class Range:
                 and (self.hi is None or v < self.hi or (v == self.hi and not self.hi_open)))
 
     def where(self) -> str:
-        """The range in words: "in [0, 1)", "> 0", ">= 1", "from 1 to 3,000" (whole numbers)."""
+        """The range in words: "in [0, 1)", "> 0", ">= 1", "from 1 to 3,000" (whole numbers); "" unbounded."""
         lo, hi = (None if x is None else f"{x:,}" if self.whole else f"{x:g}" for x in (self.lo, self.hi))
         if lo is not None and hi is not None:
             if self.whole:
@@ -143,18 +167,29 @@ class Range:
             return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
         if lo is not None:
             return f"{'>' if self.lo_open else '>='} {lo}"
-        return f"{'<' if self.hi_open else '<='} {hi}" if hi is not None else "(any)"
+        return f"{'<' if self.hi_open else '<='} {hi}" if hi is not None else ""
 
     def problem(self, value) -> str | None:
         """None if ``value`` lies in the range, else why not ("must be a whole number >= 1")."""
         if value is None and self.optional:
             return None
-        if self.whole:
-            ok = isinstance(value, int) and not isinstance(value, bool) and self.contains(value)
-            return None if ok else f"must be a whole number {self.where()}"
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return f"must be a finite number {self.where()}"
+        if self.whole:  # ints, numpy's integers; not bools or floats
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and self.contains(value)
+            return None if ok else f"must be a whole number {self.where()}".rstrip()
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            return f"must be a finite number {self.where()}".rstrip()
         return None if self.contains(value) else f"must be a number {self.where()}"
+
+    def check(self, name: str, value, why: str = "", fix: str = ""):
+        """``value``, if it lies in the range; else a ValueError naming the parameter ``name``, the value and
+        the range, then ``why`` the range is what it is and ``fix``: "top_k=0 must be a whole number >= 1
+        (why). Fix: fix". The library's range check, in the words of its parameters; a script says them in
+        its flags (:func:`in_flags`, :func:`as_flags`: "--top-k 0 must be ...")."""
+        problem = self.problem(value)
+        if problem is not None:
+            raise ValueError(f"{name}={value!r} {problem}" + (f" ({why})" if why else "")
+                             + (f". Fix: {fix}" if fix else ""))
+        return value
 
     def argtype(self, why: str = ""):
         """An argparse type: a value of this range (integers or finite floats), refused while parsing."""
@@ -167,7 +202,7 @@ class Range:
             except ValueError:
                 v = None
             if v is None and self.whole:
-                raise argparse.ArgumentTypeError(f"{s!r} is not an integer; pass {kind} {self.where()}")
+                raise argparse.ArgumentTypeError(f"{s!r} is not an integer; pass {kind} {self.where()}".rstrip())
             if v is None or not math.isfinite(v):
                 raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
             if not self.contains(v):

@@ -40,7 +40,7 @@ def wordnet_documents() -> list[str]:
         raise FileNotFoundError(
             "WordNet was not found by nltk. Point NLTK_DATA at a folder holding corpora/wordnet "
             "(here: NLTK_DATA=/work/shared/nltk_data), or run python -m nltk.downloader wordnet; "
-            "or train on a text file with --corpus path/to/file.txt"
+            "or train on a text file: corpus=path/to/file.txt"
         ) from e
     return [" ".join([s.definition().strip() + "."] + [x.strip() for x in s.examples()]) for s in synsets]
 
@@ -74,7 +74,7 @@ def gcide_documents(path: Path | str = GCIDE_PATH, min_words: int = 6) -> list[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GCIDE not found at {path}: install Debian's dict-gcide "
-                                "(apt-get install dict-gcide), or leave gcide out of --corpus")
+                                "(apt-get install dict-gcide), or leave gcide out of the corpus")
     text = gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
     start = text.find("\nA \\A\\")  # the licence and database notes come before the first entry
     entries = re.split(r"\n\s*\n(?=\S)", text[start:] if start >= 0 else text)
@@ -97,7 +97,7 @@ def sources(spec: str) -> list[tuple[str, list[str], dict]]:
     """(name, documents, card info) for each source of a ``+``-joined corpus spec."""
     names = [s.strip() for s in spec.split("+")]
     if not spec.strip() or any(not n for n in names):
-        raise ValueError(f"--corpus {spec!r}: name sources joined by '+', e.g. wordnet+gcide or a .txt path")
+        raise ValueError(f"corpus={spec!r}: name sources joined by '+', e.g. wordnet+gcide or a .txt path")
     out = []
     for name in names:
         if name == "wordnet":
@@ -112,8 +112,8 @@ def sources(spec: str) -> list[tuple[str, list[str], dict]]:
         else:
             path = Path(name)
             if not path.exists() and not path.is_symlink():
-                raise FileNotFoundError(f"--corpus {name}: no such file; pass a UTF-8 text file, 'wordnet' or 'gcide'")
-            docs = [read_text(path, name=f"--corpus {name}")]  # every text input alike: UTF-8, no byte-order mark
+                raise FileNotFoundError(f"corpus={name}: no such file; pass a UTF-8 text file, 'wordnet' or 'gcide'")
+            docs = [read_text(path, name=f"corpus={name}")]  # every text input alike: UTF-8, no byte-order mark
             info = {"source": str(path), "license": "as stated by the file's owner", "sha256": sha256_file(path)}
         out.append((name, docs, info | {"documents": len(docs)}))
     return out

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from clikit import Range
 from minigpt2.tokenizer import EOT_TOKEN, get_tokenizer
 
 IGNORE = -100  # label of a position without loss (Hugging Face / torch CE convention)
@@ -44,7 +45,7 @@ class TrainData:
             raise ValueError(f"attention_mask {tuple(self.attention_mask.shape)} must match input_ids "
                              f"{tuple(self.input_ids.shape)}")
         if len(self) == 0:
-            raise ValueError("the training data is empty: raise --fraction or use a larger corpus")
+            raise ValueError("the training data is empty: raise the fraction or use a larger corpus")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -95,13 +96,12 @@ def shard(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 
 def take_fraction(n: int, fraction: float, what: str = "examples") -> int:
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+    Range(0, 1, lo_open=True).check("fraction", fraction, why=f"the share of the {what} kept")
     if n < 1:
         raise ValueError(f"there are no {what} to take a fraction of")
     k = round(fraction * n)
     if k < 1:
-        raise ValueError(f"--fraction {fraction} of {n} {what} keeps none: raise --fraction")
+        raise ValueError(f"fraction={fraction} of {n} {what} keeps none. Fix: a larger fraction")
     return k
 
 
@@ -137,8 +137,7 @@ def corpus_tokens(corpus: str, repeat: int = 1, shuffle_seed: int = 0) -> tuple[
     """
     from .corpora import sources
 
-    if repeat < 1:
-        raise ValueError(f"--repeat-docs must be at least 1, got {repeat}")
+    Range(1, whole=True).check("repeat", repeat, why="how many times each document is read")
     parts = sources(corpus)
     docs = [doc for _, ds, _ in parts for doc in ds]
     if len(parts) > 1:
@@ -176,19 +175,16 @@ def add_repeats(blocks: np.ndarray, copy_spans: float, random_repeats: float, se
     copying needs exactly the previous token at the value (a previous-token head), where a
     repeated sequence is also served by a smear over the last few tokens.
     """
-    for flag, v in (("--copy-spans", copy_spans), ("--random-repeats", random_repeats), ("--recall", recall)):
-        if not 0 <= v <= 1:
-            raise ValueError(f"{flag} must be a fraction in [0, 1], got {v}")
+    for name, v in (("copy_spans", copy_spans), ("random_repeats", random_repeats), ("recall", recall)):
+        Range(0, 1).check(name, v, why="a fraction of the blocks")
     if copy_spans + random_repeats + recall > 1:
-        raise ValueError(f"--copy-spans {copy_spans} + --random-repeats {random_repeats} + --recall {recall} "
-                         "exceed 1")
-    if not isinstance(repeat_vocab, (int, np.integer)) or not 0 <= repeat_vocab <= vocab_size:
-        raise ValueError(f"--repeat-vocab must be an integer in [0, {vocab_size}] (0: the whole vocabulary), "
-                         f"got {repeat_vocab}")
+        raise ValueError(f"copy_spans={copy_spans} + random_repeats={random_repeats} + recall={recall} exceed 1: "
+                         "they are fractions of the same blocks")
+    Range(0, vocab_size, whole=True).check("repeat_vocab", repeat_vocab, why="0: the whole vocabulary")
     N, T = blocks.shape
-    if not isinstance(repeat_length, (int, np.integer)) or not (repeat_length == 0 or 8 <= repeat_length <= T // 2):
-        raise ValueError(f"--repeat-length must be 0 (up to half a block) or an integer in [8, {T // 2}] "
-                         f"(half of --block-size {T}, so that each sequence repeats), got {repeat_length}")
+    if Range(0, 0, whole=True).problem(repeat_length) is not None:  # not 0 (up to half a block)
+        Range(8, T // 2, whole=True).check("repeat_length", repeat_length, why=f"or 0, up to half a block: half of "
+                                           f"the block_size {T}, so that each sequence repeats")
     longest = repeat_length or max(8, T // 2)
     pool = frequent_tokens(blocks, repeat_vocab, vocab_size) if repeat_vocab else None
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
@@ -234,15 +230,13 @@ def pretrain_data(corpus: str, block_size: int, fraction: float = 1.0, eval_bloc
     ``copy_spans`` / ``random_repeats`` / ``recall`` (see ``add_repeats``) change training blocks only, so
     the held-out loss is measured on plain text the model never saw.
     """
-    if block_size < 1:
-        raise ValueError(f"--block-size must be at least 1, got {block_size}")
-    if eval_blocks < 1:
-        raise ValueError(f"--eval-size must be at least 1 held-out block, got {eval_blocks}")
+    Range(1, whole=True).check("block_size", block_size, why="tokens per block")
+    Range(1, whole=True).check("eval_blocks", eval_blocks, why="held-out blocks")
     stream, source_info = corpus_tokens(corpus, repeat, shuffle_seed=seed)
     n_blocks = len(stream) // block_size
     if n_blocks < eval_blocks + 1:
         raise ValueError(f"corpus {corpus!r} has {len(stream)} tokens, {n_blocks} blocks of {block_size}: too few "
-                         f"for {eval_blocks} held-out blocks plus training. Lower --block-size or --eval-size")
+                         f"for {eval_blocks} held-out blocks plus training. Lower block_size or eval_blocks")
     blocks = stream[:n_blocks * block_size].reshape(n_blocks, block_size)
     train, held_out = blocks[:n_blocks - eval_blocks], blocks[n_blocks - eval_blocks:]
     train = train[:take_fraction(len(train), fraction, "blocks")].copy()

@@ -27,6 +27,7 @@ import torch
 
 from minigpt2 import load_pretrained, save_pretrained
 from minigpt2.fileio import load_json, seal, umask
+from minigpt2.heads import Head
 from tpp.encoding import SPACES
 from clikit import Parser, integer, run
 
@@ -69,6 +70,11 @@ def eval_sets(master_size: int, data_seed: int, eval_size: int, single_size: int
 
 FORMATS = {"prompt": "the paper's: the prompt ends with a space, c follows on its own",
            "answer": "the prompt without its trailing space, the answer ' c'"}
+
+
+def _head_label(name: str) -> str:
+    """A logged head as the card shows it: "L3H1", also from older logs' "3.1"."""
+    return Head.parse(name).label
 
 
 def metrics_table(results: dict) -> str:
@@ -257,9 +263,9 @@ def card(args, meta: dict, results: dict, n_params: int, claims: dict | None = N
                   f"from the {copying['pool_size']:,} most frequent training tokens: loss {copying['loss_first']:.2f} "
                   f"on the first copy, {copying['loss_second']:.2f} on the second; "
                   f"{copying['induction_heads']} heads with an induction score > {copying['threshold']} "
-                  f"(largest {copying['induction_max']:.2f}, head {copying['induction_top'][0]}), "
+                  f"(largest {copying['induction_max']:.2f}, head {_head_label(copying['induction_top'][0])}), "
                   f"{copying['previous_heads']} with a previous-token score > {copying['threshold']} "
-                  f"(largest {copying['previous_max']:.2f}, head {copying['previous_top'][0]}).", ""]
+                  f"(largest {copying['previous_max']:.2f}, head {_head_label(copying['previous_top'][0])}).", ""]
     lines += ["## TPP metrics", "",
               f"Scored on the first token of c at the answer position (as the paper's Tables 1 and 2), on the "
               f"stored weights; eval sets built with seed {args.data_seed}, disjoint from the "

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from clikit import Range
+
 from . import fileio
 
 
@@ -26,6 +28,7 @@ class ConfigError(ValueError):
     """An invalid GPT-2 config; the message names where it came from, the field, and the fix."""
 
 
+POSITIVE, EPS = Range(1, whole=True), Range(0, 1, lo_open=True, hi_open=True)  # clikit's one range rule
 INT_FIELDS = ("n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "vocab_size")
 
 
@@ -33,7 +36,7 @@ def check_int(value, name: str, source: str) -> int:
     """``value`` as a positive int; a bool, a float (2.0 included) or a string is refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{source}: {name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
+    if POSITIVE.problem(value) is not None:
         raise ConfigError(f"{source}: {name} must be positive, got {value}")
     return int(value)
 
@@ -46,7 +49,7 @@ def check_eps(value, name: str, source: str) -> float:
         eps = float(value)
     except OverflowError:
         eps = math.inf
-    if not (math.isfinite(eps) and 0 < eps < 1):
+    if EPS.problem(eps) is not None:
         raise ConfigError(f"{source}: {name} must be a finite number in (0, 1), got {value!r} "
                           "(GPT-2 uses 1e-05)")
     return eps

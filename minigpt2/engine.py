@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from . import distributed
 from .hardware import parse_dtype
 from .progress import progress
 
@@ -399,6 +400,9 @@ class Core:
     - precision: :meth:`precision` (bf16 matmuls under autocast, fp32 residual stream);
     - the answer positions: the last block runs there only (:meth:`rest`, ``last=True``);
     - the unembedding: :meth:`logits` (ln_final and W_U, in blocks of the vocabulary on a CPU);
+    - distribution: given a process group, :meth:`chunks` is this rank's share of the one-process chunks,
+      :meth:`step` shares a rank's error with every rank, :meth:`gather` assembles every rank's
+      per-variant outputs exactly (minigpt2.distributed);
     - the device: the model's.
 
     Attention and MLP maths stay in model.py; the model never calls back into the engine.
@@ -409,14 +413,19 @@ class Core:
         positions: [B] the position each example's logits are read at, or None (every position).
         dtype: None (the model's precision) or torch.bfloat16.
         budget: bytes of activations per chunk (default :func:`memory_budget` of the device).
+        group: a torch.distributed process group over which the variants are split (:meth:`chunks` gives
+            this rank its share, :meth:`step` and :meth:`gather` bring them together exactly); None:
+            this process alone (the core never takes a default group: the runners resolve it,
+            minigpt2.distributed.resolve_group).
     """
 
     def __init__(self, model, attn: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                 dtype=None, budget: int | None = None):
+                 dtype=None, budget: int | None = None, group=None):
         self.model, self.cfg = model, model.cfg
         self.attn, self.positions = attn, positions
         self.dtype, self.budget = dtype, budget
         self.n_layer = model.cfg.n_layer
+        self.group = distributed.check_group(group)  # None: alone
 
     # --- rules ----------------------------------------------------------------------------------
     def precision(self, exact: bool = False):
@@ -430,8 +439,29 @@ class Core:
 
     def chunks(self, first: Sequence[int], per_row: int, B: int, max_rows: int | None = None) -> list[list[int]]:
         """The variants, ``first[v]`` the layer (or stage) where variant v departs from the base, in chunks of
-        as many as fit: the one chunking rule (:func:`join_schedule` over :meth:`rows`)."""
-        return join_schedule(first, self.rows(per_row, at_least=B, max_rows=max_rows) // B)
+        as many as fit: the one chunking rule (:func:`join_schedule` over :meth:`rows`). Distributed: this
+        rank's share of the one-process chunk list (the ranks agree on the smallest rows per chunk any
+        of them allows); a runner then calls :meth:`gather` after its chunks, every rank, even with none."""
+        rows = self.rows(per_row, at_least=B, max_rows=max_rows)
+        if self.group is None:
+            return join_schedule(first, rows // B)
+        rows = min(distributed.exchange(rows, None, self.group, "agreeing on the chunk size"))
+        return distributed.shard(join_schedule(first, rows // B), self.group)
+
+    def step(self, what: str = "the variants"):
+        """The context a rank computes its chunks in: an error in one rank is raised on every rank as one
+        minigpt2.distributed.DistributedError naming it, at the end of the step. Alone: nothing."""
+        return distributed.step(self.group, what)
+
+    def gather(self, outputs: dict[int, torch.Tensor], n: int) -> dict[int, torch.Tensor]:
+        """Every rank's per-variant outputs (variant -> tensor) of variants 0..n-1, exactly (the bytes
+        unchanged), on every rank, on the model's device; alone, ``outputs`` as it is."""
+        return distributed.gather(outputs, n, self.group, self.model.device)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process shows progress and writes: rank 0, or a process alone."""
+        return distributed.is_writer(self.group if self.group is not None else distributed.LOCAL)
 
     def mask(self, n: int, attn: torch.Tensor | None = None) -> torch.Tensor | None:
         """The attention mask of n variants' rows (the batch's, repeated), or None (causal)."""
@@ -524,6 +554,19 @@ class Core:
         return out.to(self.model.dtype)
 
 
+def prefix_kv(k: torch.Tensor, v: torch.Tensor, n: int = 1):
+    """The model's own KV-cache layer (minigpt2.generate's, as generation keeps its prompt's) holding keys and
+    values k, v [B, s, H, d_head] of positions before a block's own, for n variants' rows (repeated,
+    variant-major: [n * B, s, H, d_head]). ``Core.block(l, x, n, kv=prefix_kv(k, v, n))`` runs x's positions
+    after them: its keys and values are appended to these. The layer grows when used: one block call each.
+    Activation patching's rows start at position s with the corrupted run's keys and values before it."""
+    from .generate import KVCache  # the generation module imports nothing back: no cycle
+
+    layer = KVCache(1).layer(0)
+    layer.extend(k if n == 1 else k.repeat(n, 1, 1, 1), v if n == 1 else v.repeat(n, 1, 1, 1))
+    return layer
+
+
 def head_mask_bytes_per_row(cfg, T: int) -> int:
     """One row's transient activations in a head-mask chunk: a block's (all blocks' with autograd on)
     and its logits."""
@@ -543,6 +586,10 @@ class HeadMaskRunner:
             tokens of the same shape, row by row).
         dtype: None (the model's precision) or torch.bfloat16 (bf16 matmuls, fp32 residual).
         budget: bytes of activations per chunk (default :func:`memory_budget` of the device).
+        group: the torch.distributed group whose ranks split the variants (results equal to one process's,
+            bit for bit, on every rank); None: the default group where this process opted in
+            (minigpt2.distributed.init_from_env), else this process alone; minigpt2.distributed.LOCAL: alone.
+            Every rank of the group must make the same calls.
 
     ``runner.run(masks)`` evaluates variants against the base (all heads kept, until
     ``runner.rebase(mask)`` makes another mask the base: the search's current circuit).
@@ -551,7 +598,7 @@ class HeadMaskRunner:
     def __init__(self, model, tokens, ablation: str = "zero", reference: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None, mean_over: str = "position", dtype=None,
-                 budget: int | None = None):
+                 budget: int | None = None, group=None):
         check_model(model, "batched head masking")
         refuse_hooks(model, "batched head masking")
         self.model, cfg = model, model.cfg
@@ -576,7 +623,7 @@ class HeadMaskRunner:
             self.r[-1][self.positions][:, None] if self.r[-1].ndim == 3 else self.r[-1])
         self.attn = model.attention_mask(attention_mask, T, T)  # [B, 1, T, T] or None (causal)
         self.budget = budget
-        self.core = Core(model, self.attn, self.positions, self.dtype, budget)
+        self.core = Core(model, self.attn, self.positions, self.dtype, budget, distributed.resolve_group(group))
         self.base = torch.ones(cfg.n_layer, cfg.n_head, dtype=model.dtype, device=dev)
         self._resid: list[torch.Tensor] = []  # base: the residual stream entering layer l [B, T, d_model]
         self._z: list[torch.Tensor] = []  # base: layer l's z before its edit [B, T, H, d_head]
@@ -646,13 +693,14 @@ class HeadMaskRunner:
                             torch.full_like(differs[:, 0], L, dtype=torch.long)).tolist()
         chunks = self.core.chunks(first, self.bytes_per_row(), B, max_rows)
         outputs: dict[int, torch.Tensor] = {}
-        with self.core.precision():
-            for chunk in progress_bar(chunks, "head-mask variants", "chunk", progress):
+        with self.core.precision(), self.core.step("head-mask variants"):
+            for chunk in progress_bar(chunks, "head-mask variants", "chunk", progress and self.core.writer):
                 x = self._chunk(masks, chunk, [first[v] for v in chunk])  # [n * B, d_model], in chunk order
                 logits = self.core.logits(x).view(len(chunk), B, -1)
                 values = logits if metric is None else check_metric_values(metric(logits), len(chunk), "metric",
                                                                             "logits [n, B, vocab] -> [n, ...]")
                 outputs.update(zip(chunk, values))
+        outputs = self.core.gather(outputs, masks.shape[0])  # distributed: every rank's share, exactly
         return torch.stack([outputs[v] for v in range(masks.shape[0])])
 
     def _chunk(self, masks: torch.Tensor, chunk: list[int], first: list[int]) -> torch.Tensor:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clikit import Range
+
 if TYPE_CHECKING:  # the model imports this module (GenerateMixin, KVCache): no import back at run time
     from .model import GPT2
 
@@ -167,14 +169,10 @@ def _is_number(x) -> bool:
 
 
 def _check_args(max_new_tokens, temperature, top_k, top_p, freq_penalty, do_sample, return_type) -> None:
-    if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not _is_number(temperature) or math.isnan(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    Range(0, whole=True).check("max_new_tokens", max_new_tokens)
+    Range(0).check("temperature", temperature, why="0: the most likely token")
+    Range(1, whole=True, optional=True).check("top_k", top_k, why="None: every token")
+    Range(0, 1, lo_open=True, optional=True).check("top_p", top_p, why="None: every token")
     if not _is_number(freq_penalty) or math.isnan(freq_penalty):
         raise ValueError(f"freq_penalty must be a number, got {freq_penalty!r}")
     if do_sample not in (True, False):

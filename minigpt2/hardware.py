@@ -86,3 +86,91 @@ def resolve_device(name=None, unset: str = "(or leave the device out: cuda if av
     elif device.type != "cpu":
         raise ValueError(f"{device}: a {device.type} device cannot run the model here; pass cpu, cuda or cuda:N")
     return device
+
+
+# ---------------------------------------------------------------- will bf16 pay? (issue 27)
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # /proc/cpuinfo's x86 flags (AMX, AVX-512 BF16); aarch64's bf16
+# Below this d_model a bf16 matmul is no faster than fp32 on a CPU: measured on an AMD EPYC with avx512_bf16 (no
+# AMX), torch 2.13, one thread, F.linear [64 rows, d] x [d, 4d] (BENCHMARKS.md, "bf16 on this CPU (issue 27)"):
+# 0.25x at d 16, 0.46x at 32, 0.76x at 48, 1.0x at 64, 1.35x at 96, 1.4-2.4x at 144.
+BF16_MIN_D_MODEL = 64
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str] | None:
+    """The CPU's feature flags, read from ``cpuinfo`` (the text of /proc/cpuinfo; default: that file), or None
+    where they cannot be read (no /proc/cpuinfo: macOS, Windows). x86's "flags" and aarch64's "Features" lines."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return frozenset(flags) if flags else None
+
+
+def _cpu_name(cpuinfo: str | None) -> str:
+    text = cpuinfo
+    if text is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return "this CPU"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "model name" and value.strip():
+            return f"this CPU ({value.strip()})"
+    return "this CPU"
+
+
+def _d_model(model) -> int:
+    """d_model of a model (a GPT2), a config (GPT2Config) or a width."""
+    if isinstance(model, int):
+        return model
+    cfg = getattr(model, "cfg", model)
+    d = getattr(cfg, "d_model", None)
+    if not isinstance(d, int):
+        raise TypeError(f"bf16_outlook: pass a model, its config or its d_model, got {type(model).__name__}")
+    return d
+
+
+def bf16_outlook(model, device=None, *, metric_step: float = 0.0, cpuinfo: str | None = None,
+                 cuda_bf16: bool | None = None) -> str | None:
+    """Why bf16 cannot be faster than fp32 for ``model`` on ``device``, or None where it can: what a command
+    taking ``--dtype bf16`` prints before any work (advice: the run goes on, and its results stay exact).
+
+    ``model``: a GPT2, its config or its d_model. ``device``: where it runs (default: the model's, else the
+    CPU). The reasons: a CPU without bf16 units (neither amx_bf16 nor avx512_bf16 in ``cpuinfo``, default
+    /proc/cpuinfo; an unreadable one says nothing), where torch emulates bf16 matmuls; a GPU without bf16
+    (``cuda_bf16``, default torch.cuda.is_bf16_supported()); on a CPU, a d_model below
+    :data:`BF16_MIN_D_MODEL`; a right-or-wrong metric (``metric_step`` > 0, accuracy), whose bf16 error
+    margin is at least a few examples, so that most decisions of a search are re-checked in fp32.
+    """
+    device = torch.device(device if device is not None else getattr(model, "device", "cpu"))
+    d_model, reasons = _d_model(model), []
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
+        if not supported:
+            reasons.append(f"this GPU has no bf16 arithmetic (torch.cuda.is_bf16_supported() is False), so bf16 "
+                           "is emulated and slower than fp32")
+    elif device.type == "cpu":
+        flags = cpu_flags(cpuinfo)
+        if flags is not None and not flags.intersection(BF16_CPU_FLAGS):
+            reasons.append(f"{_cpu_name(cpuinfo)} has neither amx_bf16 nor avx512_bf16, so torch emulates bf16 "
+                           "matmuls: about 6x slower than fp32 on an AVX2 CPU (BENCHMARKS.md)")
+        if d_model < BF16_MIN_D_MODEL:
+            reasons.append(f"the model is too small: at d_model {d_model} (below {BF16_MIN_D_MODEL}) a bf16 matmul "
+                           "is no faster than fp32 on a CPU, and bf16 adds casts")
+    if metric_step > 0:
+        reasons.append("a right-or-wrong metric (accuracy) moves in whole examples, so bf16's error margin covers "
+                       "most of a search's decisions and they are re-checked in fp32: bf16 then costs more than "
+                       "fp32; use a smooth metric (logit_diff, loss, kl)")
+    if not reasons:
+        return None
+    return "bf16 will not be faster than fp32 here: " + "; ".join(reasons) + ". Results stay exact; --dtype fp32 " \
+           "is the faster choice."

@@ -16,6 +16,8 @@ import operator
 import re
 from typing import NamedTuple
 
+from clikit import Range
+
 _PATTERNS = (re.compile(r"L(\d+)H(\d+)"), re.compile(r"a(\d+)\.h(\d+)"), re.compile(r"(\d+)\.(\d+)"))
 
 
@@ -59,9 +61,7 @@ class Head(NamedTuple):
     def from_index(cls, index: int, n_head: int) -> "Head":
         """The head at flat (layer-major) ``index`` of a model with ``n_head`` heads per layer."""
         index, n_head = _whole("flat index", index), _whole("n_head", n_head)
-        if n_head < 1:
-            raise ValueError(f"n_head must be >= 1, got {n_head}")
-        return cls(*divmod(index, n_head))
+        return cls(*divmod(index, Range(1, whole=True).check("n_head", n_head)))
 
     def flat_index(self, n_head: int) -> int:
         """The flat (layer-major) index: ``layer * n_head + head``."""

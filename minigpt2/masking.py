@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from clikit import Range
+
 from .engine import (ABLATIONS, HeadMaskRunner, Metric, check_ablation, check_batch, check_masks, check_metric_values,
                      check_model, head_edit, last_positions, replacement_values)
 
@@ -52,7 +54,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
                         ablation: str = "zero", reference: torch.Tensor | None = None,
                         attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
                         mean_over: str = "position", metric=None, max_rows: int | None = None,
-                        progress: bool = False, dtype=None, *, mode: str | None = None) -> torch.Tensor:
+                        progress: bool = False, dtype=None, *, mode: str | None = None, group=None) -> torch.Tensor:
     """Evaluate V head-ablation variants of a batch at once.
 
     Args:
@@ -68,6 +70,10 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
         dtype: None (the model's precision) or torch.bfloat16: bf16 matmuls with fp32 accumulation,
             fp32 residual stream, layer norms and metric (see minigpt2.engine).
         mode: deprecated name of ``ablation`` (a DeprecationWarning).
+        group: a torch.distributed process group whose ranks split the variants, each rank getting the whole
+            result, bit for bit the one-process result; None: the default group once this process opted in
+            (minigpt2.distributed.init_from_env, as circuits.py under torchrun), else this process alone;
+            minigpt2.distributed.LOCAL: alone. Every rank must make the call. See minigpt2.distributed.
 
     Returns:
         logits [V, B, vocab] at ``positions``, or the metric's values concatenated over variants.
@@ -76,7 +82,7 @@ def run_with_head_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, 
     """
     ablation = _ablation_argument(ablation, mode, "run_with_head_masks")
     runner = HeadMaskRunner(model, tokens, ablation, reference, attention_mask, reference_mask, positions, mean_over,
-                            dtype=dtype)
+                            dtype=dtype, group=group)
     return runner.run(masks, metric=metric, max_rows=max_rows, progress=progress)
 
 
@@ -139,10 +145,8 @@ def _size(name: str, n) -> int:
     if value is None or isinstance(n, bool):
         raise TypeError(f"single_head_masks: {name} must be an integer >= 1, got {n!r} ({type(n).__name__}); "
                         "pass model.cfg.n_layer, model.cfg.n_head")
-    if value < 1:
-        raise ValueError(f"single_head_masks: {name} must be >= 1, got {value}: a model has at least one layer of "
-                         "at least one head; pass model.cfg.n_layer, model.cfg.n_head")
-    return value
+    return Range(1, whole=True).check(f"single_head_masks: {name}", value, why="a model has at least one layer of "
+                                      "at least one head", fix="pass model.cfg.n_layer, model.cfg.n_head")
 
 
 def single_head_masks(n_layer: int, n_head: int, include_clean: bool = True, dtype=torch.float32) -> torch.Tensor:

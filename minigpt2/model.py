@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clikit import Range
+
 from .config import GPT2Config
 from .generate import GenerateMixin, KVCache, KVCacheError  # noqa: F401  (KVCache, KVCacheError: also here)
 from .hooks import HookedModule, HookPoint
@@ -596,10 +598,8 @@ class GPT2(LensMixin, GenerateMixin, HeadMaskMixin, PretrainedMixin, HookedModul
             stop_at_layer = None
         if stop_at_layer is None or isinstance(given, bool):
             raise TypeError(f"stop_at_layer must be an integer (a block index) or None, got {given!r}")
-        if not -L <= stop_at_layer <= L:
-            raise ValueError(f"stop_at_layer must be an integer in [-{L}, {L}] (the residual stream entering that "
-                             f"block; {L}: after the last), got {stop_at_layer!r}")
-        return stop_at_layer
+        return Range(-L, L, whole=True).check("stop_at_layer", stop_at_layer,
+                                              why=f"the residual stream entering that block; {L}: after the last")
 
     @staticmethod
     def check_positions(positions: torch.Tensor, B: int, T: int) -> torch.Tensor:

@@ -32,8 +32,11 @@ per forward, each patch a group of B rows (variants x examples), with exactly th
   values and logits are the corrupted run's, and only positions s.. are recomputed. The position s
   is found by comparing the patched activation with the corrupted one, so any patch setter works;
   a patch that changes nothing gets the corrupted run's metric;
-- patches are grouped by s and run in chunks of rows bounded by a memory budget (``max_rows``),
-  and the unembedding runs in blocks of the vocabulary, which is faster on CPUs.
+- the computation is the engine core's (:class:`minigpt2.engine.Core`): the model's blocks, with the
+  corrupted keys and values before s in a KV-cache layer (as generation keeps its prompt's); patches
+  grouped by s run in chunks of rows sized by its memory rule (:func:`minigpt2.engine.memory_budget`,
+  MINIGPT2_MEMORY_BUDGET included; ``max_rows`` overrides it); the unembedding is its own
+  (``Core.logits``: in blocks of the vocabulary on a CPU, where that is faster).
 
 The patched activation is the setter applied to the corrupted run's activation (upstream of the
 patch nothing changed, so that is what TransformerLens's hook receives), computed before the
@@ -71,7 +74,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .engine import MetricError, check_metric_values
+from .engine import Core, MetricError, check_max_rows, check_metric_values, memory_budget, prefix_kv, progress_bar
 from .model import GPT2
 from .utils import get_act_name
 
@@ -92,11 +95,6 @@ __all__ = [
     "get_act_patch_attn_head_pattern_all_pos", "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every", "get_act_patch_block_every",
 ]
-
-MEMORY_BUDGET = 2**30  # bytes of activations per chunk (default of max_rows)
-LOGIT_BUDGET = 2**28  # bytes of logits computed at once
-PATCH_BUDGET = 2**28  # bytes of patched activations kept between planning and running (the rest are recomputed)
-VOCAB_BLOCK = 2048  # columns of the unembedding per matmul
 
 
 class CleanCacheError(ValueError):
@@ -249,25 +247,8 @@ def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, cl
 
 
 # ----------------------------------------------------------------------------- the batched engine
-class _Prefix:
-    """Stands in for a KV cache: the corrupted run's keys and values at positions < s, before this call's."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, copies: int):
-        self.k, self.v = k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1)  # [N, s, H, d_head]
-
-    def extend(self, k, v):
-        return torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
-
-
-class _Whole:
-    """Stands in for a KV cache: every position's keys and values, computed beforehand (the block's own, for the
-    positions it runs at, are the same values)."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-
-    def extend(self, k, v):
-        return self.k, self.v
+LOGIT_SHARE = 4  # the logits computed at once take at most 1/LOGIT_SHARE of the memory budget
+PATCH_SHARE = 4  # patched activations kept between planning and running: 1/PATCH_SHARE of it (the rest are recomputed)
 
 
 def _replace_rows(start: int, stop: int, value: torch.Tensor):
@@ -279,25 +260,6 @@ def _replace_rows(start: int, stop: int, value: torch.Tensor):
     return hook
 
 
-def _unembed_blocks(model: GPT2, x: torch.Tensor):
-    """ln_final and the tied unembedding of x [..., d_model], in blocks of the vocabulary: yields (start,
-    logits[..., start:start + k]). On CPUs one [rows, V] matmul runs at about half the speed: its output
-    does not stay in cache."""
-    h = model.ln_final(x)
-    W = model.wte.weight  # [V, d_model]
-    step = VOCAB_BLOCK if x.device.type == "cpu" else W.shape[0]
-    for i in range(0, W.shape[0], step):
-        yield i, h @ W[i:i + step].T
-
-
-def _unembed(model: GPT2, x: torch.Tensor) -> torch.Tensor:
-    """x [..., d_model] -> logits [..., V], as model.to_logits (when the unembedding is tied to wte)."""
-    out = x.new_empty(*x.shape[:-1], model.wte.weight.shape[0])
-    for i, block in _unembed_blocks(model, x):
-        out[..., i:i + block.shape[-1]] = block
-    return out
-
-
 class _Patch:
     __slots__ = ("i", "index", "name", "layer", "start")
 
@@ -305,46 +267,48 @@ class _Patch:
         self.i, self.index, self.name, self.layer, self.start = i, index, name, layer, None
 
 
-@torch.no_grad()
-def _run_patches(model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric, patch_setter: PatchSetter,
-                 patches: list[_Patch], tl_names: dict[str, str], batched_metric: bool,
-                 logit_positions, max_rows: int | None, progress: bool) -> list[float]:
-    cfg, L = model.cfg, model.cfg.n_layer
-    B, T = tokens.shape
-    names = sorted({p.name for p in patches})
-    wanted = ([f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{l}.attn.hook_{kv}" for l in range(L)
-              for kv in "kv"] + [f"blocks.{L - 1}.hook_resid_post"] + names)
-    corrupted_logits, cache = model.run_with_cache(tokens, names=list(dict.fromkeys(wanted)))
-    clean = {n: _clean_activation(clean_cache, n, tl_names[n]) for n in names}
-    for n in names:
-        _check_clean(n, clean[n], cache[n])
-        clean[n] = clean[n].to(model.device)
+class _PatchRun:
+    """The patched runs of one call, on the engine core (:class:`minigpt2.engine.Core`: its blocks, its
+    chunking rule, its unembedding): the corrupted run once, then the patches in chunks of one start
+    position s, each patch B rows that join the batch at its block with the corrupted run's keys and values
+    before s (a KV-cache layer, :func:`minigpt2.engine.prefix_kv`)."""
 
-    if logit_positions is not None:
+    def __init__(self, model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric, patch_setter: PatchSetter,
+                 names: dict[str, str], batched_metric: bool, logit_positions, max_rows: int | None):
+        self.model, self.core, self.L = model, Core(model), model.cfg.n_layer
+        self.B, self.T = tokens.shape
+        self.metric, self.setter, self.batched, self.max_rows = patching_metric, patch_setter, batched_metric, max_rows
+        self.lp = self._logit_positions(logit_positions)
+        L = self.L
+        wanted = ([f"blocks.{l}.hook_resid_pre" for l in range(L)]
+                  + [f"blocks.{l}.attn.hook_{kv}" for l in range(L) for kv in "kv"] + sorted(names))
+        self.corrupted_logits, self.cache = model.run_with_cache(tokens, names=list(dict.fromkeys(wanted)))
+        self.clean = {n: _clean_activation(clean_cache, n, names[n]) for n in sorted(names)}  # a missing one first
+        for n, clean in self.clean.items():
+            _check_clean(n, clean, self.cache[n])
+            self.clean[n] = clean.to(model.device)
+        self.act_per_token = max((self.cache[n].numel() // (self.B * self.T) for n in names), default=0)
+        self.stored: dict[int, torch.Tensor] = {}  # patched activations kept from planning, by patch
+        self._nan: torch.Tensor | None = None
+
+    def _logit_positions(self, logit_positions) -> list[int] | None:
+        """The positions the metric reads, sorted, counted from 0; None: every position."""
+        if logit_positions is None:
+            return None
+        T = self.T
         given = torch.as_tensor(logit_positions).reshape(-1).tolist()
         if not given or any(not -T <= int(p) < T for p in given):
             raise ValueError(f"logit_positions must be positions of the {T}-token prompts (negative ones count from "
                              f"the end), got {logit_positions!r}")
-        lp = sorted({int(p) % T for p in given})
+        return sorted({int(p) % T for p in given})
 
-    # The fast unembedding must agree with the model's own (guards against a model without tied weights).
-    fast = True
-    probe = cache[f"blocks.{L - 1}.hook_resid_post"][:1, -1:]
-    if not torch.allclose(_unembed(model, probe), corrupted_logits[:1, -1:], rtol=1e-4, atol=1e-4):
-        fast = False
-
-    def unembed(x):
-        return _unembed(model, x) if fast else model.to_logits(x)
-
-    # The patched activations; where each first differs from the corrupted one (None: it does not).
-    stored: dict[int, torch.Tensor] = {}
-    stored_bytes = 0
-
-    def patched(p: _Patch) -> torch.Tensor:
-        if p.i in stored:
-            return stored[p.i]
-        act = cache[p.name]
-        out = patch_setter(act.clone(), p.index, clean[p.name])
+    # --- the patched activations ---------------------------------------------------------------
+    def patched(self, p: _Patch) -> torch.Tensor:
+        """The setter applied to (a copy of) the corrupted run's activation, checked."""
+        if p.i in self.stored:
+            return self.stored[p.i]
+        act = self.cache[p.name]
+        out = self.setter(act.clone(), p.index, self.clean[p.name])
         if out is None:
             raise TypeError("patch_setter returned None: return the patched activation (in TransformerLens an edit "
                             "in place without a return is lost whenever activations require grad, its default)")
@@ -354,152 +318,174 @@ def _run_patches(model: GPT2, tokens: torch.Tensor, clean_cache, patching_metric
                              f"activation's shape {tuple(act.shape)}")
         return out
 
-    for p in patches:
-        act, out = cache[p.name], patched(p)
-        axis = _pos_axis(p.name)
-        differs = (out != act).movedim(axis, 0).reshape(act.shape[axis], -1).any(dim=1)
-        first = int(differs.float().argmax()) if bool(differs.any()) else None
-        if first is not None and logit_positions is not None and first > lp[-1]:
-            first = None  # changes only positions the metric does not read
-        p.start = first
-        if first is not None and stored_bytes + out.numel() * out.element_size() <= PATCH_BUDGET:
-            stored[p.i] = out
-            stored_bytes += out.numel() * out.element_size()
+    def plan(self, patches: list[_Patch]) -> None:
+        """Each patch's start: the first position where its activation differs from the corrupted one (None:
+        nowhere the metric reads). Patched activations are kept while they fit a share of the memory budget."""
+        room = memory_budget(self.model.device) // PATCH_SHARE
+        for p in patches:
+            act, out = self.cache[p.name], self.patched(p)
+            axis = _pos_axis(p.name)
+            differs = (out != act).movedim(axis, 0).reshape(act.shape[axis], -1).any(dim=1)
+            first = int(differs.float().argmax()) if bool(differs.any()) else None
+            if first is not None and self.lp is not None and first > self.lp[-1]:
+                first = None  # changes only positions the metric does not read
+            p.start = first
+            size = out.numel() * out.element_size()
+            if first is not None and size <= room:
+                self.stored[p.i] = out
+                room -= size
 
-    results: list[float | None] = [None] * len(patches)
-    V = corrupted_logits.shape[-1]
-    nan_buffer: list[torch.Tensor] = []
+    def chunks(self, patches: list[_Patch]) -> list[list[_Patch]]:
+        """The patches that change something, by start position, in chunks of rows sized by the engine's rule
+        (Core.rows: the memory budget, or ``max_rows``); in a chunk, by (layer, name, i)."""
+        live = sorted((p for p in patches if p.start is not None), key=lambda p: (p.start, p.layer, p.name, p.i))
+        cfg, B, T = self.model.cfg, self.B, self.T
+        per_token = 4 * (6 * cfg.d_model + 2 * cfg.d_mlp + 3 * cfg.n_head * T + self.act_per_token)
+        chunks: list[list[_Patch]] = []
+        for s, group in itertools.groupby(live, key=lambda p: p.start):
+            group = list(group)
+            n = max(1, self.core.rows(per_token * (T - s), at_least=B, max_rows=self.max_rows) // B)
+            chunks += [group[i:i + n] for i in range(0, len(group), n)]
+        return chunks
 
-    def nan_buffer_for(n: int) -> torch.Tensor:
-        """[n, B, T, V] of NaN but at the logit positions (which every use overwrites): reused between calls."""
-        if not nan_buffer or nan_buffer[0].shape[0] < n:
-            nan_buffer[:] = [corrupted_logits.new_full((n, B, T, V), float("nan"))]
-        return nan_buffer[0][:n]
+    # --- the blocks --------------------------------------------------------------------------------
+    def prefix(self, l: int, s: int, n: int):
+        """The corrupted run's keys and values of block l before position s, for n patches' rows (a KV-cache
+        layer), or None when s is 0."""
+        if not s:
+            return None
+        return prefix_kv(self.cache[f"blocks.{l}.attn.hook_k"][:, :s], self.cache[f"blocks.{l}.attn.hook_v"][:, :s], n)
 
-    def metric_inputs(x: torch.Tensor, s: int, narrowed: bool = False):
-        """The logits of n patches from their residual stream x [n, B, T - s, d_model] at positions s.. (``narrowed``:
-        [n, B, k, d_model] at the k logit positions >= s): one [n, B, T, V] tensor with batched_metric or logit_positions, else n fresh
-        [B, T, V] tensors (one each: a big fresh tensor costs a page fault per 4 KiB, ones of a patch's size are
-        recycled by the allocator)."""
-        n = x.shape[0]
-        if logit_positions is not None:
-            buf = nan_buffer_for(n)
-            before, after = [q for q in lp if q < s], [q for q in lp if q >= s]
-            if before:
-                buf[:, :, before] = corrupted_logits[:, before]
-            if after:
-                buf[:, :, after] = unembed(x if narrowed else x[:, :, [q - s for q in after]])
-            return buf
-        outs = [corrupted_logits.new_empty(n, B, T, V)] if batched_metric else \
-            [corrupted_logits.new_empty(B, T, V) for _ in range(n)]
-        for out in outs:
-            if s:
-                out[..., :s, :] = corrupted_logits[:, :s]
-        for i, block in (_unembed_blocks(model, x) if fast else [(0, model.to_logits(x))]):  # [n, B, T - s, k]
-            cols = slice(i, i + block.shape[-1])
-            if batched_metric:
-                outs[0][:, :, s:, cols] = block
-            else:
-                for out, b in zip(outs, block):
-                    out[:, s:, cols] = b
-        return outs[0] if batched_metric else outs
-
-    def evaluate(logits: torch.Tensor, group: list[_Patch]):
-        if batched_metric:
-            for p, v in zip(group, _metric_value(patching_metric, logits, True, len(group))):
-                results[p.i] = v
-        else:
-            for j, p in enumerate(group):
-                results[p.i] = _metric_value(patching_metric, logits[j], False)[0]
-
-    # The corrupted run's metric: what patches that change nothing get, and a check of the metric's contract
-    # before any patched run.
-    if logit_positions is None:
-        logits = corrupted_logits[None]
-    else:
-        logits = nan_buffer_for(1)
-        logits[:, :, lp] = corrupted_logits[:, lp]
-    value = _metric_value(patching_metric, logits if batched_metric else logits[0], batched_metric)[0]
-    for p in patches:
-        if p.start is None:
-            results[p.i] = value
-
-    # Chunks: patches of one start position, at most max_rows rows (default: MEMORY_BUDGET of activations).
-    live = sorted((p for p in patches if p.start is not None), key=lambda p: (p.start, p.layer, p.name, p.i))
-    act_per_token = max((cache[n].numel() // (B * T) for n in names), default=0)
-    per_token = 4 * (6 * cfg.d_model + 2 * cfg.d_mlp + 3 * cfg.n_head * T + act_per_token)
-    chunks: list[list[_Patch]] = []
-    for s, group in itertools.groupby(live, key=lambda p: p.start):
-        group = list(group)
-        rows = max_rows if max_rows is not None else MEMORY_BUDGET // (per_token * (T - s))
-        n = max(1, rows // B)
-        chunks += [group[i:i + n] for i in range(0, len(group), n)]
-    if progress:
-        from .progress import progress as progress_bar
-        chunks = progress_bar(chunks, "activation patching", "chunk")
-
-    def block_rows(l: int, x: torch.Tensor, s: int, hooks) -> torch.Tensor:
+    def block_rows(self, l: int, x: torch.Tensor, s: int, hooks) -> torch.Tensor:
         """Block l on rows x [N, T - s, d_model] (positions s..; the corrupted keys and values before s)."""
-        kv = None if s == 0 else _Prefix(cache[f"blocks.{l}.attn.hook_k"][:, :s],
-                                         cache[f"blocks.{l}.attn.hook_v"][:, :s], x.shape[0] // B)
-        with model.hooks(hooks):
-            return model.blocks[l](x, None, kv=kv)
+        n = x.shape[0] // self.B
+        return self.core.block(l, x, n, kv=self.prefix(l, s, n), hooks=hooks)
 
-    def last_block_at(x: torch.Tensor, s: int, sel: list[int]) -> torch.Tensor:
+    def last_block_at(self, x: torch.Tensor, s: int, sel: list[int]) -> torch.Tensor:
         """The last block on rows x [N, T - s, d_model] that it does not patch, at positions s + sel only: keys
-        and values at every position, queries, W_O and the MLP at those: [N, len(sel), d_model]."""
-        block = model.blocks[L - 1]
-        _, k, v = block.attn.project(block.attn_input(x))
+        and values at every position, queries, W_O and the MLP at those: [N, len(sel), d_model]. The keys of
+        the other positions go into the KV-cache layer, the block appends those of ``sel``; the mask follows
+        that order of keys."""
+        l, n, dev = self.L - 1, x.shape[0] // self.B, x.device
+        others = sorted(set(range(x.shape[1])) - set(sel))
+        k, v = self.core.keys_values(l, x[:, others])
         if s:
-            prefix = _Prefix(cache[f"blocks.{L - 1}.attn.hook_k"][:, :s], cache[f"blocks.{L - 1}.attn.hook_v"][:, :s],
-                             x.shape[0] // B)
-            k, v = prefix.extend(k, v)
-        queries = torch.tensor([s + j for j in sel], device=x.device)
-        mask = (torch.arange(T, device=x.device)[None, :] <= queries[:, None])[None, None]  # [1, 1, len(sel), T]
-        return block(x[:, sel], mask, kv=_Whole(k, v))
+            before_k, before_v = (self.cache[f"blocks.{l}.attn.hook_{kv}"][:, :s].repeat(n, 1, 1, 1) for kv in "kv")
+            k, v = torch.cat([before_k, k], dim=1), torch.cat([before_v, v], dim=1)
+        key_pos = torch.tensor(list(range(s)) + [s + j for j in others + sel], device=dev)
+        query_pos = torch.tensor([s + j for j in sel], device=dev)
+        mask = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, len(sel), T]
+        return self.core.block(l, x[:, sel], n, kv=prefix_kv(k, v), mask=mask)
 
-    def joiners(joining: list[_Patch], l: int, s: int, offset: int):
+    def joiners(self, joining: list[_Patch], l: int, s: int, offset: int):
         """The rows of patches that start at block l (the corrupted resid_pre, repeated) and the hooks that put their
         patched activations in place, for rows counted from ``offset``."""
-        rows = cache[f"blocks.{l}.hook_resid_pre"][:, s:].repeat(len(joining), 1, 1)
+        rows = self.cache[f"blocks.{l}.hook_resid_pre"][:, s:].repeat(len(joining), 1, 1)
         hooks = []
         for name, members in itertools.groupby(joining, key=lambda p: p.name):
-            value = torch.cat([patched(p).narrow(_pos_axis(name), s, T - s) for p in members])
+            value = torch.cat([self.patched(p).narrow(_pos_axis(name), s, self.T - s) for p in members])
             hooks.append((name, _replace_rows(offset, offset + value.shape[0], value)))
             offset += value.shape[0]
         return rows, hooks
 
-    per_logit_row = 4 * V * T  # bytes of logits per example row (the NaN buffer is full-length too)
-    for chunk in chunks:
-        s = chunk[0].start
-        sel = None if logit_positions is None else [q - s for q in lp if q >= s]
+    def final_residual(self, chunk: list[_Patch]) -> tuple[torch.Tensor, bool]:
+        """The final residual stream of a chunk's patches (one start s), [n, B, T - s, d_model] in chunk order;
+        ``narrowed`` (second value): [n, B, k, d_model] at the k logit positions >= s only."""
+        s, L = chunk[0].start, self.L
+        sel = None if self.lp is None else [q - s for q in self.lp if q >= s]
         x, narrowed = None, False
         for l in range(chunk[0].layer, L):
             joining = [p for p in chunk if p.layer == l]
             # With logit positions, the last block runs at those positions only, for the rows patched before it.
-            shortcut = l == L - 1 and sel is not None and len(sel) < T - s and x is not None
+            shortcut = l == L - 1 and sel is not None and len(sel) < self.T - s and x is not None
             offset = 0 if shortcut or x is None else x.shape[0]
-            rows, hooks = joiners(joining, l, s, offset) if joining else (None, [])
+            rows, hooks = self.joiners(joining, l, s, offset) if joining else (None, [])
             if shortcut:
-                parts = [last_block_at(x, s, sel)]
+                parts = [self.last_block_at(x, s, sel)]
                 if rows is not None:
-                    parts.append(block_rows(l, rows, s, hooks)[:, sel])
+                    parts.append(self.block_rows(l, rows, s, hooks)[:, sel])
                 x, narrowed = torch.cat(parts), True
             else:
                 if rows is not None:
                     x = rows if x is None else torch.cat([x, rows])
-                x = block_rows(l, x, s, hooks)
-        # Row order of x: patches sorted by (layer, name, i), as `chunk` is.
-        x = x.view(len(chunk), B, x.shape[1], cfg.d_model)
-        step = max(1, LOGIT_BUDGET // (B * per_logit_row))
-        for i in range(0, len(chunk), step):
-            logits = metric_inputs(x[i:i + step], s, narrowed)
-            evaluate(logits, chunk[i:i + step])
-            del logits
-    return results
+                x = self.block_rows(l, x, s, hooks)
+        return x.view(len(chunk), self.B, x.shape[1], x.shape[-1]), narrowed
+
+    # --- logits and the metric ---------------------------------------------------------------------
+    def nan_buffer(self, n: int) -> torch.Tensor:
+        """[n, B, T, V] of NaN but at the logit positions (which every use overwrites): reused between calls."""
+        if self._nan is None or self._nan.shape[0] < n:
+            self._nan = self.corrupted_logits.new_full((n, *self.corrupted_logits.shape), float("nan"))
+        return self._nan[:n]
+
+    def metric_inputs(self, x: torch.Tensor, s: int, narrowed: bool = False):
+        """The logits of n patches from their residual stream x [n, B, T - s, d_model] at positions s..
+        (``narrowed``: [n, B, k, d_model] at the k logit positions >= s): one [n, B, T, V] tensor with
+        batched_metric or logit_positions, else n fresh [B, T, V] tensors (one each: a big fresh tensor costs
+        a page fault per 4 KiB, ones of a patch's size are recycled by the allocator)."""
+        n, corrupted = x.shape[0], self.corrupted_logits
+        if self.lp is not None:
+            buf = self.nan_buffer(n)
+            before, after = [q for q in self.lp if q < s], [q for q in self.lp if q >= s]
+            if before:
+                buf[:, :, before] = corrupted[:, before]
+            if after:
+                buf[:, :, after] = self.core.logits(x if narrowed else x[:, :, [q - s for q in after]])
+            return buf
+        outs = [corrupted.new_empty(n, *corrupted.shape)] if self.batched else \
+            [corrupted.new_empty(corrupted.shape) for _ in range(n)]
+        for out in outs:
+            if s:
+                out[..., :s, :] = corrupted[:, :s]
+        for i, block in self.core.logit_blocks(x):  # [n, B, T - s, k]
+            cols = slice(i, i + block.shape[-1])
+            if self.batched:
+                outs[0][:, :, s:, cols] = block
+            else:
+                for out, b in zip(outs, block):
+                    out[:, s:, cols] = b
+        return outs[0] if self.batched else outs
+
+    def evaluate(self, logits, group: list[_Patch], results: list) -> None:
+        """The metric of each patch of ``group`` on its logits, into ``results``."""
+        if self.batched:
+            for p, v in zip(group, _metric_value(self.metric, logits, True, len(group))):
+                results[p.i] = v
+        else:
+            for j, p in enumerate(group):
+                results[p.i] = _metric_value(self.metric, logits[j], False)[0]
+
+    def corrupted_value(self) -> float:
+        """The metric on the corrupted run: what patches that change nothing get, and a check of the metric's
+        contract before any patched run."""
+        if self.lp is None:
+            logits = self.corrupted_logits[None]
+        else:
+            logits = self.nan_buffer(1)
+            logits[:, :, self.lp] = self.corrupted_logits[:, self.lp]
+        return _metric_value(self.metric, logits if self.batched else logits[0], self.batched)[0]
+
+    def run(self, patches: list[_Patch], progress: bool) -> list[float]:
+        """Every patch's value, in the order of ``patches`` (``p.i``)."""
+        self.plan(patches)
+        results: list[float | None] = [None] * len(patches)
+        value = self.corrupted_value()
+        for p in patches:
+            if p.start is None:
+                results[p.i] = value
+        per_logit_row = 4 * self.corrupted_logits.shape[-1] * self.T  # the NaN buffer is full-length too
+        with self.core.precision():
+            for chunk in progress_bar(self.chunks(patches), "activation patching", "chunk", progress):
+                x, narrowed = self.final_residual(chunk)  # rows: patches sorted by (layer, name, i), as `chunk` is
+                step = max(1, self.core.rows(LOGIT_SHARE * per_logit_row, at_least=self.B) // self.B)
+                for i in range(0, len(chunk), step):
+                    logits = self.metric_inputs(x[i:i + step], chunk[0].start, narrowed)
+                    self.evaluate(logits, chunk[i:i + step], results)
+                    del logits
+        return results
 
 
-def _check_args(model, clean_cache, patching_metric, patch_setter) -> None:
+def _check_args(model, clean_cache, patching_metric, patch_setter, max_rows) -> None:
     """Wrong types, named up front (TypeError) rather than deep inside the batched forward."""
     if not isinstance(model, GPT2):
         raise TypeError(f"model must be a minigpt2 GPT2 (e.g. load_pretrained(path)), got {type(model).__name__}")
@@ -512,6 +498,48 @@ def _check_args(model, clean_cache, patching_metric, patch_setter) -> None:
     if not callable(patch_setter):
         raise TypeError(f"patch_setter must be a callable (corrupted_activation, index, clean_activation) -> "
                         f"activation, got {type(patch_setter).__name__}")
+    check_max_rows(max_rows)
+
+
+def _indices(model: GPT2, corrupted_tokens, activation_name: str, index_axis_names, index_df, return_index_df: bool):
+    """The patches' indices, the output's shape, and the index DataFrame (made from the axes when asked)."""
+    if index_df is not None:
+        if index_axis_names is not None:
+            raise ValueError("give index_axis_names or index_df, not both")
+        return [row[1].to_list() for row in index_df.iterrows()], [len(index_df)], index_df
+    if index_axis_names is None:
+        raise ValueError("give index_axis_names (axes to iterate over, e.g. ('layer', 'pos')) or index_df")
+    ranges_by_axis = _axis_ranges(model, torch.as_tensor(corrupted_tokens), activation_name)
+    unknown = [a for a in index_axis_names if a not in ranges_by_axis]
+    if unknown:
+        raise ValueError(f"unknown index axis names {unknown}; choose from {sorted(ranges_by_axis)}")
+    shape = [ranges_by_axis[a] for a in index_axis_names]
+    indices = [list(t) for t in itertools.product(*[range(m) for m in shape])]
+    return indices, shape, make_df_from_ranges(shape, index_axis_names) if return_index_df else None
+
+
+def _refuse_hooks(model: GPT2) -> None:
+    hooked = [name for name, hp in model.hook_dict.items() if hp.active]
+    if hooked:
+        raise RuntimeError(f"activation patching runs blocks on part of the batch and positions, so the model's "
+                           f"own hooks would see partial activations; active hooks: {', '.join(hooked[:3])}"
+                           f"{' ...' if len(hooked) > 3 else ''}. Remove them (model.reset_hooks()) first")
+
+
+def _patches(model: GPT2, indices: list[list], activation_name: str) -> tuple[list[_Patch], dict[str, str]]:
+    """One patch per index, at the hook ``get_act_name(activation_name, layer=index[0])``, which must be inside a
+    block; and each hook's name as TransformerLens spells it (the clean cache may hold either)."""
+    patches, tl_names = [], {}
+    for i, index in enumerate(indices):
+        tl_name = get_act_name(activation_name, layer=index[0])
+        name = _model_name(model, tl_name)
+        tl_names[name] = tl_name
+        m = re.match(r"blocks\.(\d+)\.", name)
+        if m is None or not 0 <= int(m.group(1)) < model.cfg.n_layer:
+            raise ValueError(f"{name!r} is not an activation inside a block: patching works on blocks.<layer>.* "
+                             "hooks (as in TransformerLens, the first index is the layer)")
+        patches.append(_Patch(i, index, name, int(m.group(1))))
+    return patches, tl_names
 
 
 def generic_activation_patch(
@@ -552,50 +580,23 @@ def generic_activation_patch(
         return_index_df: also return the DataFrame of indices (needs pandas).
         batched_metric: call the metric on many patches' logits at once (see the module docstring).
         logit_positions: the only positions the metric reads; the others are NaN in its input.
-        max_rows: rows (patches x B) per chunk of the batched forward; default: about 1 GiB of activations.
+        max_rows: rows (patches x B) per chunk of the batched forward; default: what the engine's memory
+            budget allows (minigpt2.engine.memory_budget: 1 GiB on a CPU, MINIGPT2_MEMORY_BUDGET).
         progress: a tqdm bar over chunks.
 
     Returns:
         float32 [*ranges of index_axis_names] (or [len(index_df)]), and the index DataFrame if asked.
     """
-    _check_args(model, clean_cache, patching_metric, patch_setter)
-    if index_df is None:
-        if index_axis_names is None:
-            raise ValueError("give index_axis_names (axes to iterate over, e.g. ('layer', 'pos')) or index_df")
-        ranges_by_axis = _axis_ranges(model, torch.as_tensor(corrupted_tokens), activation_name)
-        unknown = [a for a in index_axis_names if a not in ranges_by_axis]
-        if unknown:
-            raise ValueError(f"unknown index axis names {unknown}; choose from {sorted(ranges_by_axis)}")
-        shape = [ranges_by_axis[a] for a in index_axis_names]
-        indices = [list(t) for t in itertools.product(*[range(m) for m in shape])]
-        if return_index_df:
-            index_df = make_df_from_ranges(shape, index_axis_names)
-    else:
-        if index_axis_names is not None:
-            raise ValueError("give index_axis_names or index_df, not both")
-        indices = [row[1].to_list() for row in index_df.iterrows()]
-        shape = [len(index_df)]
-    hooked = [name for name, hp in model.hook_dict.items() if hp.active]
-    if hooked:
-        raise RuntimeError(f"activation patching runs blocks on part of the batch and positions, so the model's "
-                           f"own hooks would see partial activations; active hooks: {', '.join(hooked[:3])}"
-                           f"{' ...' if len(hooked) > 3 else ''}. Remove them (model.reset_hooks()) first")
+    _check_args(model, clean_cache, patching_metric, patch_setter, max_rows)
+    indices, shape, index_df = _indices(model, corrupted_tokens, activation_name, index_axis_names, index_df,
+                                        return_index_df)
+    _refuse_hooks(model)
     tokens = model.as_tokens(corrupted_tokens)
     model.check_tokens(tokens)
-
-    patches, tl_names = [], {}
-    for i, index in enumerate(indices):
-        tl_name = get_act_name(activation_name, layer=index[0])
-        name = _model_name(model, tl_name)
-        tl_names[name] = tl_name
-        m = re.match(r"blocks\.(\d+)\.", name)
-        if m is None or not 0 <= int(m.group(1)) < model.cfg.n_layer:
-            raise ValueError(f"{name!r} is not an activation inside a block: patching works on blocks.<layer>.* "
-                             "hooks (as in TransformerLens, the first index is the layer)")
-        patches.append(_Patch(i, index, name, int(m.group(1))))
-
-    values = _run_patches(model, tokens, clean_cache, patching_metric, patch_setter, patches, tl_names,
-                          batched_metric, logit_positions, max_rows, progress) if patches else []
+    patches, tl_names = _patches(model, indices, activation_name)
+    with torch.no_grad():
+        values = _PatchRun(model, tokens, clean_cache, patching_metric, patch_setter, tl_names, batched_metric,
+                           logit_positions, max_rows).run(patches, progress) if patches else []
     out = torch.tensor(values, dtype=torch.get_default_dtype()).reshape(shape).to(model.device)
     return (out, index_df) if return_index_df else out
 

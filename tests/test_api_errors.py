@@ -104,8 +104,8 @@ CASES = [
     ("patching a model that is not a GPT2", lambda c: mp.get_act_patch_resid_pre("gpt2", c.tokens, c.cache, c.metric),
      TypeError, r"model must be a minigpt2 GPT2"),
     # minigpt2.masking / engine
-    ("single_head_masks(0, 0)", lambda c: single_head_masks(0, 0), ValueError, r"n_layer must be >= 1, got 0"),
-    ("single_head_masks(3, -1)", lambda c: single_head_masks(3, -1), ValueError, r"n_head must be >= 1, got -1"),
+    ("single_head_masks(0, 0)", lambda c: single_head_masks(0, 0), ValueError, r"n_layer=0 must be a whole number >= 1"),
+    ("single_head_masks(3, -1)", lambda c: single_head_masks(3, -1), ValueError, r"n_head=-1 must be a whole number >= 1"),
     ("single_head_masks(2.5, 2)", lambda c: single_head_masks(2.5, 2), TypeError, r"n_layer must be an integer"),
     ("single_head_masks(None, 2)", lambda c: single_head_masks(None, 2), TypeError, r"n_layer .*got None"),
     ("single_head_masks(True, 2)", lambda c: single_head_masks(True, 2), TypeError, r"n_layer .*got True"),
@@ -159,7 +159,7 @@ CASES = [
     ("KVCache('3')", lambda c: KVCache("3"), TypeError, r"KVCache\(n_layer\).*got '3'"),
     # the forward's and generate's other arguments
     ("stop_at_layer past the last block", lambda c: c.model(c.tokens, stop_at_layer=9), ValueError,
-     r"stop_at_layer must be an integer in \[-3, 3\].*got 9"),
+     r"stop_at_layer=9 must be a whole number from -3 to 3"),
     ("stop_at_layer '2'", lambda c: c.model(c.tokens, stop_at_layer="2"), TypeError, r"stop_at_layer must be an int"),
     ("positions of text", lambda c: c.model(c.tokens, positions="last"), TypeError,
      r"positions must be integer indices"),
@@ -316,7 +316,7 @@ def test_a_binary_mask_of_any_dtype_computes_what_its_bool_version_does(ctx, bit
 def test_single_head_masks_take_sizes_of_at_least_one(n_layer, n_head):
     if n_layer < 1 or n_head < 1:
         culprit, value = ("n_layer", n_layer) if n_layer < 1 else ("n_head", n_head)  # n_layer is checked first
-        with pytest.raises(ValueError, match=rf"{culprit} must be >= 1, got {value}:"):
+        with pytest.raises(ValueError, match=rf"{culprit}={value} must be a whole number >= 1 \("):
             single_head_masks(n_layer, n_head)
         return
     masks = single_head_masks(n_layer, n_head)

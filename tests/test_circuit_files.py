@@ -107,7 +107,7 @@ def test_circuits_by_name_match_the_models(tmp_path):
         load_circuits([a, write(tmp_path, GOOD, "two.json")])
     other = write(tmp_path, GOOD | {"label": "Gamma"}, "gamma.json")
     with pytest.raises(ValueError, match=r"gamma.json: its \"label\" 'Gamma' matches none of the models "
-                                         r"\['Alpha', 'Beta'\]. Fix: .*--models Gamma=DIR"):
+                                         r"\['Alpha', 'Beta'\]. Fix: .*model_specs as Gamma=DIR"):
         load_circuits([other], models, own_model=True)
     assert list(load_circuits([other], models)) == ["Gamma"]  # transfer: any circuit fits any model of its shape
     unlabelled = write(tmp_path, without("label"), "circuit_alpha.json")

@@ -120,7 +120,7 @@ def test_bad_thresholds_are_refused():
 def test_a_c_threshold_outside_attention_weights_is_refused(c_threshold):
     from circuitlab.classify import check_class_args
 
-    with pytest.raises(ValueError, match="c_threshold must be an attention weight in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match=r"c_threshold=\S+ must be a (finite )?number in \[0, 1\] \(an attention weight"):
         check_class_args(0.4, 0.8, c_threshold)
     check_class_args(0.4, 0.8, 0.0)
 
@@ -157,7 +157,7 @@ def test_repeated_random_tokens():
     pool = torch.tensor([3, 17, 42])
     t = repeated_random_tokens(4, 6, pool=pool, bos=None)
     assert t.shape == (4, 12) and set(t.unique().tolist()) <= {3, 17, 42}
-    with pytest.raises(ValueError, match="seq_len >= 2"):
+    with pytest.raises(ValueError, match="seq_len=1 must be a whole number >= 2"):
         repeated_random_tokens(3, 1)
     with pytest.raises(ValueError, match="pool holds no token"):
         repeated_random_tokens(3, 4, pool=torch.tensor([], dtype=torch.long))

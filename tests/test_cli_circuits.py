@@ -232,7 +232,7 @@ def test_a_bad_input_exits_2_in_a_subprocess(files):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         f"circuits.py classify: error: circuit file {files['nope']}: its \"label\" 'Nope' matches none of the "
-        "models ['Alpha']. Fix: set its \"label\" to one of them, or pass that model as --models Nope=DIR"], p.stderr
+        "models ['Alpha']. Fix: set its \"label\" to one of them, or pass that model in --models as Nope=DIR"], p.stderr
 
 
 # ---------------------------------------------------------------- --device and --dtype

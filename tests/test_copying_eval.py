@@ -4,6 +4,8 @@ loops and planted heads."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from circuitlab.classify import induction_scores, repeated_random_tokens
 from circuitlab.copying import copying_evaluator
 from minigpt2 import GPT2, GPT2Config
+from minigpt2.heads import Head
 
 SEQ = 6
 POOL = torch.tensor([11, 22, 33, 44, 55, 66, 77, 88, 99, 111])
@@ -57,7 +60,7 @@ def test_scores_and_losses_equal_plain_loops_and_find_planted_heads():
     assert out["loss_second"] == pytest.approx(sum(second) / len(second), rel=1e-5)
     # induction: TransformerLens's score; the planted head is the best, 1 on the second copy
     assert out["induction_max"] == pytest.approx(induction.max().item(), abs=1e-6)
-    assert out["induction_top"][0] == "1.2" and out["induction_max"] > 0.7  # 1 on 6 of its 8 queries
+    assert out["induction_top"][0] == "L1H2" and out["induction_max"] > 0.7  # 1 on 6 of its 8 queries
     # previous-token: mean attention to t - 1 over every query after the first
     previous = torch.zeros(2, 3)
     for layer in range(2):
@@ -65,7 +68,9 @@ def test_scores_and_losses_equal_plain_loops_and_find_planted_heads():
         for h in range(3):
             previous[layer, h] = sum(p[b, h, q, q - 1] for b in range(4) for q in range(1, 1 + 2 * SEQ)) / (4 * 2 * SEQ)
     assert out["previous_max"] == pytest.approx(previous.max().item(), abs=1e-6)
-    assert out["previous_top"][0] == "0.1" and out["previous_max"] == pytest.approx(1.0)
+    assert out["previous_top"][0] == "L0H1" and out["previous_max"] == pytest.approx(1.0)
+    for name in out["induction_top"] + out["previous_top"]:  # logged by the display label, "L3H1"
+        assert re.fullmatch(r"L\d+H\d+", name) and Head.parse(name).label == name
     assert out["previous_heads"] == int((previous > 0.4).sum()) >= 1
     assert out["induction_heads"] == int((induction > 0.4).sum()) >= 1
     assert out["pool_size"] == len(POOL) and out["seq_len"] == SEQ

@@ -78,7 +78,7 @@ def test_repeats_copy_spans_forward_and_tile_random_sequences():
     again = original.copy()
     add_repeats(again, copy_spans=0.3, random_repeats=0.2, seed=3)
     assert (again == blocks).all()  # seeded: the same data every time
-    with pytest.raises(ValueError, match="--copy-spans"):
+    with pytest.raises(ValueError, match=r"copy_spans=1.5 must be a number in \[0, 1\]"):
         add_repeats(original.copy(), copy_spans=1.5, random_repeats=0, seed=0)
     with pytest.raises(ValueError, match="exceed 1"):
         add_repeats(original.copy(), copy_spans=0.6, random_repeats=0.6, seed=0)
@@ -95,7 +95,7 @@ def test_random_repeats_can_draw_from_the_most_frequent_tokens():
     assert set(np.concatenate(periodic).tolist()) <= frequent | set(range(5001))  # ids stay in range
     drawn = [row for row in periodic if set(row.tolist()) <= frequent]
     assert len(drawn) >= info["n_random_repeat_blocks"]  # every random block uses only the 50 most frequent
-    with pytest.raises(ValueError, match="--repeat-vocab"):
+    with pytest.raises(ValueError, match="repeat_vocab=-1 must be a whole number from 0 to"):
         add_repeats(blocks.copy(), 0.0, 0.5, seed=0, repeat_vocab=-1)
 
 
@@ -113,7 +113,7 @@ def test_repeat_length_shortens_the_random_sequences():
     assert max(next(p for p in range(8, 65) if (row[p:] == row[:-p]).all())
                for row in default if any((row[p:] == row[:-p]).all() for p in range(8, 65))) > 16
     for bad in (7, 65, 2.5):
-        with pytest.raises(ValueError, match=r"--repeat-length must be .* \[8, 64\]"):
+        with pytest.raises(ValueError, match=r"repeat_length=\S+ must be a whole number from 8 to 64"):
             add_repeats(blocks.copy(), 0.0, 0.5, seed=0, repeat_length=bad)
 
 
@@ -140,5 +140,5 @@ def test_recall_blocks_list_the_same_pairs_in_new_orders():
             assert {tuple(p) for p in r} <= pairs and len({tuple(p) for p in r}) == len(r)
         orders.add(all((r == rounds[0][:len(r)]).all() for r in rounds))
     assert orders == {False}  # in every block the order changes between rounds
-    with pytest.raises(ValueError, match="--recall"):
+    with pytest.raises(ValueError, match=r"copy_spans=0.5 \+ random_repeats=0.2 \+ recall=0.4 exceed 1"):
         add_repeats(original.copy(), copy_spans=0.5, random_repeats=0.2, seed=0, recall=0.4)

@@ -119,9 +119,9 @@ def test_one_dimensional_prompt(model, tokens):
 
 
 def test_bad_sampling_arguments(model, tokens):
-    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="temperature=-1 must be a number >= 0"):
         model.generate(tokens, 3, temperature=-1)
-    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="top_k=0 must be a whole number >= 1"):
         model.generate(tokens, 3, temperature=1.0, top_k=0)
 
 
@@ -326,13 +326,13 @@ def test_verbose_shows_a_progress_bar(model, tokens, capsys):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=float("nan")), "temperature must be >= 0, got nan"),
-    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
-    (dict(top_k=0), "top_k must be >= 1, got 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\], got nan"),
-    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0, got -1"),
+    (dict(temperature=float("nan")), "temperature=nan must be a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature=-0.5 must be a number >= 0"),
+    (dict(top_k=0), "top_k=0 must be a whole number >= 1"),
+    (dict(top_p=0.0), r"top_p=0.0 must be a number in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5 must be a number in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p=nan must be a finite number in \(0, 1\]"),
+    (dict(max_new_tokens=-1), "max_new_tokens=-1 must be a whole number >= 0"),
     (dict(return_type="embeds"), "return_type must be 'input', 'str' or 'tokens'"),
     (dict(input=[]), "the prompt is empty"),
     (dict(input=torch.zeros(1, 0, dtype=torch.long)), r"the prompt is empty: token ids of shape \(1, 0\)"),

@@ -90,13 +90,13 @@ def test_same_seed_same_circuit(planted, capsys):
 
 def test_bad_arguments_are_named(planted):
     n = planted.graph.n_edges
-    with pytest.raises(ValueError, match="penalty=-0.1 is negative"):
+    with pytest.raises(ValueError, match="penalty=-0.1 must be a number >= 0"):
         learn_edge_mask(planted, penalty=-0.1)
-    with pytest.raises(ValueError, match=rf"target_edges={n + 1} must be an integer in \[0, {n}\]"):
+    with pytest.raises(ValueError, match=rf"target_edges={n + 1} must be a whole number from 0 to {n:,}"):
         learn_edge_mask(planted, target_edges=n + 1)
     with pytest.raises(ValueError, match="target_edges=-1"):
         learn_edge_mask(planted, target_edges=-1)
-    with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match="steps=0 must be a whole number >= 1"):
         learn_edge_mask(planted, penalty=0.1, steps=0)
     with pytest.raises(ValueError, match="unknown init 'random'"):
         learn_edge_mask(planted, penalty=0.1, init="random")

@@ -64,8 +64,8 @@ def test_a_pretraining_card_reports_held_out_loss_and_copying(tmp_path):
     assert text.index("## Head classes") < text.index("## TPP metrics")
     assert "Held-out text (wordnet+gcide, never trained on): loss 5.181, perplexity 177.9" in text
     assert ("from the 4,000 most frequent training tokens: loss 8.78 on the first copy, 1.25 on the second; "
-            "3 heads with an induction score > 0.4 (largest 0.83, head 5.1), 2 with a previous-token score > 0.4 "
-            "(largest 0.91, head 1.3)") in text
+            "3 heads with an induction score > 0.4 (largest 0.83, head L5H1), 2 with a previous-token score > 0.4 "
+            "(largest 0.91, head L1H3)") in text  # an older log's "5.1", shown by its label
     # the head classes of circuits.py classify, measured on the stored weights, on the card and in metadata.json
     published = json.loads((tmp_path / "m" / "metadata.json").read_text())
     census = published["head_census"]

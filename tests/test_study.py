@@ -301,9 +301,9 @@ def test_the_eval_set_takes_the_models_answer_format(tmp_path):
     assert answer_space_of([dirs["ft"], dirs["card"], dirs["bare"]]) == "answer"
     assert answer_space_of([dirs["bare"]]) == "prompt"
     assert answer_space_of([dirs["ft"], dirs["paper"]], override="prompt") == "prompt"
-    with pytest.raises(ValueError, match="different answer formats.*pass --answer-space prompt or answer"):
+    with pytest.raises(ValueError, match="different answer formats.*pass answer_space='prompt' or 'answer'"):
         answer_space_of([dirs["ft"], dirs["paper"]])
-    with pytest.raises(ValueError, match="--answer-space 'space': choose 'prompt'"):
+    with pytest.raises(ValueError, match="answer_space='space': choose 'prompt'"):
         answer_space_of([dirs["ft"]], override="space")
 
     space = get_tokenizer().encode(" ")[0]
@@ -367,7 +367,7 @@ def test_one_task_module_serves_the_study_and_the_edge_commands():
     with pytest.raises(ValueError, match="pass the model or its clean logits"):
         task.make_metric("kl", batch)
     assert task.torch_dtype("fp32") is None and task.torch_dtype("bf16") is torch.bfloat16
-    with pytest.raises(ValueError, match="--dtype 'fp16'"):
+    with pytest.raises(ValueError, match="dtype='fp16'"):
         task.torch_dtype("fp16")
 
 

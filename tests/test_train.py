@@ -435,5 +435,5 @@ def test_repeated_documents_are_written_back_to_back(tmp_path):
     enc = get_tokenizer()
     assert enc.decode(twice[:-1].tolist()) == "a cat is a small animal. a cat is a small animal."
     assert twice[-1] == once[-1] == enc.eot_token
-    with pytest.raises(ValueError, match="--repeat-docs"):
+    with pytest.raises(ValueError, match=r"repeat=0 must be a whole number >= 1"):  # the library's parameter
         corpus_tokens(str(text), repeat=0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clikit import Range
 from tpp.encoding import encode_many
 from tpp.nouns import SHIPPED, check_nouns, load_nouns
 from tpp.templates import load_templates
@@ -166,10 +167,8 @@ def train_eval_split(examples: Sequence[Example], eval_size: int, seed: int = 0,
     eval_size is not in 1..len(examples)-1, or if nothing is left for train.
     """
     examples = list(examples)
-    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, np.integer)) \
-            or not 0 < eval_size < len(examples):
-        raise ValueError(f"eval_size={eval_size!r} must be an integer in 1..{len(examples) - 1} "
-                         f"for {len(examples)} examples. Fix: choose a smaller eval set or more examples.")
+    Range(1, len(examples) - 1, whole=True).check("eval_size", eval_size, why=f"for {len(examples)} examples",
+                                                   fix="choose a smaller eval set or more examples")
     _check_no_repeated_prompt(examples)
     rng = _rng(seed, _STREAM_SPLIT)
     if not disjoint_nouns:
