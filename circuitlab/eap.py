@@ -95,6 +95,7 @@ import math
 import torch
 
 from clikit import Range
+from minigpt2 import distributed
 from minigpt2.engine import (BatchMetric, Metric, batch_metric, check_ablation, check_batch, check_model,
                              check_variant_values)
 from minigpt2.masking import last_positions, replacement_values
@@ -189,19 +190,21 @@ def edge_attribution(runner: EdgeRunner, metric: Metric | BatchMetric, method: s
     memory budget allows, EdgeRunner.grad_rows), the metric's gradient at the logits coming from one
     forward of the whole batch, so the scores are those of the whole batch at once (to float
     rounding; bit for bit when one chunk holds it). ``progress``: a bar (or log lines) over the
-    forward and backward passes.
+    forward and backward passes (on the writer rank).
+
+    Distributed (the runner's ``group``): the passes (a chunk of examples at one gradient point) are split
+    over the ranks and their gradients added in the one-process order, so every rank returns the
+    one-process scores bit for bit (on CPU; on CUDA with ``max_rows`` pinned, as for any chunked run).
     """
     check_runner(runner, "edge_attribution")
     alphas = _alphas(method, steps, rule)
     scale = _check_scale(scale)
     metric = batch_metric(metric)
     g, model = runner.graph, runner.model
-    B = runner.tokens.shape[0]
-    per = max(1, min(B, max_rows if max_rows is not None else runner.grad_rows()))
-    per = math.ceil(B / math.ceil(B / per))  # the fewest chunks, of even sizes
-    chunks = [slice(i, min(B, i + per)) for i in range(0, B, per)]
+    chunks = _example_chunks(runner, max_rows)
     runs = len(alphas) * (len(layer_nodes(g)) if method == "eap-ig-activations" else 1)
-    with progress_bar(total=runs * len(chunks), desc=f"{method} gradients", unit="pass", enabled=progress) as bar:
+    with progress_bar(total=runs * len(chunks), desc=f"{method} gradients", unit="pass",
+                      enabled=progress and runner.writer) as bar:
         if method == "eap-ig-activations":
             grads = _activation_gradients(runner, metric, alphas, chunks, bar)
         else:
@@ -217,36 +220,68 @@ def edge_attribution(runner: EdgeRunner, metric: Metric | BatchMetric, method: s
     return scores.detach()
 
 
-def _add_by_rows(grads: list[torch.Tensor], runner: EdgeRunner, metric: BatchMetric, chunks: list[slice],
-                 forward, backward, bar) -> None:
-    """Add one run's gradients per stage to ``grads`` ([R_st, B, (T,) d] each; filled with zeros if
-    empty), chunk of examples by chunk.
+def _example_chunks(runner: EdgeRunner, max_rows: int | None) -> list[slice]:
+    """The batch's examples in the fewest chunks of even sizes, at most ``max_rows`` (default: what the memory
+    budget allows, EdgeRunner.grad_rows) each; with a group, the chunks every rank agrees on (the smallest)."""
+    B = runner.tokens.shape[0]
+    per = max(1, min(B, max_rows if max_rows is not None else runner.grad_rows()))
+    if runner.group is not None:
+        per = min(distributed.exchange(per, None, runner.group, "agreeing on the chunk size"))
+    per = math.ceil(B / math.ceil(B / per))  # the fewest chunks, of even sizes
+    return [slice(i, min(B, i + per)) for i in range(0, B, per)]
+
+
+def _gradient_sum(runner: EdgeRunner, metric: BatchMetric, runs: list, chunks: list[slice], bar) -> list[torch.Tensor]:
+    """The sum over ``runs`` of each run's gradients per stage ([R_st, B, (T,) d] each), chunk of examples
+    by chunk; each run a pair (forward, backward).
 
     ``forward(sub, rows)``: the run's trace on the runner ``sub`` of examples ``rows``; ``backward(sub,
     trace, scalar)``: its gradients, of ``scalar(trace.logits)``. One chunk: the metric itself. Several:
     dM/dlogits from one forward of the whole batch without autograd, then each chunk's backward of
     sum(logits * dM/dlogits), the same vector-Jacobian product (an example's forward reads its own row).
-    Added in place, so that no run's gradients are held beside the sum (0 + x is x exactly, and the
-    runs are added in order: the sums of adding them up one by one).
+    Added in place, run by run and chunk by chunk, so that no run's gradients are held beside the sum
+    (0 + x is x exactly; the sums of adding them up one by one). With the runner's group, the (run, chunk)
+    passes are split over its ranks, a pass per rank at a time, and every rank adds every pass's gradients,
+    gathered byte for byte, in this same order: the one-process sum, bit for bit (no sum crosses ranks).
     """
     B = runner.tokens.shape[0]
-    if len(chunks) == 1:
-        scalars = [(chunks[0], runner, lambda logits: _scalar(metric, logits))]
-    else:
-        with torch.no_grad():
-            logits = forward(runner, slice(0, B)).logits.detach().requires_grad_()
-        with torch.enable_grad():
-            dlogits = torch.autograd.grad(_scalar(metric, logits), logits)[0]  # [B, vocab]
-        scalars = [(rows, runner.select(rows), lambda l, g=dlogits[rows]: (l * g).sum()) for rows in chunks]
-    for rows, sub, scalar in scalars:
-        with torch.enable_grad():
-            step = backward(sub, forward(sub, rows), scalar)
+    items = [(k, rows) for k in range(len(runs)) for rows in chunks]
+    cache: dict = {}  # the current run's dM/dlogits (several chunks)
+
+    def compute(i: int) -> list[torch.Tensor]:
+        k, rows = items[i]
+        return _chunk_gradients(runner, metric, runs[k], k, rows, len(chunks) == 1, cache)
+
+    grads: list[torch.Tensor] = []
+    for i, step in distributed.in_order(len(items), compute, runner.group, "gradient passes", runner.model.device):
+        rows = items[i][1]
         if not grads:
             grads += [x.new_zeros(x.shape[0], B, *x.shape[2:]) for x in step]
         for total, x in zip(grads, step):
             total[:, rows] += x
         del step
         bar.update()
+    return grads
+
+
+def _chunk_gradients(runner: EdgeRunner, metric: BatchMetric, run, k: int, rows: slice, whole: bool,
+                     cache: dict) -> list[torch.Tensor]:
+    """Run k's gradients per stage on the examples ``rows`` (``whole``: the batch's one chunk, the metric
+    itself; else the vector-Jacobian product with run k's dM/dlogits, computed once per run in ``cache``)."""
+    forward, backward = run
+    if whole:
+        sub, scalar = runner, (lambda logits: _scalar(metric, logits))
+    else:
+        if cache.get("run") != k:
+            cache.clear()
+            with torch.no_grad():
+                logits = forward(runner, slice(0, runner.tokens.shape[0])).logits.detach().requires_grad_()
+            with torch.enable_grad():
+                cache.update(run=k, dlogits=torch.autograd.grad(_scalar(metric, logits), logits)[0])  # [B, vocab]
+        sub, g = runner.select(rows), cache["dlogits"][rows]
+        scalar = (lambda logits: (logits * g).sum())
+    with torch.enable_grad():
+        return [x.detach() for x in backward(sub, forward(sub, rows), scalar)]
 
 
 def _input_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float | None], chunks: list[slice],
@@ -262,15 +297,15 @@ def _input_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[float
     def backward(sub, tr, scalar):
         return torch.autograd.grad(scalar(tr.logits), tr.inputs)
 
-    grads: list[torch.Tensor] = []
+    runs = []
     for alpha in alphas:
         embed = None if alpha is None else abl_embed + alpha * (clean_embed - abl_embed)
 
         def forward(sub, rows, embed=embed):
             return sub.trace(ones, embed=None if embed is None else embed[rows], keep_inputs=torch.is_grad_enabled())
 
-        _add_by_rows(grads, runner, metric, chunks, forward, backward, bar)
-    return [grad.div_(len(alphas)) for grad in grads]
+        runs.append((forward, backward))
+    return [grad.div_(len(alphas)) for grad in _gradient_sum(runner, metric, runs, chunks, bar)]
 
 
 def layer_nodes(graph: Graph) -> list[range]:
@@ -293,8 +328,7 @@ def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[
     """
     g, model = runner.graph, runner.model
     ones = g.ones(model.dtype).to(model.device)
-    grads: list[torch.Tensor] = []
-    runs = 0
+    runs = []
     for group in layer_nodes(g):
         cols = list(group)
         own = next((i for i, st in enumerate(g.stages) if st.outs == group), None)  # the stage computing n
@@ -328,20 +362,20 @@ def _activation_gradients(runner: EdgeRunner, metric: BatchMetric, alphas: list[
                             step[i] = step[i] - v
                 return [s.detach() for s in step]
 
-            _add_by_rows(grads, runner, metric, chunks, forward, backward, bar)
-            runs += 1
-    return [grad.div_(runs) for grad in grads]
+            runs.append((forward, backward))
+    return [grad.div_(len(runs)) for grad in _gradient_sum(runner, metric, runs, chunks, bar)]
 
 
 def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMetric, method: str = "eap",
                      steps: int = 5, ablation: str = "resample", corrupted: torch.Tensor | None = None,
                      reference: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                      reference_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                     rule: str | None = None) -> torch.Tensor:
+                     rule: str | None = None, group=None) -> torch.Tensor:
     """Scores [n_layer, n_head]: the first-order change of the metric when each head is ablated
     (its z replaced, as ``run_with_head_masks`` does), all from one forward and backward per step.
 
-    Arguments as for :class:`circuitlab.graph.EdgeRunner`; ``rule`` as for :func:`edge_attribution`
+    Arguments as for :class:`circuitlab.graph.EdgeRunner` (``group``: the gradient points split over its
+    ranks, the one-process scores bit for bit on every rank); ``rule`` as for :func:`edge_attribution`
     (its default for eap-ig, "mib", keeps a head's score the sum of its out-edges' scores; hannamw/EAP-IG's
     node-level EAP-IG, src/eap/attribute_node.py, uses "hanna2024"). Compare with the exact sweep
     ``circuitlab.compare.exact_head_effects``. Methods "eap", "eap-ig" and "clean-corrupted"
@@ -371,7 +405,9 @@ def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMe
                                         attention_mask=attention_mask)
         tok_abl, pos_abl = _ablated_embeddings(model, ablation, tokens, ref, attention_mask, reference_mask, cache)
     grads = [torch.zeros_like(cache[n]) for n in z_names]
-    for alpha in alphas:
+
+    def compute(k: int) -> list[torch.Tensor]:  # dM/dz per layer at alphas[k]
+        alpha = alphas[k]
         probes = [torch.zeros_like(g, requires_grad=True) for g in grads]  # dM/dprobe = dM/dz
         hooks = [(n, lambda z, hp, p=p: z + p) for n, p in zip(z_names, probes)]
         if alpha is not None:
@@ -379,13 +415,22 @@ def head_attribution(model: GPT2, tokens: torch.Tensor, metric: Metric | BatchMe
                       ("hook_pos_embed", lambda x, hp, a=alpha: pos_abl + a * (x - pos_abl))]
         with torch.enable_grad():
             logits = model.run_with_hooks(tokens, attention_mask=attention_mask, positions=positions, fwd_hooks=hooks)
-            step = torch.autograd.grad(_scalar(metric, logits), probes)
+            return list(torch.autograd.grad(_scalar(metric, logits), probes))
+
+    # the gradient points split over the group's ranks, added here in their order (the one-process sum)
+    for _, step in distributed.in_order(len(alphas), compute, distributed.resolve_group(group),
+                                        "head attribution passes", model.device):
         grads = [a + b for a, b in zip(grads, step)]
+    return _head_scores([cache[n] for n in z_names], r, [g / len(alphas) for g in grads])
+
+
+def _head_scores(zs: list[torch.Tensor], r, grads: list[torch.Tensor]) -> torch.Tensor:
+    """[n_layer, n_head]: (r_h - z_h) . dM/dz_h per layer (zs, grads [B, T, H, d_head]; r: the replacements or
+    None for zero)."""
     scores = []
-    for l, n in enumerate(z_names):
-        z = cache[n]  # [B, T, H, d_head]
+    for l, z in enumerate(zs):
         rl = torch.zeros_like(z) if r is None else r[l].expand_as(z)
-        scores.append(torch.einsum("bthe,bthe->h", rl - z, grads[l] / len(alphas)))
+        scores.append(torch.einsum("bthe,bthe->h", rl - z, grads[l]))
     return torch.stack(scores).detach()
 
 

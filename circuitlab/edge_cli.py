@@ -17,6 +17,11 @@ length (prompts without such a partner are dropped). Prompts, metrics and the ed
 are circuitlab.task's. ``--device`` (cpu, cuda, cuda:N) and ``--dtype`` (fp32, bf16: the
 runner's matmuls) are checked while the command line is parsed.
 
+Under torchrun (``torchrun --nproc-per-node N circuits.py acdc ...``; circuits.py joins the process group,
+minigpt2.distributed.init_from_env) the runners take the default group: each method's work (ACDC's
+batched passes, EAP's gradient passes, edge patching's chunks, the faithfulness runs) is split over
+the ranks with the one-process numbers, bit for bit, and rank 0 alone writes --out and prints.
+
 Output (--out): circuit.json (edges, scores, node counts), mib_graph.json (the same circuit in
 the graph format of hannamw/EAP-IG and MIB), circuit.png, summary.json (metrics of the full model
 and of the circuit alone, MIB's CPR / CMD and faithfulness curve of the scores, sizes, timings,
@@ -210,6 +215,8 @@ def _finish(args, circuit: Circuit, summary: dict, evaluate, runner: EdgeRunner,
     # without edges that cannot matter (dead ends; under resample also components that read nothing)
     summary["pruned_node_counts"] = circuit.pruned(resample=args.ablation == "resample").node_counts()
     summary["verdict"] = _verdict(summary.get("held_out", summary["found_on"]), metric.higher_is_better)
+    if not runner.writer:  # under torchrun: the ranks computed it together; rank 0 alone writes and prints
+        return 0
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "circuit.json", circuit.to_json())
         write_mib_json(circuit, tmp / "mib_graph.json", d_model=runner.model.cfg.d_model)

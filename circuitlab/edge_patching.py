@@ -34,12 +34,17 @@ materialized. The results equal one ``EdgeRunner.trace`` per edge to float round
 test_edge_patching.py); bench/bench_edge_patching.py times the two. On a runner with
 dtype=torch.bfloat16 the forwards run bf16 matmuls (fp32 residual stream and metric) and the
 scores carry bf16's error.
+
+On a runner with a process group (EdgeRunner's ``group``), the chunks (jobs) are split over its ranks
+(minigpt2.distributed.shard) and their values gathered, byte for byte, in job order: every rank gets
+the one-process scores bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 
+from minigpt2 import distributed
 from minigpt2.engine import batch_metric, check_variant_values, head_mask_bytes_per_row, progress_bar, refuse_hooks
 from minigpt2.engine import higher_is_better as metric_direction
 
@@ -81,6 +86,8 @@ def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None 
     chosen = _check_edges(g, edges)
     B, T = runner.tokens.shape
     per_chunk = max(1, runner.core.rows(head_mask_bytes_per_row(model.cfg, T), at_least=B, max_rows=max_rows) // B)
+    if runner.group is not None:  # the ranks agree on one job list: the smallest chunks any of them allows
+        per_chunk = min(distributed.exchange(per_chunk, None, runner.group, "agreeing on the chunk size"))
     plan = _Plan(runner)
     jobs = []  # (stage, [(r, u), ...]) chunks, each within one stage; latest stages first (cheapest)
     for i in reversed(range(len(g.stages))):
@@ -90,13 +97,17 @@ def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None 
             H = g.n_head
             pairs.sort(key=lambda e: ((e[0] - st.rows.start) % H, e[0], e[1]))
         jobs += [(i, pairs[c:c + per_chunk]) for c in range(0, len(pairs), per_chunk)]
+    outputs: dict[int, torch.Tensor] = {}  # job -> its values [n]
+    mine = distributed.shard(range(len(jobs)), runner.group)  # distributed: this rank's share of the jobs
+    with runner.core.precision(), runner.core.step("edge patching"):
+        for j in progress_bar(mine, "edge patching", "chunk", progress and runner.writer):
+            i, pairs = jobs[j]
+            outputs[j] = _values(metric, plan.run(i, pairs))  # of the logits [n, B, vocab], in the model's dtype
+    outputs = runner.core.gather(outputs, len(jobs))  # every rank's jobs, exactly
     out = torch.full((g.n_receivers, g.n_senders), float("nan"), dtype=torch.float64)
-    with runner.core.precision():
-        for i, pairs in progress_bar(jobs, "edge patching", "chunk", progress):
-            logits = plan.run(i, pairs)  # [n, B, vocab], in the model's dtype
-            vals = _values(metric, logits)
-            r_idx, u_idx = zip(*pairs)
-            out[list(r_idx), list(u_idx)] = vals.double()
+    for j, (i, pairs) in enumerate(jobs):
+        r_idx, u_idx = zip(*pairs)
+        out[list(r_idx), list(u_idx)] = outputs[j].double().cpu()
     return out
 
 

@@ -190,7 +190,8 @@ def mib_faithfulness(runner: EdgeRunner, metric: Metric | BatchMetric, scores, *
     (default: the circuit's info["method"]). select: "top" (the k best edges, MIB's ``apply_topn``)
     or "greedy" (grown from the logits up, MIB's ``apply_greedy``, which MIB uses for
     information-flow routes; :func:`circuitlab.info_flow.greedy_edges`). progress: a bar (or log
-    lines) over the batched run's chunks.
+    lines) over the batched run's chunks. On a runner with a process group (EdgeRunner's ``group``) the
+    run is split over its ranks and every rank returns the one-process curve, bit for bit.
     """
     if select not in ("top", "greedy"):
         raise ValueError(f"select={select!r}: choose 'top' (MIB's apply_topn) or 'greedy' (its apply_greedy)")

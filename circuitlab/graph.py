@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minigpt2 import distributed
 from minigpt2.engine import (BatchMetric, Core, Metric, batch_metric, check_ablation, check_batch, check_model,
                              check_variant_masks, last_positions, progress_bar, weighted_mean)
 from minigpt2.hardware import parse_dtype
@@ -402,11 +403,12 @@ def sender_outputs(model: GPT2, tokens: torch.Tensor, attention_mask: torch.Tens
 
 
 def run_with_edge_masks(model: GPT2, tokens: torch.Tensor, masks: torch.Tensor, ablation: str = "resample",
-                        metric: Metric | BatchMetric | None = None, **data) -> torch.Tensor:
+                        metric: Metric | BatchMetric | None = None, group=None, **data) -> torch.Tensor:
     """Evaluate edge masks [V, R, S] (or ACDC's [V, R, S + 1]) in one batched call:
-    ``EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)`` (``data``: corrupted, reference,
-    attention_mask, reference_mask, positions, max_rows). The edge-level twin of minigpt2's run_with_head_masks."""
-    return EdgeRunner(model, tokens, ablation, **data).run(masks, metric=metric)
+    ``EdgeRunner(model, tokens, ablation, group=group, **data).run(masks, metric=metric)`` (``data``: corrupted,
+    reference, attention_mask, reference_mask, positions, max_rows, dtype). The edge-level twin of minigpt2's
+    run_with_head_masks; ``group`` as there (the variants split over its ranks, the one-process values)."""
+    return EdgeRunner(model, tokens, ablation, group=group, **data).run(masks, metric=metric)
 
 
 def check_runner(runner, what: str) -> None:
@@ -430,6 +432,12 @@ class EdgeRunner:
             may be changed afterwards.
         dtype: None (the model's precision) or torch.bfloat16: bf16 matmuls, fp32 residual stream
             (minigpt2.engine); the ablated values and ``exact_values`` stay fp32.
+        group: the torch.distributed group whose ranks split the work of :meth:`run` (its chunks of
+            variants) and of the methods on this runner (EAP's example chunks, edge patching's jobs), with
+            the one-process results, bit for bit, on every rank; None: the default group where this
+            process opted in (minigpt2.distributed.init_from_env), else this process alone;
+            minigpt2.distributed.LOCAL: alone. Every rank of the group must make the same calls
+            (``runner.run`` is a collective; ``trace``, ``retrace`` and ``select`` are local).
 
     ``runner.run(masks)`` evaluates many masks at once; ``runner.trace(mask)`` runs one. Both run on
     ``runner.core`` (minigpt2.engine.Core: the model's heads, MLPs, blocks and unembedding, the chunking
@@ -439,7 +447,7 @@ class EdgeRunner:
     def __init__(self, model: GPT2, tokens: torch.Tensor, ablation: str = "resample",
                  corrupted: torch.Tensor | None = None, reference: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, reference_mask: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None, max_rows: int | None = None, dtype=None):
+                 positions: torch.Tensor | None = None, max_rows: int | None = None, dtype=None, group=None):
         check_model(model, "EdgeRunner")
         self.model, self.graph = model, Graph.from_model(model)
         self.ablation = check_ablation(ablation)
@@ -451,7 +459,7 @@ class EdgeRunner:
         self.positions = (last_positions(self.tokens, self.attention_mask) if positions is None
                           else model.check_positions(torch.as_tensor(positions).to(dev), B, T))
         self.attn = model.attention_mask(self.attention_mask, T, T)  # [B, 1, T, T] or None
-        self.core = Core(model, self.attn, self.positions, self.dtype)
+        self.core = Core(model, self.attn, self.positions, self.dtype, group=distributed.resolve_group(group))
         self.ablated = self._ablated(corrupted, reference, reference_mask)  # [S, B | 1, T | 1, d]
         # floor: a stage's receiver input with all its edges ablated: c_r + sum_{u < n_in} abl_u
         b_O = torch.stack([blk.attn.c_proj.bias for blk in model.blocks]).detach()  # [L, d]
@@ -481,13 +489,28 @@ class EdgeRunner:
         g, cfg = self.graph, self.model.cfg
         T = self.tokens.shape[1]
         per_row = T * cfg.d_model * 4 * (4 * g.n_receivers + 3 * g.n_senders) + 4 * cfg.vocab_size * 4
-        core = self.core if budget is None else Core(self.model, budget=budget)
+        core = self.local_core() if budget is None else Core(self.model, budget=budget)
         return core.rows(per_row)
+
+    @property
+    def group(self):
+        """The process group this runner's work is split over (None: this process alone)."""
+        return self.core.group
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process shows progress and writes: rank 0 of the runner's group, or a process alone."""
+        return self.core.writer
+
+    def local_core(self) -> Core:
+        """The runner's core for this process alone (the same batch, precision and budget, no group)."""
+        return Core(self.model, self.attn, self.positions, self.dtype, self.core.budget)
 
     def select(self, rows: slice) -> "EdgeRunner":
         """This runner on the examples ``rows`` (a slice) only: the same ablated values, floors and
         answer positions, row by row; what a differentiated trace takes chunk by chunk. A trace of
-        it equals the rows of this runner's trace (each example's forward reads only its own row)."""
+        it equals the rows of this runner's trace (each example's forward reads only its own row).
+        It runs in this process alone (no group): one rank's own share of a distributed method."""
         B = self.tokens.shape[0]
         start, stop, _ = rows.indices(B)
 
@@ -612,7 +635,12 @@ class EdgeRunner:
 
         Returns logits [V, B, vocab] at the answer positions, or ``metric(logits)`` [V, ...]
         applied chunk by chunk. Equals ``trace(mask)`` for each mask, to float tolerance.
-        ``progress``: a bar (or log lines) over the chunks, named ``desc``.
+        ``progress``: a bar (or log lines) over the chunks, named ``desc`` (on the writer rank only).
+
+        With a group (see the class), the chunks are split over its ranks and every rank returns all
+        V values, those of one process bit for bit; it is a collective: every rank calls it with the
+        same masks. Masks that require grad (learned masks' training) are computed whole on every
+        rank, so that their gradients stay in this process's autograd graph.
         """
         g = self.graph
         masks = self.check_masks(masks)
@@ -627,13 +655,16 @@ class EdgeRunner:
             differs = torch.stack([dmask[:, st.rows.start:st.rows.stop].ne(0).flatten(1).any(1) for st in g.stages], 1)
             join = torch.where(differs.any(1), differs.float().argmax(1), torch.full_like(differs[:, 0], n_st,
                                                                                           dtype=torch.long)).tolist()
+        core = self.local_core() if grad else self.core  # gradients are not gathered: whole on each rank
         outputs: dict[int, torch.Tensor] = {}
-        with torch.set_grad_enabled(grad), self.core.precision():
-            chunks = self.core.chunks(join, self.bytes_per_row(), self.tokens.shape[0], self.max_rows)
-            for chunk in progress_bar(chunks, desc, "chunk", progress):
-                logits, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
-                values = metric(logits) if metric is not None else logits
-                outputs.update(zip(chunk, values))
+        with torch.set_grad_enabled(grad), core.precision():
+            chunks = core.chunks(join, self.bytes_per_row(), self.tokens.shape[0], self.max_rows)
+            with core.step(desc):
+                for chunk in progress_bar(chunks, desc, "chunk", progress and core.writer):
+                    logits, _ = self._propagate(masks[chunk], dmask[chunk], [join[v] for v in chunk], base, grad)
+                    values = metric(logits) if metric is not None else logits
+                    outputs.update(zip(chunk, values))
+        outputs = core.gather(outputs, masks.shape[0])  # distributed: every rank's share, exactly
         return torch.stack([outputs[v] for v in range(masks.shape[0])])
 
     @torch.no_grad()

@@ -42,6 +42,12 @@ init_logit + init_spread (2 |score| / max |score| - 1), so the edges EAP-IG rank
 kept and the rest start nearer the threshold; ``init=tensor``: [R, S] per-edge scores (e.g.
 precomputed EAP-IG ones) mapped the same way. The run is deterministic given ``seed`` (the
 noise comes from a seeded CPU generator).
+
+Distributed (the runner's ``group``): a training step's masks are one chunk whose gradient must stay in
+this process's autograd graph, so every rank trains the same masks on the same noise (EdgeRunner.run
+computes masks that require grad whole on each rank); what is split over the ranks is the rest: the
+EAP-IG initialisation's gradient passes (circuitlab.eap) and the final circuit's evaluation. Every rank
+returns the one-process result, bit for bit; only the writer rank shows progress.
 """
 
 from __future__ import annotations
@@ -161,7 +167,7 @@ def learn_edge_mask(runner: EdgeRunner, metric: Metric | BatchMetric | None = No
     log_alpha0 = _initial_logits(runner, init, metric, init_logit, init_spread, eap_steps, gen)
     run = _MaskTraining(runner, faith, log_alpha0, gen, steps, samples, lr, lambda_lr, warmup, penalty, target_edges)
 
-    bar = progress_bar(range(steps), desc="edge masks", unit="step", enabled=progress)
+    bar = progress_bar(range(steps), desc="edge masks", unit="step", enabled=progress and runner.writer)
     history = []
     for step in bar:
         rec = run.step(step)

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from clikit import Range
-from minigpt2 import GPT2
+from minigpt2 import GPT2, distributed
 from minigpt2.engine import HeadMaskRunner, Metric, Precision, check_model, per_example
 from minigpt2.hardware import parse_dtype
 from minigpt2.heads import Head
@@ -240,19 +240,31 @@ class _Runner:
     one minigpt2.engine.HeadMaskRunner whose base is the current mask (the ablations kept so far),
     so every candidate of a layer joins the same cached prefix."""
 
-    def __init__(self, model: GPT2, prompts: Prompts, metric: Metric, max_rows: int | None, dtype=None):
+    def __init__(self, model: GPT2, prompts: Prompts, metric: Metric, max_rows: int | None, dtype=None, group=None):
         self.model, self.metric, self.n = model, metric, len(prompts)
         self.max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
-        self.blocks = []
-        for rows, p in prompts.blocks(self.max_rows):  # one variant a call (speculate=1, the CPU default)
-            kw = p.masking_kwargs()
-            self.blocks.append((rows, HeadMaskRunner(model, p.tokens, kw.pop("ablation"), dtype=dtype, **kw)))
+        if group is not None:  # the ranks agree on the blocks (the smallest any of them allows)
+            self.max_rows = min(distributed.exchange(self.max_rows, None, group, "agreeing on the chunk size"))
+        blocks = prompts.blocks(self.max_rows)  # one variant a call (speculate=1, the CPU default)
+        # Several ranks: whole blocks split over them where there are enough (each block on one rank, alone,
+        # its sums gathered); else every block's candidates split over the ranks (HeadMaskRunner's group).
+        self.group = group
+        self.split = group is not None and len(blocks) >= distributed.world_size(group)
+        mine = set(distributed.shard(range(len(blocks)), group)) if self.split else set(range(len(blocks)))
+        inner = distributed.LOCAL if group is None or self.split else group
+        self.n_blocks = len(blocks)
+        self.blocks = []  # (block index, rows, runner) of the blocks this rank computes
+        for i, (rows, p) in enumerate(blocks):
+            if i in mine:
+                kw = p.masking_kwargs()
+                self.blocks.append((i, rows, HeadMaskRunner(model, p.tokens, kw.pop("ablation"), dtype=dtype,
+                                                            group=inner, **kw)))
         self.memo: dict[bytes, float] = {}
         self.evaluated = 0
 
     def sync(self, mask: torch.Tensor) -> None:
         """Make ``mask`` the base of every block: cached layers above its first change are dropped."""
-        for _, engine in self.blocks:
+        for _, _, engine in self.blocks:
             engine.rebase(mask)
 
     def perf(self, masks: list[torch.Tensor]) -> list[float]:
@@ -260,16 +272,27 @@ class _Runner:
         keys = [m.cpu().numpy().tobytes() for m in masks]
         todo = [i for i, k in enumerate(keys) if k not in self.memo]
         if todo:
+            sums = self._sums(torch.stack([masks[i] for i in todo]))
             total = torch.zeros(len(todo), dtype=torch.float64)
-            mv = torch.stack([masks[i] for i in todo])  # [n, L, H]
-            for rows, engine in self.blocks:
-                values = engine.run(mv, metric=lambda logits, rows=rows: per_example(self.metric, logits, rows),
-                                    max_rows=self.max_rows)  # [n, b]
-                total += values.to(torch.float64).sum(dim=1).cpu()
+            for b in range(self.n_blocks):  # the blocks' sums added in block order, whichever rank made them
+                total += sums[b]
             for i, v in zip(todo, total.tolist()):
                 self.memo[keys[i]] = v / self.n
             self.evaluated += len(todo)
         return [self.memo[k] for k in keys]
+
+    def _sums(self, mv: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per block, the metric summed over its prompts for each mask of mv [n, L, H]: {block: [n] float64}."""
+        sums = {}
+        with distributed.step(self.group if self.split else None, "the search's prompt blocks"):
+            for i, rows, engine in self.blocks:
+                values = engine.run(mv, metric=lambda logits, rows=rows: per_example(self.metric, logits, rows),
+                                    max_rows=self.max_rows)  # [n, b]
+                sums[i] = values.to(torch.float64).sum(dim=1).cpu()
+        if not self.split:
+            return sums
+        return distributed.gather(sums, self.n_blocks, self.group, torch.device("cpu"),
+                                  "gathering the search's prompt blocks")
 
 
 class _Decider:
@@ -377,7 +400,8 @@ class _Search:
 @torch.no_grad()
 def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.03, order: str = "layer-up",
            drop: str = "relative", rigorous_prompts: Prompts | None = None, rigorous_metric: Metric | None = None,
-           speculate: int = 4, max_rows: int | None = None, progress: bool = False, dtype=None) -> SearchResult:
+           speculate: int = 4, max_rows: int | None = None, progress: bool = False, dtype=None,
+           group=None) -> SearchResult:
     """The paper's circuit search; same result as :func:`search_reference`, batched.
 
     Args:
@@ -392,28 +416,34 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
             against fp32, and every check whose drop lies within that error of the threshold is
             re-evaluated in fp32, so the circuit is the fp32 circuit (``result.precision`` says how
             many were).
+        group: the torch.distributed group whose ranks split each batch of candidates
+            (minigpt2.engine.HeadMaskRunner's ``group``: None, the default group where this process opted
+            in, else alone); every rank takes the same decisions on the gathered values and returns the
+            one-process result, bit for bit. Only the writer rank shows progress.
     """
     _validate(model, prompts, metric, rigorous_prompts, rigorous_metric, threshold, order, drop)
+    group = distributed.resolve_group(group)
     Range(1, whole=True).check("speculate", speculate, why="heads per speculative batch")
     dtype = parse_dtype(dtype, model.device)
     low = dtype is not None and dtype != model.dtype
     t0 = time.perf_counter()
     L, H = model.cfg.n_layer, model.cfg.n_head
-    runner = _Runner(model, prompts, metric, max_rows, dtype)
-    rigorous = _Runner(model, rigorous_prompts, rigorous_metric, max_rows, dtype) if rigorous_prompts is not None else None
+    runner = _Runner(model, prompts, metric, max_rows, dtype, group)
+    rigorous = (_Runner(model, rigorous_prompts, rigorous_metric, max_rows, dtype, group)
+                if rigorous_prompts is not None else None)
     runners = [runner] + ([rigorous] if rigorous else [])
     kept = torch.ones(L, H, dtype=model.dtype, device=model.device)
     precision, exact = Precision(), {}
     if low:
-        exact = {"search": _Runner(model, prompts, metric, max_rows)}
+        exact = {"search": _Runner(model, prompts, metric, max_rows, group=group)}
         if rigorous:
-            exact["rigorous"] = _Runner(model, rigorous_prompts, rigorous_metric, max_rows)
+            exact["rigorous"] = _Runner(model, rigorous_prompts, rigorous_metric, max_rows, group=group)
         precision = _calibrate(runner, rigorous, exact, kept, search_order(L, H, order)[0])
         runners += list(exact.values())
     decider = _Decider(metric, threshold, drop, precision, exact)
 
     bar = None
-    if progress:
+    if progress and distributed.is_writer(group if group is not None else distributed.LOCAL):
         from minigpt2.progress import progress as progress_bar
         bar = progress_bar(total=L * H, desc=f"search ({metric.name})", unit="head")
     state = _Search(runner, rigorous, decider, runners, kept, speculate, bar)

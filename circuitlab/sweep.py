@@ -165,24 +165,57 @@ def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: 
     budget allows, logits included); each block is one batched call of minigpt2's
     run_with_head_masks, which shares each variant's clean prefix. ``dtype``: None or
     torch.bfloat16 (see minigpt2.engine). ``group``: the torch.distributed group whose ranks split the
-    variants (see minigpt2.distributed: the values equal one process's, bit for bit, on every rank; only
+    prompt blocks, or the variants of each block where there are fewer blocks than ranks (see minigpt2.distributed: the values equal one process's, bit for bit, on every rank; only
     rank 0 shows progress); None: the default group where this process opted in, else alone.
     """
+    group = distributed.resolve_group(group)
     max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
-    out = torch.empty(0)
+    if group is not None:  # the ranks agree on the blocks (the smallest any of them allows)
+        max_rows = min(distributed.exchange(max_rows, None, group, "agreeing on the chunk size"))
     blocks = prompts.blocks(max_rows, n_variants=masks.shape[0])
+    if group is not None and len(blocks) >= distributed.world_size(group):
+        return _blocks_over_ranks(model, prompts, blocks, masks, metrics, max_rows, progress, dtype, group)
     if progress and distributed.is_writer(group):
         from minigpt2.progress import progress as progress_bar
         blocks = progress_bar(blocks, f"{masks.shape[0]} variants x {len(prompts)} prompts", "block")
+    out = torch.empty(0)
     for rows, p in blocks:
-        def all_metrics(logits, rows=rows):  # [Vc, b, vocab] -> [Vc, b, M]
-            return torch.stack([per_example(m, logits, rows).to(torch.float64) for m in metrics], dim=-1)
-
-        values = model.run_with_head_masks(p.tokens, masks, metric=all_metrics, max_rows=max_rows, dtype=dtype,
-                                           group=group, **p.masking_kwargs())  # [V, b, M]
+        values = _evaluate_block(model, p, rows, masks, metrics, max_rows, dtype, group)  # [V, b, M]
         if not out.numel():
             out = values.new_empty(values.shape[0], len(prompts), values.shape[2])
         out[:, rows] = values
+    return out
+
+
+def _evaluate_block(model: GPT2, p: Prompts, rows, masks: torch.Tensor, metrics: list[Metric], max_rows: int,
+                    dtype, group) -> torch.Tensor:
+    """Every metric on every variant for one block of prompts (``rows`` of the whole set): [V, b, M]."""
+    def all_metrics(logits):  # [Vc, b, vocab] -> [Vc, b, M]
+        return torch.stack([per_example(m, logits, rows).to(torch.float64) for m in metrics], dim=-1)
+
+    return model.run_with_head_masks(p.tokens, masks, metric=all_metrics, max_rows=max_rows, dtype=dtype,
+                                     group=group, **p.masking_kwargs())
+
+
+def _blocks_over_ranks(model: GPT2, prompts: Prompts, blocks: list, masks: torch.Tensor, metrics: list[Metric],
+                       max_rows: int, progress: bool, dtype, group) -> torch.Tensor:
+    """evaluate_masks with whole prompt blocks split over the ranks: each block computed by one rank exactly
+    as one process computes it (alone), then every block's values gathered, byte for byte, on every rank.
+    (Splitting a block's variants instead leaves ranks idle where a block's variants fit one chunk, as on a
+    GPU.)"""
+    mine = distributed.shard(list(range(len(blocks))), group)
+    if progress and distributed.is_writer(group):
+        from minigpt2.progress import progress as progress_bar
+        mine = progress_bar(mine, f"{masks.shape[0]} variants x {len(prompts)} prompts (rank 0's blocks)", "block")
+    values: dict[int, torch.Tensor] = {}
+    with distributed.step(group, "the sweep's prompt blocks"):
+        for i in mine:
+            rows, p = blocks[i]
+            values[i] = _evaluate_block(model, p, rows, masks, metrics, max_rows, dtype, distributed.LOCAL)
+    values = distributed.gather(values, len(blocks), group, model.device, "gathering the sweep's prompt blocks")
+    out = values[0].new_empty(values[0].shape[0], len(prompts), values[0].shape[2])
+    for i, (rows, _) in enumerate(blocks):
+        out[:, rows] = values[i]
     return out
 
 

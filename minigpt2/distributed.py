@@ -21,6 +21,13 @@ Which group a call runs on (``group=`` of run_with_head_masks, the sweep, HeadMa
 The engine core (:class:`minigpt2.engine.Core`) distributes only over a group it is given
 (None: alone); the runners that gather their chunks (HeadMaskRunner) resolve the default above.
 
+The edge methods take the same ``group=`` through their runner (circuitlab.graph.EdgeRunner, resolved as
+above): its batched run (ACDC, MIB's faithfulness, circuit evaluations) splits its chunks of variants,
+exact edge patching its jobs, and the attribution methods (circuitlab.eap, learned masks' EAP-IG start)
+their gradient passes, a (gradient point, chunk of examples) each: :func:`in_order` computes them a round
+of one per rank at a time and hands every rank all of them in the one-process order, so that each rank
+adds them up as one process does. A sum over chunks never crosses ranks.
+
 Faults: each rank's share of work runs in :func:`step`; a rank that raises still joins the next
 collective carrying its error, and every rank raises one :class:`DistributedError` naming the
 failing rank(s) and their error text. A rank that dies outright makes the others fail at their next
@@ -42,8 +49,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "LOCAL", "check_group", "exchange", "gather", "init_from_env",
-           "is_writer", "launched", "log_to_file", "rank", "resolve_group", "shard", "step", "timeout",
+__all__ = ["DEFAULT_TIMEOUT", "DistributedError", "LOCAL", "check_group", "exchange", "gather", "in_order",
+           "init_from_env", "is_writer", "launched", "log_to_file", "rank", "resolve_group", "shard", "step", "timeout",
            "use_default_group", "world_size"]
 
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for the other ranks (MINIGPT2_DIST_TIMEOUT)
@@ -321,3 +328,41 @@ def _assemble(outputs: dict, metas: list, group, device) -> dict:
             offset += -(-b // ALIGN) * ALIGN
     log.info("rank %d: gathered %d variants from %d ranks (%d bytes)", me, len(result), len(metas), sum(size))
     return result
+
+
+def in_order(n: int, compute, group, what: str = "work", device=None):
+    """Yield ``(i, compute(i))`` for i = 0..n-1, in that order, on every rank, with the items computed over the
+    group's ranks: in rounds of one item per rank, each round's results gathered exactly (:func:`gather`).
+    ``compute(i)``: a list of tensors (without grad). For sums that must equal one process's bit for bit (a
+    gradient over chunks of examples): the caller adds the items as they come, in the one-process order, and
+    no sum crosses ranks; a round holds one item per rank, so memory holds a round at a time (with the
+    gather's buffers, about twice ``world`` items). Every rank must consume the whole generator (each
+    round is a collective). ``device``: where the gathered tensors land (default: their own device).
+    Alone: compute(i) item by item."""
+    group = check_group(group)
+    world = 1 if group is None else dist.get_world_size(group)
+    for start in range(0, n, world):
+        count = min(world, n - start)
+        mine: dict[int, list] = {}
+        with step(group, what):
+            for j in shard(range(count), group):
+                mine[j] = list(compute(start + j))
+        for j, tensors in _ungather(mine, count, group, what, device):
+            yield start + j, tensors
+
+
+def _ungather(mine: dict[int, list], count: int, group, what: str, device):
+    """(index, list of tensors) of a round's ``count`` items, gathered from the ranks that computed them."""
+    if group is None:
+        for j in range(count):
+            yield j, mine[j]
+        return
+    sizes = exchange({j: len(v) for j, v in mine.items()}, None, group, what)
+    length = {j: n for s in sizes for j, n in s.items()}
+    if sorted(length) != list(range(count)):
+        raise DistributedError(f"{what}: the ranks' shares do not make the round's {count} items once each")
+    offsets = [sum(length[k] for k in range(j)) for j in range(count + 1)]
+    flat = {offsets[j] + t: x for j, v in mine.items() for t, x in enumerate(v)}
+    got = gather(flat, offsets[-1], group, device, what)
+    for j in range(count):
+        yield j, [got[k] for k in range(offsets[j], offsets[j + 1])]

@@ -68,7 +68,16 @@ def check_ablation(name: str, stacklevel: int = 3) -> str:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 matmuls with fp32 accumulation on ``device``, or nothing for fp32 / the model's dtype."""
+    """bf16 matmuls with fp32 accumulation on ``device``, or nothing for fp32 / the model's dtype.
+
+    What runs in bf16 is torch's autocast policy, kept after profiling the sweep on an avx512_bf16 CPU
+    (BENCHMARKS.md, "bf16 on this CPU (issue 27)"): the linear layers, the unembedding, attention
+    (scaled_dot_product_attention) and the MLP's GELU (on its bf16 input) in bf16; layer norms, the residual
+    stream's adds and the metrics in fp32.
+    The matmuls' weights are cast once per context (autocast's cache: parameters, not their slices), and
+    attention in fp32 would cost more than it saves (its inputs are cast back and forth). Whether bf16 can be
+    faster at all on a machine: :func:`minigpt2.hardware.bf16_outlook`.
+    """
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

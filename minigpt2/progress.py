@@ -39,6 +39,11 @@ def set_enabled(enabled: bool | None) -> None:
     _enabled = enabled
 
 
+def setting() -> bool | None:
+    """What :func:`set_enabled` set last (None: MINIGPT2_PROGRESS decides), for a caller that restores it."""
+    return _enabled
+
+
 def globally_enabled() -> bool:
     if _enabled is not None:
         return _enabled

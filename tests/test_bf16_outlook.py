@@ -75,3 +75,55 @@ def test_this_machine_reads_without_error():
     assert flags is None or isinstance(flags, frozenset)
     note = bf16_outlook(GPT2_SMALL, torch.device("cpu"))
     assert note is None or note.startswith("bf16 will not be faster")
+
+
+class Reached(Exception):
+    """Raised by a stand-in for the study's API: the command got that far."""
+
+
+@pytest.mark.parametrize("cmd,target,noted", [("sweep", "head_sweep", ["--dtype", "bf16"]),
+                                              ("search", "find_circuits", ["--dtype", "bf16"]),
+                                              ("sweep", "head_sweep", [])])
+def test_circuits_py_prints_the_notice_before_any_work(tmp_path, monkeypatch, capsys, cmd, target, noted):
+    """A model of d_model 16 (config.json only: loading it would fail) with --dtype bf16: the notice is on
+    stderr before the command's work starts; with fp32, none."""
+    import json
+
+    import circuits
+    from circuitlab import study as S
+
+    (tmp_path / "tiny").mkdir()
+    cfg = GPT2Config(n_layer=2, n_head=2, d_model=16, d_mlp=24, n_ctx=64)
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+
+    def stand_in(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(S, target, stand_in)
+    with pytest.raises(Reached):
+        circuits.main([cmd, "--models", f"Tiny={tmp_path / 'tiny'}", "--device", "cpu",
+                       "--out", str(tmp_path / "out"), *noted])
+    err = capsys.readouterr().err
+    if noted:
+        assert f"[{cmd}] note: bf16 will not be faster than fp32 here" in err and "d_model 16" in err
+        assert ("accuracy" in err) == (cmd == "search")  # the search's default metric is accuracy
+    else:
+        assert "note:" not in err
+
+
+def test_acdc_prints_the_notice_before_building_its_data(tmp_path, monkeypatch, capsys):
+    import circuits
+    from circuitlab import edge_cli
+    from minigpt2 import save_pretrained
+
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, d_model=16, d_mlp=24, n_ctx=64))
+    save_pretrained(model, tmp_path / "tiny")
+
+    def stand_in(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(edge_cli, "build_data", stand_in)
+    with pytest.raises(Reached):
+        circuits.main(["acdc", "--model", str(tmp_path / "tiny"), "--dtype", "bf16", "--device", "cpu",
+                       "--out", str(tmp_path / "out")])
+    assert "[acdc] note: bf16 will not be faster than fp32 here" in capsys.readouterr().err

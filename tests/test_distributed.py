@@ -10,7 +10,6 @@ one-process run's.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import subprocess
@@ -21,36 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-GROUP_TIMEOUT = 15  # seconds: the children's process-group timeout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distributed_helpers import GROUP_TIMEOUT, ROOT, child_env, rank_main  # noqa: E402
+from distributed_helpers import launch as launch_script  # noqa: E402
+
 DEADLINE = 90  # seconds a scenario may take, start-up included, before the test calls it a hang
 
 
 # ---------------------------------------------------------------- the parent side
 def launch(scenario: str, tmp_path: Path, world: int = 2) -> tuple[dict[int, dict], float]:
-    """Run ``scenario`` on ``world`` ranks; each rank's record (absent for a rank that died), and the wall time."""
-    out = tmp_path / scenario
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT),
-           "MINIGPT2_DIST_TIMEOUT": str(GROUP_TIMEOUT)}
-    env.pop("WORLD_SIZE", None)
-    t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, __file__, scenario, str(r), str(world), str(out / "store"), str(out)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(1.0, DEADLINE - (time.monotonic() - t0)))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"scenario {scenario!r} hung: its ranks were still running after {DEADLINE} s")
-    records = {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(world)
-               if (out / f"rank{r}.json").exists()}
-    for r, rec in records.items():
-        rec["log"] = logs[r]
-    return records, time.monotonic() - t0
+    """Run ``scenario`` of this file on ``world`` ranks; each rank's record (absent for a rank that died)."""
+    return launch_script(__file__, scenario, tmp_path, world=world, deadline=DEADLINE)
 
 
 @pytest.mark.slow
@@ -148,8 +128,7 @@ def test_step_alone_raises_the_error_itself():
                     reason="the bundled model is not here")
 def test_torchrun_sweep_writes_the_one_process_result(tmp_path):
     """``torchrun --nproc-per-node 2 circuits.py sweep``: rank 0 writes --out, equal to a one-process run's."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT),
-           "MINIGPT2_DIST_TIMEOUT": "60", "NLTK_DATA": os.environ.get("NLTK_DATA", "/work/shared/nltk_data")}
+    env = child_env(MINIGPT2_DIST_TIMEOUT="60")
     flags = ["sweep", "--models", "weights/featherweight", "--examples", "3", "--metrics", "accuracy", "logit_diff",
              "--device", "cpu", "--no-progress"]
     one = subprocess.run([sys.executable, "circuits.py", *flags, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
@@ -188,9 +167,7 @@ def test_torchrun_rank_killed_leaves_nothing(tmp_path):
     neither written nor left half-written."""
     import signal
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT),
-           "MINIGPT2_DIST_TIMEOUT": "60", "TMPDIR": str(tmp_path), "NLTK_DATA": os.environ.get(
-               "NLTK_DATA", "/work/shared/nltk_data")}
+    env = child_env(MINIGPT2_DIST_TIMEOUT="60", TMPDIR=str(tmp_path))
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                             "circuits.py", "sweep", "--models", "weights/featherweight", "--examples", "40",
                             "--device", "cpu", "--no-progress", "--out", str(tmp_path / "out")],
@@ -265,9 +242,11 @@ def check_sweep(rank: int, group) -> int:
     checks = 0
     for ablation in ("zero", "resample"):
         prompts = Prompts(tokens, ablation=ablation)
-        for dtype in (None, torch.bfloat16):
-            alone = sweep(model, prompts, [metric], max_rows=20, dtype=dtype, group=distributed.LOCAL)
-            split = sweep(model, prompts, [metric], max_rows=20, dtype=dtype, group=group, progress=True)
+        # max_rows 20: one prompt block, its variants' chunks split over the ranks; 4: whole blocks split
+        for dtype, rows in ((None, 20), (torch.bfloat16, 20), (None, 4), (torch.bfloat16, 4)):
+            assert (len(prompts.blocks(rows)) > 1) == (rows == 4)
+            alone = sweep(model, prompts, [metric], max_rows=rows, dtype=dtype, group=distributed.LOCAL)
+            split = sweep(model, prompts, [metric], max_rows=rows, dtype=dtype, group=group, progress=True)
             assert alone.clean == split.clean
             assert torch.equal(alone.ablated["first_logit"], split.ablated["first_logit"])
             assert torch.equal(alone.sem["first_logit"], split.sem["first_logit"])
@@ -318,13 +297,12 @@ def check_not_opted_in(rank: int, group) -> int:
     return 1
 
 
-def scenario_equal(rank: int) -> int:
-    group = torch.distributed.group.WORLD
+def scenario_equal(rank: int, group) -> int:
     return (check_not_opted_in(rank, group) + check_gather(rank, group) + check_head_masks(rank, group)
             + check_sweep(rank, group))
 
 
-def failing_run(rank: int, fail) -> int:
+def failing_run(rank: int, group, fail) -> int:
     from minigpt2.masking import run_with_head_masks
 
     model, tokens, masks = tiny_setup()
@@ -335,8 +313,7 @@ def failing_run(rank: int, fail) -> int:
         return logits[..., 0]
 
     with torch.no_grad():
-        run_with_head_masks(model, tokens, masks[:4], metric=metric, max_rows=tokens.shape[0],
-                            group=torch.distributed.group.WORLD)
+        run_with_head_masks(model, tokens, masks[:4], metric=metric, max_rows=tokens.shape[0], group=group)
     return 0
 
 
@@ -344,34 +321,8 @@ def boom():
     raise ValueError("boom on rank 1")
 
 
-SCENARIOS = {"equal": scenario_equal, "raise": lambda rank: failing_run(rank, boom),
-             "die": lambda rank: failing_run(rank, lambda: os._exit(3))}
-
-
-def rank_main(scenario: str, rank: int, world: int, store: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
-    if scenario == "equal":
-        from minigpt2.distributed import log_to_file
-
-        log_to_file(out)
-    t0 = time.monotonic()
-    try:
-        record = {"status": "ok", "checks": SCENARIOS[scenario](rank)}
-    except BaseException as e:  # noqa: BLE001  (the parent test judges it)
-        record = {"status": "error", "type": type(e).__name__, "message": str(e),
-                  "failures": {str(r): m for r, m in getattr(e, "failures", {}).items()}}
-    record["elapsed"] = time.monotonic() - t0
-    path = Path(out) / f"rank{rank}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(record))
-    path.with_suffix(".tmp").rename(path)
-    sys.stdout.flush()
-    os._exit(0)  # no teardown that could wait on a dead peer
-
+SCENARIOS = {"equal": scenario_equal, "raise": lambda rank, group: failing_run(rank, group, boom),
+             "die": lambda rank, group: failing_run(rank, group, lambda: os._exit(3))}
 
 if __name__ == "__main__":
-    name, r, w, store_path, out_dir = sys.argv[1:6]
-    rank_main(name, int(r), int(w), store_path, out_dir)
+    rank_main(SCENARIOS, sys.argv[1:], logged={"equal"})
