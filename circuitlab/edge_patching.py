@@ -35,8 +35,8 @@ test_edge_patching.py); bench/bench_edge_patching.py times the two. On a runner 
 dtype=torch.bfloat16 the forwards run bf16 matmuls (fp32 residual stream and metric) and the
 scores carry bf16's error.
 
-On a runner with a process group (EdgeRunner's ``group``), the chunks (jobs) are split over its ranks
-(minigpt2.distributed.shard) and their values gathered, byte for byte, in job order: every rank gets
+On a runner with a process group (EdgeRunner's ``group``), the chunks (jobs) are split over its ranks,
+balanced by their cost (minigpt2.distributed.shard with costs: edges x stages to the logits), and their values gathered, byte for byte, in job order: every rank gets
 the one-process scores bit for bit.
 """
 
@@ -98,7 +98,10 @@ def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None 
             pairs.sort(key=lambda e: ((e[0] - st.rows.start) % H, e[0], e[1]))
         jobs += [(i, pairs[c:c + per_chunk]) for c in range(0, len(pairs), per_chunk)]
     outputs: dict[int, torch.Tensor] = {}  # job -> its values [n]
-    mine = distributed.shard(range(len(jobs)), runner.group)  # distributed: this rank's share of the jobs
+    # distributed: this rank's share of the jobs, balanced by their cost (an edge's run goes from its stage
+    # to the logits; attention stages hold most edges, so turn by turn would give one rank nearly all of them)
+    costs = [len(pairs) * (len(g.stages) - i) for i, pairs in jobs]
+    mine = distributed.shard(range(len(jobs)), runner.group, costs=costs)
     with runner.core.precision(), runner.core.step("edge patching"):
         for j in progress_bar(mine, "edge patching", "chunk", progress and runner.writer):
             i, pairs = jobs[j]

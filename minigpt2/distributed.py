@@ -196,14 +196,32 @@ def log_to_file(directory: str | Path, level: int = logging.INFO) -> Path:
 
 
 # ---------------------------------------------------------------- sharding
-def shard(items: Sequence, group) -> list:
+def shard(items: Sequence, group, costs: Sequence[float] | None = None) -> list:
     """This rank's share of ``items`` (e.g. chunks of variants): every world-th one from its rank on, so
     that shares differ by one item at most and each gets early and late items alike (the chunks come in
-    the order the variants join the base run: early ones cost more). Deterministic; all of them alone."""
+    the order the variants join the base run: early ones cost more). With ``costs`` (one estimate per
+    item, where items differ widely: exact edge patching's chunks), the items go, dearest first, each to
+    the rank with the least cost so far (the lowest rank on a tie), and every share keeps the items'
+    order. Deterministic; all of them alone."""
     group = check_group(group)
     if group is None:
         return list(items)
-    return list(items[dist.get_rank(group)::dist.get_world_size(group)])
+    me, world = dist.get_rank(group), dist.get_world_size(group)
+    if costs is None:
+        return list(items[me::world])
+    if len(costs) != len(items):
+        raise ValueError(f"shard: {len(costs)} costs for {len(items)} items; pass one cost per item")
+    return [item for item, r in zip(items, owners(costs, world)) if r == me]
+
+
+def owners(costs: Sequence[float], world: int) -> list[int]:
+    """The rank of each item in :func:`shard` by costs: dearest first, each to the least loaded rank so far
+    (the lowest on a tie). Every rank's load is within the dearest item's cost of every other's."""
+    load, owner = [0.0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += costs[i]
+    return owner
 
 
 # ---------------------------------------------------------------- faults
