@@ -342,8 +342,8 @@ def library_flags(command: str) -> dict[str, str]:
 
 def join_ranks(args) -> None:
     """Under torchrun (WORLD_SIZE > 1, e.g. ``torchrun --nproc-per-node 2 circuits.py sweep``): join the process
-    group (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU), whose ranks then split the head-mask
-    variants (the sweep, the head search) with the one-process numbers. Rank 0 alone writes --out and shows
+    group (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU), whose ranks then split every method's
+    work (prompt blocks, head-mask variants, edges, gradient passes) with the one-process numbers. Rank 0 alone writes --out and shows
     progress; the other ranks write to a scratch directory, removed at exit, and print nothing to stdout."""
     if not distributed.launched():
         return

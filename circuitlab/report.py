@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from minigpt2 import fileio
+from minigpt2 import distributed, fileio
 
 
 def fmt(x, digits: int = 4) -> str:
@@ -86,8 +86,9 @@ def provenance(argv: list[str] | None = None, **extra) -> dict:
 
     argv = sys.argv if argv is None else argv
     return {
-        "command": " ".join([Path(sys.executable).name, *map(_quote, argv)]),
+        "command": " ".join([*_launcher(), *map(_quote, argv)]),
         "argv": list(argv),
+        "ranks": _ranks(),
         "cwd": os.getcwd(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__},
@@ -95,6 +96,28 @@ def provenance(argv: list[str] | None = None, **extra) -> dict:
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     } | extra
+
+
+def _launcher() -> list[str]:
+    """How the command was started: the interpreter, or torchrun with its processes per machine (multi-machine
+    runs give each machine's count; "ranks" says the whole)."""
+    if not distributed.launched():
+        return [Path(sys.executable).name]
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return ["torchrun", *(["--nproc-per-node", local] if local.isdigit() else [])]
+
+
+def _ranks() -> dict:
+    """The processes that computed the results: 1 alone; under torchrun the group's size and backend (the
+    values equal one process's, bit for bit, with the same per-process settings; minigpt2.distributed)."""
+    if not distributed.launched():
+        return {"world_size": 1}
+    import torch.distributed as dist
+
+    ranks = {"world_size": int(os.environ["WORLD_SIZE"]), "backend": dist.get_backend() if dist.is_initialized() else None}
+    if os.environ.get("GROUP_WORLD_SIZE", "").isdigit():  # torchrun: its machines (agents)
+        ranks["machines"] = int(os.environ["GROUP_WORLD_SIZE"])
+    return ranks
 
 
 def _quote(arg: str) -> str:

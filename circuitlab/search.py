@@ -416,9 +416,10 @@ def search(model: GPT2, prompts: Prompts, metric: Metric, threshold: float = 0.0
             against fp32, and every check whose drop lies within that error of the threshold is
             re-evaluated in fp32, so the circuit is the fp32 circuit (``result.precision`` says how
             many were).
-        group: the torch.distributed group whose ranks split each batch of candidates
-            (minigpt2.engine.HeadMaskRunner's ``group``: None, the default group where this process opted
-            in, else alone); every rank takes the same decisions on the gathered values and returns the
+        group: the torch.distributed group whose ranks split the prompt blocks (each block whole on one
+            rank, its sums gathered; with fewer blocks than ranks, each batch of candidates, as
+            minigpt2.engine.HeadMaskRunner's ``group``): None, the default group where this process opted
+            in, else alone; every rank takes the same decisions on the gathered values and returns the
             one-process result, bit for bit. Only the writer rank shows progress.
     """
     _validate(model, prompts, metric, rigorous_prompts, rigorous_metric, threshold, order, drop)

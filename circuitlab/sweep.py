@@ -259,7 +259,8 @@ def sweep(model: GPT2, prompts: Prompts, metrics: list[Metric], max_rows: int | 
 
     One call of minigpt2's batched head masking evaluates the clean model and
     all L*H variants, sharing each variant's clean prefix (the layers below its
-    ablated head). ``group``: a torch.distributed group whose ranks split the variants, every rank
+    ablated head). ``group``: a torch.distributed group whose ranks split the prompt blocks (see
+    :func:`evaluate_masks`), every rank
     getting the one-process result bit for bit (None: the default group where this process opted in,
     as circuits.py under torchrun, else alone; see minigpt2.distributed).
     """

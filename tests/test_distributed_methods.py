@@ -92,6 +92,11 @@ def test_torchrun_eap_writes_the_one_process_result(tmp_path):
     assert two.stdout.count("written to") == 1  # rank 0 alone prints (and writes)
     for r in (0, 1):
         assert "from 2 ranks" in (tmp_path / "logs" / f"rank{r}.log").read_text()
+    # the provenance says how it ran: one process, or torchrun's ranks and backend
+    prov = [json.loads((tmp_path / d / "provenance.json").read_text()) for d in ("one", "two")]
+    assert prov[0]["ranks"] == {"world_size": 1} and not prov[0]["command"].startswith("torchrun")
+    assert prov[1]["ranks"] == {"world_size": 2, "backend": "gloo", "machines": 1}, prov[1]["ranks"]
+    assert prov[1]["command"].startswith("torchrun --nproc-per-node 2 circuits.py eap "), prov[1]["command"]
 
 
 # ---------------------------------------------------------------- the ranks' side
