@@ -13,6 +13,9 @@ Each command writes JSON, PNG and markdown to --out (replaced whole, only once
 complete) and prints its table. Models default to the bundled ones in weights/.
 Every command takes --device (cpu, cuda, cuda:N; default cuda if available, else cpu);
 sweep, search, study, acdc and eap also take --dtype fp32|bf16 (bf16 matmuls, fp32 metrics).
+Every command runs under torchrun with the same flags and the one-process numbers, its work
+split over the ranks (torchrun --nproc-per-node N circuits.py sweep ...; README, "Many GPUs,
+many machines"); rank 0 alone writes --out.
 A bad flag, model directory or circuit file is refused before any work, in one line
 "circuits.py COMMAND: error: ..." (exit status 2) that names it and the fix.
 """
