@@ -215,7 +215,7 @@ def offsets_edit(draw):
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             return  # an earlier edit made the entry something else already
         b, e = offsets
-        if how == "copy" and other in h and isinstance(h[other], dict):
+        if how == "copy" and isinstance(h.get(other), dict) and "data_offsets" in h[other]:  # else left as it is
             h[k]["data_offsets"] = list(h[other]["data_offsets"])
         else:
             h[k]["data_offsets"] = {"shift": [b + d, e + d], "reverse": [e, b], "grow": [b, e + abs(d)],
