@@ -248,9 +248,7 @@ class _State:
         self.scores = torch.zeros(self.mask.shape, dtype=torch.float64)
         self.n_evaluated = self.n_passes = self.n_removed = self.n_kept = 0
         self.log: list[dict] = []
-        rows = runner.max_rows
-        if runner.group is not None:  # the ranks' windows agree (they decide alike): the smallest chunk
-            rows = min(distributed.exchange(rows, None, runner.group, "agreeing on the chunk size"))
+        rows = distributed.smallest(runner.max_rows, runner.group)  # the ranks' windows agree: they decide alike
         self.max_window = max(2, rows // runner.tokens.shape[0])  # variants per batched chunk
         self.window = min(16, self.max_window)  # candidates evaluated per speculative pass
         self.precision = self.calibrate(step) if runner.low_precision else Precision()

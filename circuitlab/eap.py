@@ -225,8 +225,7 @@ def _example_chunks(runner: EdgeRunner, max_rows: int | None) -> list[slice]:
     budget allows, EdgeRunner.grad_rows) each; with a group, the chunks every rank agrees on (the smallest)."""
     B = runner.tokens.shape[0]
     per = max(1, min(B, max_rows if max_rows is not None else runner.grad_rows()))
-    if runner.group is not None:
-        per = min(distributed.exchange(per, None, runner.group, "agreeing on the chunk size"))
+    per = distributed.smallest(per, runner.group)
     per = math.ceil(B / math.ceil(B / per))  # the fewest chunks, of even sizes
     return [slice(i, min(B, i + per)) for i in range(0, B, per)]
 

@@ -86,8 +86,7 @@ def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None 
     chosen = _check_edges(g, edges)
     B, T = runner.tokens.shape
     per_chunk = max(1, runner.core.rows(head_mask_bytes_per_row(model.cfg, T), at_least=B, max_rows=max_rows) // B)
-    if runner.group is not None:  # the ranks agree on one job list: the smallest chunks any of them allows
-        per_chunk = min(distributed.exchange(per_chunk, None, runner.group, "agreeing on the chunk size"))
+    per_chunk = distributed.smallest(per_chunk, runner.group)  # the ranks agree on one job list
     plan = _Plan(runner)
     jobs = []  # (stage, [(r, u), ...]) chunks, each within one stage; latest stages first (cheapest)
     for i in reversed(range(len(g.stages))):
@@ -97,16 +96,14 @@ def edge_patching_values(runner: EdgeRunner, metric, edges: torch.Tensor | None 
             H = g.n_head
             pairs.sort(key=lambda e: ((e[0] - st.rows.start) % H, e[0], e[1]))
         jobs += [(i, pairs[c:c + per_chunk]) for c in range(0, len(pairs), per_chunk)]
-    outputs: dict[int, torch.Tensor] = {}  # job -> its values [n]
-    # distributed: this rank's share of the jobs, balanced by their cost (an edge's run goes from its stage
-    # to the logits; attention stages hold most edges, so turn by turn would give one rank nearly all of them)
+    # distributed: the jobs shared by their cost (an edge's run goes from its stage to the logits; attention
+    # stages hold most edges, so turn by turn would give one rank nearly all of them), gathered exactly
     costs = [len(pairs) * (len(g.stages) - i) for i, pairs in jobs]
-    mine = distributed.shard(range(len(jobs)), runner.group, costs=costs)
-    with runner.core.precision(), runner.core.step("edge patching"):
-        for j in progress_bar(mine, "edge patching", "chunk", progress and runner.writer):
-            i, pairs = jobs[j]
-            outputs[j] = _values(metric, plan.run(i, pairs))  # of the logits [n, B, vocab], in the model's dtype
-    outputs = runner.core.gather(outputs, len(jobs))  # every rank's jobs, exactly
+    with runner.core.precision():  # each job's values [n], of the logits [n, B, vocab], in the model's dtype
+        outputs = distributed.share(len(jobs), lambda j: _values(metric, plan.run(*jobs[j])), runner.group,
+                                    "edge patching", model.device, costs,
+                                    wrap=lambda mine: progress_bar(mine, "edge patching", "chunk",
+                                                                   progress and runner.writer))
     out = torch.full((g.n_receivers, g.n_senders), float("nan"), dtype=torch.float64)
     for j, (i, pairs) in enumerate(jobs):
         r_idx, u_idx = zip(*pairs)

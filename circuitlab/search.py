@@ -243,28 +243,25 @@ class _Runner:
     def __init__(self, model: GPT2, prompts: Prompts, metric: Metric, max_rows: int | None, dtype=None, group=None):
         self.model, self.metric, self.n = model, metric, len(prompts)
         self.max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
-        if group is not None:  # the ranks agree on the blocks (the smallest any of them allows)
-            self.max_rows = min(distributed.exchange(self.max_rows, None, group, "agreeing on the chunk size"))
+        self.max_rows = distributed.smallest(self.max_rows, group)  # the ranks agree on the blocks
         blocks = prompts.blocks(self.max_rows)  # one variant a call (speculate=1, the CPU default)
         # Several ranks: whole blocks split over them where there are enough (each block on one rank, alone,
         # its sums gathered); else every block's candidates split over the ranks (HeadMaskRunner's group).
-        self.group = group
-        self.split = group is not None and len(blocks) >= distributed.world_size(group)
-        mine = set(distributed.shard(range(len(blocks)), group)) if self.split else set(range(len(blocks)))
-        inner = distributed.LOCAL if group is None or self.split else group
+        split = group is not None and len(blocks) >= distributed.world_size(group)
+        self.group = group if split else None  # the group sharing the blocks
+        inner = distributed.LOCAL if group is None or split else group  # the group sharing a block's candidates
         self.n_blocks = len(blocks)
-        self.blocks = []  # (block index, rows, runner) of the blocks this rank computes
-        for i, (rows, p) in enumerate(blocks):
-            if i in mine:
-                kw = p.masking_kwargs()
-                self.blocks.append((i, rows, HeadMaskRunner(model, p.tokens, kw.pop("ablation"), dtype=dtype,
-                                                            group=inner, **kw)))
+        self.blocks = {}  # block index -> (rows, runner), for the blocks this rank computes
+        for i in distributed.shard(range(len(blocks)), self.group):
+            rows, p = blocks[i]
+            kw = p.masking_kwargs()
+            self.blocks[i] = (rows, HeadMaskRunner(model, p.tokens, kw.pop("ablation"), dtype=dtype, group=inner, **kw))
         self.memo: dict[bytes, float] = {}
         self.evaluated = 0
 
     def sync(self, mask: torch.Tensor) -> None:
         """Make ``mask`` the base of every block: cached layers above its first change are dropped."""
-        for _, _, engine in self.blocks:
+        for _, engine in self.blocks.values():
             engine.rebase(mask)
 
     def perf(self, masks: list[torch.Tensor]) -> list[float]:
@@ -283,16 +280,14 @@ class _Runner:
 
     def _sums(self, mv: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per block, the metric summed over its prompts for each mask of mv [n, L, H]: {block: [n] float64}."""
-        sums = {}
-        with distributed.step(self.group if self.split else None, "the search's prompt blocks"):
-            for i, rows, engine in self.blocks:
-                values = engine.run(mv, metric=lambda logits, rows=rows: per_example(self.metric, logits, rows),
-                                    max_rows=self.max_rows)  # [n, b]
-                sums[i] = values.to(torch.float64).sum(dim=1).cpu()
-        if not self.split:
-            return sums
-        return distributed.gather(sums, self.n_blocks, self.group, torch.device("cpu"),
-                                  "gathering the search's prompt blocks")
+        def block_sum(i: int) -> torch.Tensor:
+            rows, engine = self.blocks[i]
+            values = engine.run(mv, metric=lambda logits: per_example(self.metric, logits, rows),
+                                max_rows=self.max_rows)  # [n, b]
+            return values.to(torch.float64).sum(dim=1).cpu()
+
+        return distributed.share(self.n_blocks, block_sum, self.group, "the search's prompt blocks",
+                                 torch.device("cpu"))
 
 
 class _Decider:

@@ -170,8 +170,7 @@ def evaluate_masks(model: GPT2, prompts: Prompts, masks: torch.Tensor, metrics: 
     """
     group = distributed.resolve_group(group)
     max_rows = max_rows or rows_per_block(model, prompts.tokens.shape[1])
-    if group is not None:  # the ranks agree on the blocks (the smallest any of them allows)
-        max_rows = min(distributed.exchange(max_rows, None, group, "agreeing on the chunk size"))
+    max_rows = distributed.smallest(max_rows, group)  # the ranks agree on the blocks
     blocks = prompts.blocks(max_rows, n_variants=masks.shape[0])
     if group is not None and len(blocks) >= distributed.world_size(group):
         return _blocks_over_ranks(model, prompts, blocks, masks, metrics, max_rows, progress, dtype, group)
@@ -203,16 +202,15 @@ def _blocks_over_ranks(model: GPT2, prompts: Prompts, blocks: list, masks: torch
     as one process computes it (alone), then every block's values gathered, byte for byte, on every rank.
     (Splitting a block's variants instead leaves ranks idle where a block's variants fit one chunk, as on a
     GPU.)"""
-    mine = distributed.shard(list(range(len(blocks))), group)
-    if progress and distributed.is_writer(group):
+    def wrap(mine):
+        if not (progress and distributed.is_writer(group)):
+            return mine
         from minigpt2.progress import progress as progress_bar
-        mine = progress_bar(mine, f"{masks.shape[0]} variants x {len(prompts)} prompts (rank 0's blocks)", "block")
-    values: dict[int, torch.Tensor] = {}
-    with distributed.step(group, "the sweep's prompt blocks"):
-        for i in mine:
-            rows, p = blocks[i]
-            values[i] = _evaluate_block(model, p, rows, masks, metrics, max_rows, dtype, distributed.LOCAL)
-    values = distributed.gather(values, len(blocks), group, model.device, "gathering the sweep's prompt blocks")
+        return progress_bar(mine, f"{masks.shape[0]} variants x {len(prompts)} prompts (rank 0's blocks)", "block")
+
+    values = distributed.share(len(blocks), lambda i: _evaluate_block(model, blocks[i][1], blocks[i][0], masks,
+                                                                      metrics, max_rows, dtype, distributed.LOCAL),
+                               group, "the sweep's prompt blocks", model.device, wrap=wrap)
     out = values[0].new_empty(values[0].shape[0], len(prompts), values[0].shape[2])
     for i, (rows, _) in enumerate(blocks):
         out[:, rows] = values[i]

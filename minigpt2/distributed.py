@@ -50,8 +50,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DEFAULT_TIMEOUT", "DistributedError", "LOCAL", "check_group", "exchange", "gather", "in_order",
-           "init_from_env", "is_writer", "launched", "log_to_file", "rank", "resolve_group", "shard", "step", "timeout",
-           "use_default_group", "world_size"]
+           "init_from_env", "is_writer", "launched", "log_to_file", "owners", "rank", "resolve_group", "shard",
+           "share", "smallest", "step", "timeout", "use_default_group", "world_size"]
 
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for the other ranks (MINIGPT2_DIST_TIMEOUT)
 TIMEOUT_ENV, LOG_ENV = "MINIGPT2_DIST_TIMEOUT", "MINIGPT2_DIST_LOG_DIR"
@@ -212,6 +212,26 @@ def shard(items: Sequence, group, costs: Sequence[float] | None = None) -> list:
     if len(costs) != len(items):
         raise ValueError(f"shard: {len(costs)} costs for {len(items)} items; pass one cost per item")
     return [item for item, r in zip(items, owners(costs, world)) if r == me]
+
+
+def smallest(value: int, group, what: str = "the chunk size") -> int:
+    """The smallest ``value`` of any rank (every rank gets it): the chunk size (rows, prompts per chunk) the
+    ranks agree on, so that they build one work list, the smallest any rank's memory allows. Alone: ``value``."""
+    group = check_group(group)
+    return value if group is None else min(exchange(value, None, group, f"agreeing on {what}"))
+
+
+def share(n: int, compute, group, what: str = "work", device=None, costs: Sequence[float] | None = None,
+          wrap=None) -> dict:
+    """``{i: compute(i)}`` for i = 0..n-1 on every rank, each item computed by one rank (:func:`shard`, by
+    ``costs`` if given) inside :func:`step` and gathered byte for byte (:func:`gather`, onto ``device``).
+    ``wrap``: applied to this rank's items (a progress bar). Alone: every item computed here."""
+    items = shard(range(n), group, costs)
+    outputs = {}
+    with step(group, what):
+        for i in (wrap(items) if wrap is not None else items):
+            outputs[i] = compute(i)
+    return gather(outputs, n, group, device, f"gathering {what}")
 
 
 def owners(costs: Sequence[float], world: int) -> list[int]:

@@ -454,7 +454,7 @@ class Core:
         rows = self.rows(per_row, at_least=B, max_rows=max_rows)
         if self.group is None:
             return join_schedule(first, rows // B)
-        rows = min(distributed.exchange(rows, None, self.group, "agreeing on the chunk size"))
+        rows = distributed.smallest(rows, self.group)
         return distributed.shard(join_schedule(first, rows // B), self.group)
 
     def step(self, what: str = "the variants"):
