@@ -343,13 +343,14 @@ def library_flags(command: str) -> dict[str, str]:
     return flags
 
 
-def join_ranks(args) -> None:
+def join_ranks(args) -> bool:
     """Under torchrun (WORLD_SIZE > 1, e.g. ``torchrun --nproc-per-node 2 circuits.py sweep``): join the process
     group (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on the CPU), whose ranks then split every method's
     work (prompt blocks, head-mask variants, edges, gradient passes) with the one-process numbers. Rank 0 alone writes --out and shows
-    progress; the other ranks write to a scratch directory, removed at exit, and print nothing to stdout."""
+    progress; the other ranks write to a scratch directory, removed at exit, and print nothing to stdout.
+    Returns whether it joined (main() then leaves the group at the end: minigpt2.distributed.leave)."""
     if not distributed.launched():
-        return
+        return False
     args.device = str(distributed.init_from_env(getattr(args, "device", None)))
     if not distributed.is_writer():
         from minigpt2.progress import set_enabled
@@ -358,6 +359,7 @@ def join_ranks(args) -> None:
         args.out = Path(tempfile.mkdtemp(prefix=f"circuits-rank{distributed.rank()}-"))
         atexit.register(shutil.rmtree, args.out, ignore_errors=True)
         sys.stdout = open(os.devnull, "w")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
 
     before = setting()  # restored at the end: main() called in-process (a notebook, a test) leaves no trace
     set_enabled(None if args.progress else False)  # --no-progress: no bar, no progress line, in any stage
+    joined, status = False, 1
     try:
-        join_ranks(args)
-        return COMMANDS[args.command](args, argv)
+        joined = join_ranks(args)
+        status = COMMANDS[args.command](args, argv)
+        return status
     # OSError: a read-only --out or a full disk (minigpt2.fileio.WriteError) too; DistributedError: a rank's failure
     except (ValueError, OSError, distributed.DistributedError) as e:
         return fail(f"{parser.prog} {args.command}", e, library_flags(args.command))
@@ -380,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         set_enabled(before)
+        if joined:  # every rank done (or, after a failure, at once): the group torn down before exit
+            distributed.leave(wait=status == 0)
 
 
 if __name__ == "__main__":

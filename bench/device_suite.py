@@ -429,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"device": device, "machine": machine(device), "dry_run": args.dry_run,
                                          "ranks": ranks.world, "seconds": total,
                                          "results": [asdict(r) for r in results]}, indent=2, default=str) + "\n")
+    if ranks.world > 1:  # every rank done: the groups torn down together (a gloo rank could abort at exit)
+        from minigpt2 import distributed as dist_mod
+
+        dist_mod.leave()
     return 0 if all(r.status == "ok" for r in results) else 1
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DEFAULT_TIMEOUT", "DistributedError", "LOCAL", "check_group", "exchange", "gather", "in_order",
-           "init_from_env", "is_writer", "launched", "log_to_file", "owners", "rank", "resolve_group", "shard",
+           "init_from_env", "is_writer", "launched", "leave", "log_to_file", "owners", "rank", "resolve_group", "shard",
            "share", "smallest", "step", "timeout", "use_default_group", "world_size"]
 
 DEFAULT_TIMEOUT = 120.0  # seconds a collective waits for the other ranks (MINIGPT2_DIST_TIMEOUT)
@@ -178,6 +178,24 @@ def init_from_env(device: str | torch.device | None = None, log_dir: str | Path 
     log.info("rank %d of %d on %s (%s, timeout %g s)", dist.get_rank(), dist.get_world_size(), dev, backend,
              seconds)
     return dev
+
+
+def leave(wait: bool = True) -> None:
+    """End this process's part in the default group (the one :func:`init_from_env` joined): with ``wait``,
+    first wait for every rank to get here (so that no rank tears its connections down while another still
+    reads them: a gloo rank could abort at exit), then destroy every process group and go back to running
+    alone. Without ``wait`` (after a failure, when a rank may be gone), destroy at once. Nothing when no
+    group is initialised."""
+    if not available():
+        return
+    if wait:
+        try:
+            exchange(None, None, dist.group.WORLD, "finishing")
+        except DistributedError as e:  # a rank is gone: nothing left to wait for
+            log.warning("rank %d: leaving without the others: %s", dist.get_rank(), e)
+    _control.clear()
+    use_default_group(False)
+    dist.destroy_process_group()
 
 
 def log_to_file(directory: str | Path, level: int = logging.INFO) -> Path:
